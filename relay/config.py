@@ -1,0 +1,241 @@
+"""Configuration: TOML with an embedded default for every key.
+
+``load(path)`` returns a :class:`Config`; any problem raises :class:`ConfigError`
+whose message names the offending key (``[server] listen: ...``), which the CLI
+prints as one line. Unknown sections and keys are errors too: a typo must not
+silently leave a default in force on a relay that logs for abuse handling.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from relay.errors import RelayError
+
+DEFAULT_DATA_DIR = Path("/var/lib/relay")
+
+
+class ConfigError(RelayError):
+    pass
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``"90s"``, ``"5m"``, ``"1h"``, ``"14d"`` -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"expected a duration like 30s, 5m, 1h or 14d, got {text!r}")
+    return int(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``"0.0.0.0:443"`` or ``"[::]:443"`` -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
+            raise ValueError(f"expected an IP address or host name, got {host!r}") from None
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    id: str = "relay-1"
+    listen: str = "0.0.0.0:443"
+    uplink: str = ""
+    cert: str = ""
+    key: str = ""
+    # Seconds between dead-peer-detection probes announced to clients
+    # (X-CSTP-DPD). Cisco ASA's default client DPD interval is 30 s.
+    dpd: str = "30s"
+    # Seconds between keepalives announced to clients (X-CSTP-Keepalive); ASA
+    # uses 20 s so that NAT boxes on the path keep the TCP mapping open.
+    keepalive: str = "20s"
+    # Optional user list: a file of `name:password` lines. Empty = anonymous,
+    # any user name and password accepted, as a public relay does.
+    users: str = ""
+
+
+@dataclass(frozen=True)
+class TapConfig:
+    name: str = "relay0"
+    pool: str = "10.211.0.0/16"
+    # 1400 leaves room for TLS + TCP + IP over a 1500-byte path, as ocserv's default.
+    mtu: int = 1400
+    dns: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LogsConfig:
+    data_dir: str = str(DEFAULT_DATA_DIR)
+    packet_segment: str = "1h"
+    compress_after: str = "14d"
+    delete_after: str = ""
+    connlog_keep: str = "90d"
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    collector: str = ""
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class OpenVPNConfig:
+    listen: str = "0.0.0.0:1194"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tap: TapConfig = field(default_factory=TapConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    openvpn: OpenVPNConfig = field(default_factory=OpenVPNConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.logs.data_dir)
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return parse_hostport(self.server.listen)
+
+    @property
+    def pool(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.tap.pool)
+
+    def with_data_dir(self, data_dir: str | Path) -> Config:
+        return replace(self, logs=replace(self.logs, data_dir=str(data_dir)))
+
+    def with_listen(self, listen: str) -> Config:
+        return replace(self, server=replace(self.server, listen=listen))
+
+
+_SECTION_TYPES = {
+    "server": ServerConfig,
+    "tap": TapConfig,
+    "logs": LogsConfig,
+    "forward": ForwardConfig,
+    "openvpn": OpenVPNConfig,
+}
+
+
+def _check_type(where: str, value: Any, default: Any) -> None:
+    expected = type(default)
+    if expected is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    elif expected is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    elif not isinstance(value, expected):
+        raise ConfigError(f"{where}: expected a {expected.__name__}, got {value!r}")
+
+
+def _validate(cfg: Config) -> None:
+    def check(where: str, fn: Any, value: Any) -> None:
+        try:
+            fn(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", cfg.server.id):
+        raise ConfigError(
+            f"[server] id: use 1-64 letters, digits, '.', '_' or '-', got {cfg.server.id!r}"
+        )
+    check("[server] listen", parse_hostport, cfg.server.listen)
+    check("[server] dpd", parse_duration, cfg.server.dpd)
+    check("[server] keepalive", parse_duration, cfg.server.keepalive)
+    check("[openvpn] listen", parse_hostport, cfg.openvpn.listen)
+    if cfg.server.uplink and not re.fullmatch(r"[A-Za-z0-9._@-]{1,15}", cfg.server.uplink):
+        raise ConfigError(f"[server] uplink: not an interface name: {cfg.server.uplink!r}")
+    if bool(cfg.server.cert) != bool(cfg.server.key):
+        raise ConfigError("[server] cert: cert and key must be given together (or neither)")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,15}", cfg.tap.name):
+        raise ConfigError(f"[tap] name: not an interface name: {cfg.tap.name!r}")
+    try:
+        pool = ipaddress.IPv4Network(cfg.tap.pool)
+    except ValueError as exc:
+        raise ConfigError(f"[tap] pool: {exc}") from None
+    if pool.prefixlen > 29:
+        raise ConfigError(f"[tap] pool: {cfg.tap.pool} is too small (at most /29)")
+    if not 576 <= cfg.tap.mtu <= 9000:
+        raise ConfigError(f"[tap] mtu: expected 576..9000, got {cfg.tap.mtu}")
+    for dns in cfg.tap.dns:
+        check("[tap] dns", ipaddress.ip_address, dns)
+    for key in ("packet_segment", "compress_after", "connlog_keep"):
+        check(f"[logs] {key}", parse_duration, getattr(cfg.logs, key))
+    if cfg.logs.delete_after:
+        check("[logs] delete_after", parse_duration, cfg.logs.delete_after)
+    if parse_duration(cfg.logs.connlog_keep) < 90 * 86400:
+        raise ConfigError("[logs] connlog_keep: the connection log is kept at least 90d")
+    if parse_duration(cfg.logs.compress_after) < 14 * 86400:
+        raise ConfigError("[logs] compress_after: packet logs stay searchable at least 14d")
+    if cfg.forward.collector:
+        check("[forward] collector", parse_hostport, cfg.forward.collector)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    sections: dict[str, Any] = {}
+    for name, body in data.items():
+        cls = _SECTION_TYPES.get(name)
+        if cls is None:
+            raise ConfigError(f"[{name}]: unknown section (known: {', '.join(_SECTION_TYPES)})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"[{name}]: expected a table")
+        defaults = cls()
+        known = {f.name for f in fields(cls)}
+        for key, value in body.items():
+            if key not in known:
+                choices = ", ".join(sorted(known))
+                raise ConfigError(f"[{name}] {key}: unknown key (known: {choices})")
+            _check_type(f"[{name}] {key}", value, getattr(defaults, key))
+        sections[name] = cls(**body)
+    cfg = Config(**sections)
+    _validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None) -> Config:
+    if path is None:
+        cfg = Config()
+        _validate(cfg)
+        return cfg
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_dict(data)
+
+
+def describe() -> str:
+    """Every key with its default, as TOML, for ``--help`` and the README."""
+    lines = []
+    cfg = Config()
+    for name in _SECTION_TYPES:
+        lines.append(f"[{name}]")
+        section = getattr(cfg, name)
+        for f in fields(section):
+            value = getattr(section, f.name)
+            rendered = repr(value).replace("'", '"') if not isinstance(value, list) else str(value)
+            lines.append(f"  {f.name} = {rendered}")
+    return "\n".join(lines)
