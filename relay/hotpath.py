@@ -1,0 +1,157 @@
+"""The hot path of every client->internet packet (C, cext/hotpath.c): User-Agent
+session stamp and destination extraction, in one bounded pass.
+
+:func:`inspect` takes one IP packet (IPv4 or IPv6, no Ethernet header) as a writable
+buffer and the session's 8-character tag, may modify the packet in place, and
+returns an :class:`Inspection`. relay.hotpath_py is its pure-Python twin, with the
+same results, byte for byte.
+
+Rules
+-----
+Which packets. Only TCP is inspected. IPv4: IHL >= 5, total length within the
+buffer (bytes past it are ignored), not a fragment with a non-zero offset. IPv6: the
+payload length within the buffer; the extension-header chain is walked through
+hop-by-hop, routing, destination options and fragment headers (first fragment only),
+at most 8 of them; any other header means not inspected. TCP: data offset >= 5 and
+the header within the packet. Anything else, malformed or not TCP, is left untouched
+and reported as ``inspected=False``.
+
+HTTP. A payload that starts with a request line ``METHOD SP target SP HTTP/1.x
+CRLF`` (METHOD: 1 to 20 of ``A-Z _ -``; target: visible ASCII) is an HTTP request,
+on any port. Lines end with CRLF. In each header line whose name is ``User-Agent``
+(any case, no space before the colon), the value, trimmed of spaces and tabs, has
+its last 8 characters overwritten with the tag; a shorter value is replaced by as
+many leading characters of the tag as fit; an empty value is left alone. The length
+never changes, so neither do seq/ack; the TCP checksum is patched incrementally
+(RFC 1624), so a correct checksum stays correct and a wrong one stays exactly as
+wrong. Pipelining: after a header block's empty line, the body is skipped by its
+Content-Length (1 to 9 digits; absent means no body) and, if another request line
+follows, that request is processed too. A Transfer-Encoding header, an unusable
+Content-Length, or a body that does not end in this segment stops the walk, so
+bodies are never touched.
+
+Split rule (no per-flow state). A header line is processed only when its CRLF is in
+this segment, even if the header block (the empty line) is not. When the segment
+ends inside a header block, the request counts one ``ua_missed`` if the cut line may
+be a User-Agent header: its bytes are a case-insensitive prefix of, or start with,
+``user-agent:``; or it is empty (the cut fell just after a CRLF) and no User-Agent
+line of that request was seen. That metric is thus an upper bound of the requests
+whose User-Agent crosses the relay unstamped. A continuation segment does not start
+with a request line and is never stamped; a request line cut by the segment end is
+not recognised at all.
+
+Destinations. For an HTTP request: scheme ``http``, the first request's first
+``Host`` value without its ``:port``, lower-cased, if it is a DNS-like name (1 to
+255 of ``a-z 0-9 . - _``) or a bracketed IPv6 literal, else ``""``. For a TLS
+ClientHello (record type 22, version 3.x, handshake type 1): scheme ``https``, the
+first host_name of the server_name extension under the same name check, or ``""``.
+Every TLS length is checked and clipped to the segment, so a ClientHello spanning
+segments still yields its SNI when the extension is in the first one. IP and port
+are the packet's destination.
+
+Tags must be 8 URL-safe base64 characters (ValueError otherwise), so that a stamp
+can never inject bytes that change the meaning of a header.
+
+Thread safety: the C side keeps its result in a per-thread buffer.
+"""
+
+from __future__ import annotations
+
+import socket
+from array import array
+from typing import Any
+
+from relay.cext import ffi, lib
+from relay.hotpath_py import (
+    PLAIN,
+    SKIPPED,
+    TAG_LEN,
+    BatchInspection,
+    Destination,
+    Inspection,
+    check_tag,
+)
+
+__all__ = [
+    "PLAIN",
+    "SKIPPED",
+    "TAG_LEN",
+    "BatchInspection",
+    "Destination",
+    "Inspection",
+    "inspect",
+    "inspect_batch",
+]
+
+_SCHEMES = {lib.RELAY_HP_SCHEME_HTTP: "http", lib.RELAY_HP_SCHEME_HTTPS: "https"}
+_FAMILIES = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
+_PLAIN_RC = lib.RELAY_HP_PLAIN
+_SKIPPED_RC = lib.RELAY_HP_SKIPPED
+_BADTAG_RC = lib.RELAY_HP_BADTAG
+_c_inspect = lib.relay_hp_inspect
+_c_scan = lib.relay_hp_scan
+_thread_result = lib.relay_hp_thread_result
+_from_buffer = ffi.from_buffer
+_buffer = ffi.buffer
+_U8 = ffi.typeof("uint8_t[]")
+_U32 = ffi.typeof("uint32_t[]")
+_NULL = ffi.NULL  # the C side then uses its per-thread result buffer
+# struct relay_hp_result starts with the destination fields: port, host_len,
+# scheme, family, ip (22 bytes), then the host. Their bytes key a cache of
+# Destination objects, since a session talks to the same few over and over.
+_KEY_FIXED = 22
+_CACHE_MAX = 4096  # bounded: cleared when full (hostile traffic cannot grow it)
+_cache: dict[bytes, Destination] = {}
+
+
+def _destination(out: Any) -> Destination:
+    """The Destination in a C result (struct relay_hp_result *), cached."""
+    key = _buffer(out, _KEY_FIXED + out.host_len)[:]
+    dest = _cache.get(key)
+    if dest is None:
+        family, size = _FAMILIES[out.family]
+        dest = Destination(
+            key[_KEY_FIXED:].decode(),
+            socket.inet_ntop(family, key[6 : 6 + size]),
+            out.dst_port,
+            _SCHEMES[out.scheme],
+        )
+        if len(_cache) >= _CACHE_MAX:
+            _cache.clear()
+        _cache[key] = dest
+    return dest
+
+
+def inspect(packet: bytearray, tag: bytes) -> Inspection:
+    """Stamp and inspect one client->internet IP packet in place (see the module
+    docstring). ``packet`` must be writable (bytearray, memoryview of one, ...).
+    Returns the shared constants SKIPPED or PLAIN on the fast path."""
+    buf = _from_buffer(_U8, packet, True)
+    rc = _c_inspect(buf, len(buf), tag, len(tag), _NULL)
+    if rc == _PLAIN_RC:
+        return PLAIN
+    if rc == _SKIPPED_RC:
+        return SKIPPED
+    if rc == _BADTAG_RC:
+        check_tag(tag)  # raises with the message
+    out = _thread_result()
+    return Inspection(True, out.stamped, out.ua_missed, _destination(out))
+
+
+def inspect_batch(buf: bytearray, spans: array[int], tag: bytes) -> BatchInspection:
+    """:func:`inspect` every packet ``buf[spans[2i] : spans[2i] + spans[2i+1]]`` in
+    place (``spans`` is an ``array("I")`` of offset, length pairs), with one call
+    into C per HTTP request or ClientHello instead of one per packet. A span
+    outside ``buf`` counts as skipped."""
+    n = len(spans) // 2
+    cbuf = _from_buffer(_U8, buf, True)
+    cspans = _from_buffer(_U32, spans)
+    totals = ffi.new("struct relay_hp_totals *")
+    destinations = []
+    i = _c_scan(cbuf, len(cbuf), cspans, n, 0, tag, len(tag), totals)
+    while i < n:
+        if i == _BADTAG_RC:
+            check_tag(tag)  # raises with the message
+        destinations.append(_destination(_thread_result()))
+        i = _c_scan(cbuf, len(cbuf), cspans, n, i + 1, tag, len(tag), totals)
+    return BatchInspection(totals.skipped, totals.stamped, totals.ua_missed, destinations)
