@@ -1,0 +1,139 @@
+"""The ``relay`` command. Errors are one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from relay import config as configmod
+from relay.errors import RelayError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", metavar="DIR",
+                   help=f"the relay's data directory (default {configmod.DEFAULT_DATA_DIR}, "
+                        "or [logs] data_dir of --config)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (see relay serve --help)")
+
+
+def _config(args: argparse.Namespace) -> configmod.Config:
+    cfg = configmod.load(args.config)
+    if args.data_dir:
+        cfg = cfg.with_data_dir(args.data_dir)
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relay.server import serve
+
+    cfg = _config(args)
+    if args.listen:
+        try:
+            configmod.parse_hostport(args.listen)
+        except ValueError as exc:
+            raise configmod.ConfigError(f"--listen: {exc}") from None
+        cfg = cfg.with_listen(args.listen)
+    serve(cfg)
+    return 0
+
+
+def cmd_logs_connections(args: argparse.Namespace) -> int:
+    from relay import connlog
+
+    def warn(msg: str) -> None:
+        print(f"relay: warning: {msg}", file=sys.stderr)
+
+    cfg = _config(args)
+    out = sys.stdout
+    for rec in connlog.iter_records(cfg.data_dir, on_error=warn):
+        if args.json:
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        else:
+            out.write(_connection_line(rec) + "\n")
+    return 0
+
+
+def _connection_line(rec: dict) -> str:
+    client = rec.get("client") or {}
+    sw = rec.get("client_software") or {}
+    parts = [
+        str(rec.get("time", "?")),
+        f"{rec.get('action', '?'):<10}",
+        str(rec.get("session_id", "-")),
+        f"{client.get('ip', '-')}:{client.get('port', '-')}",
+    ]
+    if rec.get("action") in ("connect", "disconnect"):
+        parts += [str(rec.get("protocol")), str(rec.get("virtual_ip")),
+                  f"{sw.get('name')} {sw.get('version')}"]
+    if rec.get("action") == "disconnect":
+        p, b = rec.get("packets") or {}, rec.get("bytes") or {}
+        parts += [f"pkts {p.get('in')}/{p.get('out')}", f"bytes {b.get('in')}/{b.get('out')}",
+                  f"{rec.get('duration_s')}s", str(rec.get("reason"))]
+    return "  ".join(parts)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from relay.demo import run_demo
+
+    return run_demo(keep_going=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="Packet-logging VPN relay: serves stock VPN clients, keeps the "
+                    "connection log and the packet log that trace abuse to one session.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "serve", help="run the relay",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the relay: TLS listener (AnyConnect CSTP), TAP device, "
+                    "connection log. Runs until SIGTERM or Ctrl-C.",
+        epilog="configuration keys and their defaults (TOML):\n\n" + configmod.describe())
+    _add_data_dir(p)
+    p.add_argument("--listen", metavar="HOST:PORT", help="override [server] listen")
+    p.set_defaults(func=cmd_serve)
+
+    logs = sub.add_parser("logs", help="read the relay's logs").add_subparsers(
+        dest="logs_command", metavar="WHAT", required=True)
+    p = logs.add_parser("connections", help="print the connection log")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_logs_connections)
+
+    p = sub.add_parser("demo", help="the relay end to end in network namespaces")
+    p.add_argument("--keep", action="store_true",
+                   help="leave the topology running until Ctrl-C after the fetch")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="relay: %(levelname)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except RelayError as exc:
+        print(f"relay: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except PermissionError as exc:
+        print(f"relay: error: {exc.filename or ''}: permission denied (run as root?)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

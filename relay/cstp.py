@@ -1,0 +1,500 @@
+"""AnyConnect CSTP, server side, as the stock ``openconnect`` 9.x client speaks it.
+
+A sans-IO state machine in the manner of h11: :meth:`CstpServer.receive_data`
+takes bytes from the TLS stream and returns events; the replies the protocol
+makes on its own (the login form, DPD answers) and those the application asks
+for (:meth:`accept_login`, :meth:`open_tunnel`, ...) are queued and taken with
+:meth:`data_to_send`. No sockets, no event loop: tests drive it with bytes.
+
+The exchange::
+
+    client                                         relay
+    POST / <config-auth type="init">         ->
+                                             <-    200 <config-auth type="auth-request"> form
+    POST /auth <config-auth type="auth-reply">
+          <username/><password/>             ->    Credentials event
+                                             <-    200 Set-Cookie: webvpn=...  (accept_login)
+    CONNECT /CSCOSSLC/tunnel  Cookie: webvpn ->    TunnelRequest event
+                                             <-    200 CONNECTED  X-CSTP-*     (open_tunnel)
+    STF\\x01 LEN TYPE 0  payload ...          <->   Packet / DPD / keepalive / disconnect
+
+The XML is read with bounded regular expressions over a bounded body, never with
+an XML parser: nothing that parses the network may expand entities or fetch.
+"""
+
+from __future__ import annotations
+
+import enum
+import html
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+
+# --- Limits (every one bounds what a hostile peer can make us buffer) -------------
+
+# Largest request head (request line + headers). h11's default
+# max_incomplete_event_size is 16 KiB; node.js allows 16 KiB too (--max-http-header-size).
+MAX_HEAD_BYTES = 16 * 1024
+# Apache's LimitRequestFields default.
+MAX_HEADER_COUNT = 100
+# The XML auth bodies openconnect sends are under 2 KiB; ocserv caps them at
+# 64 KiB (MAX_POST_SIZE): the same cap here.
+MAX_BODY_BYTES = 64 * 1024
+# An honest client needs 2 (init, auth-reply) + the CONNECT; a few more allow a
+# retyped password. More is a client probing the listener.
+MAX_REQUESTS = 8
+# CSTP frame header: 'S' 'T' 'F' 0x01, length (16 bits, big endian), type, 0.
+CSTP_HEADER_LEN = 8
+CSTP_MAGIC = b"STF\x01"
+# Reason byte openconnect puts before the text of a DISCONNECT (cstp.c, cstp_bye).
+DISCONNECT_REASON_CODE = 0xB0
+# Lease announced to the client; the session ends with the TCP connection anyway.
+# Two weeks, as ocserv's default cookie/lease handling allows.
+LEASE_DURATION_S = 1209600
+
+TUNNEL_PATH = "/CSCOSSLC/tunnel"
+# Paths openconnect and AnyConnect use before the tunnel.
+AUTH_PATHS = frozenset({"/", "/auth", "/+webvpn+/index.html", "/+CSCOE+/logon.html"})
+
+
+class PacketType(enum.IntEnum):
+    DATA = 0x00
+    DPD_REQ = 0x03
+    DPD_RESP = 0x04
+    DISCONNECT = 0x05
+    KEEPALIVE = 0x07
+    COMPRESSED = 0x08
+    TERMINATE = 0x09
+
+
+class State(enum.Enum):
+    HTTP = "http"  # reading requests before the tunnel
+    AWAIT_LOGIN = "await-login"  # Credentials delivered; the application decides
+    AWAIT_TUNNEL = "await-tunnel"  # TunnelRequest delivered; the application decides
+    TUNNEL = "tunnel"
+    CLOSED = "closed"
+
+
+# --- Events ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    username: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelRequest:
+    cookie: str
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDisconnected:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    """The peer broke the protocol. Anything queued (an HTTP error) should be
+    sent, then the connection closed."""
+
+    message: str
+
+
+Event = Credentials | TunnelRequest | Packet | PeerDisconnected | ProtocolError
+
+
+@dataclass
+class ClientInfo:
+    """What the client says about itself, gathered across its requests."""
+
+    user_agent: str | None = None
+    platform: str | None = None
+    device_id: str | None = None
+    version: str | None = None
+    hostname: str | None = None
+    username: str | None = None
+
+    def software(self) -> dict[str, str | None]:
+        """{name, version, id} for the connection log."""
+        name = version = None
+        if self.user_agent:
+            # "Open AnyConnect VPN Agent v9.01-3" -> name, "v9.01-3"
+            m = re.fullmatch(r"(.*?)\s+(v?\d[\w.+~-]*)", self.user_agent)
+            name, version = (m.group(1), m.group(2)) if m else (self.user_agent, None)
+        return {"name": name, "version": version or self.version, "id": self.device_id}
+
+
+@dataclass(frozen=True)
+class TunnelParams:
+    address: str
+    netmask: str
+    mtu: int
+    dpd_s: int
+    keepalive_s: int
+    dns: tuple[str, ...] = ()
+    session_id: str = ""
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    @property
+    def path(self) -> str:
+        return urllib.parse.urlsplit(self.target).path or "/"
+
+
+# --- Helpers -----------------------------------------------------------------------
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (\S{1,2048}) HTTP/1\.([01])")
+# Header values: visible ASCII, space and tab (RFC 9110 field-value, no obs-text).
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e]*")
+_PRINTABLE_MAX = 256  # longest client-supplied string we keep for the logs
+
+
+def _xml_text(body: str, tag: str) -> str | None:
+    m = re.search(rf"<{tag}(?:\s[^>]{{0,512}})?>([^<]{{0,{_PRINTABLE_MAX}}})</{tag}>", body)
+    return html.unescape(m.group(1)).strip() if m else None
+
+
+def _xml_attr(body: str, tag: str, attr: str) -> str | None:
+    m = re.search(rf"<{tag}\s[^>]{{0,512}}?\b{attr}=\"([^\"]{{0,{_PRINTABLE_MAX}}})\"", body)
+    return html.unescape(m.group(1)).strip() if m else None
+
+
+def _clean(value: str | None) -> str | None:
+    """Client-supplied text for the logs: printable, bounded, or None."""
+    if value is None:
+        return None
+    value = "".join(ch for ch in value if ch.isprintable())[:_PRINTABLE_MAX].strip()
+    return value or None
+
+
+def frame(ptype: PacketType, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return b"STF\x01" + bytes((n >> 8, n & 0xFF, ptype, 0)) + payload
+
+
+def data_header(length: int) -> bytes:
+    """Header of a DATA frame, for the datapath to send header + packet without a copy."""
+    return b"STF\x01" + bytes((length >> 8, length & 0xFF, 0, 0))
+
+
+def _response(status: str, headers: list[tuple[str, str]], body: bytes = b"",
+              close: bool = False) -> bytes:
+    lines = [f"HTTP/1.1 {status}", "Server: relay", *(f"{k}: {v}" for k, v in headers)]
+    if body or not status.startswith("200 CONNECTED"):
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close" if close else "Connection: Keep-Alive")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+_XML_HEAD = '<?xml version="1.0" encoding="UTF-8"?>\n'
+LOGIN_FORM = (
+    _XML_HEAD
+    + '<config-auth client="vpn" type="auth-request" aggregate-auth-version="2">\n'
+    '<version who="sg">relay</version>\n'
+    '<auth id="main">\n'
+    "<message>Public relay: any user name and password are accepted.</message>\n"
+    '<form method="post" action="/auth">\n'
+    '<input type="text" name="username" label="Username:" />\n'
+    '<input type="password" name="password" label="Password:" />\n'
+    "</form></auth></config-auth>\n"
+).encode()
+
+
+def _login_ok(cookie: str) -> bytes:
+    return (
+        _XML_HEAD
+        + '<config-auth client="vpn" type="complete" aggregate-auth-version="2">\n'
+        '<version who="sg">relay</version>\n'
+        f"<session-token>{html.escape(cookie)}</session-token>\n"
+        '<auth id="success"><title>relay</title></auth></config-auth>\n'
+    ).encode()
+
+
+def _login_failed(message: str) -> bytes:
+    return (
+        _XML_HEAD
+        + '<config-auth client="vpn" type="auth-request" aggregate-auth-version="2">\n'
+        '<version who="sg">relay</version>\n'
+        f'<auth id="main"><error id="88" param1="{html.escape(message)}" '
+        'param2="">Login failed: %s</error>\n'
+        '<form method="post" action="/auth">\n'
+        '<input type="text" name="username" label="Username:" />\n'
+        '<input type="password" name="password" label="Password:" />\n'
+        "</form></auth></config-auth>\n"
+    ).encode()
+
+
+# --- The state machine -------------------------------------------------------------
+
+
+class CstpServer:
+    def __init__(self) -> None:
+        self.state = State.HTTP
+        self.client = ClientInfo()
+        self._buf = bytearray()
+        self._out = bytearray()
+        self._requests = 0
+
+    # -- output ---------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    # -- application decisions -------------------------------------------------------
+
+    def accept_login(self, cookie: str) -> list[Event]:
+        self._expect(State.AWAIT_LOGIN)
+        headers = [("Content-Type", "text/xml"), ("X-Transcend-Version", "1"),
+                   ("Set-Cookie", f"webvpn={cookie}; Secure")]
+        self._out += _response("200 OK", headers, _login_ok(cookie))
+        self.state = State.HTTP
+        return self._process()
+
+    def reject_login(self, message: str) -> list[Event]:
+        self._expect(State.AWAIT_LOGIN)
+        headers = [("Content-Type", "text/xml"), ("X-Transcend-Version", "1")]
+        self._out += _response("200 OK", headers, _login_failed(message))
+        self.state = State.HTTP
+        return self._process()
+
+    def open_tunnel(self, p: TunnelParams) -> list[Event]:
+        self._expect(State.AWAIT_TUNNEL)
+        headers = [
+            ("X-CSTP-Version", "1"),
+            ("X-CSTP-Protocol", "Copyright (c) 2004 Cisco Systems, Inc."),
+            ("X-CSTP-Address", p.address),
+            ("X-CSTP-Netmask", p.netmask),
+            *(("X-CSTP-DNS", d) for d in p.dns),
+            ("X-CSTP-Lease-Duration", str(LEASE_DURATION_S)),
+            ("X-CSTP-Session-Timeout", "none"),
+            ("X-CSTP-Idle-Timeout", "none"),
+            ("X-CSTP-Disconnected-Timeout", "none"),
+            ("X-CSTP-Keep", "true"),
+            ("X-CSTP-Tunnel-All-DNS", "false"),
+            ("X-CSTP-Rekey-Method", "none"),
+            ("X-CSTP-DPD", str(p.dpd_s)),
+            ("X-CSTP-Keepalive", str(p.keepalive_s)),
+            ("X-CSTP-MTU", str(p.mtu)),
+            ("X-CSTP-Base-MTU", str(p.mtu)),
+        ]
+        if p.session_id:
+            headers.append(("X-CSTP-Session-ID", p.session_id))
+        self._out += _response("200 CONNECTED", headers)
+        self.state = State.TUNNEL
+        return self._process()
+
+    def refuse_tunnel(self, status: str, reason: str) -> list[Event]:
+        """``status`` like "401 Unauthorized" (openconnect then stops retrying) or
+        "503 Service Unavailable" (it shows the X-Reason)."""
+        self._expect(State.AWAIT_TUNNEL)
+        self._out += _response(status, [("X-Reason", reason)], close=True)
+        self.state = State.CLOSED
+        return []
+
+    def disconnect(self, reason: str) -> None:
+        """Tell a tunnel client that the relay ends the session (it then exits
+        rather than reconnecting)."""
+        if self.state is State.TUNNEL:
+            text = reason.encode("ascii", "replace")[:200]
+            self._out += frame(PacketType.DISCONNECT, bytes((DISCONNECT_REASON_CODE,)) + text)
+        self.state = State.CLOSED
+
+    def _expect(self, state: State) -> None:
+        if self.state is not state:
+            raise RuntimeError(f"CSTP: called in state {self.state.value}, not {state.value}")
+
+    # -- input ----------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        self._buf += data
+        return self._process()
+
+    def _process(self) -> list[Event]:
+        events: list[Event] = []
+        while self._buf:
+            if self.state is State.TUNNEL:
+                if not self._frames(events):
+                    break
+            elif self.state is State.HTTP:
+                request = self._next_request(events)
+                if request is None:
+                    break
+                self._route(request, events)
+            else:  # waiting for the application, or closed
+                break
+        return events
+
+    def _fail(self, events: list[Event], message: str, status: str | None = None) -> None:
+        if status:
+            self._out += _response(status, [], close=True)
+        self.state = State.CLOSED
+        self._buf.clear()
+        events.append(ProtocolError(message))
+
+    def _next_request(self, events: list[Event]) -> Request | None:
+        end = self._buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
+        if end < 0:
+            if len(self._buf) > MAX_HEAD_BYTES:
+                self._fail(events, f"request head over {MAX_HEAD_BYTES} bytes",
+                           "431 Request Header Fields Too Large")
+            elif self._buf[:1] == b"\x16" or (self._buf and not _TOKEN.match(self._buf[:1])):
+                # A TLS record or binary junk inside the TLS stream: not HTTP.
+                self._fail(events, "not an HTTP request", "400 Bad Request")
+            return None
+        head = bytes(self._buf[:end])
+        lines = head.split(b"\r\n")
+        m = _REQUEST_LINE.fullmatch(lines[0])
+        if not m:
+            self._fail(events, f"bad request line {lines[0][:80]!r}", "400 Bad Request")
+            return None
+        if len(lines) - 1 > MAX_HEADER_COUNT:
+            self._fail(events, f"more than {MAX_HEADER_COUNT} header fields",
+                       "431 Request Header Fields Too Large")
+            return None
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+                self._fail(events, f"bad header line {line[:80]!r}", "400 Bad Request")
+                return None
+            headers[name.decode().lower()] = value.decode().strip()
+        if "transfer-encoding" in headers:
+            self._fail(events, "chunked bodies are not accepted", "411 Length Required")
+            return None
+        length_text = headers.get("content-length", "0")
+        if not length_text.isdigit() or int(length_text) > MAX_BODY_BYTES:
+            self._fail(events, f"bad or oversized Content-Length {length_text[:20]!r}",
+                       "413 Content Too Large")
+            return None
+        length = int(length_text)
+        if len(self._buf) < end + 4 + length:
+            return None  # body still arriving
+        body = bytes(self._buf[end + 4:end + 4 + length])
+        del self._buf[:end + 4 + length]
+        self._requests += 1
+        if self._requests > MAX_REQUESTS:
+            self._fail(events, f"more than {MAX_REQUESTS} requests before the tunnel",
+                       "429 Too Many Requests")
+            return None
+        return Request(m.group(1).decode(), m.group(2).decode(), headers, body)
+
+    def _learn(self, req: Request) -> None:
+        h = req.headers
+        c = self.client
+        c.user_agent = _clean(h.get("user-agent")) or c.user_agent
+        c.platform = _clean(h.get("x-anyconnect-platform")) or c.platform
+        c.hostname = _clean(h.get("x-cstp-hostname")) or c.hostname
+        c.device_id = _clean(h.get("x-anyconnect-identifier-deviceid")) or c.device_id
+
+    def _route(self, req: Request, events: list[Event]) -> None:
+        self._learn(req)
+        if req.method == "CONNECT":
+            if req.target != TUNNEL_PATH:
+                self._fail(events, f"CONNECT to unknown path {req.target[:80]!r}",
+                           "404 Not Found")
+                return
+            cookies = urllib.parse.parse_qs(
+                req.headers.get("cookie", "").replace("; ", "&").replace(";", "&"))
+            cookie = (cookies.get("webvpn") or [""])[0]
+            if not cookie:
+                self._fail(events, "CONNECT without a webvpn cookie", "401 Unauthorized")
+                return
+            self.state = State.AWAIT_TUNNEL
+            events.append(TunnelRequest(cookie))
+            return
+        if req.path not in AUTH_PATHS:
+            self._fail(events, f"{req.method} to unknown path {req.path[:80]!r}",
+                       "404 Not Found")
+            return
+        if req.method == "GET":
+            self._out += _response("200 OK", [("Content-Type", "text/xml")], LOGIN_FORM)
+            return
+        if req.method != "POST":
+            self._fail(events, f"method {req.method} not allowed", "405 Method Not Allowed")
+            return
+        creds = self._parse_login(req.body)
+        if creds is None:
+            # The XML "init" request (or an empty POST): answer with the form.
+            self._out += _response("200 OK", [("Content-Type", "text/xml"),
+                                              ("X-Transcend-Version", "1")], LOGIN_FORM)
+            return
+        self.client.username = _clean(creds.username)
+        self.state = State.AWAIT_LOGIN
+        events.append(creds)
+
+    def _parse_login(self, raw: bytes) -> Credentials | None:
+        body = raw.decode("utf-8", "replace")
+        if "<config-auth" in body:
+            self.client.version = _clean(_xml_text(body, "version")) or self.client.version
+            self.client.platform = _clean(_xml_text(body, "device-id")) or self.client.platform
+            self.client.device_id = (_clean(_xml_attr(body, "device-id", "unique-id"))
+                                     or self.client.device_id)
+            if not re.search(r'<config-auth[^>]{0,512}type="auth-reply"', body):
+                return None
+            user = _xml_text(body, "username")
+            password = _xml_text(body, "password")
+        else:
+            form = urllib.parse.parse_qs(body)
+            user = (form.get("username") or [None])[0]
+            password = (form.get("password") or [None])[0]
+        if user is None:
+            return None
+        return Credentials(user, password or "")
+
+    def _frames(self, events: list[Event]) -> bool:
+        """Parse whole CSTP frames; False when more bytes are needed."""
+        buf = self._buf
+        pos = 0
+        n = len(buf)
+        try:
+            while n - pos >= CSTP_HEADER_LEN:
+                if buf[pos:pos + 4] != CSTP_MAGIC:
+                    self._fail(events, f"bad CSTP magic {bytes(buf[pos:pos + 4])!r}")
+                    return False
+                length = (buf[pos + 4] << 8) | buf[pos + 5]
+                end = pos + CSTP_HEADER_LEN + length
+                if end > n:
+                    break
+                ptype = buf[pos + 6]
+                payload = bytes(buf[pos + CSTP_HEADER_LEN:end])
+                pos = end
+                if ptype == PacketType.DATA:
+                    events.append(Packet(payload))
+                elif ptype == PacketType.DPD_REQ:
+                    self._out += frame(PacketType.DPD_RESP, payload)
+                elif ptype in (PacketType.DPD_RESP, PacketType.KEEPALIVE):
+                    pass
+                elif ptype in (PacketType.DISCONNECT, PacketType.TERMINATE):
+                    reason = payload[1:].decode("utf-8", "replace") if payload else ""
+                    self.state = State.CLOSED
+                    events.append(PeerDisconnected(_clean(reason) or "client disconnected"))
+                    pos = n
+                    return False
+                elif ptype == PacketType.COMPRESSED:
+                    self._fail(events, "compressed CSTP packet, but no compression was offered")
+                    return False
+                else:
+                    self._fail(events, f"unknown CSTP packet type {ptype:#04x}")
+                    return False
+            return False
+        finally:
+            if self.state is not State.CLOSED:
+                del buf[:pos]

@@ -1,0 +1,220 @@
+"""A throw-away network for the demo, the tests and the benchmarks.
+
+::
+
+    client-1 198.18.1.2 --veth-- 198.18.1.1 ┐
+    client-2 198.18.2.2 --veth-- 198.18.2.1 ├ relay ── 198.19.0.1 --veth-- 198.19.0.2 internet
+    ...                                     ┘  (relay0, NAT)                    (nginx)
+
+Addresses come from 198.18.0.0/15, the block RFC 2544 sets aside for benchmark
+networks, so they can never be mistaken for a real network; nothing is routed to
+the host's uplink. Every namespace name carries a per-run prefix, and
+:meth:`Topology.destroy` removes everything it made, however far set-up got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relay.errors import RelayError
+
+INTERNET_IP = "198.19.0.2"
+RELAY_UPLINK_IP = "198.19.0.1"
+WEB_PORT = 80
+VPNC_SCRIPT = "/usr/share/vpnc-scripts/vpnc-script"
+
+
+def client_ip(i: int) -> str:
+    return f"198.18.{i}.2"
+
+
+def relay_ip(i: int) -> str:
+    return f"198.18.{i}.1"
+
+
+def run(cmd: Sequence[str], ns: str | None = None, check: bool = True,
+        **kw: object) -> subprocess.CompletedProcess[str]:
+    full = ["ip", "netns", "exec", ns, *cmd] if ns else list(cmd)
+    proc = subprocess.run(full, text=True, capture_output=True, check=False, **kw)  # type: ignore[call-overload]
+    if check and proc.returncode != 0:
+        raise RelayError(f"{' '.join(full)}: {proc.stderr.strip() or proc.returncode}")
+    return proc
+
+
+@dataclass
+class Topology:
+    prefix: str
+    clients: int = 1
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="relay-net-")))
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def relay_ns(self) -> str:
+        return f"{self.prefix}-relay"
+
+    @property
+    def internet_ns(self) -> str:
+        return f"{self.prefix}-inet"
+
+    def client_ns(self, i: int) -> str:
+        return f"{self.prefix}-cli{i}"
+
+    @property
+    def uplink(self) -> str:
+        return "up0"
+
+    # -- build ----------------------------------------------------------------------
+
+    def create(self) -> Topology:
+        try:
+            self._add_ns(self.relay_ns)
+            self._add_ns(self.internet_ns)
+            self._veth(self.relay_ns, self.uplink, RELAY_UPLINK_IP,
+                       self.internet_ns, "eth0", INTERNET_IP, 24)
+            for i in range(1, self.clients + 1):
+                ns = self.client_ns(i)
+                self._add_ns(ns)
+                # vpnc-script rewrites /etc/resolv.conf; `ip netns exec` bind-mounts
+                # /etc/netns/NS/resolv.conf over it, so the host's stays untouched.
+                etc = Path("/etc/netns") / ns
+                etc.mkdir(parents=True, exist_ok=True)
+                (etc / "resolv.conf").write_text("# relay test namespace\n")
+                self._veth(ns, "eth0", client_ip(i), self.relay_ns, f"c{i}", relay_ip(i), 24)
+                run(["ip", "route", "add", "default", "via", relay_ip(i)], ns)
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def _add_ns(self, ns: str) -> None:
+        with contextlib.suppress(RelayError):
+            run(["ip", "netns", "del", ns])  # a leftover of a killed run
+        run(["ip", "netns", "add", ns])
+        self.namespaces.append(ns)
+        run(["ip", "link", "set", "lo", "up"], ns)
+
+    def _veth(self, ns_a: str, if_a: str, ip_a: str, ns_b: str, if_b: str, ip_b: str,
+              plen: int) -> None:
+        # Short-lived names, unique per process, renamed once inside the namespaces.
+        tag = f"{self.prefix[:6]}{os.getpid() % 100000}"
+        tmp_a, tmp_b = f"{tag}a", f"{tag}b"
+        run(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
+        run(["ip", "link", "set", tmp_a, "netns", ns_a, "name", if_a])
+        run(["ip", "link", "set", tmp_b, "netns", ns_b, "name", if_b])
+        run(["ip", "addr", "add", f"{ip_a}/{plen}", "dev", if_a], ns_a)
+        run(["ip", "addr", "add", f"{ip_b}/{plen}", "dev", if_b], ns_b)
+        run(["ip", "link", "set", if_a, "up"], ns_a)
+        run(["ip", "link", "set", if_b, "up"], ns_b)
+
+    # -- processes ------------------------------------------------------------------
+
+    def spawn(self, ns: str, cmd: Sequence[str], log_name: str, stdin: bytes | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        logf = open(self.workdir / log_name, "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=logf,
+                                stderr=subprocess.STDOUT,
+                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        if stdin is not None and proc.stdin is not None:
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.workdir / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_web(self) -> Path:
+        """nginx in the internet namespace; returns its access log path (it logs
+        the client address and the full User-Agent of every request)."""
+        www = self.workdir / "www"
+        www.mkdir(exist_ok=True)
+        for path in (self.workdir, www):
+            path.chmod(0o755)
+        (www / "index.html").write_text("<h1>hello from the internet namespace</h1>\n")
+        (www / "big.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+        for f in www.iterdir():
+            f.chmod(0o644)
+        access = self.workdir / "access.log"
+        conf = self.workdir / "nginx.conf"
+        tmp = self.workdir / "nginx-tmp"
+        tmp.mkdir(exist_ok=True)
+        conf.write_text(f"""
+daemon off;
+user root;
+worker_processes 1;
+pid {self.workdir}/nginx.pid;
+error_log {self.workdir}/nginx-error.log;
+events {{ worker_connections 256; }}
+http {{
+    log_format relay '$remote_addr "$request" $status "$http_user_agent" "$http_host"';
+    access_log {access} relay;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_requests 1000;
+    server {{
+        listen {INTERNET_IP}:{WEB_PORT};
+        root {www};
+    }}
+}}
+""")
+        self.spawn(self.internet_ns, ["nginx", "-c", str(conf)], "nginx.out")
+        wait_for(lambda: run(["ss", "-ltn", f"sport = :{WEB_PORT}"], self.internet_ns)
+                 .stdout.count("LISTEN") > 0, 10, "nginx to listen")
+        return access
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+    def destroy(self) -> None:
+        self.stop_all()
+        for ns in reversed(self.namespaces):
+            # Kill whatever a test left inside before deleting the namespace.
+            pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            run(["ip", "netns", "del", ns], check=False)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+        self.namespaces.clear()
+
+    def __enter__(self) -> Topology:
+        return self.create()
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+
+def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(interval)
+    raise RelayError(f"timed out after {timeout:.0f} s waiting for {what}")

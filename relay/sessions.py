@@ -1,0 +1,174 @@
+"""Sessions: identity, addresses, counters, and the journal of open sessions.
+
+A session ID is 128 random bits, URL-safe base64 (22 characters). Its first 8
+characters are the *tag* that the User-Agent stamp carries; tags are kept unique
+among the sessions of the retained connection log, so a stamp names one session.
+
+Every open session has a journal file ``DATA_DIR/sessions/<id>.json`` holding its
+connect record and last counters (refreshed every ``CHECKPOINT_INTERVAL_S``).
+A relay that is killed leaves these behind; the next start turns each into a
+disconnect record, so no session is left without one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relay import connlog
+from relay.errors import RelayError
+from relay.tap import random_mac
+
+TAG_LEN = 8
+JOURNAL_DIR = "sessions"
+# How stale the counters of a killed relay's sessions may be in their
+# disconnect record. A minute keeps the journal's write load negligible.
+CHECKPOINT_INTERVAL_S = 60.0
+
+_TAG_IN_LOG = re.compile(rb'"session_id":"([A-Za-z0-9_-]{8})')
+
+
+def new_session_id(taken_tags: set[str]) -> str:
+    while True:
+        sid = secrets.token_urlsafe(16)
+        if sid[:TAG_LEN] not in taken_tags:
+            return sid
+
+
+def tags_in_log(data_dir: Path) -> set[str]:
+    """Tags of every session in the retained connection log (a byte scan:
+    startup must stay fast with 90 days of records)."""
+    tags: set[str] = set()
+    for path in connlog.day_files(data_dir):
+        with connlog.open_day(path) as f:
+            tags.update(m.decode() for m in _TAG_IN_LOG.findall(f.read()))
+    return tags
+
+
+@dataclass
+class Session:
+    id: str
+    mac: bytes
+    virtual_ip: str
+    client_ip: str
+    client_port: int
+    protocol: str
+    started: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    packets_in: int = 0  # client -> relay
+    packets_out: int = 0  # relay -> client
+    bytes_in: int = 0
+    bytes_out: int = 0
+    connect_record: dict[str, Any] = field(default_factory=dict)
+    vip_bytes: bytes = field(init=False)  # the packed virtual IP, checked per packet
+
+    def __post_init__(self) -> None:
+        self.vip_bytes = ipaddress.IPv4Address(self.virtual_ip).packed
+
+    @property
+    def tag(self) -> str:
+        return self.id[:TAG_LEN]
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "packets": {"in": self.packets_in, "out": self.packets_out},
+            "bytes": {"in": self.bytes_in, "out": self.bytes_out},
+        }
+
+
+class AddressPool:
+    """Virtual IPs of the pool; the first host address is the relay's gateway."""
+
+    def __init__(self, network: ipaddress.IPv4Network) -> None:
+        self.network = network
+        hosts = network.hosts()
+        self.gateway = ipaddress.IPv4Interface(f"{next(hosts)}/{network.prefixlen}")
+        self._first = int(self.gateway.ip) + 1
+        self._last = int(network.broadcast_address) - 1
+        self._next = self._first
+        self._used: set[int] = set()
+
+    def allocate(self) -> str:
+        size = self._last - self._first + 1
+        for _ in range(size):
+            candidate = self._next
+            self._next = self._first if candidate >= self._last else candidate + 1
+            if candidate not in self._used:
+                self._used.add(candidate)
+                return str(ipaddress.IPv4Address(candidate))
+        raise RelayError(f"address pool {self.network} exhausted")
+
+    def release(self, ip: str) -> None:
+        self._used.discard(int(ipaddress.IPv4Address(ip)))
+
+
+class SessionTable:
+    def __init__(self, pool: AddressPool, taken_tags: Iterable[str]) -> None:
+        self.pool = pool
+        self.taken_tags = set(taken_tags)
+        self.by_id: dict[str, Session] = {}
+        self.by_mac: dict[bytes, Session] = {}
+
+    def open(self, client_ip: str, client_port: int, protocol: str,
+             mac: bytes | None = None) -> Session:
+        sid = new_session_id(self.taken_tags)
+        self.taken_tags.add(sid[:TAG_LEN])
+        while mac is None or mac in self.by_mac:
+            mac = random_mac()
+        s = Session(sid, mac, self.pool.allocate(), client_ip, client_port, protocol)
+        self.by_id[sid] = s
+        self.by_mac[mac] = s
+        return s
+
+    def close(self, s: Session) -> None:
+        """Forget the session. Its virtual IP stays taken until the caller has
+        removed the neighbour entry and calls ``pool.release``: handing the IP to
+        a new session earlier could let the old entry's removal delete the new one."""
+        self.by_id.pop(s.id, None)
+        self.by_mac.pop(s.mac, None)
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+
+class Journal:
+    """Open sessions on disk, so a killed relay's sessions still get closed."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = connlog.ensure_dir(Path(data_dir) / JOURNAL_DIR)
+
+    def write(self, s: Session) -> None:
+        path = self.dir / f"{s.id}.json"
+        tmp = path.with_suffix(".tmp")
+        data = json.dumps({"connect": s.connect_record, **s.counters()}).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def remove(self, s: Session) -> None:
+        (self.dir / f"{s.id}.json").unlink(missing_ok=True)
+
+    def leftovers(self) -> list[tuple[Path, dict[str, Any] | None]]:
+        """(path, content or None when unreadable) of every journal entry."""
+        out: list[tuple[Path, dict[str, Any] | None]] = []
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                data = json.loads(path.read_bytes())
+                out.append((path, data if isinstance(data, dict) else None))
+            except (OSError, ValueError):
+                out.append((path, None))
+        for tmp in self.dir.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+        return out
