@@ -122,13 +122,16 @@ class ClientInfo:
     username: str | None = None
 
     def software(self) -> dict[str, str | None]:
-        """{name, version, id} for the connection log."""
+        """{name, version, id, platform, hostname} for the connection log: all as
+        the client declares them (``hostname`` is its X-CSTP-Hostname, not the
+        reverse lookup of its address)."""
         name = version = None
         if self.user_agent:
             # "Open AnyConnect VPN Agent v9.01-3" -> name, "v9.01-3"
             m = re.fullmatch(r"(.*?)\s+(v?\d[\w.+~-]*)", self.user_agent)
             name, version = (m.group(1), m.group(2)) if m else (self.user_agent, None)
-        return {"name": name, "version": version or self.version, "id": self.device_id}
+        return {"name": name, "version": version or self.version, "id": self.device_id,
+                "platform": self.platform, "hostname": self.hostname}
 
 
 @dataclass(frozen=True)

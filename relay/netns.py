@@ -19,9 +19,10 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,6 +178,57 @@ http {{
                  .stdout.count("LISTEN") > 0, 10, "nginx to listen")
         return access
 
+    def start_relay(self, data_dir: Path, extra_config: str = "", name: str = "relay",
+                    wait: bool = True) -> subprocess.Popen[bytes]:
+        """``relay serve`` in the relay namespace, NAT towards the internet namespace."""
+        conf = self.workdir / f"{name}.toml"
+        conf.write_text(
+            f'[server]\nlisten = "0.0.0.0:443"\nuplink = "{self.uplink}"\n'
+            f'[logs]\ndata_dir = "{data_dir}"\n{extra_config}')
+        log_name = f"{name}.log"
+        proc = self.spawn(self.relay_ns, [*relay_command(), "serve", "--config", str(conf)],
+                          log_name)
+        if wait:
+            marker_count = self.log(log_name).count("listening on")
+            wait_for(lambda: self.log(log_name).count("listening on") > marker_count
+                     or proc.poll() is not None, 30, "relay serve to listen")
+            if proc.poll() is not None:
+                raise RelayError(f"relay serve exited: {self.log(log_name)[-2000:]}")
+        return proc
+
+    def connect_openconnect(self, i: int, data_dir: Path, user: str = "anyone",
+                            name: str | None = None, extra: Sequence[str] = (),
+                            wait: bool = True) -> subprocess.Popen[bytes]:
+        """The stock openconnect client in client namespace ``i``, pinned to the
+        relay's self-signed certificate; waits until its tun device has an address."""
+        from relay.tlsconf import SELF_SIGNED_CERT, pin_sha256
+
+        ns = self.client_ns(i)
+        cmd = ["openconnect", "--protocol=anyconnect", "--servercert",
+               pin_sha256(data_dir / SELF_SIGNED_CERT), "--user", user, "--passwd-on-stdin",
+               "--non-inter", "--script", VPNC_SCRIPT, "--interface", "tun0",
+               *extra, f"https://{relay_ip(i)}/"]
+        proc = self.spawn(ns, cmd, name or f"openconnect-{i}.log", stdin=b"any password\n")
+        if wait:
+            wait_for(lambda: self.tunnel_ip(i) is not None or proc.poll() is not None, 30,
+                     f"openconnect in {ns} to configure tun0")
+            if proc.poll() is not None:
+                raise RelayError(f"openconnect exited: {self.log(name or f'openconnect-{i}.log')}")
+        return proc
+
+    def tunnel_ip(self, i: int) -> str | None:
+        out = run(["ip", "-o", "-4", "addr", "show", "dev", "tun0"], self.client_ns(i),
+                  check=False).stdout.split()
+        return out[out.index("inet") + 1].split("/")[0] if "inet" in out else None
+
+    def curl(self, i: int, path: str = "/", *args: str, timeout: float = 20) -> str:
+        """Fetch from the web server from client namespace ``i`` (through the tunnel)."""
+        proc = run(["curl", "-sS", "--fail", "-m", str(timeout), *args,
+                    f"http://{INTERNET_IP}{path}"], self.client_ns(i), check=False)
+        if proc.returncode != 0:
+            raise RelayError(f"curl from {self.client_ns(i)} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
@@ -203,6 +255,7 @@ http {{
             run(["ip", "netns", "del", ns], check=False)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         self.namespaces.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Topology:
         return self.create()
@@ -211,10 +264,16 @@ http {{
         self.destroy()
 
 
-def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.1) -> None:
+def relay_command() -> list[str]:
+    """The relay CLI of this installation (the venv's console script)."""
+    return [sys.executable, "-m", "relay.cli"]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str,
+             interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(interval)
     raise RelayError(f"timed out after {timeout:.0f} s waiting for {what}")
