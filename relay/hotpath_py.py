@@ -298,8 +298,11 @@ def inspect(packet: bytearray, tag: bytes) -> Inspection:
     if m:
         scheme = "http"
         walk.http(pay, m.end() - pay)
-    elif end - pay > TLS_RECORD_HDR and p[pay] == TLS_HANDSHAKE and p[pay + 1] == 3 and (
-        p[pay + TLS_RECORD_HDR] == TLS_CLIENT_HELLO
+    elif (
+        end - pay > TLS_RECORD_HDR
+        and p[pay] == TLS_HANDSHAKE
+        and p[pay + 1] == 3
+        and (p[pay + TLS_RECORD_HDR] == TLS_CLIENT_HELLO)
     ):
         scheme = "https"
         walk.client_hello(pay)
