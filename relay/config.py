@@ -63,6 +63,13 @@ class ServerConfig:
     # Seconds between keepalives announced to clients (X-CSTP-Keepalive); ASA
     # uses 20 s so that NAT boxes on the path keep the TCP mapping open.
     keepalive: str = "20s"
+    # TLS handshake deadline; nginx's ssl_handshake_timeout default is 60 s, a VPN
+    # client on a working path finishes in well under a second, so 15 s is generous
+    # and frees the slot of a stalled (slowloris) client sooner.
+    handshake_timeout: str = "15s"
+    # From TCP accept to an open tunnel: openconnect needs three round trips after
+    # the handshake; a minute also covers a human typing a password.
+    login_timeout: str = "60s"
     # Optional user list: a file of `name:password` lines. Empty = anonymous,
     # any user name and password accepted, as a public relay does.
     users: str = ""
@@ -161,6 +168,8 @@ def _validate(cfg: Config) -> None:
     check("[server] listen", parse_hostport, cfg.server.listen)
     check("[server] dpd", parse_duration, cfg.server.dpd)
     check("[server] keepalive", parse_duration, cfg.server.keepalive)
+    check("[server] handshake_timeout", parse_duration, cfg.server.handshake_timeout)
+    check("[server] login_timeout", parse_duration, cfg.server.login_timeout)
     check("[openvpn] listen", parse_hostport, cfg.openvpn.listen)
     if cfg.server.uplink and not re.fullmatch(r"[A-Za-z0-9._@-]{1,15}", cfg.server.uplink):
         raise ConfigError(f"[server] uplink: not an interface name: {cfg.server.uplink!r}")

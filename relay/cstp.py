@@ -252,6 +252,11 @@ class CstpServer:
         self._out = bytearray()
         self._requests = 0
 
+    @property
+    def incomplete_request(self) -> int:
+        """Bytes of a request not yet complete (0 in the tunnel)."""
+        return len(self._buf) if self.state is State.HTTP else 0
+
     # -- output ---------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:

@@ -178,13 +178,14 @@ http {{
                  .stdout.count("LISTEN") > 0, 10, "nginx to listen")
         return access
 
-    def start_relay(self, data_dir: Path, extra_config: str = "", name: str = "relay",
+    def start_relay(self, data_dir: Path, server_keys: str = "", name: str = "relay",
                     wait: bool = True) -> subprocess.Popen[bytes]:
-        """``relay serve`` in the relay namespace, NAT towards the internet namespace."""
+        """``relay serve`` in the relay namespace, NAT towards the internet namespace;
+        ``server_keys`` are extra TOML lines for its [server] table."""
         conf = self.workdir / f"{name}.toml"
         conf.write_text(
-            f'[server]\nlisten = "0.0.0.0:443"\nuplink = "{self.uplink}"\n'
-            f'[logs]\ndata_dir = "{data_dir}"\n{extra_config}')
+            f'[server]\nlisten = "0.0.0.0:443"\nuplink = "{self.uplink}"\n{server_keys}\n'
+            f'[logs]\ndata_dir = "{data_dir}"\n')
         log_name = f"{name}.log"
         proc = self.spawn(self.relay_ns, [*relay_command(), "serve", "--config", str(conf)],
                           log_name)

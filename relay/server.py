@@ -40,13 +40,6 @@ log = logging.getLogger("relay")
 
 # --- Limits and timeouts -------------------------------------------------------------
 
-# From TCP accept to an open tunnel. openconnect needs three round trips after
-# the TLS handshake; a minute covers a human typing a password and defeats
-# slowloris-style clients that trickle bytes to hold a slot.
-LOGIN_DEADLINE_S = 60.0
-# TLS handshake alone; nginx's ssl_handshake_timeout default is 60 s, a VPN
-# client on a working path finishes in well under 10 s.
-TLS_HANDSHAKE_TIMEOUT_S = 15.0
 # A cookie from a successful login must be used for a tunnel within this time
 # (ocserv's cookie-timeout default is 300 s).
 COOKIE_TTL_S = 300.0
@@ -96,6 +89,8 @@ class Relay:
         self.hostname = socket.gethostname()
         self.dpd_s = parse_duration(cfg.server.dpd)
         self.keepalive_s = parse_duration(cfg.server.keepalive)
+        self.handshake_timeout_s = parse_duration(cfg.server.handshake_timeout)
+        self.login_timeout_s = parse_duration(cfg.server.login_timeout)
         self.stats = Stats()
         self.links: dict[bytes, CstpLink] = {}
         self.all_links: set[CstpLink] = set()
@@ -356,11 +351,11 @@ class CstpLink(asyncio.Protocol):
         self.relay.all_links.add(self)
         loop = asyncio.get_running_loop()
         self._start_lookup(loop)
-        self._timer = loop.call_later(LOGIN_DEADLINE_S, self._login_deadline)
+        self._timer = loop.call_later(self.relay.login_timeout_s, self._login_deadline)
         try:
             await loop.connect_accepted_socket(
                 lambda: self, sock, ssl=self.relay.ssl_ctx,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+                ssl_handshake_timeout=self.relay.handshake_timeout_s)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             self.relay.stats.handshake_failures += 1
             log.warning("refused %s: TLS handshake failed: %s", self,
@@ -397,8 +392,8 @@ class CstpLink(asyncio.Protocol):
 
     def _login_deadline(self) -> None:
         if self.session is None and not self.closed:
-            log.warning("refused %s: no tunnel within %.0f s of connecting", self,
-                        LOGIN_DEADLINE_S)
+            log.warning("refused %s: no tunnel within %d s of connecting", self,
+                        self.relay.login_timeout_s)
             self._abort()
 
     # -- input ----------------------------------------------------------------------
@@ -535,6 +530,9 @@ class CstpLink(asyncio.Protocol):
         self._abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.proto.incomplete_request:
+            log.warning("dropped %s: connection closed mid-request (%d bytes of an "
+                        "incomplete request)", self, self.proto.incomplete_request)
         if exc is None:
             self._end("connection-closed", None)
         else:

@@ -1,0 +1,242 @@
+"""Byte-level tests of the sans-IO CSTP state machine (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay import cstp
+from relay.cstp import (
+    Credentials,
+    CstpServer,
+    Packet,
+    PacketType,
+    PeerDisconnected,
+    ProtocolError,
+    State,
+    TunnelParams,
+    TunnelRequest,
+    frame,
+)
+
+UA = "Open AnyConnect VPN Agent v9.01-3"
+INIT = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<config-auth client="vpn" type="init">'
+    '<version who="vpn">v9.01-3</version><device-id unique-id="abc123">linux-64</device-id>'
+    "<group-access>https://198.18.1.1/</group-access></config-auth>"
+)
+REPLY = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<config-auth client="vpn" type="auth-reply">'
+    '<version who="vpn">v9.01-3</version><device-id>linux-64</device-id>'
+    "<auth><username>al&lt;ice</username><password>s3cret</password></auth></config-auth>"
+)
+PARAMS = TunnelParams(address="10.211.0.2", netmask="255.255.0.0", mtu=1400, dpd_s=30,
+                      keepalive_s=20, dns=("10.211.0.1",))
+
+
+def post(path: str, body: str, extra: str = "") -> bytes:
+    data = body.encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: relay\r\nUser-Agent: {UA}\r\n"
+            f"X-AnyConnect-Platform: linux-64\r\n{extra}"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+def connect(cookie: str = "tok") -> bytes:
+    return (f"CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nHost: relay\r\nUser-Agent: {UA}\r\n"
+            f"Cookie: webvpn={cookie}\r\nX-CSTP-Version: 1\r\nX-CSTP-Hostname: laptop\r\n"
+            "X-CSTP-MTU: 1399\r\n\r\n").encode()
+
+
+def tunnel() -> CstpServer:
+    """A machine that has gone through login and CONNECT."""
+    c = CstpServer()
+    assert c.receive_data(post("/", INIT)) == []
+    [creds] = c.receive_data(post("/auth", REPLY))
+    assert isinstance(creds, Credentials)
+    assert c.accept_login("tok") == []
+    [req] = c.receive_data(connect())
+    assert req == TunnelRequest("tok")
+    assert c.open_tunnel(PARAMS) == []
+    c.data_to_send()
+    return c
+
+
+def test_login_form_then_credentials_then_cookie() -> None:
+    c = CstpServer()
+    assert c.receive_data(post("/", INIT)) == []
+    out = c.data_to_send()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b'type="auth-request"' in out and b'name="password"' in out
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert f"Content-Length: {len(body)}".encode() in head
+
+    events = c.receive_data(post("/auth", REPLY))
+    assert events == [Credentials("al<ice", "s3cret")]
+    assert c.state is State.AWAIT_LOGIN
+    c.accept_login("COOKIE-1")
+    out = c.data_to_send()
+    assert b"Set-Cookie: webvpn=COOKIE-1; Secure\r\n" in out
+    assert b'<auth id="success">' in out
+    assert c.state is State.HTTP
+    assert c.client.software() == {"name": "Open AnyConnect VPN Agent", "version": "v9.01-3",
+                                   "id": "abc123", "platform": "linux-64", "hostname": None}
+
+
+def test_form_encoded_login_and_get() -> None:
+    c = CstpServer()
+    c.receive_data(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")
+    assert b'type="auth-request"' in c.data_to_send()
+    events = c.receive_data(
+        b"POST /auth HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: 27\r\n\r\nusername=bob&password=p%26w")
+    assert events == [Credentials("bob", "p&w")]
+
+
+def test_rejected_login_shows_form_again() -> None:
+    c = CstpServer()
+    c.receive_data(post("/auth", REPLY))
+    c.reject_login("nope")
+    out = c.data_to_send()
+    assert b"<error" in out and b'name="username"' in out
+    assert c.state is State.HTTP
+
+
+def test_connect_response_has_what_openconnect_requires() -> None:
+    c = CstpServer()
+    [req] = c.receive_data(connect("abc"))
+    assert req == TunnelRequest("abc")
+    c.open_tunnel(PARAMS)
+    out = c.data_to_send()
+    # openconnect compares the first 13 bytes literally and needs MTU and Address.
+    assert out.startswith(b"HTTP/1.1 200 CONNECTED\r\n")
+    for header in (b"X-CSTP-Address: 10.211.0.2", b"X-CSTP-Netmask: 255.255.0.0",
+                   b"X-CSTP-MTU: 1400", b"X-CSTP-DPD: 30", b"X-CSTP-Keepalive: 20",
+                   b"X-CSTP-DNS: 10.211.0.1"):
+        assert header + b"\r\n" in out
+    assert b"Content-Length" not in out
+    assert c.client.hostname == "laptop"
+
+
+def test_tunnel_frames_split_at_every_byte() -> None:
+    c = tunnel()
+    stream = (frame(PacketType.DATA, b"\x45" + b"x" * 39) + frame(PacketType.KEEPALIVE)
+              + frame(PacketType.DPD_REQ, b"probe") + frame(PacketType.DATA, b"\x45" * 20))
+    events = []
+    for i in range(len(stream)):
+        events += c.receive_data(stream[i:i + 1])
+    assert events == [Packet(b"\x45" + b"x" * 39), Packet(b"\x45" * 20)]
+    assert c.data_to_send() == frame(PacketType.DPD_RESP, b"probe")
+
+
+def test_data_pipelined_right_after_connect_waits_for_the_decision() -> None:
+    c = CstpServer()
+    [req] = c.receive_data(connect() + frame(PacketType.DATA, b"early"))
+    assert isinstance(req, TunnelRequest)
+    assert c.receive_data(frame(PacketType.DATA, b"later")) == []  # buffered
+    assert c.open_tunnel(PARAMS) == [Packet(b"early"), Packet(b"later")]
+
+
+def test_client_disconnect_carries_reason() -> None:
+    c = tunnel()
+    events = c.receive_data(frame(PacketType.DISCONNECT, b"\xb0Client received SIGINT"))
+    assert events == [PeerDisconnected("Client received SIGINT")]
+    assert c.state is State.CLOSED
+    assert c.receive_data(frame(PacketType.DATA, b"after")) == []
+
+
+def test_server_disconnect_frame() -> None:
+    c = tunnel()
+    c.disconnect("relay shutting down")
+    assert c.data_to_send() == frame(PacketType.DISCONNECT, b"\xb0relay shutting down")
+
+
+def test_refused_tunnel_is_401_and_closes() -> None:
+    c = CstpServer()
+    c.receive_data(connect("stale"))
+    c.refuse_tunnel("401 Unauthorized", "unknown cookie")
+    out = c.data_to_send()
+    assert out.startswith(b"HTTP/1.1 401 Unauthorized\r\n") and b"X-Reason: unknown cookie" in out
+    assert c.state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message"),
+    [
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"400", "not an HTTP request"),
+        (b"GET /etc/passwd HTTP/1.1\r\n\r\n", b"404", "unknown path"),
+        (b"CONNECT /elsewhere HTTP/1.1\r\n\r\n", b"404", "unknown path"),
+        (b"CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\n\r\n", b"401", "without a webvpn cookie"),
+        (b"DELETE / HTTP/1.1\r\n\r\n", b"405", "not allowed"),
+        (b"GET / HTTP/2.0\r\n\r\n", b"400", "bad request line"),
+        (b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", b"400", "bad header line"),
+        (b"GET / HTTP/1.1\r\nX: \x00\r\n\r\n", b"400", "bad header line"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", b"413", "Content-Length"),
+        (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", b"413", "Content-Length"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"411", "chunked"),
+        (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", b"431", "header fields"),
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * (cstp.MAX_HEAD_BYTES + 10), b"431", "request head"),
+    ],
+)
+def test_hostile_requests_fail_with_a_status_and_close(data: bytes, status: bytes,
+                                                       message: str) -> None:
+    c = CstpServer()
+    events = c.receive_data(data)
+    assert len(events) == 1 and isinstance(events[0], ProtocolError)
+    assert message in events[0].message
+    assert c.data_to_send().startswith(b"HTTP/1.1 " + status)
+    assert c.state is State.CLOSED
+    assert c.receive_data(b"GET / HTTP/1.1\r\n\r\n") == []
+
+
+def test_too_many_requests_before_the_tunnel() -> None:
+    c = CstpServer()
+    events = c.receive_data(b"GET / HTTP/1.1\r\n\r\n" * (cstp.MAX_REQUESTS + 1))
+    assert isinstance(events[-1], ProtocolError) and "requests" in events[-1].message
+
+
+def test_truncated_head_and_body_wait_for_more() -> None:
+    c = CstpServer()
+    whole = post("/auth", REPLY)
+    assert c.receive_data(whole[:30]) == []
+    assert c.receive_data(whole[30:-5]) == []
+    assert c.receive_data(whole[-5:]) == [Credentials("al<ice", "s3cret")]
+
+
+@pytest.mark.parametrize(
+    ("stream", "message"),
+    [
+        (b"XXXX\x00\x04\x00\x00abcd", "bad CSTP magic"),
+        (b"STF\x01\x00\x00\x42\x00", "unknown CSTP packet type"),
+        (b"STF\x01\x00\x02\x08\x00ab", "compressed"),
+    ],
+)
+def test_bad_cstp_frames(stream: bytes, message: str) -> None:
+    c = tunnel()
+    events = c.receive_data(frame(PacketType.DATA, b"ok") + stream)
+    assert events[0] == Packet(b"ok")
+    assert isinstance(events[1], ProtocolError) and message in events[1].message
+    assert c.state is State.CLOSED
+
+
+def test_truncated_cstp_length_waits() -> None:
+    c = tunnel()
+    # Header says 1000 bytes, only 10 arrive: nothing yet, nothing lost.
+    assert c.receive_data(b"STF\x01\x03\xe8\x00\x00" + b"y" * 10) == []
+    assert c.receive_data(b"y" * 990) == [Packet(b"y" * 1000)]
+
+
+def test_client_strings_are_cleaned_for_the_logs() -> None:
+    c = CstpServer()
+    c.receive_data(b"GET / HTTP/1.1\r\nUser-Agent: evil\tagent v1\r\n\r\n")
+    sw = c.client.software()
+    assert sw["name"] == "evilagent" and sw["version"] == "v1"
+    body = '<config-auth client="vpn" type="init"><version who="vpn">' + "v" * 5000 + "</version>"
+    c.receive_data(post("/", body))
+    assert c.client.version is None or len(c.client.version) <= 256
+
+
+def test_calls_in_the_wrong_state_are_bugs() -> None:
+    c = CstpServer()
+    with pytest.raises(RuntimeError):
+        c.open_tunnel(PARAMS)
+    with pytest.raises(RuntimeError):
+        c.accept_login("x")
