@@ -1,0 +1,123 @@
+"""Write the seed corpus of the hot-path fuzzer into tests/fuzz/corpus/ (or DIR).
+
+Each seed is one fuzzer input: a mode byte (0: one packet for relay_hp_inspect,
+1: relay_hp_scan, see hotpath_fuzz.c) followed by the data. The seeds cover what
+the issue lists: truncated headers, bogus IHL and data offsets, IPv6 extension
+headers, zero-length payloads, pipelined HTTP, split User-Agent, TLS ClientHello
+with SNI, and garbage. Deterministic: tests/test_hotpath_fuzz.py checks that the
+committed corpus is what this script writes.
+
+    python tests/fuzz/make_corpus.py [DIR]
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from hotpath_packets import (  # noqa: E402 - after the path set-up
+    DSTOPTS,
+    FRAGMENT,
+    HOPOPTS,
+    ROUTING,
+    client_hello,
+    extension,
+    http_request,
+    ipv4,
+    ipv6,
+)
+
+ONE, SCAN = b"\0", b"\1"
+
+
+def _set(pkt: bytes, off: int, value: bytes) -> bytes:
+    return pkt[:off] + value + pkt[off + len(value) :]
+
+
+def packets() -> dict[str, bytes]:
+    req = http_request(ua="Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0")
+    body = b"User-Agent: in-body\r\n\r\nGET / HTTP/1.1\r\n"
+    pipelined = (
+        http_request("GET", "/a")
+        + http_request("POST", "/b", body=body)
+        + http_request("GET", "/c", ua_name="user-agent", ua="lower")
+    )
+    hello = client_hello(b"www.example.org")
+    rng = random.Random(4)
+    v4 = bytes(ipv4(req))
+    return {
+        "v4-http": v4,
+        "v6-http": bytes(ipv6(req)),
+        "v4-http-lowercase-ua": bytes(ipv4(http_request(ua_name="user-agent"))),
+        "v4-http-short-ua": bytes(ipv4(http_request(ua="abc"))),
+        "v4-http-empty-ua": bytes(ipv4(http_request(ua=""))),
+        "v4-http-pipelined": bytes(ipv4(pipelined)),
+        "v4-http-chunked": bytes(
+            ipv4(http_request("POST", headers=(("Transfer-Encoding", "chunked"),)) + req)
+        ),
+        "v4-http-split-ua-value": bytes(ipv4(req[: req.index(b"Linux")])),
+        "v4-http-split-ua-name": bytes(ipv4(req[: req.index(b"-Agent")])),
+        "v4-http-split-at-crlf": bytes(ipv4(req[: req.index(b"User-Agent")])),
+        "v4-http-split-request-line": bytes(ipv4(req[:9])),
+        "v4-http-host-port": bytes(ipv4(http_request(host="Example.COM:8080"))),
+        "v4-http-host-ipv6": bytes(ipv4(http_request(host="[2001:db8::1]:80"))),
+        "v4-http-port-8080": bytes(ipv4(req, dport=8080)),
+        "v4-tls-sni": bytes(ipv4(hello, dport=443)),
+        "v6-tls-sni": bytes(ipv6(hello, dport=443)),
+        "v4-tls-no-sni": bytes(ipv4(client_hello(None), dport=443)),
+        "v4-tls-sni-after-padding": bytes(
+            ipv4(client_hello(b"a.example", extensions_before=extension(21, bytes(300))))
+        ),
+        "v4-tls-truncated": bytes(ipv4(hello[:60], dport=443)),
+        "v4-tls-bogus-lengths": bytes(ipv4(_set(hello, 3, b"\xff\xff"), dport=443)),
+        "v4-empty-payload": bytes(ipv4(b"")),
+        "v6-empty-payload": bytes(ipv6(b"")),
+        "v4-truncated-10": v4[:10],
+        "v4-truncated-19": v4[:19],
+        "v4-truncated-39": v4[:39],
+        "v4-ihl-0": _set(v4, 0, b"\x40"),
+        "v4-ihl-4": _set(v4, 0, b"\x44"),
+        "v4-ihl-15": _set(v4, 0, b"\x4f"),
+        "v4-total-past-buffer": _set(v4, 2, b"\xff\xff"),
+        "v4-doff-0": _set(v4, 32, b"\x00"),
+        "v4-doff-4": _set(v4, 32, b"\x40"),
+        "v4-doff-15": _set(v4, 32, b"\xf0"),
+        "v4-fragment": bytes(ipv4(req, frag=0x2000)),
+        "v4-later-fragment": bytes(ipv4(req, frag=0x0010)),
+        "v6-hopopts": bytes(ipv6(req, ext=(HOPOPTS,))),
+        "v6-ext-chain": bytes(ipv6(req, ext=(HOPOPTS, ROUTING, FRAGMENT, DSTOPTS))),
+        "v6-ext-8": bytes(ipv6(req, ext=(DSTOPTS,) * 8)),
+        "v6-ext-9": bytes(ipv6(req, ext=(DSTOPTS,) * 9)),
+        "v6-ext-unknown": bytes(ipv6(req, ext=(51,))),
+        "v6-later-fragment": bytes(ipv6(req, ext=(FRAGMENT,), frag_offset=3)),
+        "v6-ext-length-past-end": _set(bytes(ipv6(req, ext=(HOPOPTS,))), 41, b"\xff"),
+        "v6-truncated-39": bytes(ipv6(req))[:39],
+        "garbage-random": bytes(rng.randrange(256) for _ in range(200)),
+        "garbage-ff": b"\xff" * 64,
+        "garbage-ssh": bytes(ipv4(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n", dport=22)),
+        "garbage-tls-appdata": bytes(ipv4(b"\x17\x03\x03\x00\x20" + bytes(32), dport=443)),
+    }
+
+
+def seeds() -> dict[str, bytes]:
+    out = {name: ONE + data for name, data in packets().items()}
+    a, b = packets()["v4-http-pipelined"], packets()["v6-tls-sni"]
+    spans = struct.pack("=8I", 0, len(a), len(a), len(b), len(a) + len(b), 40, 0xFFFFFFFF, 1)
+    out["scan-mixed"] = SCAN + b"\x04" + spans + a + b
+    return out
+
+
+def main(argv: list[str]) -> None:
+    outdir = Path(argv[0]) if argv else HERE / "corpus"
+    outdir.mkdir(parents=True, exist_ok=True)
+    for name, data in seeds().items():
+        (outdir / name).write_bytes(data)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
