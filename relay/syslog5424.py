@@ -1,0 +1,402 @@
+"""Connection-log records as RFC 5424 syslog messages, RFC 5425 framing (sans-IO).
+
+No sockets and no event loop here: :func:`format_record` turns one record into
+message bytes, :func:`frame` adds the RFC 5425 octet count, :class:`FrameParser`
+takes bytes from a stream and returns whole messages, :func:`parse_message`
+splits a message back into its fields and :func:`relay_record` recovers the
+record. The forwarder, the collector and the tests all use these.
+
+A record travels twice in one message:
+
+- as STRUCTURED-DATA ``[relay@32473 id="..." action="..." client.ip="..." ...]``,
+  nested objects flattened with ``.``, so that a plain syslog server (rsyslog,
+  a SIEM) can filter and index the fields without knowing JSON;
+- as MSG: a UTF-8 BOM and the record's JSON, the exact copy that the collector
+  stores. The SD values are a display copy (long values cut, control
+  characters shown as ``\\xNN``); the JSON is authoritative.
+
+The record ``id`` is always a parameter so that any receiver can remove the
+duplicates that at-least-once delivery produces.
+
+Client-supplied strings (client software, host names) are hostile: SD values
+are escaped per RFC 5424 section 6.3.3 (``\\``, ``"``, ``]``), control
+characters never appear raw anywhere in a message (so a receiver that stores
+one message per line cannot be fed a forged line), and the JSON is valid UTF-8
+even when a string carries undecodable bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# Private Enterprise Number in the SD-ID. 32473 is the PEN that RFC 5612
+# reserves for use in documentation: a PLACEHOLDER until the project registers
+# its own number with IANA (RFC 5424 section 7.2.2 requires name@<PEN>).
+PEN = 32473
+SD_ID = f"relay@{PEN}"
+APP_NAME = "relay"
+VERSION = 1
+
+# RFC 5424 section 6.2.1, table 1.
+FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
+    "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11, "ntp": 12, "audit": 13,
+    "alert": 14, "clock": 15, "local0": 16, "local1": 17, "local2": 18, "local3": 19,
+    "local4": 20, "local5": 21, "local6": 22, "local7": 23,
+}
+DEFAULT_FACILITY = "local0"
+# RFC 5424 section 6.2.1, table 2: sessions coming and going are routine
+# (informational); every other action is an audit event (logging switched off,
+# a ban, retention deleting a day) that an operator should notice.
+SEVERITY_INFO = 6
+SEVERITY_NOTICE = 5
+ROUTINE_ACTIONS = frozenset({"connect", "disconnect"})
+
+# Largest message a receiver must accept is 2048 octets (RFC 5425 section
+# 4.3.1: "MUST be able to process messages up to 2048 octets", SHOULD accept
+# 8192); rsyslog's default maxMessageSize is 8k and it truncates beyond that.
+# The relay keeps what it sends within 8 KiB so that a stock rsyslog stores it
+# whole, and the collector accepts 64 KiB from other senders.
+MAX_MESSAGE_SIZE = 8192
+COLLECTOR_MAX_MESSAGE_SIZE = 65536
+# RFC 5424 section 6: HOSTNAME 1..255, APP-NAME 1..48, PROCID 1..128, MSGID
+# 1..32 and SD-NAME 1..32 characters of PRINTUSASCII.
+HOSTNAME_MAX = 255
+PROCID_MAX = 128
+MSGID_MAX = 32
+SD_NAME_MAX = 32
+# SD values are a display copy (the JSON in MSG is whole): cutting them keeps a
+# record with hostile 1000-character client strings under MAX_MESSAGE_SIZE.
+SD_VALUE_MAX = 256
+# If a record is still too big, its JSON strings are cut to this many
+# characters and the record gains "truncated": true (the relay's local log keeps
+# the whole record).
+JSON_STRING_SHRINK = 512
+# RFC 5425 section 4.3: MSG-LEN is a decimal number; 10 digits exceed any size
+# we accept, more is garbage rather than a length.
+MSG_LEN_DIGITS_MAX = 10
+
+BOM = b"\xef\xbb\xbf"
+NILVALUE = "-"
+
+
+class SyslogError(ValueError):
+    """A message or a stream that does not follow RFC 5424 / RFC 5425."""
+
+
+class FrameError(SyslogError):
+    """The stream cannot be resynchronised: the connection must be closed."""
+
+
+# ---------------------------------------------------------------------------
+# Formatting
+
+_NOT_PRINTUSASCII = re.compile(r"[^\x21-\x7e]")
+# SD-NAME = 1*32PRINTUSASCII except '=', SP, ']', '"' (RFC 5424 section 6.3).
+_NOT_SD_NAME = re.compile(r'[^\x21-\x7e]|[= \]"]')
+_SD_ESCAPE = re.compile(r'(["\\\]])')
+# C0, DEL and C1 controls, and the Unicode line/paragraph separators: a raw one
+# in a stored line could end it and forge the next.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# json.dumps already escapes C0; these remain raw in ensure_ascii=False output.
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
+_TIMESTAMP = re.compile(
+    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})$")
+
+
+def facility_code(name: str) -> int:
+    try:
+        return FACILITIES[name]
+    except KeyError:
+        raise ValueError(f"unknown syslog facility {name!r} "
+                         f"(known: {', '.join(FACILITIES)})") from None
+
+
+def severity_of(action: str) -> int:
+    return SEVERITY_INFO if action in ROUTINE_ACTIONS else SEVERITY_NOTICE
+
+
+def _header_field(value: str, limit: int) -> str:
+    """A PRINTUSASCII token (RFC 5424 section 6.2), or NILVALUE when empty."""
+    value = _NOT_PRINTUSASCII.sub("_", value)[:limit]
+    return value or NILVALUE
+
+
+def _valid_utf8(text: str) -> str:
+    # A lone surrogate (bytes decoded with surrogateescape) cannot be encoded:
+    # show it as \udcNN text instead of failing or sending invalid UTF-8.
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+def sd_name(key: str) -> str:
+    return _NOT_SD_NAME.sub("_", key)[:SD_NAME_MAX] or "_"
+
+
+def sd_escape(value: str) -> str:
+    """A PARAM-VALUE: valid UTF-8, no raw control character, RFC 5424 6.3.3 escapes."""
+    value = _valid_utf8(value)
+    if len(value) > SD_VALUE_MAX:
+        value = value[:SD_VALUE_MAX] + "..."
+    value = _SD_ESCAPE.sub(r"\\\1", value)
+    # After the escapes so that the backslash of \xNN is not doubled: a reader
+    # applying 6.3.3 sees \x as a literal backslash and 'x'.
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def flatten(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted name, text) for every non-null leaf; lists become JSON text."""
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from flatten(value, name + ".")
+        elif value is not None:
+            yield name, _scalar(value)
+
+
+def dumps_json(record: dict[str, Any]) -> str:
+    """Compact JSON on one line, with no raw control or line-separator character."""
+    text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        # Lone surrogates: let json escape them as \\udcNN (valid JSON, valid UTF-8).
+        return json.dumps(record, separators=(",", ":"))
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def structured_data(record: dict[str, Any]) -> str:
+    params = [f'id="{sd_escape(str(record.get("id", "")))}"']
+    params += [f'{sd_name(k)}="{sd_escape(v)}"' for k, v in flatten(record) if k != "id"]
+    return f"[{SD_ID} {' '.join(params)}]"
+
+
+def _shrunk(value: Any) -> Any:
+    if isinstance(value, str):
+        return value[:JSON_STRING_SHRINK]
+    if isinstance(value, dict):
+        return {k: _shrunk(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shrunk(v) for v in value]
+    return value
+
+
+def format_record(
+    record: dict[str, Any],
+    *,
+    hostname: str,
+    procid: str = NILVALUE,
+    facility: int = FACILITIES[DEFAULT_FACILITY],
+    max_size: int = MAX_MESSAGE_SIZE,
+) -> bytes:
+    """One RFC 5424 message (without framing) for one connection-log record."""
+    action = str(record.get("action", ""))
+    pri = facility * 8 + severity_of(action)
+    ts = str(record.get("time", ""))
+    timestamp = ts if _TIMESTAMP.match(ts) else NILVALUE
+    header = (f"<{pri}>{VERSION} {timestamp} {_header_field(hostname, HOSTNAME_MAX)} "
+              f"{APP_NAME} {_header_field(procid, PROCID_MAX)} "
+              f"{_header_field(action, MSGID_MAX)} ")
+    sd = structured_data(record)
+    out = (header + sd + " ").encode() + BOM + dumps_json(record).encode()
+    if len(out) > max_size:
+        small = {**_shrunk(record), "truncated": True}
+        out = (header + sd + " ").encode() + BOM + dumps_json(small).encode()
+    return out
+
+
+def frame(message: bytes) -> bytes:
+    """RFC 5425 section 4.3 octet-counting: MSG-LEN SP SYSLOG-MSG."""
+    return b"%d %b" % (len(message), message)
+
+
+# ---------------------------------------------------------------------------
+# Stream parsing
+
+
+class FrameParser:
+    """Bytes from a stream in, whole messages out.
+
+    Takes RFC 5425 octet counting (a frame starts with a digit) and, from plain
+    syslog senders, RFC 6587 section 3.4.2 non-transparent framing (a frame
+    starts with '<' and ends at LF). Each frame decides for itself, as rsyslog
+    does. A frame longer than ``max_size`` raises :class:`FrameError`: the
+    stream cannot be trusted to resynchronise, and buffering it unbounded would
+    let a sender exhaust memory.
+    """
+
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
+        if max_size < 2048:
+            raise ValueError("RFC 5425 section 4.3.1: receivers accept at least 2048 octets")
+        self.max_size = max_size
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        out: list[bytes] = []
+        pos, end = 0, len(buf)
+        while pos < end:
+            first = buf[pos]
+            if 0x30 <= first <= 0x39:  # octet counting
+                sp = buf.find(b" ", pos, min(end, pos + MSG_LEN_DIGITS_MAX + 1))
+                if sp < 0:
+                    if end - pos > MSG_LEN_DIGITS_MAX:
+                        raise FrameError("octet count longer than "
+                                         f"{MSG_LEN_DIGITS_MAX} digits or missing its space")
+                    break
+                digits = bytes(buf[pos:sp])
+                if not digits.isdigit() or digits[0] == 0x30:
+                    raise FrameError(f"bad octet count {digits[:16]!r}")
+                size = int(digits)
+                if size > self.max_size:
+                    raise FrameError(f"message of {size} octets exceeds the limit of "
+                                     f"{self.max_size}")
+                if end - sp - 1 < size:
+                    break
+                out.append(bytes(buf[sp + 1:sp + 1 + size]))
+                pos = sp + 1 + size
+            elif first in (0x0A, 0x0D, 0x00):
+                # Blank line between LF-framed messages, or a NUL trailer (some
+                # senders end frames with NUL): nothing to deliver.
+                pos += 1
+            else:
+                lf = buf.find(b"\n", pos, min(end, pos + self.max_size + 1))
+                if lf < 0:
+                    if end - pos > self.max_size:
+                        raise FrameError(f"line longer than the limit of {self.max_size} "
+                                         "octets without LF")
+                    break
+                line = bytes(buf[pos:lf])
+                out.append(line[:-1] if line.endswith(b"\r") else line)
+                pos = lf + 1
+        del buf[:pos]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back (a torn frame at EOF)."""
+        return len(self._buf)
+
+
+# ---------------------------------------------------------------------------
+# Message parsing
+
+
+@dataclass
+class Message:
+    facility: int
+    severity: int
+    version: int
+    timestamp: str | None
+    hostname: str | None
+    app_name: str | None
+    procid: str | None
+    msgid: str | None
+    sd: dict[str, dict[str, str]] = field(default_factory=dict)
+    msg: str = ""
+    bom: bool = False
+
+    def header(self) -> dict[str, Any]:
+        return {"facility": self.facility, "severity": self.severity, "version": self.version,
+                "timestamp": self.timestamp, "hostname": self.hostname,
+                "app_name": self.app_name, "procid": self.procid, "msgid": self.msgid}
+
+
+_HEADER = re.compile(
+    rb"<(\d{1,3})>([1-9]\d{0,2}) ([\x21-\x7e]+) ([\x21-\x7e]+) ([\x21-\x7e]+) "
+    rb"([\x21-\x7e]+) ([\x21-\x7e]+) ")
+_SD_ELEMENT = re.compile(rb'\[([^\x00-\x20=\]"]{1,32})((?: +[^\x00-\x20=\]"]{1,32}='
+                         rb'"(?:[^"\\]|\\.)*")*) *\]', re.S)
+_SD_PARAM = re.compile(rb'([^\x00-\x20=\]"]{1,32})="((?:[^"\\]|\\.)*)"', re.S)
+_SD_UNESCAPE = re.compile(rb'\\(["\\\]])')
+
+
+def _nil(token: bytes) -> str | None:
+    return None if token == b"-" else token.decode("ascii")
+
+
+def _text(raw: bytes) -> str:
+    # RFC 5424 says UTF-8; a hostile or broken sender gets its bad bytes shown
+    # as \xNN rather than the message refused.
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def parse_message(data: bytes) -> Message:
+    """Split one RFC 5424 message into header fields, SD elements and MSG."""
+    m = _HEADER.match(data)
+    if not m:
+        raise SyslogError(f"not an RFC 5424 header: {data[:64]!r}")
+    prival = int(m.group(1))
+    if prival > 191:
+        raise SyslogError(f"PRI {prival} out of range 0..191")
+    pos = m.end()
+    sd: dict[str, dict[str, str]] = {}
+    if data[pos:pos + 1] == b"-":
+        pos += 1
+    else:
+        while data[pos:pos + 1] == b"[":
+            el = _SD_ELEMENT.match(data, pos)
+            if not el:
+                raise SyslogError(f"malformed STRUCTURED-DATA at {data[pos:pos + 64]!r}")
+            params = {}
+            for p in _SD_PARAM.finditer(el.group(2)):
+                params[_text(p.group(1))] = _text(_SD_UNESCAPE.sub(rb"\1", p.group(2)))
+            # RFC 5424 section 6.3.2: an SD-ID appears once; keep the first.
+            sd.setdefault(_text(el.group(1)), params)
+            pos = el.end()
+        if not sd:
+            raise SyslogError("STRUCTURED-DATA is neither '-' nor an element")
+    rest = data[pos:]
+    if rest and not rest.startswith(b" "):
+        raise SyslogError(f"no space after STRUCTURED-DATA: {rest[:32]!r}")
+    body = rest[1:]
+    bom = body.startswith(BOM)
+    if bom:
+        body = body[len(BOM):]
+    # Sender templates (rsyslog's RSYSLOG_SyslogProtocol23Format) end with LF
+    # even inside an octet-counted frame; it is framing, not content.
+    if body.endswith(b"\n"):
+        body = body[:-1]
+    return Message(
+        facility=prival >> 3, severity=prival & 7, version=int(m.group(2)),
+        timestamp=_nil(m.group(3)), hostname=_nil(m.group(4)), app_name=_nil(m.group(5)),
+        procid=_nil(m.group(6)), msgid=_nil(m.group(7)), sd=sd, msg=_text(body), bom=bom)
+
+
+def relay_record(message: Message) -> dict[str, Any] | None:
+    """The connection-log record a relay sent, or None for any other message.
+
+    Raises :class:`SyslogError` when the message claims to be a relay record
+    (it has our SD-ID) but its JSON is broken or does not match the SD ``id``.
+    """
+    params = message.sd.get(SD_ID)
+    if params is None:
+        return None
+    try:
+        record = json.loads(message.msg)
+    except ValueError:
+        raise SyslogError("relay message whose MSG is not JSON") from None
+    if not isinstance(record, dict):
+        raise SyslogError("relay message whose MSG is not a JSON object")
+    rid = record.get("id")
+    if not isinstance(rid, str) or not rid or rid != params.get("id"):
+        raise SyslogError(f"relay record id {rid!r} does not match SD id {params.get('id')!r}")
+    return record
