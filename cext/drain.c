@@ -604,3 +604,16 @@ out:
 	free(fl);
 	return ret;
 }
+
+/* Earliest and latest time of n records (ring order is only nearly time order). */
+void relay_block_time_range(const struct relay_record *recs, uint32_t n, uint64_t *range)
+{
+	range[0] = n ? UINT64_MAX : 0;
+	range[1] = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		if (recs[i].time_ns < range[0])
+			range[0] = recs[i].time_ns;
+		if (recs[i].time_ns > range[1])
+			range[1] = recs[i].time_ns;
+	}
+}
