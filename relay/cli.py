@@ -68,6 +68,10 @@ def _connection_line(rec: dict) -> str:
         str(rec.get("session_id", "-")),
         f"{client.get('ip', '-')}:{client.get('port', '-')}",
     ]
+    if rec.get("action") not in ("connect", "disconnect"):
+        # Audit records: their own fields, compactly.
+        rest = {k: v for k, v in rec.items() if k not in ("id", "time", "action", "server")}
+        return "  ".join([parts[0], parts[1], json.dumps(rest, ensure_ascii=False)])
     if rec.get("action") in ("connect", "disconnect"):
         parts += [str(rec.get("protocol")), str(rec.get("virtual_ip")),
                   f"{sw.get('name')} {sw.get('version')}"]
@@ -76,6 +80,55 @@ def _connection_line(rec: dict) -> str:
         parts += [f"pkts {p.get('in')}/{p.get('out')}", f"bytes {b.get('in')}/{b.get('out')}",
                   f"{rec.get('duration_s')}s", str(rec.get("reason"))]
     return "  ".join(parts)
+
+
+def cmd_ban(args: argparse.Namespace) -> int:
+    """Through the running relay's control socket; straight on the files when no
+    relay runs on this data directory (it then finds the change at its start)."""
+    import time
+
+    from relay import connlog, control
+    from relay.abuse import Abuse, parse_network
+
+    cfg = _config(args)
+    if args.ban_command in ("add", "remove"):
+        parse_network(args.target)  # a clear error before anything is sent
+    request: dict = {"cmd": f"ban-{args.ban_command}"}
+    if args.ban_command == "add":
+        request.update(target=args.target, duration_s=configmod.parse_duration_arg(args.duration),
+                       reason=args.reason)
+    elif args.ban_command == "remove":
+        request["target"] = args.target
+    try:
+        response = control.request(cfg.data_dir, request)
+    except control.NotRunning:
+        log = connlog.ConnectionLog(cfg.data_dir)
+
+        def audit(record: dict) -> None:
+            log.append({**record, "server": {"id": cfg.server.id}})
+
+        abuse = Abuse(cfg.abuse, cfg.data_dir, audit, time.time)
+        if args.ban_command == "add":
+            response = {"ban": vars(abuse.add_ban(request["target"], request["duration_s"],
+                                                  args.reason, by="operator"))}
+        elif args.ban_command == "remove":
+            if not abuse.remove_ban(args.target):
+                raise RelayError(f"no ban on {args.target}") from None
+            response = {}
+        else:
+            abuse.expire()
+            response = {"bans": [vars(b) for b in abuse.bans.values()]}
+        log.close()
+    bans = response.get("bans") or ([response["ban"]] if "ban" in response else [])
+    for ban in bans:
+        if args.json:
+            print(json.dumps({**ban, "until": connlog.rfc3339_ms(ban["until"])}))
+        else:
+            print(f"{ban['network']:<20} until {connlog.rfc3339_ms(ban['until'])}  "
+                  f"offences {ban['offences']}  {ban['reason']}")
+    if args.ban_command == "remove":
+        print(f"removed the ban on {parse_network(args.target)}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -107,6 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_logs_connections)
+
+    ban = sub.add_parser(
+        "ban", help="list, add or remove bans (works while the relay runs)").add_subparsers(
+        dest="ban_command", metavar="ACTION", required=True)
+    p = ban.add_parser("list", help="bans in force")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_ban)
+    p = ban.add_parser("add", help="ban an IP or CIDR for a while")
+    _add_data_dir(p)
+    p.add_argument("target", metavar="IP|CIDR")
+    p.add_argument("--for", dest="duration", default="1h", metavar="DURATION",
+                   help="how long, e.g. 30m, 12h, 7d (default 1h)")
+    p.add_argument("--reason", default="added by operator", help="recorded in the audit log")
+    p.add_argument("--json", action="store_true", help="print the ban as JSON")
+    p.set_defaults(func=cmd_ban)
+    p = ban.add_parser("remove", help="lift a ban")
+    _add_data_dir(p)
+    p.add_argument("target", metavar="IP|CIDR")
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_ban)
 
     p = sub.add_parser("demo", help="the relay end to end in network namespaces")
     p.add_argument("--keep", action="store_true",

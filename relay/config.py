@@ -36,6 +36,14 @@ def parse_duration(text: str) -> int:
     return int(m.group(1)) * _UNIT_S[m.group(2)]
 
 
+def parse_duration_arg(text: str) -> int:
+    """A duration given on the command line: ConfigError (one line) when bad."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def parse_hostport(text: str) -> tuple[str, int]:
     """``"0.0.0.0:443"`` or ``"[::]:443"`` -> (host, port)."""
     host, sep, port = text.rpartition(":")
@@ -107,12 +115,46 @@ class OpenVPNConfig:
 
 
 @dataclass(frozen=True)
+class AbuseConfig:
+    """Listener defences (relay.abuse): every threshold of the ``[abuse]`` table."""
+
+    # Per source: 5 new connections/s sustained, bursts of 20. An openconnect
+    # client makes 1-2 connections per session and reconnects at most every 10 s.
+    rate_per_ip: float = 5.0
+    burst_per_ip: int = 20
+    # Overall: what one relay on 2 cores handshakes comfortably (TLS 1.3 ECDHE
+    # costs ~1 ms of CPU), leaving CPU for forwarding.
+    rate_total: float = 200.0
+    burst_total: int = 400
+    # Handshakes in progress. Per IP 16 leaves room for a CGNAT'd neighbourhood;
+    # the total bounds memory and CPU held by stalled (slowloris) clients.
+    handshakes_per_ip: int = 16
+    handshakes_total: int = 512
+    # Concurrent sessions from one address (households and CGNAT share one).
+    sessions_per_ip: int = 32
+    # Strikes (see the module docstring).
+    short_session: str = "10s"
+    strikes: int = 20
+    strike_window: str = "60s"
+    # First ban 10 min, doubled per repeat offence, at most a day (fail2ban's
+    # bantime default is 10 min; its recidive jail bans for a day).
+    ban: str = "10m"
+    ban_max: str = "1d"
+    # How often refusals are summarised into the audit log.
+    summary_interval: str = "60s"
+
+    def seconds(self, key: str) -> float:
+        return float(parse_duration(getattr(self, key)))
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tap: TapConfig = field(default_factory=TapConfig)
     logs: LogsConfig = field(default_factory=LogsConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     openvpn: OpenVPNConfig = field(default_factory=OpenVPNConfig)
+    abuse: AbuseConfig = field(default_factory=AbuseConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -139,6 +181,7 @@ _SECTION_TYPES = {
     "logs": LogsConfig,
     "forward": ForwardConfig,
     "openvpn": OpenVPNConfig,
+    "abuse": AbuseConfig,
 }
 
 
@@ -147,6 +190,9 @@ def _check_type(where: str, value: Any, default: Any) -> None:
     if expected is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+    elif expected is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
     elif expected is int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -195,6 +241,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[logs] connlog_keep: the connection log is kept at least 90d")
     if parse_duration(cfg.logs.compress_after) < 14 * 86400:
         raise ConfigError("[logs] compress_after: packet logs stay searchable at least 14d")
+    for f in fields(AbuseConfig):
+        value = getattr(cfg.abuse, f.name)
+        if isinstance(value, str):
+            check(f"[abuse] {f.name}", parse_duration, value)
+        elif value <= 0:
+            raise ConfigError(f"[abuse] {f.name}: must be positive, got {value}")
     if cfg.forward.collector:
         check("[forward] collector", parse_hostport, cfg.forward.collector)
 
@@ -214,7 +266,8 @@ def from_dict(data: dict[str, Any]) -> Config:
                 choices = ", ".join(sorted(known))
                 raise ConfigError(f"[{name}] {key}: unknown key (known: {choices})")
             _check_type(f"[{name}] {key}", value, getattr(defaults, key))
-        sections[name] = cls(**body)
+        sections[name] = cls(**{k: float(v) if isinstance(getattr(defaults, k), float) else v
+                                for k, v in body.items()})
     cfg = Config(**sections)
     _validate(cfg)
     return cfg

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import secrets
 import signal
 import socket
 import ssl
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from relay import connlog, cstp
+from relay import connlog, control, cstp
+from relay.abuse import Abuse
 from relay.config import Config, ConfigError, parse_duration
 from relay.errors import RelayError
 from relay.nat import Masquerade
@@ -53,6 +56,8 @@ LISTEN_BACKLOG = 4096
 # After accept() fails (out of descriptors), wait this long before trying again
 # instead of spinning.
 ACCEPT_ERROR_BACKOFF_S = 0.1
+# SO_LINGER on, zero timeout: close() sends RST and frees the socket at once.
+LINGER_RESET = struct.pack("ii", 1, 0)
 # Frames read from the TAP per wake-up before yielding to the other sockets.
 TAP_READ_BATCH = 256
 # Largest frame the TAP can hand us (64 KiB IP packet + Ethernet header).
@@ -102,6 +107,7 @@ class Relay:
         self.nat: Masquerade | None = None
         self.listener: socket.socket | None = None
         self.connlog: connlog.ConnectionLog | None = None
+        self.control: asyncio.AbstractServer | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -110,6 +116,7 @@ class Relay:
         connlog.ensure_dir(self.data_dir)
         self.connlog = connlog.ConnectionLog(self.data_dir)
         self.journal = Journal(self.data_dir)
+        self.abuse = Abuse(self.cfg.abuse, self.data_dir, self.audit, time.time)
         self._close_leftover_sessions()
         self.ssl_ctx, cert_path = server_context(self.data_dir, self.cfg.server.cert,
                                                  self.cfg.server.key)
@@ -127,10 +134,12 @@ class Relay:
             log.info("listening on %s:%d (TLS, CSTP), TAP %s gateway %s, data in %s, "
                      "certificate %s", host, port, self.tap.name, pool.gateway, self.data_dir,
                      cert_path)
-            checkpoint = asyncio.create_task(self._checkpoint_loop())
+            self.control = await control.serve_control(self.data_dir, self._control)
+            tasks = [accepting, asyncio.create_task(self._checkpoint_loop()),
+                     asyncio.create_task(self._abuse_loop())]
             await stop.wait()
-            checkpoint.cancel()
-            accepting.cancel()
+            for task in tasks:
+                task.cancel()
         finally:
             await self._shutdown()
 
@@ -143,12 +152,61 @@ class Relay:
                 log.error("accept: %s", exc.strerror)
                 await asyncio.sleep(ACCEPT_ERROR_BACKOFF_S)
                 continue
+            refused = self.abuse.admit(peer[0])
+            if refused is not None:
+                # Before any TLS work: an RST costs the relay nothing more.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                sock.close()
+                continue
             link = CstpLink(self, peer, sock.getsockname()[0])
             task = asyncio.ensure_future(link.start(sock))
             self.background.add(task)
             task.add_done_callback(self.background.discard)
 
+    async def _abuse_loop(self) -> None:
+        interval = self.cfg.abuse.seconds("summary_interval")
+        while True:
+            await asyncio.sleep(interval)
+            self.abuse.expire()
+            summary = self.abuse.summarise()
+            if summary is not None:
+                self.audit(summary)
+
+    def audit(self, record: dict[str, Any]) -> None:
+        """An audit record in the connection log (shipped like the others)."""
+        assert self.connlog is not None
+        self.connlog.append(
+            {**record, "server": {"id": self.cfg.server.id, "hostname": self.hostname}})
+        if record["action"] == "ban":
+            log.warning("banned %s until %s: %s", record["network"],
+                        connlog.rfc3339_ms(record["until"]), record["reason"])
+            network = ipaddress.ip_network(record["network"])
+            for link in list(self.all_links):
+                if ipaddress.ip_address(link.peer_ip) in network:
+                    link.terminate("banned", f"source banned: {record['reason']}")
+        elif record["action"] == "unban":
+            log.info("unbanned %s: %s", record["network"], record["reason"])
+
+    async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "ban-list":
+            self.abuse.expire()
+            return {"ok": True, "bans": [vars(b) for b in self.abuse.bans.values()]}
+        if cmd == "ban-add":
+            ban = self.abuse.add_ban(str(req.get("target")), float(req.get("duration_s", 0)),
+                                     str(req.get("reason") or "added by operator"),
+                                     by="operator")
+            return {"ok": True, "ban": vars(ban)}
+        if cmd == "ban-remove":
+            if not self.abuse.remove_ban(str(req.get("target"))):
+                return {"ok": False, "error": f"no ban on {req.get('target')}"}
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
     async def _shutdown(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            (self.data_dir / control.SOCKET_NAME).unlink(missing_ok=True)
         if self.listener is not None:
             self.listener.close()
         for link in list(self.all_links):
@@ -334,7 +392,8 @@ class CstpLink(asyncio.Protocol):
         self.client = self.proto.client
         self.peer_ip, self.peer_port = peer[0], peer[1]
         self.local_ip = local_ip
-        self.last_rx = time.monotonic()
+        self.accepted = self.last_rx = time.monotonic()
+        self.had_session = False
         self.paused = False
         self.closed = False
         self._lookup: asyncio.Future[Any] | None = None
@@ -447,6 +506,8 @@ class CstpLink(asyncio.Protocol):
             relay.close_session(self, s, "connection-closed", "closed during tunnel set-up")
             return
         self.session = s
+        self.had_session = True
+        relay.abuse.handshake_done(self.peer_ip)
         if self._timer is not None:
             self._timer.cancel()
         self._schedule_dpd()
@@ -551,10 +612,14 @@ class CstpLink(asyncio.Protocol):
         self._forget()
 
     def _forget(self) -> None:
+        if self.closed:
+            return
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
         self.relay.all_links.discard(self)
+        self.relay.abuse.connection_closed(self.peer_ip, time.monotonic() - self.accepted,
+                                           self.had_session)
 
 
 def serve(cfg: Config) -> None:

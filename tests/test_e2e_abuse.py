@@ -1,0 +1,113 @@
+"""Abuse defences end to end: floods from one namespace, an honest openconnect
+session in another, bans through the CLI while the relay runs and across restarts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from relay import connlog
+from relay.netns import Topology, client_ip, relay_ip, run, wait_for
+
+FLOOD = str(Path(__file__).with_name("flood_client.py"))
+
+
+def relay_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay.cli", *args], capture_output=True,
+                          text=True, timeout=30)
+
+
+def audits(data: Path, action: str) -> list[dict]:
+    return [r for r in connlog.iter_records(data) if r["action"] == action]
+
+
+def test_connect_flood_is_banned_while_an_honest_session_keeps_working(
+        make_topology: Callable[..., Topology]) -> None:
+    topo = make_topology(2)
+    data = topo.workdir / "data"
+    topo.start_web()
+    topo.start_relay(data, "", abuse_keys='summary_interval = "2s"\nstrikes = 20\n')
+    honest = topo.connect_openconnect(2, data)
+    [connect] = [r for r in connlog.iter_records(data) if r["action"] == "connect"]
+
+    flood = subprocess.Popen(
+        ["ip", "netns", "exec", topo.client_ns(1), sys.executable, FLOOD, "cycles", "1000",
+         relay_ip(1), "443"], stdout=subprocess.PIPE, text=True)
+    # The honest session downloads while the flood runs.
+    while flood.poll() is None:
+        topo.curl(2, "/big.bin", "-o", "/dev/null")
+    result = json.loads(flood.stdout.read())  # type: ignore[union-attr]
+    assert result["completed"] + result["refused"] == 1000
+    # Banned after the threshold: at most the burst got through.
+    assert result["completed"] <= 25 and result["refused"] >= 975
+
+    out = relay_cli("ban", "list", "--json", "--data-dir", str(data))
+    assert out.returncode == 0, out.stderr
+    [ban] = [json.loads(line) for line in out.stdout.splitlines()]
+    assert ban["network"] == f"{client_ip(1)}/32" and "strikes" in ban["reason"]
+    [ban_record] = audits(data, "ban")
+    assert ban_record["network"] == f"{client_ip(1)}/32"
+    wait_for(lambda: audits(data, "refusals"), 10, "a refusal summary")
+    summaries = audits(data, "refusals")
+    refused = sum(s["sources"].get(client_ip(1), {}).get("banned", 0) for s in summaries)
+    assert refused >= 900
+    assert len(summaries) < 20  # summarised, not one record per refusal
+
+    # The honest session never noticed.
+    assert honest.poll() is None
+    assert audits(data, "disconnect") == []
+    assert [r["session_id"] for r in audits(data, "connect")] == [connect["session_id"]]
+    topo.curl(2, "/")
+
+
+def test_handshake_flood_stays_within_caps_and_an_honest_client_connects(
+        make_topology: Callable[..., Topology]) -> None:
+    topo = make_topology(2)
+    data = topo.workdir / "data"
+    topo.start_web()
+    topo.start_relay(data, 'handshake_timeout = "30s"\nlogin_timeout = "60s"',
+                     abuse_keys="handshakes_per_ip = 8\nhandshakes_total = 64\n"
+                                "burst_per_ip = 200\nrate_per_ip = 200.0\nstrikes = 10000\n")
+    sources = [f"198.18.1.{i}" for i in range(10, 14)]
+    for src in sources:
+        run(["ip", "addr", "add", f"{src}/24", "dev", "eth0"], topo.client_ns(1))
+    flood = subprocess.Popen(
+        ["ip", "netns", "exec", topo.client_ns(1), sys.executable, FLOOD, "stall", "400", "8",
+         relay_ip(1), "443", *sources], stdout=subprocess.PIPE, text=True)
+    time.sleep(3)
+    in_progress = run(["ss", "-Htn", "state", "established", "sport", "= :443"],
+                      topo.relay_ns).stdout.count("\n")
+    assert in_progress <= 4 * 8  # per-IP cap holds for every source
+    topo.connect_openconnect(2, data)
+    topo.curl(2, "/")
+    result = json.loads(flood.communicate(timeout=60)[0])
+    assert result["opened"] + result["refused"] == 400
+    assert result["alive_after_hold"] <= 32
+
+
+def test_bans_survive_a_restart_and_expire(make_topology: Callable[..., Topology]) -> None:
+    topo = make_topology(1)
+    data = topo.workdir / "data"
+    topo.start_web()
+    relay = topo.start_relay(data)
+    out = relay_cli("ban", "add", f"{client_ip(1)}/32", "--for", "8s", "--reason", "test",
+                    "--data-dir", str(data))
+    assert out.returncode == 0, out.stderr
+    relay.terminate()
+    relay.wait(15)
+    topo.start_relay(data, name="relay-2")
+    listed = relay_cli("ban", "list", "--data-dir", str(data)).stdout
+    assert f"{client_ip(1)}/32" in listed
+    refused = run([sys.executable, FLOOD, "cycles", "1", relay_ip(1), "443"], topo.client_ns(1))
+    assert json.loads(refused.stdout)["refused"] == 1
+    # After expiry the source is back in.
+    wait_for(lambda: f"{client_ip(1)}/32" not in relay_cli(
+        "ban", "list", "--data-dir", str(data)).stdout, 20, "the ban to expire")
+    topo.connect_openconnect(1, data)
+    topo.curl(1, "/")
+    assert [r["reason"] for r in audits(data, "unban")] == ["expired"]
+    assert audits(data, "ban")[0]["by"] == "operator"
