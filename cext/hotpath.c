@@ -4,7 +4,11 @@
  * (IPv4 total length / IPv6 payload length, never beyond the buffer). */
 #include "hotpath.h"
 
+#include <stddef.h>
 #include <string.h>
+
+_Static_assert(offsetof(struct relay_hp_result, host) == RELAY_HP_RESULT_FIXED,
+	       "the result's fixed part must be contiguous");
 
 /* Header sizes fixed by the protocols. */
 #define IPV4_MIN_HDR 20  /* IHL = 5 */
@@ -500,7 +504,7 @@ int relay_hp_inspect(uint8_t *p, size_t len, const char *tag, size_t tag_len,
 		http(&c, pay, rl);
 	else
 		client_hello(&c, pay);
-	return RELAY_HP_FOUND;
+	return RELAY_HP_RESULT_FIXED + out->host_len;
 }
 
 long relay_hp_scan(uint8_t *buf, size_t buf_len, const uint32_t *spans, size_t n, size_t start,
@@ -519,9 +523,10 @@ long relay_hp_scan(uint8_t *buf, size_t buf_len, const uint32_t *spans, size_t n
 		int rc = relay_hp_inspect(buf + off, len, tag, tag_len, out);
 		if (rc == RELAY_HP_SKIPPED) {
 			totals->skipped++;
-		} else if (rc == RELAY_HP_FOUND) {
+		} else if (rc >= RELAY_HP_FOUND) {
 			totals->stamped += out->stamped;
 			totals->ua_missed += out->ua_missed;
+			totals->found_len = (uint32_t)rc;
 			return (long)i;
 		}
 	}

@@ -58,8 +58,8 @@ Thread safety: the C side keeps its result in a per-thread buffer.
 from __future__ import annotations
 
 import socket
+import struct
 from array import array
-from typing import Any
 
 from relay.cext import ffi, lib
 from relay.hotpath_py import (
@@ -88,6 +88,7 @@ _FAMILIES = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
 _PLAIN_RC = lib.RELAY_HP_PLAIN
 _SKIPPED_RC = lib.RELAY_HP_SKIPPED
 _BADTAG_RC = lib.RELAY_HP_BADTAG
+_FIXED = lib.RELAY_HP_RESULT_FIXED
 _c_inspect = lib.relay_hp_inspect
 _c_scan = lib.relay_hp_scan
 _thread_result = lib.relay_hp_thread_result
@@ -96,30 +97,29 @@ _buffer = ffi.buffer
 _U8 = ffi.typeof("uint8_t[]")
 _U32 = ffi.typeof("uint32_t[]")
 _NULL = ffi.NULL  # the C side then uses its per-thread result buffer
-# struct relay_hp_result starts with the destination fields: port, host_len,
-# scheme, family, ip (22 bytes), then the host. Their bytes key a cache of
-# Destination objects, since a session talks to the same few over and over.
-_KEY_FIXED = 22
-_CACHE_MAX = 4096  # bounded: cleared when full (hostile traffic cannot grow it)
-_cache: dict[bytes, Destination] = {}
+# The C result's meaningful bytes (counts, port, scheme, family, ip, host) key a
+# cache of the immutable Inspection objects: a session makes the same few
+# requests over and over, and building objects costs more than the C pass.
+_FIXED_LAYOUT = struct.Struct("=IIHHBB16s")
+_CACHE_MAX = 4096  # bounded: cleared when full, so hostile traffic cannot grow it
+_cache: dict[bytes, Inspection] = {}
 
 
-def _destination(out: Any) -> Destination:
-    """The Destination in a C result (struct relay_hp_result *), cached."""
-    key = _buffer(out, _KEY_FIXED + out.host_len)[:]
-    dest = _cache.get(key)
-    if dest is None:
-        family, size = _FAMILIES[out.family]
+def _found(length: int) -> Inspection:
+    """The Inspection in the thread's C result, whose first ``length`` bytes matter."""
+    key = _buffer(_thread_result(), length)[:]
+    res = _cache.get(key)
+    if res is None:
+        stamped, missed, port, _, scheme, fam, ip = _FIXED_LAYOUT.unpack_from(key)
+        family, size = _FAMILIES[fam]
         dest = Destination(
-            key[_KEY_FIXED:].decode(),
-            socket.inet_ntop(family, key[6 : 6 + size]),
-            out.dst_port,
-            _SCHEMES[out.scheme],
+            key[_FIXED:].decode(), socket.inet_ntop(family, ip[:size]), port, _SCHEMES[scheme]
         )
+        res = Inspection(True, stamped, missed, dest)
         if len(_cache) >= _CACHE_MAX:
             _cache.clear()
-        _cache[key] = dest
-    return dest
+        _cache[key] = res
+    return res
 
 
 def inspect(packet: bytearray, tag: bytes) -> Inspection:
@@ -134,8 +134,7 @@ def inspect(packet: bytearray, tag: bytes) -> Inspection:
         return SKIPPED
     if rc == _BADTAG_RC:
         check_tag(tag)  # raises with the message
-    out = _thread_result()
-    return Inspection(True, out.stamped, out.ua_missed, _destination(out))
+    return _found(rc)
 
 
 def inspect_batch(buf: bytearray, spans: array[int], tag: bytes) -> BatchInspection:
@@ -152,6 +151,6 @@ def inspect_batch(buf: bytearray, spans: array[int], tag: bytes) -> BatchInspect
     while i < n:
         if i == _BADTAG_RC:
             check_tag(tag)  # raises with the message
-        destinations.append(_destination(_thread_result()))
+        destinations.append(_found(totals.found_len).destination)
         i = _c_scan(cbuf, len(cbuf), cspans, n, i + 1, tag, len(tag), totals)
     return BatchInspection(totals.skipped, totals.stamped, totals.ua_missed, destinations)

@@ -49,12 +49,14 @@ static void one_packet(const uint8_t *data, size_t size)
 	memcpy(p, data, size);
 	uint32_t before = sum_mod_ffff(p, size);
 	int rc = relay_hp_inspect(p, size, TAG, 8, &r);
-	if (rc < RELAY_HP_SKIPPED || rc > RELAY_HP_FOUND)
+	if (rc < RELAY_HP_SKIPPED)
 		abort();
-	if (rc != RELAY_HP_FOUND && memcmp(p, data, size) != 0)
+	if (rc < RELAY_HP_FOUND && memcmp(p, data, size) != 0)
 		abort();  /* only HTTP requests are ever modified */
-	if (rc == RELAY_HP_FOUND) {
+	if (rc >= RELAY_HP_FOUND) {
 		check_result(&r);
+		if (rc != RELAY_HP_RESULT_FIXED + r.host_len)
+			abort();
 		if (!r.stamped && memcmp(p, data, size) != 0)
 			abort();
 		if (sum_mod_ffff(p, size) != before)
@@ -90,6 +92,8 @@ static void scan(const uint8_t *data, size_t size)
 		if (i < 0)
 			abort();
 		check_result(relay_hp_thread_result());
+		if (totals.found_len != RELAY_HP_RESULT_FIXED + relay_hp_thread_result()->host_len)
+			abort();
 	}
 	if (totals.skipped > n)
 		abort();
