@@ -39,7 +39,7 @@ def make_records(count: int, sessions: int = 4, seed: int = 1,
 
         def rec(direction: int, flags: int, seq: int, ack: int, length: int,
                 window: int, s: dict[str, Any] = s, vip: bytes = vip, rip: bytes = rip,
-                cport: int = cport, rport: int = rport) -> None:
+                cport: int = cport, rport: int = rport, fam: int = fam) -> None:
             nonlocal t
             t += rnd.randrange(1_000, 80_000)
             src, dst, sp, dp = (vip, rip, cport, rport) if direction == 0 else \
