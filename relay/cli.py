@@ -59,6 +59,43 @@ def cmd_logs_connections(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
+    """The session(s) whose tag ends a stamped User-Agent (a value shorter than the
+    tag carries the tag's first characters, so it can match several)."""
+    from relay import connlog
+    from relay.sessions import TAG_LEN
+
+    tail = args.user_agent.strip()[-TAG_LEN:]
+    if not tail:
+        raise RelayError("empty User-Agent")
+    cfg = _config(args)
+    sessions: dict[str, dict] = {}
+    for rec in connlog.iter_records(cfg.data_dir):
+        sid = rec.get("session_id")
+        if not isinstance(sid, str) or rec.get("action") not in ("connect", "disconnect"):
+            continue
+        if sid[:TAG_LEN] != tail if len(tail) == TAG_LEN else not sid.startswith(tail):
+            continue
+        row = sessions.setdefault(sid, {"session_id": sid, "relay": None, "connect_time": None,
+                                        "disconnect_time": None, "client_ip": None,
+                                        "client_port": None})
+        row["relay"] = (rec.get("server") or {}).get("id")
+        row["client_ip"] = (rec.get("client") or {}).get("ip")
+        row["client_port"] = (rec.get("client") or {}).get("port")
+        row["connect_time" if rec["action"] == "connect" else "disconnect_time"] = rec["time"]
+    if not sessions:
+        print(f"relay: no session with tag {tail!r} in {cfg.data_dir}", file=sys.stderr)
+        return EXIT_ERROR
+    for row in sessions.values():
+        if args.json:
+            print(json.dumps(row))
+        else:
+            print(f"{row['session_id']}  relay {row['relay']}  "
+                  f"{row['client_ip']}:{row['client_port']}  "
+                  f"{row['connect_time']} -> {row['disconnect_time'] or '(open)'}")
+    return 0
+
+
 def _connection_line(rec: dict) -> str:
     client = rec.get("client") or {}
     sw = rec.get("client_software") or {}
@@ -181,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="IP|CIDR")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_ban)
+
+    p = logs.add_parser(
+        "ua-lookup", help="which session a stamped User-Agent points to",
+        description="Find the session(s) whose 8-character tag ends the given User-Agent "
+                    "(as a web server logged it) and print session ID, relay, client "
+                    "address and connect/disconnect times.")
+    _add_data_dir(p)
+    p.add_argument("user_agent", metavar="USER-AGENT")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_logs_ua_lookup)
 
     p = sub.add_parser("demo", help="the relay end to end in network namespaces")
     p.add_argument("--keep", action="store_true",

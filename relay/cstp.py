@@ -91,7 +91,7 @@ class TunnelRequest:
 
 @dataclass(frozen=True, slots=True)
 class Packet:
-    data: bytes
+    data: bytearray  # writable: the hot path stamps it in place
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,7 +482,7 @@ class CstpServer:
                 if end > n:
                     break
                 ptype = buf[pos + 6]
-                payload = bytes(buf[pos + CSTP_HEADER_LEN:end])
+                payload = buf[pos + CSTP_HEADER_LEN:end]
                 pos = end
                 if ptype == PacketType.DATA:
                     events.append(Packet(payload))
@@ -491,7 +491,7 @@ class CstpServer:
                 elif ptype in (PacketType.DPD_RESP, PacketType.KEEPALIVE):
                     pass
                 elif ptype in (PacketType.DISCONNECT, PacketType.TERMINATE):
-                    reason = payload[1:].decode("utf-8", "replace") if payload else ""
+                    reason = bytes(payload[1:]).decode("utf-8", "replace") if payload else ""
                     self.state = State.CLOSED
                     events.append(PeerDisconnected(_clean(reason) or "client disconnected"))
                     pos = n

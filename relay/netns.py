@@ -27,10 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.errors import RelayError
+from relay.tlsconf import ensure_self_signed
 
 INTERNET_IP = "198.19.0.2"
 RELAY_UPLINK_IP = "198.19.0.1"
 WEB_PORT = 80
+WEB_TLS_PORT = 443
+# The name the web server's certificate carries; clients reach it with
+# curl --resolve so that the TLS ClientHello carries it as SNI.
+WEB_TLS_NAME = "www.example.test"
 VPNC_SCRIPT = "/usr/share/vpnc-scripts/vpnc-script"
 
 
@@ -149,6 +154,7 @@ class Topology:
             f.chmod(0o644)
         access = self.workdir / "access.log"
         conf = self.workdir / "nginx.conf"
+        cert, key = ensure_self_signed(self.workdir / "web-tls", WEB_TLS_NAME)
         tmp = self.workdir / "nginx-tmp"
         tmp.mkdir(exist_ok=True)
         conf.write_text(f"""
@@ -169,6 +175,9 @@ http {{
     keepalive_requests 1000;
     server {{
         listen {INTERNET_IP}:{WEB_PORT};
+        listen {INTERNET_IP}:{WEB_TLS_PORT} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
         root {www};
     }}
 }}
@@ -222,10 +231,15 @@ http {{
                   check=False).stdout.split()
         return out[out.index("inet") + 1].split("/")[0] if "inet" in out else None
 
-    def curl(self, i: int, path: str = "/", *args: str, timeout: float = 20) -> str:
-        """Fetch from the web server from client namespace ``i`` (through the tunnel)."""
-        proc = run(["curl", "-sS", "--fail", "-m", str(timeout), *args,
-                    f"http://{INTERNET_IP}{path}"], self.client_ns(i), check=False)
+    def curl(self, i: int, path: str = "/", *args: str, timeout: float = 20,
+             https: bool = False) -> str:
+        """Fetch from the web server from client namespace ``i`` (through the tunnel);
+        over HTTPS by the certificate's name (so the ClientHello carries an SNI)."""
+        url = (f"https://{WEB_TLS_NAME}{path}" if https else f"http://{INTERNET_IP}{path}")
+        resolve = ["-k", "--resolve", f"{WEB_TLS_NAME}:{WEB_TLS_PORT}:{INTERNET_IP}"] \
+            if https else []
+        proc = run(["curl", "-sS", "--fail", "-m", str(timeout), *resolve, *args, url],
+                   self.client_ns(i), check=False)
         if proc.returncode != 0:
             raise RelayError(f"curl from {self.client_ns(i)} failed: {proc.stderr.strip()}")
         return proc.stdout

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from relay import connlog, control
+from relay import connlog, control, hotpath
 from relay.abuse import Abuse
 from relay.config import Config, ConfigError, parse_duration
 from relay.cstp_link import CstpListener
@@ -71,6 +71,8 @@ class Stats:
         self.dropped_no_session = 0
         self.dropped_client_queue = 0
         self.tap_write_errors = 0
+        self.ua_stamped = 0
+        self.ua_missed = 0
 
 
 class Link(Protocol):
@@ -240,7 +242,8 @@ class Relay:
             started = connlog.parse_rfc3339(connect.get("time", connlog.rfc3339_ms(time.time())))
             record = _disconnect_fields(connect)
             record.update(
-                packets=entry.get("packets"), bytes=entry.get("bytes"),
+                {key: entry.get(key)
+                 for key in ("packets", "bytes", "destinations", "destinations_dropped")},
                 duration_s=round(time.time() - started, 3),
                 reason="relay-restart",
                 error="the relay stopped without closing this session (killed or crashed); "
@@ -342,18 +345,25 @@ class Relay:
         log.info("session %s closed: %s%s", s.id, reason, f" ({error})" if error else "")
         self.spawn(self._forget_address(s.virtual_ip))
 
-    def to_kernel(self, s: Session, packet: bytes) -> None:
+    def to_kernel(self, s: Session, packet: bytearray) -> None:
         """An IP packet from a session's client, into the TAP as a frame from the
-        session's MAC. Only the session's own address may be the source:
+        session's MAC, through the hot path (User-Agent stamp, destinations; it may
+        modify ``packet``). Only the session's own address may be the source:
         attribution in the logs relies on it."""
         if len(packet) < 20 or packet[0] >> 4 != 4 or packet[12:16] != s.vip_bytes:
             self.stats.dropped_spoofed += 1
             return
         s.packets_in += 1
         s.bytes_in += len(packet)
+        seen = hotpath.inspect(packet, s.tag_bytes)
+        if seen is not hotpath.PLAIN and seen is not hotpath.SKIPPED:
+            self.stats.ua_stamped += seen.stamped
+            self.stats.ua_missed += seen.ua_missed
+            if seen.destination is not None:
+                s.add_destination(seen.destination)
         assert self.tap is not None
         try:
-            os.write(self.tap.fd, self.tap.mac + s.mac + ETHERTYPE_IPV4 + packet)
+            os.writev(self.tap.fd, (self.tap.mac, s.mac, ETHERTYPE_IPV4, packet))
         except OSError as exc:
             self.stats.tap_write_errors += 1
             log.debug("TAP write failed: %s", exc.strerror)

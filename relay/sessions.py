@@ -25,10 +25,15 @@ from typing import Any
 
 from relay import connlog
 from relay.errors import RelayError
+from relay.hotpath import Destination
 from relay.tap import random_mac
 
 TAG_LEN = 8
 JOURNAL_DIR = "sessions"
+# Distinct destinations kept per session for its disconnect record; past this
+# they are counted, not listed (a scanner touching every host would otherwise
+# make one record megabytes long).
+MAX_DESTINATIONS = 256
 # How stale the counters of a killed relay's sessions may be in their
 # disconnect record. A minute keeps the journal's write load negligible.
 CHECKPOINT_INTERVAL_S = 60.0
@@ -68,19 +73,37 @@ class Session:
     bytes_in: int = 0
     bytes_out: int = 0
     connect_record: dict[str, Any] = field(default_factory=dict)
+    destinations: set[Destination] = field(default_factory=set)
+    destinations_dropped: int = 0
     vip_bytes: bytes = field(init=False)  # the packed virtual IP, checked per packet
+    tag_bytes: bytes = field(init=False)  # the User-Agent stamp
 
     def __post_init__(self) -> None:
         self.vip_bytes = ipaddress.IPv4Address(self.virtual_ip).packed
+        self.tag_bytes = self.id[:TAG_LEN].encode()
+
+    def add_destination(self, d: Destination) -> None:
+        if d in self.destinations:
+            return
+        if len(self.destinations) < MAX_DESTINATIONS:
+            self.destinations.add(d)
+        else:
+            self.destinations_dropped += 1
 
     @property
     def tag(self) -> str:
         return self.id[:TAG_LEN]
 
     def counters(self) -> dict[str, Any]:
+        """The disconnect record's (and the journal's) counters and destinations."""
         return {
             "packets": {"in": self.packets_in, "out": self.packets_out},
             "bytes": {"in": self.bytes_in, "out": self.bytes_out},
+            "destinations": [
+                {"host": d.host, "ip": d.ip, "port": d.port, "scheme": d.scheme}
+                for d in sorted(self.destinations, key=lambda d: (d.scheme, d.host, d.ip, d.port))
+            ],
+            "destinations_dropped": self.destinations_dropped,
         }
 
 

@@ -26,6 +26,8 @@ SELF_SIGNED_DAYS = 3650
 
 
 def ensure_self_signed(data_dir: Path, common_name: str) -> tuple[Path, Path]:
+    """A key and self-signed certificate for ``common_name`` under ``data_dir/tls``
+    (made once, then reused so that clients' pins stay valid)."""
     cert_path = data_dir / SELF_SIGNED_CERT
     key_path = data_dir / SELF_SIGNED_KEY
     if cert_path.exists() and key_path.exists():
