@@ -679,3 +679,12 @@ def parse_time(text: str) -> datetime:
     if t.tzinfo is None:
         t = t.replace(tzinfo=UTC)
     return t
+
+
+def segment_index(path: Path) -> dict[str, Any] | None:
+    """The index of a closed segment or archive; None when it has none (open,
+    torn or corrupt)."""
+    with open(path, "rb") as f:
+        if not _check_header(f):
+            return None
+        return _read_index(f, os.fstat(f.fileno()).st_size)

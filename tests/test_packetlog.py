@@ -1,0 +1,217 @@
+"""The packet log: the C block codec against its Python twin, segments, the
+index, rotation, crash recovery, corrupt and truncated segments, file modes and
+the bytes per record against pcap."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from packetlog_synth import make_records, to_c
+
+from relay import packetlog
+from relay.blockcodec_py import decode_block
+from relay.cext import ffi, lib
+
+T0 = 1_700_000_000.0  # an hour boundary (UTC 22:13:20 is not; see rotation test)
+HOUR = 3600
+
+
+def _trim(r: dict[str, Any]) -> dict[str, Any]:
+    out = dict(r)
+    out["client_ip"] = r["client_ip"][:16 if r["client_family"] == 6 else 4]
+    for k in ("src_ip", "dst_ip"):
+        out[k] = r[k][:16 if r["family"] == 6 else 4]
+    return out
+
+
+def _encode(recs: list[dict[str, Any]]) -> bytes:
+    arr = to_c(recs)
+    cap = lib.relay_block_bound(len(recs))
+    buf = ffi.new("uint8_t[]", cap)
+    size = lib.relay_block_encode(arr, len(recs), buf, cap)
+    assert size > 0
+    return bytes(ffi.buffer(buf, size))
+
+
+def test_codec_c_encode_python_and_c_decode() -> None:
+    recs = make_records(5000, sessions=6)
+    raw = _encode(recs)
+    assert decode_block(raw) == [_trim(r) for r in recs]
+    out = ffi.new("struct relay_record[]", len(recs))
+    assert lib.relay_block_decode(raw, len(raw), out, len(recs)) == len(recs)
+    assert bytes(ffi.buffer(out)) == bytes(ffi.buffer(to_c(recs)))
+    # A truncated or bit-flipped block is refused, never read past its end.
+    assert lib.relay_block_decode(raw[:-1], len(raw) - 1, out, len(recs)) == -1
+    assert lib.relay_block_decode(raw[:40], 40, out, len(recs)) == -1
+
+
+record_st = st.fixed_dictionaries({
+    "time_ns": st.integers(0, 2**64 - 1), "session_id": st.binary(min_size=16, max_size=16),
+    "rflags": st.integers(0, 1), "client_family": st.sampled_from([4, 6]),
+    "client_ip": st.binary(min_size=16, max_size=16), "client_port": st.integers(0, 65535),
+    "direction": st.integers(0, 1), "family": st.sampled_from([4, 6]),
+    "src_ip": st.binary(min_size=16, max_size=16), "dst_ip": st.binary(min_size=16, max_size=16),
+    "src_port": st.integers(0, 65535), "dst_port": st.integers(0, 65535),
+    "tcp_flags": st.integers(0, 255), "payload_len": st.integers(0, 65535),
+    "window": st.integers(0, 65535), "seq": st.integers(0, 2**32 - 1),
+    "ack": st.integers(0, 2**32 - 1)})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(record_st, min_size=1, max_size=40))
+def test_codec_any_records(recs: list[dict[str, Any]]) -> None:
+    for r in recs:  # the bytes past an address's family length are zero on the wire
+        for k, fam in (("client_ip", "client_family"), ("src_ip", "family"),
+                       ("dst_ip", "family")):
+            r[k] = r[k][:16 if r[fam] == 6 else 4].ljust(16, b"\0")
+    assert decode_block(_encode(recs)) == [_trim(r) for r in recs]
+
+
+def _write(data: Path, recs: list[dict[str, Any]], clock: list[float],
+           audit: list[dict[str, Any]] | None = None) -> packetlog.PacketLogWriter:
+    w = packetlog.PacketLogWriter(data, clock=lambda: clock[0],
+                                  audit=(audit.append if audit is not None else None))
+    w.open()
+    arr = to_c(recs)
+    w.write(arr, len(recs))
+    return w
+
+
+def test_write_read_filters_and_modes(tmp_path: Path) -> None:
+    clock = [T0]
+    recs = make_records(20000, sessions=4, start_ns=int(T0 * 1e9))
+    w = _write(tmp_path, recs, clock)
+    w.close()
+    d = packetlog.packets_dir(tmp_path)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    files = list(d.iterdir())
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    got = list(packetlog.iter_records(tmp_path))
+    assert len(got) == len(recs)
+    assert got[0]["time"].endswith("Z") and got[0]["flags"] == "SYN"
+    sid = packetlog.session_str(recs[0]["session_id"])
+    mine = [r for r in got if r["session_id"] == sid]
+    assert list(packetlog.iter_records(tmp_path, session=sid)) == mine
+    mid = recs[10000]["time_ns"] / 1e9
+    later = list(packetlog.iter_records(tmp_path, start=mid))
+    assert later and all(packetlog.parse_time(r["time"]).timestamp() >= mid - 1e-6
+                         for r in later)
+    assert len(later) + len(list(packetlog.iter_records(tmp_path, end=mid))) == len(recs)
+    idx = packetlog.segment_index(files[0])
+    assert idx and sid in idx["sessions"] and "198.18.1.2" in idx["client_ips"]
+
+
+def test_index_skips_segments_without_decompressing(tmp_path: Path) -> None:
+    clock = [T0]
+    w = _write(tmp_path, make_records(3000, sessions=2, seed=1), clock)
+    w.close()
+    first = next(packetlog.packets_dir(tmp_path).iterdir())
+    clock[0] += HOUR
+    w = _write(tmp_path, make_records(3000, sessions=2, seed=2), clock)
+    w.close()
+    # Break the first segment's blocks but not its index: a query its index rules
+    # out must not touch them, one it allows must report them.
+    data = bytearray(first.read_bytes())
+    data[packetlog.FILE_HEADER.size + packetlog.BLOCK_FRAME_LEN + 10] ^= 0xFF
+    first.write_bytes(bytes(data))
+    other = packetlog.session_str(make_records(10, sessions=2, seed=2)[0]["session_id"])
+    errors: list[tuple[str, str]] = []
+    got = list(packetlog.iter_records(tmp_path, session=other,
+                                      on_error=lambda p, r: errors.append((p, r))))
+    assert got and not errors
+    list(packetlog.iter_records(tmp_path, on_error=lambda p, r: errors.append((p, r))))
+    assert errors and "checksum" in errors[0][1]
+
+
+def test_hourly_rotation(tmp_path: Path) -> None:
+    clock = [float(int(T0) // HOUR * HOUR)]
+    audit: list[dict[str, Any]] = []
+    w = packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0], audit=audit.append)
+    w.open()
+    recs = make_records(100)
+    for _ in range(3):
+        w.write(to_c(recs), len(recs))
+        clock[0] += HOUR
+        w.tick()
+    names = sorted(p.name for p in packetlog.packets_dir(tmp_path).iterdir())
+    assert len(names) == 3 and all(n.endswith(".rpl") for n in names)
+    assert [a["action"] for a in audit] == ["packetlog-rotate"] * 3
+
+
+def test_crash_loses_only_unsynced_tail_and_is_recovered(tmp_path: Path) -> None:
+    clock = [T0]
+    recs = make_records(9000)
+    w = _write(tmp_path, recs, clock)  # two blocks: 8192 + 808
+    clock[0] += 1.5
+    w.tick()  # synced
+    path = w.current_path
+    assert path is not None and path.name.endswith(".rpl.open")
+    os.close(w._seg.fd)  # the process dies: no close, no index
+    # A torn third block: its header and half its payload reached the disk.
+    with open(path, "ab") as f:
+        f.write(packetlog.BLOCK_HEADER.pack(packetlog.BLOCK_MAGIC, 5, 0, 0, 9, 100, 0)
+                + b"\0\0\0\0" + b"x" * 50)
+    # Meanwhile the open segment reads fine (torn tail of a live file is normal).
+    errors: list[tuple[str, str]] = []
+    assert len(list(packetlog.iter_records(tmp_path, on_error=lambda p, r: errors.append(
+        (p, r))))) == 9000 and not errors
+    audit: list[dict[str, Any]] = []
+    w2 = packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0], audit=audit.append)
+    recovered = w2.open()
+    assert recovered == audit
+    assert recovered[0]["action"] == "packetlog-recover" and recovered[0]["records"] == 9000
+    assert recovered[0]["truncated_bytes"] == packetlog.BLOCK_FRAME_LEN + 50
+    got = list(packetlog.iter_records(tmp_path, on_error=lambda p, r: errors.append((p, r))))
+    assert len(got) == 9000 and not errors
+    assert not list(packetlog.packets_dir(tmp_path).glob("*.open"))
+
+
+def test_unrecoverable_open_segment_is_set_aside(tmp_path: Path) -> None:
+    d = packetlog.packets_dir(tmp_path)
+    d.mkdir(parents=True)
+    (d / "seg-20240101T000000Z.rpl.open").write_bytes(b"garbage")
+    audit: list[dict[str, Any]] = []
+    packetlog.PacketLogWriter(tmp_path, audit=audit.append).open()
+    assert audit[0]["action"] == "packetlog-corrupt"
+    assert (d / "seg-20240101T000000Z.rpl.open.corrupt").exists()
+
+
+def test_reader_reports_corrupt_and_truncated_segments_and_carries_on(tmp_path: Path) -> None:
+    clock = [T0]
+    paths = []
+    for seed in (1, 2, 3):
+        w = _write(tmp_path, make_records(9000, seed=seed), clock)
+        w.close()
+        paths = sorted(packetlog.packets_dir(tmp_path).iterdir())
+        clock[0] += HOUR
+    # Segment 1: a flipped byte in its second block; segment 2: cut mid-block.
+    data = bytearray(paths[0].read_bytes())
+    second_block = packetlog.segment_index(paths[0])["blocks"][1][0]
+    data[second_block + packetlog.BLOCK_FRAME_LEN + 5] ^= 0x55
+    paths[0].write_bytes(bytes(data))
+    size = paths[1].stat().st_size
+    with open(paths[1], "r+b") as f:
+        f.truncate(size // 2)
+    errors: list[tuple[str, str]] = []
+    got = list(packetlog.iter_records(tmp_path, on_error=lambda p, r: errors.append((p, r))))
+    reported = {p for p, _ in errors}
+    assert str(paths[0]) in reported and str(paths[1]) in reported
+    # Segment 1's first block, segment 2's intact blocks, all of segment 3.
+    assert 8192 + 9000 <= len(got) < 3 * 9000
+
+
+def test_bytes_per_record_vs_pcap(tmp_path: Path) -> None:
+    clock = [T0]
+    recs = make_records(50000, sessions=8)
+    w = _write(tmp_path, recs, clock)
+    w.close()
+    disk = packetlog.disk_use(tmp_path)
+    # pcap: 24-byte file header, 16 bytes per packet, the frame cut at 96 bytes
+    # (Ethernet 14 + IPv4 20 + TCP with timestamps 32 + payload).
+    pcap = 24 + sum(16 + min(96, 14 + 20 + 32 + r["payload_len"]) for r in recs)
+    assert disk * 4 <= pcap, (disk / len(recs), pcap / len(recs))
