@@ -20,9 +20,10 @@ duplicates that at-least-once delivery produces.
 
 Client-supplied strings (client software, host names) are hostile: SD values
 are escaped per RFC 5424 section 6.3.3 (``\\``, ``"``, ``]``), control
-characters never appear raw anywhere in a message (so a receiver that stores
-one message per line cannot be fed a forged line), and the JSON is valid UTF-8
-even when a string carries undecodable bytes.
+characters never appear raw anywhere in a message (SD values show them as
+``\\xNN`` or ``\\uNNNN``, the JSON as ``\\uNNNN``), so a receiver that stores one
+message per line cannot be fed a forged line; and the JSON is valid UTF-8 even
+when a string carries undecodable bytes.
 """
 
 from __future__ import annotations
@@ -148,7 +149,12 @@ def sd_escape(value: str) -> str:
     value = _SD_ESCAPE.sub(r"\\\1", value)
     # After the escapes so that the backslash of \xNN is not doubled: a reader
     # applying 6.3.3 sees \x as a literal backslash and 'x'.
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
+    return _CONTROL.sub(_show_control, value)
+
+
+def _show_control(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _scalar(value: Any) -> str:
