@@ -51,11 +51,14 @@ def test_connect_flood_is_banned_while_an_honest_session_keeps_working(
     assert ban["network"] == f"{client_ip(1)}/32" and "strikes" in ban["reason"]
     [ban_record] = audits(data, "ban")
     assert ban_record["network"] == f"{client_ip(1)}/32"
-    wait_for(lambda: audits(data, "refusals"), 10, "a refusal summary")
-    summaries = audits(data, "refusals")
-    refused = sum(s["sources"].get(client_ip(1), {}).get("banned", 0) for s in summaries)
-    assert refused >= 900
-    assert len(summaries) < 20  # summarised, not one record per refusal
+    def banned_refusals() -> int:
+        return sum(s["sources"].get(client_ip(1), {}).get("banned", 0)
+                   for s in audits(data, "refusals"))
+
+    # Every refusal is counted in the per-interval summaries (2 s here) ...
+    wait_for(lambda: banned_refusals() >= result["refused"] - 25, 10, "refusal summaries")
+    # ... which are few: never one record per refused connection.
+    assert len(audits(data, "refusals")) < 20
 
     # The honest session never noticed.
     assert honest.poll() is None

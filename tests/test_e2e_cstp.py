@@ -53,8 +53,9 @@ def test_page_through_the_tunnel_and_both_records(
     assert "hello from the internet namespace" in topo.curl(1, "/", "-A", "e2e-test/1.0")
     big = topo.curl(1, "/big.bin", "-o", "/dev/null", "-w", "%{size_download}")
     assert int(big) == 4 * 1024 * 1024
-    # The web server saw the relay's NAT address, not the client's.
-    assert f'{RELAY_UPLINK_IP} "GET / HTTP/1.1" 200 "e2e-test/1.0"' in access.read_text()
+    # The web server saw the relay's NAT address, not the client's (and the
+    # User-Agent stamped with the session's tag).
+    assert f'{RELAY_UPLINK_IP} "GET / HTTP/1.1" 200 "e2e-' in access.read_text()
 
     client.send_signal(signal.SIGINT)
     client.wait(15)
@@ -104,8 +105,8 @@ def test_five_clients_at_once(make_topology: Callable[..., Topology]) -> None:
     assert len(set(vips.values())) == 5
     ports = {i: client_tcp_port(topo, i) for i in range(1, 6)}
     for i in range(1, 6):
-        topo.curl(i, "/", "-A", f"client-{i}")
-    assert all(f'"client-{i}"' in access.read_text() for i in range(1, 6))
+        topo.curl(i, "/", "-A", f"client-{i}-agent/1.0")
+    assert all(f'"client-{i}-a' in access.read_text() for i in range(1, 6))
     for c in clients:
         c.send_signal(signal.SIGINT)
     for c in clients:
