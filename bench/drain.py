@@ -52,7 +52,6 @@ def test_run(prog_fd: int, frame: bytes, repeat: int) -> None:
 
 
 def drain_rate() -> dict[str, float]:
-    sys.path.insert(0, str(HERE.parent / "tests"))
     from test_capture import MAC_A, ROUTER_MAC, ipv4_frame, tcp_header
 
     # The filters go on the loopback of a namespace of our own: the records come
