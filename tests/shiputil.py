@@ -1,0 +1,314 @@
+"""Helpers for the shipping tests and bench: certificates, processes, rsyslogd.
+
+The forwarder and the collector run as real processes (``python -c``), so that
+they can be SIGKILLed mid-stream; rsyslogd runs with its own config, pid file,
+work directory and ports on 127.0.0.1, never the host's service.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from relay import connlog
+from relay.connlog_retention import read_zst
+
+RSYSLOGD = "/usr/sbin/rsyslogd"
+GTLS_MODULE = "/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so"
+# Ceiling for anything a test waits for (a process start, records arriving).
+WAIT_S = 60.0
+
+
+# ---------------------------------------------------------------------------
+# Certificates
+
+
+@dataclass
+class Pki:
+    ca: Path
+    wrong_ca: Path
+    server_cert: Path
+    server_key: Path
+    wrong_server_cert: Path
+    wrong_server_key: Path
+    client_cert: Path
+    client_key: Path
+    wrong_client_cert: Path
+    wrong_client_key: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    os.chmod(path, 0o600)
+
+
+def _ca(d: Path, cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                         False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    path = d / f"{cn}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key, path
+
+
+def _leaf(d: Path, stem: str, cn: str, ca: x509.Certificate,
+          ca_key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    san = x509.SubjectAlternativeName([
+        x509.DNSName(cn), x509.DNSName("localhost"),
+        x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))])
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(san, critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False,
+                                         False), critical=True)
+            # Both uses: rsyslog presents the same certificate as a server (imtcp)
+            # and as a client (omfwd).
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = d / f"{stem}.pem", d / f"{stem}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key_path, key)
+    return cert_path, key_path
+
+
+def make_pki(d: Path) -> Pki:
+    d.mkdir(parents=True, exist_ok=True)
+    ca, ca_key, ca_path = _ca(d, "test-ca")
+    wca, wca_key, wca_path = _ca(d, "wrong-ca")
+    sc, sk = _leaf(d, "server", "collector.test", ca, ca_key)
+    wsc, wsk = _leaf(d, "wrong-server", "collector.test", wca, wca_key)
+    cc, ck = _leaf(d, "client", "relay-1", ca, ca_key)
+    wcc, wck = _leaf(d, "wrong-client", "relay-1", wca, wca_key)
+    return Pki(ca_path, wca_path, sc, sk, wsc, wsk, cc, ck, wcc, wck)
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = WAIT_S, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or pred}")
+        time.sleep(0.05)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Proc:
+    """A child process with stderr in a file (read by the tests)."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        with open(log_path, "ab") as out:  # the child keeps its own copy
+            self.p = subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.p.poll() is None:
+            os.kill(self.p.pid, sig)
+        self.p.wait(timeout=WAIT_S)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+_COLLECTOR = """
+import asyncio, logging, signal, sys, uvloop
+from relay.collector import run_collector
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="relay: %(levelname)s: %(message)s")
+a = {args!r}
+async def main():
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await run_collector(**a, stop_event=stop)
+uvloop.run(main())
+"""
+
+_FORWARDER = """
+import asyncio, logging, signal, sys, types, uvloop
+from relay.forwarder import run_forwarder
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="relay: %(levelname)s: %(message)s")
+cfg = types.SimpleNamespace(**{cfg!r})
+async def main():
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await run_forwarder(cfg, {data_dir!r}, {server_id!r}, stop, backoff_max={backoff_max!r})
+uvloop.run(main())
+"""
+
+
+def start_collector(tmp: Path, port: int, pki: Pki, *, cert: Path | None = None,
+                    key: Path | None = None, require_client_cert: bool = False,
+                    plain_port: int | None = None, data_dir: Path | None = None,
+                    keep_days: int = 90) -> Proc:
+    args = {
+        "listen": f"127.0.0.1:{port}", "data_dir": str(data_dir or tmp / "collector"),
+        "ca": str(pki.ca), "cert": str(cert or pki.server_cert),
+        "key": str(key or pki.server_key), "require_client_cert": require_client_cert,
+        "keep_days": keep_days,
+        "plain_listen": f"127.0.0.1:{plain_port}" if plain_port else None,
+    }
+    proc = Proc([sys.executable, "-c", _COLLECTOR.format(args=args)], tmp / "collector.log")
+    wait_until(lambda: port_open(port) or proc.p.poll() is not None, what="collector port")
+    assert proc.p.poll() is None, proc.log()
+    return proc
+
+
+def start_forwarder(tmp: Path, data_dir: Path, port: int, pki: Pki, *,
+                    host: str = "localhost", client_cert: bool = False,
+                    server_id: str = "relay-1", backoff_max: float = 1.0) -> Proc:
+    cfg = {"collector": f"{host}:{port}", "ca": str(pki.ca),
+           "cert": str(pki.client_cert) if client_cert else "",
+           "key": str(pki.client_key) if client_cert else ""}
+    src = _FORWARDER.format(cfg=cfg, data_dir=str(data_dir), server_id=server_id,
+                            backoff_max=backoff_max)
+    return Proc([sys.executable, "-c", src], tmp / "forwarder.log")
+
+
+def require_rsyslog() -> None:
+    # Missing tools fail loudly: the interop tests are the point.
+    assert os.access(RSYSLOGD, os.X_OK), f"{RSYSLOGD} missing: apt-get install rsyslog"
+    assert os.path.exists(GTLS_MODULE), \
+        f"{GTLS_MODULE} missing: apt-get install rsyslog-gnutls"
+
+
+def start_rsyslog(tmp: Path, body: str, wait_ports: list[int]) -> Proc:
+    """rsyslogd in the foreground with ``body`` after a global TLS section."""
+    require_rsyslog()
+    work = tmp / "rsyslog-work"
+    work.mkdir(exist_ok=True)
+    conf = tmp / "rsyslog.conf"
+    conf.write_text(body)
+    proc = Proc([RSYSLOGD, "-n", "-f", str(conf), "-i", str(tmp / "rsyslog.pid")],
+                tmp / "rsyslog.log")
+    for port in wait_ports:
+        wait_until(lambda p=port: port_open(p) or proc.p.poll() is not None,
+                   what=f"rsyslogd port {port}")
+        assert proc.p.poll() is None, proc.log()
+    return proc
+
+
+def rsyslog_global(tmp: Path, pki: Pki) -> str:
+    return f"""
+global(workDirectory="{tmp / 'rsyslog-work'}"
+       maxMessageSize="64k"
+       defaultNetstreamDriver="gtls"
+       defaultNetstreamDriverCAFile="{pki.ca}"
+       defaultNetstreamDriverCertFile="{pki.server_cert}"
+       defaultNetstreamDriverKeyFile="{pki.server_key}")
+"""
+
+
+# ---------------------------------------------------------------------------
+# Records
+
+
+def hostile_record(i: int) -> dict[str, Any]:
+    """A connect/disconnect/audit record with client strings built to break logs."""
+    action = ("connect", "disconnect", "ban")[i % 3]
+    rec: dict[str, Any] = {
+        "action": action,
+        "session_id": f"s{i:08x}",
+        "server": {"id": "relay-1", "ip": "192.0.2.1", "hostname": "relay1.example"},
+        "client": {"ip": f"198.51.100.{i % 250}", "port": 40000 + i % 20000,
+                   "hostname": f'evil"] [relay@32473 id="forged"]\n<13>1 fake {i}'},
+        "protocol": "cstp",
+        "client_software": {"name": "OpenConnect\\\r\n\x00\u2028ü", "version": f"9.{i}",
+                            "id": "x" * 40},
+        "virtual_ip": f"10.211.{i // 250 % 250}.{i % 250 + 2}",
+    }
+    if action == "disconnect":
+        rec.update(packets={"in": i, "out": 2 * i}, bytes={"in": 100 * i, "out": 7 * i},
+                   duration_s=i / 10, reason="client-closed", error=None)
+    return rec
+
+
+def write_records(data_dir: Path, n: int, start: int = 0) -> list[dict[str, Any]]:
+    log = connlog.ConnectionLog(data_dir)
+    try:
+        return [log.append(hostile_record(start + i)) for i in range(n)]
+    finally:
+        log.close()
+
+
+def read_day_dir(directory: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if not directory.is_dir():
+        return out
+    for p in sorted(directory.iterdir()):
+        if p.name.endswith(".jsonl"):
+            data = p.read_bytes()
+        elif p.name.endswith(".jsonl.zst"):
+            data = read_zst(p)
+        else:
+            continue
+        out += [json.loads(line) for line in data.splitlines() if line.strip()]
+    return out
+
+
+def iter_lines(path: Path) -> Iterator[bytes]:
+    if path.exists():
+        yield from path.read_bytes().splitlines()
+
+
+def cleanup_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
