@@ -548,7 +548,7 @@ def ship_status(data_dir: Path) -> dict[str, Any]:
     try:
         status: dict[str, Any] = json.loads((ship_dir(data_dir) / STATUS_FILE).read_bytes())
     except FileNotFoundError:
-        status = {"state": "never-run"}
+        status = {"state": "never-run", "last_success": None, "last_error": None}
     except ValueError:
         status = {"state": "unknown", "last_error": "status.json unreadable"}
     pid = status.get("pid")

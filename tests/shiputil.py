@@ -10,13 +10,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,10 +143,10 @@ def wait_until(pred: Callable[[], Any], timeout: float = WAIT_S, what: str = "")
         time.sleep(0.05)
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 class Proc:
@@ -199,16 +199,17 @@ uvloop.run(main())
 def start_collector(tmp: Path, port: int, pki: Pki, *, cert: Path | None = None,
                     key: Path | None = None, require_client_cert: bool = False,
                     plain_port: int | None = None, data_dir: Path | None = None,
-                    keep_days: int = 90) -> Proc:
+                    keep_days: int = 90, host: str = "127.0.0.1") -> Proc:
     args = {
-        "listen": f"127.0.0.1:{port}", "data_dir": str(data_dir or tmp / "collector"),
+        "listen": f"{host}:{port}", "data_dir": str(data_dir or tmp / "collector"),
         "ca": str(pki.ca), "cert": str(cert or pki.server_cert),
         "key": str(key or pki.server_key), "require_client_cert": require_client_cert,
         "keep_days": keep_days,
         "plain_listen": f"127.0.0.1:{plain_port}" if plain_port else None,
     }
     proc = Proc([sys.executable, "-c", _COLLECTOR.format(args=args)], tmp / "collector.log")
-    wait_until(lambda: port_open(port) or proc.p.poll() is not None, what="collector port")
+    wait_until(lambda: port_open(port, host) or proc.p.poll() is not None,
+               what="collector port")
     assert proc.p.poll() is None, proc.log()
     return proc
 
@@ -305,10 +306,18 @@ def read_day_dir(directory: Path) -> list[dict[str, Any]]:
     return out
 
 
-def iter_lines(path: Path) -> Iterator[bytes]:
-    if path.exists():
-        yield from path.read_bytes().splitlines()
+def stored_ids(directory: Path) -> list[str]:
+    """Ids of the records in a collector's relay directory (duplicates kept)."""
+    return [r["id"] for r in read_day_dir(directory)]
 
 
-def cleanup_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+class Writer(threading.Thread):
+    """Appends records in the background, as a busy relay does."""
+
+    def __init__(self, data_dir: Path, n: int) -> None:
+        super().__init__(daemon=True)
+        self.data_dir, self.n = data_dir, n
+        self.records: list[dict[str, Any]] = []
+
+    def run(self) -> None:
+        self.records = write_records(self.data_dir, self.n)
