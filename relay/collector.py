@@ -184,8 +184,11 @@ class Store:
         if f is not None:
             self._open.move_to_end(key)
             return f
-        directory = self.root / subdir
-        directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        directory = self.root
+        for part in Path(subdir).parts:  # each level 0700, not just the last
+            directory = directory / part
+            if not directory.is_dir():
+                ensure_dir(directory)
         f = DayFile(directory / f"{day}{SUFFIX}", dedup)
         self._open[key] = f
         while len(self._open) > MAX_OPEN_DAYS:
@@ -417,8 +420,14 @@ async def _start(loop: asyncio.AbstractEventLoop, conn: socket.socket, peer: str
             lambda: Connection(collector, peer), conn, ssl=ctx,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if ctx else None)
     except (OSError, TimeoutError, ConnectionError) as exc:
-        reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) \
-            or f"{type(exc).__name__} {exc}".strip()
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            reason = f"client certificate verify failed: {exc.verify_message}"
+        elif isinstance(exc, ssl.SSLError):
+            reason = exc.reason or str(exc)
+        elif isinstance(exc, TimeoutError):
+            reason = f"no handshake within {HANDSHAKE_TIMEOUT_S:.0f}s"
+        else:
+            reason = f"{type(exc).__name__} {exc}".strip()
         log.warning("%s: refused: TLS handshake failed: %s", peer, reason)
         conn.close()
 
