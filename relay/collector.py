@@ -64,6 +64,7 @@ UNKNOWN = "_unknown"
 _RELAY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _NOT_NAME = re.compile(r"[^A-Za-z0-9._-]")
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_UNSAFE_IN_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Fast path for rebuilding the id sets: our own lines start with the id.
 _LEADING_ID = re.compile(rb'^\{"id":"([0-9A-Za-z_-]{1,64})"')
 
@@ -265,7 +266,11 @@ class Collector:
         if not _DAY.fullmatch(day):
             day = _today(self.clock)
         f = self.store.day_file(relay, day, dedup=True)
-        if f.add(syslog5424.dumps_json(record), record["id"]):
+        # The relay's JSON is stored as sent unless it carries a raw control or
+        # line-separator character (not from our forwarder): then re-encoded.
+        line = msg.msg if not _UNSAFE_IN_LINE.search(msg.msg) \
+            else syslog5424.dumps_json(record)
+        if f.add(line, record["id"]):
             counts.records += 1
         else:
             counts.duplicates += 1

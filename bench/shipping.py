@@ -1,0 +1,167 @@
+"""Records/s of connection-log shipping: to rsyslogd and to relay collector, side by side.
+
+Two measurements, each against both receivers in the same run:
+
+- end to end: the forwarder process (``run_forwarder`` on uvloop) ships N records
+  already in the connection log; the clock stops when the receiver has them
+  all on disk (rsyslogd's omfile output, the collector's day file);
+- receiver ingest: N pre-formatted, octet-counted messages sent as fast as one
+  TLS connection allows, so that the receivers are compared without the
+  forwarder's per-record formatting.
+
+Prints a table and writes bench/results/shipping.json. Needs rsyslog and
+rsyslog-gnutls (Debian); run as ``.venv/bin/python bench/shipping.py [-n N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import ssl
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from shiputil import (
+    Pki,
+    Proc,
+    free_port,
+    make_pki,
+    rsyslog_global,
+    start_collector,
+    start_forwarder,
+    start_rsyslog,
+    write_records,
+)
+
+from relay import syslog5424 as s5
+
+RESULTS = Path(__file__).resolve().parent / "results" / "shipping.json"
+# Long enough that start-up (a Python process, the first handshake) is a few
+# per cent of the run.
+DEFAULT_RECORDS = 50_000
+POLL_S = 0.02
+TIMEOUT_S = 600.0
+
+
+def count_lines(paths: Callable[[], list[Path]]) -> int:
+    total = 0
+    for p in paths():
+        try:
+            with open(p, "rb") as f:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda f=f: f.read(1 << 20), b""))
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def wait_count(paths: Callable[[], list[Path]], n: int, t0: float) -> float:
+    while count_lines(paths) < n:
+        if time.perf_counter() - t0 > TIMEOUT_S:
+            raise SystemExit(f"timed out: {count_lines(paths)} of {n} records arrived")
+        time.sleep(POLL_S)
+    return time.perf_counter() - t0
+
+
+def rsyslog(tmp: Path, pki: Pki, out: Path) -> tuple[Proc, int]:
+    port = free_port()
+    conf = rsyslog_global(tmp, pki) + f"""
+module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1"
+       streamDriver.authMode="anon")
+input(type="imtcp" port="{port}" address="127.0.0.1")
+action(type="omfile" file="{out}" template="RSYSLOG_SyslogProtocol23Format")
+"""
+    return start_rsyslog(tmp, conf, [port]), port
+
+
+def collector_files(tmp: Path) -> Callable[[], list[Path]]:
+    return lambda: list((tmp / "collector" / "relay-1").glob("*.jsonl"))
+
+
+def end_to_end(root: Path, pki: Pki, n: int, receiver: str) -> float:
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"e2e-{receiver}-"))
+    relay = tmp / "relay"
+    write_records(relay, n)
+    if receiver == "rsyslog":
+        out = tmp / "out.log"
+        server, port = rsyslog(tmp, pki, out)
+        files: Callable[[], list[Path]] = lambda: [out]  # noqa: E731
+    else:
+        port = free_port()
+        server = start_collector(tmp, port, pki)
+        files = collector_files(tmp)
+    t0 = time.perf_counter()
+    fwd = start_forwarder(tmp, relay, port, pki)
+    try:
+        return n / wait_count(files, n, t0)
+    finally:
+        fwd.stop()
+        server.stop()
+
+
+def ingest(root: Path, pki: Pki, n: int, receiver: str) -> float:
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"ingest-{receiver}-"))
+    records = [{**r, "id": f"{i:024x}", "time": "2026-11-25T12:00:00.000Z"}
+               for i, r in enumerate(write_records(tmp / "gen", 1000))]
+    stream = b"".join(
+        s5.frame(s5.format_record({**records[i % 1000], "id": f"{i:024x}"},
+                                  hostname="relay-1", procid="1"))
+        for i in range(n))
+    if receiver == "rsyslog":
+        out = tmp / "out.log"
+        server, port = rsyslog(tmp, pki, out)
+        files: Callable[[], list[Path]] = lambda: [out]  # noqa: E731
+    else:
+        port = free_port()
+        server = start_collector(tmp, port, pki)
+        files = collector_files(tmp)
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    try:
+        t0 = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(stream)
+            tls.unwrap()
+        return n / wait_count(files, n, t0)
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=DEFAULT_RECORDS, help="records per run")
+    n = ap.parse_args().n
+    with tempfile.TemporaryDirectory(prefix="relay-bench-shipping-") as d:
+        root = Path(d)
+        pki = make_pki(root / "pki")
+        rows = {}
+        for kind, fn in (("end_to_end", end_to_end), ("ingest", ingest)):
+            for receiver in ("rsyslog", "collector"):
+                rows[f"{kind}/{receiver}"] = fn(root, pki, n, receiver)
+    result = {
+        "records": n,
+        "records_per_s": {k: round(v) for k, v in rows.items()},
+        "collector_vs_rsyslog": {
+            kind: round(rows[f"{kind}/collector"] / rows[f"{kind}/rsyslog"], 2)
+            for kind in ("end_to_end", "ingest")},
+        "host": {"python": platform.python_version(), "machine": platform.machine(),
+                 "kernel": platform.release()},
+    }
+    print(f"{'records/s':<22}{'rsyslogd':>12}{'collector':>12}{'ratio':>8}   (N={n})")
+    for kind, label in (("end_to_end", "forwarder -> receiver"),
+                        ("ingest", "receiver ingest")):
+        r, c = rows[f"{kind}/rsyslog"], rows[f"{kind}/collector"]
+        print(f"{label:<22}{r:>12,.0f}{c:>12,.0f}{c / r:>8.2f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
