@@ -1,0 +1,451 @@
+"""The OpenVPN side of ``relay serve``: a TCP listener and a UDP endpoint on the
+``[openvpn] listen`` address, one :class:`OpenVPNLink` per client feeding the
+sans-IO :class:`relay.openvpn.OpenVPNServer` and acting on its events through
+the protocol-agnostic :class:`relay.server.Relay`.
+
+``dev tun`` clients exchange IP packets, wrapped in Ethernet with the session MAC
+like CSTP's; ``dev tap`` clients exchange whole frames, and the relay pushes
+``lladdr`` so that the client's tap device takes the session MAC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from relay import openvpn
+from relay.config import Config, parse_hostport
+from relay.sessions import Session
+from relay.tap import ETH_HLEN, mac_str
+from relay.tlsconf import ensure_self_signed, server_context
+
+if TYPE_CHECKING:
+    from relay.server import Relay
+
+log = logging.getLogger("relay")
+
+PROTOCOL = "OpenVPN"
+ETHERTYPE_IPV4 = b"\x08\x00"
+# Bytes queued towards a slow TCP client before packets to it are dropped
+# (the same router-like queue as CSTP's, see relay.cstp_link).
+CLIENT_WRITE_HIGH_WATER = 1024 * 1024
+# Datagrams from unknown addresses that are not a client's first packet are
+# dropped; one log line per interval says how many, so a flood cannot fill the log.
+DROP_LOG_INTERVAL_S = 10.0
+# After a UDP session ends, the client's last datagrams (explicit-exit-notify
+# repeats its exit message once a second) are ignored quietly for this long.
+UDP_LINGER_S = 5.0
+
+
+def client_software(peer_info: dict[str, str]) -> dict[str, Any]:
+    return {"name": "OpenVPN", "version": peer_info.get("IV_VER"),
+            "id": peer_info.get("IV_HWADDR"), "platform": peer_info.get("IV_PLAT"),
+            "gui": peer_info.get("IV_GUI_VER")}
+
+
+class OpenVPNListener:
+    """TLS settings, peer ids and the UDP address table shared by every link."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.ssl_ctx, self.cert_path = server_context(
+            relay.data_dir, relay.cfg.server.cert, relay.cfg.server.key)
+        self.udp_links: dict[tuple[str, int], OpenVPNLink] = {}
+        self.lingering: dict[tuple[str, int], float] = {}  # ended UDP peers -> until
+        self.peer_ids: set[int] = set()
+        self._next_peer_id = 0
+        self.udp: asyncio.DatagramTransport | None = None
+        self.tcp: socket.socket | None = None
+        self._dropped = 0
+        self._last_drop_log = 0.0
+
+    async def start(self) -> None:
+        from relay.server import listen_tcp  # relay.server imports this module
+
+        host, port = parse_hostport(self.relay.cfg.openvpn.listen)
+        self.tcp = listen_tcp(host, port)
+        self.relay.spawn(self.relay.accept_loop(self.tcp, self.accept))
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpEndpoint(self), local_addr=(host, port))
+        self.udp = cast(asyncio.DatagramTransport, transport)
+        log.info("listening on %s:%d (OpenVPN, TCP and UDP)", host, port)
+
+    def close(self) -> None:
+        if self.tcp is not None:
+            self.tcp.close()
+        if self.udp is not None:
+            self.udp.close()
+
+    def allocate_peer_id(self) -> int:
+        while self._next_peer_id in self.peer_ids:
+            self._next_peer_id = (self._next_peer_id + 1) % (openvpn.PEER_ID_MAX + 1)
+        pid = self._next_peer_id
+        self.peer_ids.add(pid)
+        return pid
+
+    def accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        link = OpenVPNTcpLink(self.relay, self, peer, sock.getsockname()[0])
+        self.relay.spawn(link.start(sock))
+
+    def datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        link = self.udp_links.get(addr)
+        if link is not None:
+            sid = openvpn.client_reset_session_id(data)
+            if sid is None or sid == link.proto.remote_session_id:
+                link.datagram(data)
+                return
+            # The client restarted (a new session id from the same address).
+            link.terminate("client-restart", "the client started a new session")
+        if openvpn.client_reset_session_id(data) is None:
+            if self.lingering.get(addr, 0.0) < time.monotonic():
+                self._drop(addr, f"{len(data)}-byte datagram that does not start a session")
+            return
+        if self.relay.abuse.admit(addr[0]) is not None:
+            return
+        link = OpenVPNLink(self.relay, self, addr, _local_ip_towards(addr), tcp=False)
+        link.transport_send = lambda pkt: self._sendto(pkt, addr)
+        self.udp_links[addr] = link
+        link.begin()
+        link.datagram(data)
+
+    def ended(self, addr: tuple[str, int]) -> None:
+        """A UDP link ended: forget it, and ignore its stragglers for a while."""
+        now = time.monotonic()
+        self.udp_links.pop(addr, None)
+        for old in [a for a, until in self.lingering.items() if until < now]:
+            del self.lingering[old]
+        self.lingering[addr] = now + UDP_LINGER_S
+
+    def _sendto(self, pkt: bytes, addr: tuple[str, int]) -> None:
+        if self.udp is not None:
+            self.udp.sendto(pkt, addr)
+
+    def _drop(self, addr: tuple[str, int], why: str) -> None:
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
+            log.warning("OpenVPN/UDP: dropped %d datagram(s) from unknown peers, the last "
+                        "from %s:%d: %s", self._dropped, addr[0], addr[1], why)
+            self._dropped = 0
+            self._last_drop_log = now
+
+
+def _local_ip_towards(addr: tuple[str, int]) -> str:
+    """The relay address a UDP client talks to when the endpoint listens on a
+    wildcard: the source address the kernel picks for replies to it."""
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(addr)  # no packet is sent: this only routes
+        return str(probe.getsockname()[0])
+
+
+class _UdpEndpoint(asyncio.DatagramProtocol):
+    def __init__(self, listener: OpenVPNListener) -> None:
+        self.listener = listener
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        self.listener.datagram(data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("OpenVPN/UDP: %s", exc)
+
+
+class OpenVPNLink:
+    """One client, over UDP (driven by the listener's endpoint) or TCP (see
+    :class:`OpenVPNTcpLink`), from its first packet to its end."""
+
+    transport_send: Callable[[bytes], None]
+
+    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: tuple[str, int],
+                 local_ip: str, *, tcp: bool) -> None:
+        self.relay = relay
+        self.listener = listener
+        self.loop = asyncio.get_running_loop()
+        self.peer_ip, self.peer_port = peer[0], peer[1]
+        self.local_ip = local_ip
+        self.tcp = tcp
+        self.proto = openvpn.OpenVPNServer(listener.ssl_ctx, tcp=tcp,
+                                           peer_id=listener.allocate_peer_id(),
+                                           now=self.loop.time())
+        self.session: Session | None = None
+        self.software: dict[str, Any] | None = None
+        self.accepted = time.monotonic()
+        self.had_session = False
+        self.opening = False
+        self.closed = False
+        self.paused = False
+        self._lookup: asyncio.Future[Any] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+
+    def __repr__(self) -> str:
+        return f"{'TCP' if self.tcp else 'UDP'} {self.peer_ip}:{self.peer_port}"
+
+    def begin(self) -> None:
+        self.relay.all_links.add(self)
+        self._lookup = self.relay.reverse_lookup(self.peer_ip, self.peer_port)
+        self._deadline = self.loop.call_later(self.relay.login_timeout_s, self._login_deadline)
+
+    def client_hostname(self) -> str | None:
+        f = self._lookup
+        if f is None or not f.done() or f.cancelled() or f.exception() is not None:
+            return None
+        return str(f.result()[0])
+
+    def _login_deadline(self) -> None:
+        if self.session is None and not self.closed:
+            log.warning("refused %s: no session within %d s of connecting", self,
+                        self.relay.login_timeout_s)
+            self._close()
+
+    # -- input ----------------------------------------------------------------------
+
+    def datagram(self, data: bytes) -> None:
+        self._handle(self.proto.receive_datagram(data, self.loop.time()))
+
+    def _handle(self, events: list[openvpn.Event]) -> None:
+        relay = self.relay
+        for ev in events:
+            if isinstance(ev, openvpn.Packet):
+                s = self.session
+                if s is not None:
+                    if self.proto.dev_type == "tap":
+                        relay.to_kernel_frame(s, ev.data)
+                    else:
+                        relay.to_kernel(s, ev.data)
+            elif isinstance(ev, openvpn.ClientAuth):
+                if relay.check_login(ev.username, ev.password):
+                    self.software = client_software(ev.peer_info)
+                else:
+                    log.warning("login refused for %r from %s", ev.username, self)
+                    self._handle(self.proto.auth_failed("unknown user or wrong password",
+                                                        self.loop.time()))
+                    return
+            elif isinstance(ev, openvpn.PushRequest):
+                if self.session is None and not self.opening and self.software is not None:
+                    refusal = relay.refuse_reason()
+                    if refusal is not None:
+                        log.error("refused a session from %s: %s", self, refusal)
+                        self._handle(self.proto.auth_failed(refusal, self.loop.time(),
+                                                            temporary=True))
+                        return
+                    self.opening = True
+                    self.relay.spawn(self._open_session())
+            elif isinstance(ev, openvpn.PeerExit):
+                self._flush()
+                self._end("client-disconnect", None, detail=ev.reason)
+                self._close()
+                return
+            elif isinstance(ev, openvpn.PeerDead):
+                log.warning("%s: %s", self, ev.reason)
+                self._end("dead-peer", ev.reason)
+                self._close()
+                return
+            elif isinstance(ev, openvpn.ProtocolError):
+                relay.stats.handshake_failures["protocol-error"] += 1
+                log.warning("dropped %s: %s", self, ev.message)
+                self._flush()
+                self._end("protocol-error", ev.message)
+                self._close()
+                return
+            elif isinstance(ev, openvpn.Closed):
+                self._flush()
+                self._close()
+                return
+        self._flush()
+
+    async def _open_session(self) -> None:
+        relay = self.relay
+        assert self.software is not None
+        s = await relay.open_session(self, PROTOCOL, self.software)
+        if self.closed:  # the client went away while the session was being set up
+            relay.close_session(self, s, "connection-closed", "closed during session set-up")
+            return
+        self.session = s
+        self.had_session = True
+        relay.abuse.handshake_done(self.peer_ip)
+        if self._deadline is not None:
+            self._deadline.cancel()
+        pool = relay.sessions.pool
+        params = openvpn.PushParams(
+            address=s.virtual_ip, netmask=str(pool.network.netmask),
+            gateway=str(pool.gateway.ip), mtu=relay.cfg.tap.mtu, dns=tuple(relay.cfg.tap.dns),
+            lladdr=mac_str(s.mac) if self.proto.dev_type == "tap" else None)
+        self._handle(self.proto.push_reply(params, self.loop.time()))
+
+    # -- output ---------------------------------------------------------------------
+
+    def from_kernel(self, frame: bytes) -> None:
+        s = self.session
+        if s is None or self.closed:
+            return
+        if self.proto.dev_type == "tap":
+            payload = frame
+        elif frame[12:14] == ETHERTYPE_IPV4:
+            payload = frame[ETH_HLEN:]
+        else:
+            return
+        if self.paused:
+            self.relay.stats.dropped["client-queue-full"] += 1
+            return
+        pkt = self.proto.encrypt(payload)
+        if pkt is None:
+            return
+        s.packets_out += 1
+        s.bytes_out += len(payload)
+        self.transport_send(pkt)
+        self.proto.note_sent(self.loop.time())
+
+    def _flush(self) -> None:
+        for pkt in self.proto.packets_to_send():
+            self.transport_send(pkt)
+        self._arm()
+
+    def _arm(self) -> None:
+        """Make sure the timer fires by the protocol's next deadline; a later
+        deadline (more traffic) just lets the timer fire early and re-arm."""
+        when = self.proto.next_timeout()
+        if when is None or self.closed or when >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        if not self.closed:
+            self._handle(self.proto.handle_timeout(self.loop.time()))
+
+    # -- teardown -------------------------------------------------------------------
+
+    def terminate(self, reason: str, message: str) -> None:
+        """End from the relay's side (shutdown, ban): tell the client, then close."""
+        self.proto.disconnect(message, restart=reason != "banned", now=self.loop.time())
+        self._flush()
+        self._end(reason, None)
+        self._close()
+
+    def _end(self, reason: str, error: str | None, detail: str | None = None) -> None:
+        s, self.session = self.session, None
+        if s is not None:
+            full_reason = f"{reason}: {detail}" if detail else reason
+            self.relay.close_session(self, s, full_reason, error)
+
+    def _close(self) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for timer in (self._timer, self._deadline):
+            if timer is not None:
+                timer.cancel()
+        if self.proto.drops:
+            summary = ", ".join(f"{n} x {why}" for why, n in self.proto.drops.most_common())
+            log.warning("%s: dropped packets: %s", self, summary)
+        self.listener.peer_ids.discard(self.proto.peer_id)
+        addr = (self.peer_ip, self.peer_port)
+        if not self.tcp and self.listener.udp_links.get(addr) is self:
+            self.listener.ended(addr)
+        self.relay.all_links.discard(self)
+        self.relay.abuse.connection_closed(self.peer_ip, time.monotonic() - self.accepted,
+                                           self.had_session)
+
+
+class OpenVPNTcpLink(OpenVPNLink, asyncio.Protocol):
+    """One client TCP connection: 16-bit length framing over the stream."""
+
+    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: tuple[str, int],
+                 local_ip: str) -> None:
+        super().__init__(relay, listener, peer, local_ip, tcp=True)
+        self.transport: asyncio.Transport | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        self.begin()
+        try:
+            await self.loop.connect_accepted_socket(lambda: self, sock)
+        except OSError as exc:
+            log.warning("refused %s: %s", self, exc.strerror)
+            sock.close()
+            self._forget()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.closed:  # the login deadline passed meanwhile
+            transport.close()
+            return
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH_WATER)
+        self.transport_send = self.transport.write
+
+    def data_received(self, data: bytes) -> None:
+        self._handle(self.proto.receive_data(data, self.loop.time()))
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            self._end("connection-closed", None)
+        else:
+            self._end("connection-lost", str(exc) or type(exc).__name__)
+        self._forget()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self._forget()
+
+
+# --- relay client-config openvpn -------------------------------------------------------
+
+
+def client_config(cfg: Config, data_dir: Path, proto: str, dev: str,
+                  remote: str | None = None) -> str:
+    """A ready ``.ovpn`` for the stock client: the relay's certificate inline as
+    the CA, ``proto`` "udp" or "tcp", ``dev`` "tun" or "tap"; ``remote`` is the
+    address clients use (default: the listen address, or this host's name when
+    that is a wildcard)."""
+    if proto not in ("udp", "tcp"):
+        raise ValueError(f"proto must be udp or tcp, got {proto!r}")
+    if dev not in ("tun", "tap"):
+        raise ValueError(f"dev must be tun or tap, got {dev!r}")
+    host, port = parse_hostport(cfg.openvpn.listen)
+    if remote is None:
+        remote = socket.getfqdn() if host in ("0.0.0.0", "::") else host
+    if cfg.server.cert:
+        cert_path = Path(cfg.server.cert)
+    else:
+        cert_path, _ = ensure_self_signed(data_dir, socket.gethostname())
+    ca = cert_path.read_text().strip()
+    lines = [
+        f"# OpenVPN client configuration for relay {cfg.server.id}",
+        "client",
+        f"dev {dev}",
+        f"proto {'udp' if proto == 'udp' else 'tcp-client'}",
+        f"remote {remote} {port}",
+        "nobind",
+        "persist-key",
+        "data-ciphers AES-256-GCM",
+        "verb 3",
+    ]
+    if proto == "udp":
+        lines.append("explicit-exit-notify 1")
+    if cfg.server.users:
+        lines.append("auth-user-pass")
+    else:  # anonymous relay: any name is accepted, the client just must send one
+        lines += ["<auth-user-pass>", "anonymous", "anonymous", "</auth-user-pass>"]
+    lines += ["<ca>", ca, "</ca>", ""]
+    return "\n".join(lines)
