@@ -35,7 +35,7 @@ BPF_PROG_TEST_RUN = 10
 NR_BPF = 321  # x86_64
 # 64 MiB ring: 645k records per fill, enough that timer noise is negligible.
 RING_BYTES = 64 << 20
-RECORD_SLOT = 104  # 96-byte record + 8-byte ring header
+RECORD_SLOT = 112  # 104-byte record + 8-byte ring header
 ROUNDS = 5
 SIZE_RECORDS = 200_000
 PCAP_SNAPLEN = 96

@@ -169,6 +169,42 @@ static int64_t mono_to_wall_offset(void)
 	return ((int64_t)rt.tv_sec - mono.tv_sec) * 1000000000LL + (rt.tv_nsec - mono.tv_nsec);
 }
 
+#define TCP_FIN 0x01
+#define TCP_PSH 0x08
+#define TCP_CWR 0x80
+
+/* Copy one ring record into the block as the `segs` packets it stands for (one,
+ * unless it is a GSO packet), cut as tcp_gso_segment() cuts: consecutive
+ * sequence numbers, gso_size bytes each but the last, FIN and PSH on the last
+ * only, CWR on the first only. Returns the records made (segs, or what fits). */
+static uint32_t expand(struct relay_drain *d, const struct relay_record *src, uint32_t segs,
+		       int64_t wall_off)
+{
+	uint32_t size = segs > 1 ? src->gso_size : src->payload_len;
+	uint32_t payload = src->payload_len;
+	uint32_t room = d->cap - d->n;
+	if (segs > room)
+		segs = room;
+	for (uint32_t i = 0; i < segs; i++) {
+		struct relay_record *r = &d->recs[d->n++];
+		memcpy(r, src, sizeof(*r));
+		r->time_ns = (uint64_t)((int64_t)r->time_ns + wall_off);
+		r->gso_segs = 0;
+		r->gso_size = 0;
+		if (src->gso_segs > 1) {
+			uint32_t done = i * size;
+			uint32_t left = payload > done ? payload - done : 0;
+			r->seq = src->seq + done;
+			r->payload_len = (uint16_t)(left < size ? left : size);
+			if (i + 1 < src->gso_segs)
+				r->tcp_flags &= (uint8_t)~(TCP_FIN | TCP_PSH);
+			if (i > 0)
+				r->tcp_flags &= (uint8_t)~TCP_CWR;
+		}
+	}
+	return segs;
+}
+
 /* Consume up to max_records (and at most what still fits in the block) from the
  * ring into the block; returns how many were taken. */
 long relay_drain_run(struct relay_drain *d, long max_records)
@@ -189,10 +225,15 @@ long relay_drain_run(struct relay_drain *d, long max_records)
 				goto done;
 			uint32_t body = len & ~(RB_BUSY | RB_DISCARD);
 			if (!(len & RB_DISCARD) && body == sizeof(struct relay_record)) {
-				struct relay_record *r = &d->recs[d->n++];
-				memcpy(r, (const uint8_t *)hdr + RB_HDR, sizeof(*r));
-				r->time_ns = (uint64_t)((int64_t)r->time_ns + off);
-				taken++;
+				const struct relay_record *src =
+					(const void *)((const uint8_t *)hdr + RB_HDR);
+				uint32_t segs = src->gso_segs > 1 ? src->gso_segs : 1;
+				/* A GSO record expands into segs records: wait for room in
+				 * the block (an empty block always has it, cap >= 64Ki/1). */
+				if (segs > d->cap - d->n && d->n > 0)
+					goto done;
+				uint32_t made = expand(d, src, segs, off);
+				taken += made;
 			}
 			cons += (body + RB_HDR + 7) & ~7ULL;
 		}

@@ -175,11 +175,24 @@ static __always_inline int capture(struct __sk_buff *skb, __u8 direction)
 	rec->window = bpf_ntohs(tcp.window);
 	__u32 tcp_end = l4off + tcp.doff * 4;
 	rec->payload_len = l3end > tcp_end ? (__u16)(l3end - tcp_end) : 0;
+	rec->gso_segs = 0;
+	rec->gso_size = 0;
+	if (skb->gso_segs > 1 && skb->gso_size) {
+		/* A GSO packet (forwarded traffic merged by GRO on the uplink) reaches
+		 * tc egress before it is cut into the packets that cross the device:
+		 * record how it will be cut; the drain makes one record per packet.
+		 * Its IP length may not cover it all: the payload is the skb's. */
+		__u32 total = skb->len > tcp_end ? skb->len - tcp_end : 0;
+		rec->payload_len = total > 0xffff ? 0xffff : (__u16)total;
+		rec->gso_segs = skb->gso_segs > 0xffff ? 0xffff : (__u16)skb->gso_segs;
+		rec->gso_size = skb->gso_size > 0xffff ? 0xffff : (__u16)skb->gso_size;
+	}
 	rec->family = family;
 	rec->direction = direction;
 	/* The flags byte follows doff/reserved in the header: byte 13. */
 	rec->tcp_flags = ((__u8 *)&tcp)[13];
 	rec->pad[0] = 0;
+	__builtin_memset(rec->pad2, 0, sizeof(rec->pad2));
 
 	count(RELAY_CNT_RECORDS);
 	/* Batched wake-ups: the drain polls on a timer anyway, so only wake it when

@@ -57,7 +57,14 @@ struct relay_record {
 	__u8 direction;                   /* RELAY_DIR_IN / _OUT */
 	__u8 tcp_flags;                   /* FIN=0x01 SYN=0x02 RST=0x04 PSH=0x08 ACK=0x10 URG=0x20 ECE=0x40 CWR=0x80 */
 	__u8 rflags;                      /* RELAY_RF_* */
-	__u8 pad[1];                      /* to 96 bytes, a multiple of 8 */
+	__u8 pad[1];
+	/* A GSO packet (gso_segs > 1) stands for gso_segs packets of gso_size payload
+	 * bytes each (the last one shorter), as the device will send them; the drain
+	 * expands it into one record per packet, so these are 0 in the packet log.
+	 * payload_len is then the whole packet's. */
+	__u16 gso_segs;
+	__u16 gso_size;
+	__u8 pad2[4];                     /* to 104 bytes, a multiple of 8 */
 };
 
 /* Slots of the per-CPU counter array. */

@@ -32,14 +32,26 @@ def _config(args: argparse.Namespace) -> configmod.Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay.server import serve
 
-    cfg = _config(args)
     if args.listen:
         try:
             configmod.parse_hostport(args.listen)
         except ValueError as exc:
             raise configmod.ConfigError(f"--listen: {exc}") from None
-        cfg = cfg.with_listen(args.listen)
-    serve(cfg)
+
+    def load() -> configmod.Config:
+        """The config as the command line asks for it (again on every reload)."""
+        cfg = _config(args)
+        return cfg.with_listen(args.listen) if args.listen else cfg
+
+    serve(load)
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from relay import control
+
+    response = control.request(_config(args).data_dir, {"cmd": "reload"})
+    print(response.get("message", "reloaded"))
     return 0
 
 
@@ -93,6 +105,62 @@ def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
             print(f"{row['session_id']}  relay {row['relay']}  "
                   f"{row['client_ip']}:{row['client_port']}  "
                   f"{row['connect_time']} -> {row['disconnect_time'] or '(open)'}")
+    return 0
+
+
+def cmd_logs_packets(args: argparse.Namespace) -> int:
+    from relay import packetlog
+
+    def warn(path: str, reason: str) -> None:
+        print(f"relay: warning: {path}: {reason}", file=sys.stderr)
+
+    cfg = _config(args)
+    try:
+        start = packetlog.parse_time(args.start) if args.start else None
+        end = packetlog.parse_time(args.end) if args.end else None
+    except ValueError as exc:
+        raise RelayError(f"--from/--to: {exc} (use RFC 3339, e.g. 2026-11-25T21:00:00Z)") \
+            from None
+    out = sys.stdout
+    for r in packetlog.iter_records(cfg.data_dir, session=args.session, start=start, end=end,
+                                    on_error=warn):
+        if args.json:
+            out.write(json.dumps(r) + "\n")
+        else:
+            out.write(f"{r['time']}  {r['session_id'] or '-':<22}  "
+                      f"{r['client_ip']}:{r['client_port']}  {r['direction']:<3}  "
+                      f"{r['src_ip']}:{r['src_port']} > {r['dst_ip']}:{r['dst_port']}  "
+                      f"[{r['flags']}] seq {r['seq']} ack {r['ack']} win {r['window']} "
+                      f"len {r['len']}\n")
+    return 0
+
+
+def cmd_logging(args: argparse.Namespace) -> int:
+    from relay import logging_ctl
+
+    cfg = _config(args)
+    dev = args.dev or cfg.tap.name
+    if args.state == "on":
+        logging_ctl.logging_on(dev, pin_root=cfg.pin_root)
+        print(f"capture attached to {dev}")
+    elif args.state == "off":
+        logging_ctl.logging_off(dev)
+        print(f"capture removed from {dev}: the relay runs unlogged until 'relay logging on'")
+    else:
+        st = logging_ctl.logging_status(dev, data_dir=cfg.data_dir, pin_root=cfg.pin_root)
+        info = st.to_dict()
+        if args.json:
+            print(json.dumps(info))
+        else:
+            print(f"capture on {dev}: {'attached' if st.attached else 'NOT attached'} "
+                  f"(ingress {'yes' if st.ingress else 'no'}, "
+                  f"egress {'yes' if st.egress else 'no'})")
+            if st.records is not None:
+                print(f"records: {st.records} total, {st.records_per_s:.0f}/s; "
+                      f"drops: {st.drops} (per CPU {st.drops_per_cpu})")
+            else:
+                print("records: unknown (no relay has pinned its capture on this host)")
+            print(f"packet log on disk: {st.disk_bytes} bytes in {cfg.data_dir}")
     return 0
 
 
@@ -191,6 +259,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT", help="override [server] listen")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser(
+        "reload", help="make the running relay re-read its config (as SIGHUP does)",
+        description="Limits, timeouts, users, forwarding target, retention and the metrics "
+                    "address change at once; sessions stay up. A bad config is refused and "
+                    "the old one stays in force. Keys that need a restart (listen, TAP, pool, "
+                    "data directory) are reported and left as they are.")
+    _add_data_dir(p)
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser(
+        "logging", help="switch the packet capture on or off, or show its status",
+        description="Adds or removes the capture's tc filters on the TAP device through "
+                    "rtnetlink, from a separate process, while relay serve runs (it uses the "
+                    "programs the relay pinned in [capture] bpffs). The relay audits every "
+                    "change in the connection log, whoever makes it; `tc filter show dev "
+                    "relay0 ingress` shows the filters too.")
+    p.add_argument("state", choices=("on", "off", "status"))
+    p.add_argument("--dev", help="the TAP device (default: [tap] name of the config)")
+    p.add_argument("--json", action="store_true", help="status as one JSON object")
+    _add_data_dir(p)
+    p.set_defaults(func=cmd_logging)
+
     logs = sub.add_parser("logs", help="read the relay's logs").add_subparsers(
         dest="logs_command", metavar="WHAT", required=True)
     p = logs.add_parser("connections", help="print the connection log")
@@ -218,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="IP|CIDR")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_ban)
+
+    p = logs.add_parser("packets", help="print the packet log")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--session", metavar="ID", help="only this session")
+    p.add_argument("--from", dest="start", metavar="TIME", help="RFC 3339, inclusive")
+    p.add_argument("--to", dest="end", metavar="TIME", help="RFC 3339, exclusive")
+    p.set_defaults(func=cmd_logs_packets)
 
     p = logs.add_parser(
         "ua-lookup", help="which session a stamped User-Agent points to",

@@ -102,11 +102,27 @@ class LogsConfig:
 
 
 @dataclass(frozen=True)
+class CaptureConfig:
+    # The bpffs where the capture programs and maps are pinned (under relay/<dev>/)
+    # for `relay logging`. `ip netns exec` remounts /sys, hiding /sys/fs/bpf: a
+    # relay run that way needs a bpffs mounted elsewhere (the demo's is in its
+    # work directory).
+    bpffs: str = "/sys/fs/bpf"
+
+
+@dataclass(frozen=True)
 class ForwardConfig:
     collector: str = ""
     ca: str = ""
     cert: str = ""
     key: str = ""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # Prometheus text format at http://listen/metrics. Loopback: the counters
+    # describe users' traffic and are nobody else's business. Empty = off.
+    listen: str = "127.0.0.1:9810"
 
 
 @dataclass(frozen=True)
@@ -152,13 +168,19 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tap: TapConfig = field(default_factory=TapConfig)
     logs: LogsConfig = field(default_factory=LogsConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     openvpn: OpenVPNConfig = field(default_factory=OpenVPNConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     abuse: AbuseConfig = field(default_factory=AbuseConfig)
 
     @property
     def data_dir(self) -> Path:
         return Path(self.logs.data_dir)
+
+    @property
+    def pin_root(self) -> Path:
+        return Path(self.capture.bpffs) / "relay"
 
     @property
     def listen_addr(self) -> tuple[str, int]:
@@ -179,8 +201,10 @@ _SECTION_TYPES = {
     "server": ServerConfig,
     "tap": TapConfig,
     "logs": LogsConfig,
+    "capture": CaptureConfig,
     "forward": ForwardConfig,
     "openvpn": OpenVPNConfig,
+    "metrics": MetricsConfig,
     "abuse": AbuseConfig,
 }
 
@@ -217,6 +241,8 @@ def _validate(cfg: Config) -> None:
     check("[server] handshake_timeout", parse_duration, cfg.server.handshake_timeout)
     check("[server] login_timeout", parse_duration, cfg.server.login_timeout)
     check("[openvpn] listen", parse_hostport, cfg.openvpn.listen)
+    if cfg.metrics.listen:
+        check("[metrics] listen", parse_hostport, cfg.metrics.listen)
     if cfg.server.uplink and not re.fullmatch(r"[A-Za-z0-9._@-]{1,15}", cfg.server.uplink):
         raise ConfigError(f"[server] uplink: not an interface name: {cfg.server.uplink!r}")
     if bool(cfg.server.cert) != bool(cfg.server.key):
@@ -237,6 +263,8 @@ def _validate(cfg: Config) -> None:
         check(f"[logs] {key}", parse_duration, getattr(cfg.logs, key))
     if cfg.logs.delete_after:
         check("[logs] delete_after", parse_duration, cfg.logs.delete_after)
+        if parse_duration(cfg.logs.delete_after) < 14 * 86400:
+            raise ConfigError("[logs] delete_after: packet logs stay searchable at least 14d")
     if parse_duration(cfg.logs.connlog_keep) < 90 * 86400:
         raise ConfigError("[logs] connlog_keep: the connection log is kept at least 90d")
     if parse_duration(cfg.logs.compress_after) < 14 * 86400:

@@ -39,6 +39,15 @@ DEAD_PEER_INTERVALS = 3
 CLIENT_WRITE_HIGH_WATER = 1024 * 1024
 
 
+def handshake_failure_reason(exc: BaseException) -> str:
+    """A metric label for a failed TLS handshake."""
+    if isinstance(exc, TimeoutError):
+        return "tls-timeout"
+    if isinstance(exc, ssl.SSLError):
+        return "tls-error"
+    return "connection-reset"
+
+
 @dataclass
 class PendingLogin:
     expires: float
@@ -110,7 +119,7 @@ class CstpLink(asyncio.Protocol):
                 lambda: self, sock, ssl=self.listener.ssl_ctx,
                 ssl_handshake_timeout=self.relay.handshake_timeout_s)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
-            self.relay.stats.handshake_failures += 1
+            self.relay.stats.handshake_failures[handshake_failure_reason(exc)] += 1
             log.warning("refused %s: TLS handshake failed: %s", self,
                         str(exc) or type(exc).__name__)
             sock.close()
@@ -160,7 +169,7 @@ class CstpLink(asyncio.Protocol):
                 self._flush()
                 self._end("client-disconnect", None, detail=ev.reason)
             elif isinstance(ev, cstp.ProtocolError):
-                relay.stats.protocol_errors += 1
+                relay.stats.handshake_failures["protocol-error"] += 1
                 log.warning("dropped %s: %s", self, ev.message)
                 self._flush()
                 self._end("protocol-error", ev.message)
@@ -174,6 +183,11 @@ class CstpLink(asyncio.Protocol):
         if pending is None:
             log.warning("refused %s: CONNECT with an unknown or expired cookie", self)
             self._handle(self.proto.refuse_tunnel("401 Unauthorized", "unknown or expired cookie"))
+            return
+        refusal = relay.refuse_reason()
+        if refusal is not None:
+            log.error("refused a session from %s: %s", self, refusal)
+            self._handle(self.proto.refuse_tunnel("503 Service Unavailable", refusal))
             return
         client = pending.client
         # The tunnel request may come on a new connection: keep what the client
@@ -205,7 +219,7 @@ class CstpLink(asyncio.Protocol):
         if s is None or t is None or frame[12:14] not in IP_ETHERTYPES:
             return
         if self.paused:
-            self.relay.stats.dropped_client_queue += 1
+            self.relay.stats.dropped["client-queue-full"] += 1
             return
         n = len(frame) - ETH_HLEN
         s.packets_out += 1

@@ -14,20 +14,25 @@ import ipaddress
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import struct
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from relay import connlog, control, hotpath
 from relay.abuse import Abuse
-from relay.config import Config, ConfigError, parse_duration
+from relay.config import Config, ConfigError, parse_duration, parse_hostport
 from relay.cstp_link import CstpListener
 from relay.errors import RelayError
+from relay.metrics import Collector, Metric, MetricsServer
 from relay.nat import Masquerade
+from relay.recording import Recording
 from relay.sessions import (
     CHECKPOINT_INTERVAL_S,
     AddressPool,
@@ -63,16 +68,23 @@ MAX_PENDING_LOOKUPS = 64
 
 
 class Stats:
+    """Counters of the relay's life, exported as metrics."""
+
     def __init__(self) -> None:
-        self.sessions_total = 0
-        self.handshake_failures = 0
-        self.protocol_errors = 0
-        self.dropped_spoofed = 0
-        self.dropped_no_session = 0
-        self.dropped_client_queue = 0
-        self.tap_write_errors = 0
+        self.sessions_total: Counter[str] = Counter()  # by protocol
+        self.handshake_failures: Counter[str] = Counter()  # by reason
+        self.dropped: Counter[str] = Counter()  # packets, by reason
         self.ua_stamped = 0
         self.ua_missed = 0
+        # Traffic of sessions already closed; open ones are summed at scrape time.
+        self.closed_packets = [0, 0]  # in, out
+        self.closed_bytes = [0, 0]
+
+    def session_closed(self, s: Session) -> None:
+        self.closed_packets[0] += s.packets_in
+        self.closed_packets[1] += s.packets_out
+        self.closed_bytes[0] += s.bytes_in
+        self.closed_bytes[1] += s.bytes_out
 
 
 class Link(Protocol):
@@ -93,25 +105,27 @@ class Link(Protocol):
 
 
 class Relay:
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Config, load_config: Callable[[], Config] | None = None) -> None:
+        self.load_config = load_config
         self.data_dir = cfg.data_dir
         self.hostname = socket.gethostname()
-        self.dpd_s = parse_duration(cfg.server.dpd)
-        self.keepalive_s = parse_duration(cfg.server.keepalive)
-        self.handshake_timeout_s = parse_duration(cfg.server.handshake_timeout)
-        self.login_timeout_s = parse_duration(cfg.server.login_timeout)
+        self._apply(cfg)
         self.stats = Stats()
         self.links: dict[bytes, Link] = {}
         self.all_links: set[Link] = set()
         self.pending_lookups = 0
         self.background: set[asyncio.Future[None]] = set()
-        self.users = _load_users(cfg.server.users)
         self.tap: Tap | None = None
         self.nat: Masquerade | None = None
         self.listener: socket.socket | None = None
         self.connlog: connlog.ConnectionLog | None = None
         self.control: asyncio.AbstractServer | None = None
+        self.metrics: MetricsServer | None = None
+        self.recording: Recording | None = None
+        # Extra metric collectors of optional components (capture, shipping).
+        self.collectors: list[Collector] = []
+        # Components that take new settings on reload (forwarder, retention).
+        self.reload_hooks: list[Callable[[Config], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -130,6 +144,10 @@ class Relay:
             if self.cfg.server.uplink:
                 self.nat = Masquerade(str(self.cfg.pool), self.cfg.server.uplink)
                 self.nat.install()
+            self.recording = Recording(self.cfg, self.tap.name, self.audit)
+            await self.recording.start()
+            self.collectors.append(self.recording.metrics)
+            self.reload_hooks.append(self.recording.reload)
             loop.add_reader(self.tap.fd, self._on_tap_readable)
             cstp_listener = CstpListener(self)
             self.listener = listen_tcp(host, port)
@@ -138,6 +156,8 @@ class Relay:
                      "certificate %s", host, port, self.tap.name, pool.gateway, self.data_dir,
                      cstp_listener.cert_path)
             self.control = await control.serve_control(self.data_dir, self._control)
+            self.metrics = MetricsServer([self._metrics, *self.collectors])
+            await self._start_metrics()
             tasks = [accepting, asyncio.create_task(self._checkpoint_loop()),
                      asyncio.create_task(self._abuse_loop())]
             await stop.wait()
@@ -198,6 +218,8 @@ class Relay:
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
+        if cmd == "reload":
+            return {"ok": True, "message": await self.reload()}
         if cmd == "ban-list":
             self.abuse.expire()
             return {"ok": True, "bans": [vars(b) for b in self.abuse.bans.values()]}
@@ -212,7 +234,114 @@ class Relay:
             return {"ok": True}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
+    def _apply(self, cfg: Config) -> None:
+        """Take the values that can change while running."""
+        self.cfg = cfg
+        self.dpd_s = parse_duration(cfg.server.dpd)
+        self.keepalive_s = parse_duration(cfg.server.keepalive)
+        self.handshake_timeout_s = parse_duration(cfg.server.handshake_timeout)
+        self.login_timeout_s = parse_duration(cfg.server.login_timeout)
+        self.users = _load_users(cfg.server.users)
+
+    async def reload(self) -> str:
+        """Re-read the config; a bad one is refused and the old one stays in force."""
+        if self.load_config is None:
+            raise RelayError("this relay was started without a config source to reload")
+        try:
+            new = self.load_config()
+            _load_users(new.server.users)
+        except RelayError as exc:
+            log.error("reload refused, the running config stays in force: %s", exc)
+            raise RelayError(f"reload refused, the running config stays in force: {exc}") \
+                from None
+        fixed = [key for key, old, now in (
+            ("[server] listen", self.cfg.server.listen, new.server.listen),
+            ("[server] uplink", self.cfg.server.uplink, new.server.uplink),
+            ("[server] cert/key", (self.cfg.server.cert, self.cfg.server.key),
+             (new.server.cert, new.server.key)),
+            ("[tap]", self.cfg.tap, new.tap),
+            ("[logs] data_dir", self.cfg.logs.data_dir, new.logs.data_dir),
+            ("[openvpn] listen", self.cfg.openvpn.listen, new.openvpn.listen),
+        ) if old != now]
+        if fixed:
+            # Keep the running values of keys that need a restart, take the rest.
+            new = replace(new, server=replace(new.server, listen=self.cfg.server.listen,
+                                              uplink=self.cfg.server.uplink,
+                                              cert=self.cfg.server.cert, key=self.cfg.server.key),
+                          tap=self.cfg.tap, logs=replace(new.logs, data_dir=self.cfg.logs.data_dir),
+                          openvpn=self.cfg.openvpn)
+        old_metrics = self.cfg.metrics.listen
+        self._apply(new)
+        self.abuse.cfg = new.abuse
+        for hook in self.reload_hooks:
+            hook(new)
+        if new.metrics.listen != old_metrics and self.metrics is not None:
+            self.metrics.close()
+            await self._start_metrics()
+        message = "config reloaded"
+        if fixed:
+            message += f"; {', '.join(fixed)} changed but need a restart (kept as running)"
+        log.info("%s", message)
+        self.audit({"action": "config-reload", "message": message})
+        return message
+
+    async def _start_metrics(self) -> None:
+        if not self.cfg.metrics.listen:
+            return
+        host, port = parse_hostport(self.cfg.metrics.listen)
+        try:
+            await self.metrics.start(host, port)
+        except OSError as exc:
+            raise RelayError(f"[metrics] listen: cannot listen on {host}:{port}: "
+                             f"{exc.strerror}") from None
+
+    def _metrics(self) -> list[Metric]:
+        st = self.stats
+        active: Counter[str] = Counter(s.protocol for s in self.sessions.by_id.values())
+        packets, traffic = list(st.closed_packets), list(st.closed_bytes)
+        for s in self.sessions.by_id.values():
+            packets[0] += s.packets_in
+            packets[1] += s.packets_out
+            traffic[0] += s.bytes_in
+            traffic[1] += s.bytes_out
+        free = shutil.disk_usage(self.data_dir).free
+        out = [
+            Metric("relay_sessions_active", "gauge", "Open sessions, by protocol."),
+            Metric("relay_sessions_total", "counter", "Sessions opened, by protocol."),
+            Metric("relay_packets_total", "counter",
+                   "Packets forwarded; direction in = from clients.")
+            .add(packets[0], direction="in").add(packets[1], direction="out"),
+            Metric("relay_bytes_total", "counter", "IP bytes forwarded; in = from clients.")
+            .add(traffic[0], direction="in").add(traffic[1], direction="out"),
+            Metric("relay_dropped_packets_total", "counter", "Packets dropped, by reason."),
+            Metric("relay_ua_stamps_total", "counter", "User-Agent values stamped.")
+            .add(st.ua_stamped),
+            Metric("relay_ua_stamps_missed_total", "counter",
+                   "HTTP requests whose User-Agent may have crossed unstamped (split "
+                   "across segments).").add(st.ua_missed),
+            Metric("relay_handshake_failures_total", "counter",
+                   "Connections that failed before a session, by reason."),
+            Metric("relay_refusals_total", "counter",
+                   "Connections refused by the abuse defences, by reason."),
+            Metric("relay_bans_active", "gauge", "Bans in force.").add(
+                sum(1 for b in self.abuse.bans.values() if b.until > time.time())),
+            Metric("relay_data_dir_free_bytes", "gauge",
+                   "Free space in the data directory's file system.").add(free),
+        ]
+        for protocol in sorted(set(active) | set(st.sessions_total)):
+            out[0].add(active[protocol], protocol=protocol)
+            out[1].add(st.sessions_total[protocol], protocol=protocol)
+        for reason, n in sorted(st.dropped.items()):
+            out[4].add(n, reason=reason)
+        for reason, n in sorted(st.handshake_failures.items()):
+            out[7].add(n, reason=reason)
+        for reason, n in sorted(self.abuse.refused_total.items()):
+            out[8].add(n, reason=reason)
+        return out
+
     async def _shutdown(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         if self.control is not None:
             self.control.close()
             (self.data_dir / control.SOCKET_NAME).unlink(missing_ok=True)
@@ -220,6 +349,8 @@ class Relay:
             self.listener.close()
         for link in list(self.all_links):
             link.terminate("relay-shutdown", "the relay was stopped")
+        if self.recording is not None:
+            await self.recording.close()
         if self.tap is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self.tap.fd)
@@ -276,11 +407,15 @@ class Relay:
                 return
             link = links.get(frame[:6])
             if link is None:
-                self.stats.dropped_no_session += 1
+                self.stats.dropped["no-session"] += 1
                 continue
             link.from_kernel(frame)
 
     # -- sessions -------------------------------------------------------------------
+
+    def refuse_reason(self) -> str | None:
+        """Why a new session must be refused now (e.g. no disk left to log it)."""
+        return self.recording.refuse_reason() if self.recording is not None else None
 
     def check_login(self, username: str, password: str) -> bool:
         """Anonymous (anything goes) unless [server] users names a user list."""
@@ -312,7 +447,10 @@ class Relay:
         ``mac`` is the client's own MAC for bridged (TAP-style) clients."""
         assert self.tap is not None and self.connlog is not None
         s = self.sessions.open(link.peer_ip, link.peer_port, protocol, mac)
-        # Before the client may send: replies to it must find its MAC.
+        # Before the client may send: its packets must be attributed, and replies
+        # to it must find its MAC.
+        if self.recording is not None:
+            self.recording.add_session(s.mac, s.id, link.peer_ip, link.peer_port)
         await self.tap.add_neighbour(s.virtual_ip, s.mac)
         s.connect_record = self.connlog.append({
             "action": "connect",
@@ -327,7 +465,7 @@ class Relay:
         s.started = connlog.parse_rfc3339(s.connect_record["time"])
         self.journal.write(s)
         self.links[s.mac] = link
-        self.stats.sessions_total += 1
+        self.stats.sessions_total[protocol] += 1
         log.info("session %s open: %s:%d as %s (%s)", s.id, link.peer_ip, link.peer_port,
                  s.virtual_ip, s.connect_record["client_software"]["name"])
         return s
@@ -335,6 +473,8 @@ class Relay:
     def close_session(self, link: Link, s: Session, reason: str, error: str | None) -> None:
         assert self.tap is not None and self.connlog is not None
         self.links.pop(s.mac, None)
+        if self.recording is not None:
+            self.recording.remove_session(s.mac)
         record = _disconnect_fields(s.connect_record)
         record["client"]["hostname"] = link.client_hostname()
         record.update(s.counters(), duration_s=round(time.time() - s.started, 3),
@@ -342,6 +482,7 @@ class Relay:
         self.connlog.append(record)
         self.journal.remove(s)
         self.sessions.close(s)
+        self.stats.session_closed(s)
         log.info("session %s closed: %s%s", s.id, reason, f" ({error})" if error else "")
         self.spawn(self._forget_address(s.virtual_ip))
 
@@ -351,7 +492,7 @@ class Relay:
         modify ``packet``). Only the session's own address may be the source:
         attribution in the logs relies on it."""
         if len(packet) < 20 or packet[0] >> 4 != 4 or packet[12:16] != s.vip_bytes:
-            self.stats.dropped_spoofed += 1
+            self.stats.dropped["spoofed-source"] += 1
             return
         s.packets_in += 1
         s.bytes_in += len(packet)
@@ -365,7 +506,7 @@ class Relay:
         try:
             os.writev(self.tap.fd, (self.tap.mac, s.mac, ETHERTYPE_IPV4, packet))
         except OSError as exc:
-            self.stats.tap_write_errors += 1
+            self.stats.dropped["tap-write-error"] += 1
             log.debug("TAP write failed: %s", exc.strerror)
 
     async def _forget_address(self, ip: str) -> None:
@@ -417,7 +558,8 @@ def _load_users(path: str) -> dict[str, str] | None:
     return users
 
 
-def serve(cfg: Config) -> None:
+def serve(load_config: Callable[[], Config]) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the config through ``load_config``."""
     import uvloop
 
     async def main() -> None:
@@ -425,6 +567,12 @@ def serve(cfg: Config) -> None:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Relay(cfg).run(stop)
+        relay = Relay(load_config(), load_config)
+
+        def on_hup() -> None:
+            relay.spawn(relay.reload())
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        await relay.run(stop)
 
     uvloop.run(main())

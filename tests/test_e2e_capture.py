@@ -1,0 +1,169 @@
+"""The packet log end to end: stock openconnect sessions through relay serve, the
+same traffic captured by tshark on relay0, compared packet by packet; the
+netlink toggle and its audit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from relay import connlog, packetlog
+from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_for
+
+SCRIPTED = (
+    "import socket\n"
+    f"s = socket.create_connection(('{INTERNET_IP}', 80), timeout=10)\n"
+    "for i in range(20):\n"
+    "    s.sendall(b'GET /?n=%d HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' % i)\n"
+    "    s.recv(65536)\n"
+    "s.close()\n"
+)
+Key = tuple[str, int, str, int, int, int, str, int]
+
+
+# tshark captures for this long and then stops by itself, so that its last
+# buffers are written out (a SIGINT can lose what libpcap still holds).
+TSHARK_SECONDS = 15
+
+
+def tshark_start(topo: Topology, pcap: Path) -> subprocess.Popen[bytes]:
+    # A large kernel buffer (-B, MiB): tshark must not drop, or the comparison
+    # would measure tshark's losses (which it has at full speed without it).
+    proc = topo.spawn(topo.relay_ns, ["tshark", "-q", "-B", "64", "-a",
+                                      f"duration:{TSHARK_SECONDS}", "-i", "relay0", "-f", "tcp",
+                                      "-w", str(pcap)], "tshark.log")
+    wait_for(lambda: "Capturing on" in topo.log("tshark.log"), 20, "tshark to capture")
+    time.sleep(1.0)  # "Capturing on" comes a moment before the capture is live
+    return proc
+
+
+def tshark_packets(pcap: Path) -> list[Key]:
+    out = subprocess.run(
+        ["tshark", "-r", str(pcap), "-T", "fields", "-E", "separator=,", "-e", "ip.src",
+         "-e", "tcp.srcport", "-e", "ip.dst", "-e", "tcp.dstport", "-e", "tcp.seq_raw",
+         "-e", "tcp.ack_raw", "-e", "tcp.flags", "-e", "tcp.len"],
+        capture_output=True, text=True, check=True).stdout
+    rows = []
+    for line in out.splitlines():
+        src, sport, dst, dport, seq, ack, flags, length = line.split(",")
+        rows.append((src, int(sport), dst, int(dport), int(seq), int(ack),
+                     packetlog.flags_str(int(flags, 16)), int(length)))
+    return rows
+
+
+def logged(data: Path) -> list[dict]:
+    return list(packetlog.iter_records(data))
+
+
+def key(r: dict) -> Key:
+    return (r["src_ip"], r["src_port"], r["dst_ip"], r["dst_port"], r["seq"], r["ack"],
+            r["flags"], r["len"])
+
+
+def sessions(data: Path) -> dict[str, dict]:
+    """virtual IP -> connect record."""
+    return {r["virtual_ip"]: r for r in connlog.iter_records(data) if r["action"] == "connect"}
+
+
+def test_packet_log_matches_tshark_with_two_sessions(
+        make_topology: Callable[..., Topology]) -> None:
+    topo = make_topology(2)
+    data = topo.workdir / "data"
+    topo.start_web()
+    topo.start_relay(data)
+    topo.connect_openconnect(1, data)
+    topo.connect_openconnect(2, data)
+    pcap = topo.workdir / "relay0.pcap"
+    shark = tshark_start(topo, pcap)
+
+    downloads = [subprocess.Popen(["ip", "netns", "exec", topo.client_ns(i), "curl", "-sS",
+                                   "--limit-rate", "8M", "-o", "/dev/null",
+                                   f"http://{INTERNET_IP}/big.bin"])
+                 for i in (1, 2)]
+    run([sys.executable, "-c", SCRIPTED], topo.client_ns(1))
+    assert all(d.wait(60) == 0 for d in downloads)
+    shark.wait(TSHARK_SECONDS + 10)
+    assert "dropped" not in topo.log("tshark.log").replace("0 packets dropped", "")
+
+    seen = tshark_packets(pcap)
+    records = logged(data)
+    assert len(seen) > 3000  # 2 x 4 MiB downloads and the scripted exchange
+    assert Counter(key(r) for r in records) == Counter(seen)
+
+    by_vip = sessions(data)
+    assert len(by_vip) == 2
+    for r in records:
+        vip = r["src_ip"] if r["direction"] == "in" else r["dst_ip"]
+        s = by_vip[vip]
+        assert r["session_id"] == s["session_id"]
+        assert r["client_ip"] == s["client"]["ip"] and r["client_port"] == s["client"]["port"]
+        assert r["time"].endswith("Z")
+    assert {r["client_ip"] for r in records} == {client_ip(1), client_ip(2)}
+
+    # The CLI prints the same records.
+    sid = by_vip[topo.tunnel_ip(1)]["session_id"]
+    out = subprocess.run([sys.executable, "-m", "relay.cli", "logs", "packets", "--json",
+                          "--session", sid, "--data-dir", str(data)],
+                         capture_output=True, text=True, check=True).stdout
+    printed = [json.loads(line) for line in out.splitlines()]
+    assert printed == [r for r in records if r["session_id"] == sid]
+    for field in ("time", "session_id", "client_ip", "client_port", "direction", "src_ip",
+                  "src_port", "dst_ip", "dst_port", "seq", "ack", "flags", "len"):
+        assert field in printed[0]
+
+
+def relay_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def audits(data: Path) -> list[str]:
+    return [r["action"] for r in connlog.iter_records(data)
+            if r["action"] in ("logging-on", "logging-off")]
+
+
+def test_logging_off_on_and_tc_filter_del_are_audited(
+        make_topology: Callable[..., Topology]) -> None:
+    topo = make_topology(1)
+    data = topo.workdir / "data"
+    topo.start_web()
+    topo.start_relay(data)
+    topo.connect_openconnect(1, data)
+    conf = str(topo.workdir / "relay.toml")
+
+    def in_ns(*args: str) -> subprocess.CompletedProcess[str]:
+        return run([sys.executable, "-m", "relay.cli", *args, "--config", conf],
+                   topo.relay_ns, check=False)
+
+    topo.curl(1, "/")
+    wait_for(lambda: len(logged(data)) > 0, 10, "records")
+    status = json.loads(in_ns("logging", "status", "--json").stdout)
+    assert status["attached"] and status["records"] > 0
+    assert "relay_capture_in" in run(["tc", "filter", "show", "dev", "relay0", "ingress"],
+                                     topo.relay_ns).stdout
+
+    off = in_ns("logging", "off")
+    assert off.returncode == 0, off.stderr
+    wait_for(lambda: audits(data) == ["logging-off"], 10, "the logging-off audit")
+    time.sleep(0.5)
+    before = len(logged(data))
+    topo.curl(1, "/?while-off")
+    time.sleep(0.5)
+    assert len(logged(data)) == before
+    assert not json.loads(in_ns("logging", "status", "--json").stdout)["attached"]
+
+    on = in_ns("logging", "on")
+    assert on.returncode == 0, on.stderr
+    wait_for(lambda: audits(data) == ["logging-off", "logging-on"], 10, "the logging-on audit")
+    topo.curl(1, "/?while-on")
+    wait_for(lambda: len(logged(data)) > before, 10, "records to resume")
+
+    run(["tc", "filter", "del", "dev", "relay0", "ingress"], topo.relay_ns)
+    wait_for(lambda: audits(data)[-1:] == ["logging-off"], 10, "the audit of tc filter del")
+    assert relay_ip(1)  # the topology stays up through all of it
+
