@@ -126,6 +126,11 @@ SCHEDULED_EXIT_S = 5.0
 # message with a full peer-info is ~1.5 KiB (push_peer_info allocates 1536 bytes),
 # user and password at most 4 KiB each (USER_PASS_LEN with auth-token).
 MAX_PLAINTEXT_BYTES = 16 * 1024
+# Largest packet accepted from a TCP stream. OpenVPN 2.6 sizes its buffers from
+# --tun-max-mtu (default 1600) plus the crypto overhead, and the relay pushes a
+# smaller tun-mtu; 4 KiB also fits a client configured with a larger MTU, while a
+# stream that is not OpenVPN (whose "length" is two arbitrary bytes) fails fast.
+MAX_PACKET_BYTES = 4096
 # TCP framing: a 16-bit length before each packet.
 TCP_LENGTH = struct.Struct("!H")
 
@@ -553,8 +558,13 @@ class OpenVPNServer:
         pos = 0
         while len(buf) - pos >= TCP_LENGTH.size and not self.closed:
             (n,) = TCP_LENGTH.unpack_from(buf, pos)
-            if n == 0:
-                self._fail("zero-length packet in the TCP stream")
+            if not 0 < n <= MAX_PACKET_BYTES:
+                self._fail(f"{n}-byte packet in the TCP stream (at most {MAX_PACKET_BYTES})")
+                break
+            first = pos + TCP_LENGTH.size
+            if (self.remote_session_id is None and len(buf) > first
+                    and buf[first] != Opcode.CONTROL_HARD_RESET_CLIENT_V2 << OPCODE_SHIFT):
+                self._fail("the TCP stream does not start with P_CONTROL_HARD_RESET_CLIENT_V2")
                 break
             if len(buf) - pos - TCP_LENGTH.size < n:
                 break
