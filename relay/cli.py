@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from relay import config as configmod
 from relay.errors import RelayError
@@ -50,7 +52,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     from relay import control
 
-    response = control.request(_config(args).data_dir, {"cmd": "reload"})
+    try:
+        cfg = _config(args)
+    except configmod.ConfigError as exc:
+        # The relay would refuse it the same way: say so without bothering it.
+        raise RelayError(f"reload refused, the running config stays in force: {exc}") \
+            from None
+    response = control.request(cfg.data_dir, {"cmd": "reload"})
     print(response.get("message", "reloaded"))
     return 0
 
@@ -236,6 +244,43 @@ def cmd_ban(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ship_status(args: argparse.Namespace) -> int:
+    from relay.forwarder import ship_status
+
+    cfg = _config(args)
+    st = ship_status(cfg.data_dir)
+    if args.json:
+        print(json.dumps(st))
+        return 0
+    print(f"collector: {cfg.forward.collector or '(none: the connection log stays local)'}")
+    for key in ("state", "running", "backlog_records", "backlog_bytes", "position",
+                "last_success", "last_error", "last_error_time", "consecutive_failures",
+                "confirmation", "records_sent", "last_note"):
+        if key in st:
+            print(f"{key.replace('_', ' ')}: {st[key]}")
+    return 0
+
+
+def cmd_collector(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from relay.collector import run_collector
+
+    async def main() -> None:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_collector(args.listen, Path(args.data_dir), args.ca or "", args.cert,
+                            args.key, args.require_client_cert, args.keep, args.plain_listen,
+                            stop_event=stop)
+
+    uvloop.run(main())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
 
@@ -326,6 +371,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user_agent", metavar="USER-AGENT")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_logs_ua_lookup)
+
+    ship = sub.add_parser("ship", help="the connection log's shipping to the collector") \
+        .add_subparsers(dest="ship_command", metavar="WHAT", required=True)
+    p = ship.add_parser("status", help="backlog, last success and last error of the forwarder")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_ship_status)
+
+    p = sub.add_parser(
+        "collector", help="the central log server: RFC 5425 (syslog over TLS) receiver",
+        description="Accepts the connection logs of many relays (and plain RFC 5424 from "
+                    "other senders such as rsyslog), stores per-relay daily files, removes "
+                    "duplicates by record id, keeps at least 90 days.")
+    p.add_argument("--listen", default="0.0.0.0:6514", metavar="HOST:PORT",
+                   help="TLS listener (default 0.0.0.0:6514, RFC 5425's port)")
+    p.add_argument("--data-dir", default="/var/lib/relay-collector", metavar="DIR",
+                   help="where the logs are stored (default /var/lib/relay-collector)")
+    p.add_argument("--cert", required=True, help="the collector's certificate (PEM)")
+    p.add_argument("--key", required=True, help="its key (PEM)")
+    p.add_argument("--ca", help="CA of the relays' client certificates")
+    p.add_argument("--require-client-cert", action="store_true",
+                   help="refuse senders without a certificate from --ca")
+    p.add_argument("--keep", type=int, default=90, metavar="DAYS",
+                   help="days kept (default and minimum 90); older days are deleted")
+    p.add_argument("--plain-listen", metavar="HOST:PORT",
+                   help="also accept plain TCP syslog here (for local senders only)")
+    p.set_defaults(func=cmd_collector)
 
     p = sub.add_parser("demo", help="the relay end to end in network namespaces")
     p.add_argument("--keep", action="store_true",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from relay import syslog5424
 from relay.errors import RelayError
 
 DEFAULT_DATA_DIR = Path("/var/lib/relay")
@@ -99,6 +100,8 @@ class LogsConfig:
     compress_after: str = "14d"
     delete_after: str = ""
     connlog_keep: str = "90d"
+    # Connection-log days older than this are recompressed to .jsonl.zst.
+    connlog_compress_after: str = "1d"
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,15 @@ class CaptureConfig:
 
 @dataclass(frozen=True)
 class ForwardConfig:
+    # RFC 5425 shipping of the connection log; empty = local only.
     collector: str = ""
     ca: str = ""
     cert: str = ""
     key: str = ""
+    # Syslog facility of the messages (local0..local7 or authpriv).
+    facility: str = "local0"
+    # Longest wait between reconnection attempts (exponential back-off with jitter).
+    retry_max: str = "60s"
 
 
 @dataclass(frozen=True)
@@ -275,8 +283,18 @@ def _validate(cfg: Config) -> None:
             check(f"[abuse] {f.name}", parse_duration, value)
         elif value <= 0:
             raise ConfigError(f"[abuse] {f.name}: must be positive, got {value}")
+    check("[logs] connlog_compress_after", parse_duration, cfg.logs.connlog_compress_after)
+    if parse_duration(cfg.logs.connlog_compress_after) < 86400:
+        raise ConfigError("[logs] connlog_compress_after: at least 1d (today's file is live)")
+    check("[forward] retry_max", parse_duration, cfg.forward.retry_max)
+    check("[forward] facility", syslog5424.facility_code, cfg.forward.facility)
     if cfg.forward.collector:
         check("[forward] collector", parse_hostport, cfg.forward.collector)
+        if not cfg.forward.ca:
+            raise ConfigError("[forward] ca: the collector's certificate is verified against "
+                              "this CA; it is required with a collector")
+    if bool(cfg.forward.cert) != bool(cfg.forward.key):
+        raise ConfigError("[forward] cert: cert and key must be given together (or neither)")
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -1,0 +1,84 @@
+"""The connection log's way off the host, as ``relay serve`` runs it: the RFC 5425
+forwarder (relay.forwarder) and the local retention of the log
+(relay.connlog_retention), each an asyncio task with its own stop event so that a
+reload can restart the forwarder towards a new collector without touching the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from relay.config import Config, parse_duration
+from relay.connlog_retention import run_connlog_retention
+from relay.forwarder import run_forwarder
+
+log = logging.getLogger("relay")
+
+DAY_S = 86400
+
+
+class Shipping:
+    def __init__(self, cfg: Config, audit: Callable[[dict[str, Any]], None]) -> None:
+        self.cfg = cfg
+        self.audit = audit
+        self._forwarder: tuple[asyncio.Task[None], asyncio.Event] | None = None
+        self._retention: tuple[asyncio.Task[None], asyncio.Event] | None = None
+
+    def start(self) -> None:
+        self._start_forwarder()
+        self._start_retention()
+
+    def _start_retention(self) -> None:
+        self._retention = self._task(lambda stop: run_connlog_retention(
+            self.cfg.data_dir, parse_duration(self.cfg.logs.connlog_keep) // DAY_S, stop,
+            self.audit,
+            compress_after_days=parse_duration(self.cfg.logs.connlog_compress_after) // DAY_S))
+
+    def _start_forwarder(self) -> None:
+        if not self.cfg.forward.collector:
+            return
+        self._forwarder = self._task(lambda stop: run_forwarder(
+            self.cfg.forward, self.cfg.data_dir, self.cfg.server.id, stop,
+            facility=self.cfg.forward.facility,
+            backoff_max=float(parse_duration(self.cfg.forward.retry_max))))
+
+    def _task(self, make: Callable[[asyncio.Event], Any]) -> tuple[asyncio.Task[None],
+                                                                    asyncio.Event]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(make(stop))
+        task.add_done_callback(self._ended)
+        return task, stop
+
+    @staticmethod
+    def _ended(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("shipping task failed: %s", task.exception())
+
+    async def reload(self, cfg: Config) -> None:
+        """Restart the forwarder when [forward] changed; retention takes new ages."""
+        old, self.cfg = self.cfg, cfg
+        if old.forward != cfg.forward:
+            await self._stop(self._forwarder)
+            self._forwarder = None
+            self._start_forwarder()
+            log.info("forwarding target now %s", cfg.forward.collector or "(none, local only)")
+        if old.logs != cfg.logs:
+            await self._stop(self._retention)
+            self._start_retention()
+
+    @staticmethod
+    async def _stop(entry: tuple[asyncio.Task[None], asyncio.Event] | None) -> None:
+        if entry is None:
+            return
+        task, stop = entry
+        stop.set()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+
+    async def close(self) -> None:
+        await self._stop(self._forwarder)
+        await self._stop(self._retention)

@@ -1,0 +1,108 @@
+"""relay serve as a service: metrics, shipping to relay collector, reload, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from shiputil import make_pki, read_day_dir
+
+from relay import connlog
+from relay.netns import Topology, run, wait_for
+
+
+def scrape(topo: Topology) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = run(["curl", "-sS", "--fail", "http://127.0.0.1:9810/metrics"], topo.relay_ns).stdout
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def records(data: Path, action: str) -> list[dict]:
+    return [r for r in connlog.iter_records(data) if r["action"] == action]
+
+
+def test_metrics_shipping_reload_and_clean_shutdown(
+        make_topology: Callable[..., Topology]) -> None:
+    topo = make_topology(1)
+    data = topo.workdir / "data"
+    pki = make_pki(topo.workdir / "pki")
+    collected = topo.workdir / "collected"
+    topo.spawn(topo.relay_ns, [sys.executable, "-m", "relay.cli", "collector", "--listen",
+                               "127.0.0.1:6514", "--data-dir", str(collected), "--cert",
+                               str(pki.server_cert), "--key", str(pki.server_key), "--ca",
+                               str(pki.ca)], "collector.log")
+    wait_for(lambda: "6514" in run(["ss", "-Hltn"], topo.relay_ns).stdout, 20, "the collector")
+    topo.start_web()
+    forward = (f'[forward]\ncollector = "localhost:6514"\nca = "{pki.ca}"\nretry_max = "2s"\n')
+    relay = topo.start_relay(data, extra_tables=forward)
+    client = topo.connect_openconnect(1, data)
+
+    # Metrics: Prometheus text format, and the counters move with traffic.
+    before = scrape(topo)
+    assert before[("relay_sessions_active", (("protocol", "SSL-VPN"),))] == 1
+    topo.curl(1, "/big.bin", "-o", "/dev/null")
+    topo.curl(1, "/", "-A", "metrics-test/1.0")
+    time.sleep(0.5)
+    after = scrape(topo)
+    for name, labels in (("relay_packets_total", (("direction", "in"),)),
+                         ("relay_packets_total", (("direction", "out"),)),
+                         ("relay_bytes_total", (("direction", "out"),)),
+                         ("relay_capture_records_total", ()),
+                         ("relay_capture_drained_records_total", ()),
+                         ("relay_ua_stamps_total", ())):
+        assert after[(name, labels)] > before.get((name, labels), 0), name
+    assert after[("relay_bytes_total", (("direction", "out"),))] > 4 * 1024 * 1024
+    assert after[("relay_capture_drops_total", (("cpu", "0"),))] == 0
+    assert after[("relay_capture_attached", ())] == 1
+    assert after[("relay_data_dir_free_bytes", ())] > 0
+
+    # Shipping: the connect record reaches the collector.
+    wait_for(lambda: any(r.get("action") == "connect"
+                         for r in read_day_dir(collected / "relay-1")), 30,
+             "the connect record at the collector")
+    status = json.loads(subprocess.run(
+        [sys.executable, "-m", "relay.cli", "ship", "status", "--json", "--data-dir",
+         str(data)], capture_output=True, text=True, check=True).stdout)
+    assert status["last_success"] is not None
+
+    # Reload: a limit changes, the session stays; a broken config is refused.
+    conf = topo.workdir / "relay.toml"
+    conf.write_text(conf.read_text().replace("[abuse]\n", "[abuse]\nsessions_per_ip = 7\n"))
+    out = run([sys.executable, "-m", "relay.cli", "reload", "--config", str(conf)],
+              topo.relay_ns)
+    assert "config reloaded" in out.stdout
+    good = conf.read_text()
+    conf.write_text(good.replace("sessions_per_ip = 7", 'sessions_per_ip = "lots"'))
+    bad = run([sys.executable, "-m", "relay.cli", "reload", "--config", str(conf)],
+              topo.relay_ns, check=False)
+    assert bad.returncode == 1 and "reload refused" in bad.stderr
+    assert "[abuse] sessions_per_ip" in bad.stderr
+    relay.send_signal(signal.SIGHUP)  # the relay itself refuses it too
+    wait_for(lambda: "reload refused" in topo.log("relay.log"), 10, "the relay's refusal")
+    conf.write_text(good)
+    relay.send_signal(signal.SIGHUP)  # SIGHUP reloads like relay reload
+    wait_for(lambda: topo.log("relay.log").count("config reloaded") >= 2, 10, "SIGHUP reload")
+    assert client.poll() is None
+    topo.curl(1, "/")
+    assert [r["action"] for r in records(data, "config-reload")] == ["config-reload"] * 2
+
+    # SIGTERM: every session closed, everything the relay made removed.
+    relay.send_signal(signal.SIGTERM)
+    relay.wait(30)
+    [disconnect] = records(data, "disconnect")
+    assert disconnect["reason"] == "relay-shutdown"
+    assert run(["ip", "link", "show", "relay0"], topo.relay_ns, check=False).returncode != 0
+    assert "relay" not in run(["nft", "list", "tables"], topo.relay_ns).stdout
+    assert not any((topo.bpffs / "relay").glob("*/*"))
+    assert not (data / "control.sock").exists()
+    assert list((data / "sessions").iterdir()) == []
+    client.wait(30)  # told by a DISCONNECT packet, it exits rather than reconnect
