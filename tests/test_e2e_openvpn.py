@@ -1,0 +1,159 @@
+"""End to end: the stock ``openvpn`` 2.6 client through ``relay serve`` in
+namespaces, over TCP and UDP, ``dev tun`` and ``dev tap``."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay import connlog, packetlog
+from relay.config import Config
+from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_for
+from relay.openvpn_link import client_config
+
+OPENVPN_PORT = 1194
+
+
+def openvpn_version() -> str:
+    if shutil.which("openvpn") is None:
+        pytest.fail("the openvpn client is missing: apt-get install openvpn (./run.sh setup)")
+    out = subprocess.run(["openvpn", "--version"], capture_output=True, text=True).stdout
+    return re.search(r"OpenVPN (\d+\.\d+\.\d+)", out).group(1)  # type: ignore[union-attr]
+
+
+def records(data: Path, action: str) -> list[dict[str, Any]]:
+    return [r for r in connlog.iter_records(data) if r["action"] == action]
+
+
+def start_openvpn(topo: Topology, data: Path, proto: str, dev: str,
+                  i: int = 1) -> subprocess.Popen[bytes]:
+    """The stock client with the config ``relay client-config openvpn`` writes;
+    waits until it reports the tunnel up."""
+    conf = topo.workdir / f"client-{i}-{proto}-{dev}.ovpn"
+    conf.write_text(client_config(Config().with_data_dir(data), data, proto, dev,
+                                  remote=relay_ip(i)))
+    log_name = f"openvpn-{i}.log"
+    proc = topo.spawn(topo.client_ns(i), ["openvpn", "--config", str(conf)], log_name)
+    wait_for(lambda: "Initialization Sequence Completed" in topo.log(log_name)
+             or proc.poll() is not None, 30, f"openvpn in {topo.client_ns(i)} to connect")
+    if proc.poll() is not None:
+        raise AssertionError(f"openvpn exited: {topo.log(log_name)[-3000:]}")
+    return proc
+
+
+def interface(topo: Topology, dev: str, i: int = 1) -> tuple[str, str]:
+    """(IPv4 address, MAC or "") of the client's tun0/tap0."""
+    out = run(["ip", "-o", "-4", "addr", "show", "dev", f"{dev}0"], topo.client_ns(i)).stdout
+    addr = out.split("inet ")[1].split("/")[0]
+    link = run(["ip", "-o", "link", "show", f"{dev}0"], topo.client_ns(i)).stdout
+    mac = link.split("link/ether ")[1].split()[0] if "link/ether" in link else ""
+    return addr, mac
+
+
+def client_port(topo: Topology, proto: str, i: int = 1) -> int:
+    """The client's source port towards the relay, as the client sees it."""
+    if proto == "tcp":
+        out = run(["ss", "-Htn", "state", "established", "dst",
+                   f"{relay_ip(i)}:{OPENVPN_PORT}"], topo.client_ns(i)).stdout.split()
+        return int(out[2].rsplit(":", 1)[1])
+    out = run(["ss", "-Huan"], topo.client_ns(i)).stdout.split()
+    return int(out[3].rsplit(":", 1)[1])  # openvpn's is the namespace's only UDP socket
+
+
+@pytest.mark.parametrize(("proto", "dev"), [("tcp", "tun"), ("udp", "tun"), ("tcp", "tap"),
+                                            ("udp", "tap")])
+def test_stock_openvpn_client_fetches_a_page_with_records_and_stamp(
+        make_topology: Callable[..., Topology], proto: str, dev: str) -> None:
+    version = openvpn_version()
+    topo = make_topology(1)
+    data = topo.workdir / "data"
+    access = topo.start_web()
+    topo.start_relay(data)
+    client = start_openvpn(topo, data, proto, dev)
+    vip, mac = interface(topo, dev)
+    port = client_port(topo, proto)
+
+    ua = "e2e-openvpn/1.0"
+    assert "hello from the internet namespace" in topo.curl(1, "/", "-A", ua)
+    big = topo.curl(1, "/big.bin", "-o", "/dev/null", "-w", "%{size_download}")
+    assert int(big) == 4 * 1024 * 1024
+    [connect] = records(data, "connect")
+    tag = connect["session_id"][:8]
+    # The NAT address at the web server, and the User-Agent tail stamped in place.
+    assert f'"GET / HTTP/1.1" 200 "{ua[:-8]}{tag}"' in access.read_text()
+    assert access.read_text().splitlines()[0].startswith("198.19.0.1 ")
+
+    # Packet records carry the session and the client's physical address.
+    def ours() -> list[dict[str, Any]]:
+        return [r for r in packetlog.iter_records(data)
+                if r["session_id"] == connect["session_id"] and r["dst_port"] == 80]
+
+    wait_for(ours, 20, "packet records of the session")
+    for r in ours():
+        assert (r["client_ip"], r["client_port"], r["src_ip"]) == (client_ip(1), port, vip)
+
+    client.send_signal(signal.SIGTERM)
+    client.wait(15)
+    wait_for(lambda: records(data, "disconnect"), 20, "the disconnect record")
+    [disconnect] = records(data, "disconnect")
+    for rec in (connect, disconnect):
+        assert rec["session_id"] == connect["session_id"]
+        assert rec["protocol"] == "OpenVPN"
+        assert rec["server"]["ip"] == relay_ip(1)
+        assert rec["client"]["ip"] == client_ip(1) and rec["client"]["port"] == port
+        assert rec["virtual_ip"] == vip
+        sw = rec["client_software"]
+        assert (sw["name"], sw["version"], sw["platform"]) == ("OpenVPN", version, "linux")
+        assert "id" in sw and "gui" in sw
+    assert disconnect["packets"]["in"] > 100 and disconnect["packets"]["out"] > 2000
+    assert disconnect["bytes"]["out"] > 4 * 1024 * 1024 > disconnect["bytes"]["in"] > 0
+    if proto == "udp":  # explicit-exit-notify
+        assert disconnect["reason"] == "client-disconnect: exit notification (OCC_EXIT)"
+    else:
+        assert disconnect["reason"] in ("connection-closed", "connection-lost")
+    if dev == "tap":  # the client's tap device took the session MAC the relay pushed
+        assert mac and "lladdr" in topo.log("openvpn-1.log")
+        assert f"link layer address set to {mac}" in topo.log("openvpn-1.log")
+
+
+HOSTILE = r"""
+import os, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+for payload in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00\x00", b"\x05\x00" + os.urandom(5)):
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(payload)
+    try:
+        s.recv(100)
+    except OSError:
+        pass
+    s.close()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for n in (1, 14, 200, 1400):
+    u.sendto(os.urandom(n), (host, port))
+"""
+
+
+def test_hostile_input_is_dropped_with_a_log_line_and_the_relay_keeps_serving(
+        make_topology: Callable[..., Topology]) -> None:
+    openvpn_version()
+    topo = make_topology(1)
+    data = topo.workdir / "data"
+    topo.start_web()
+    topo.start_relay(data)
+    run([sys.executable, "-c", HOSTILE, relay_ip(1), str(OPENVPN_PORT)], topo.client_ns(1))
+    wait_for(lambda: "OpenVPN/UDP: dropped" in topo.log("relay.log"), 10, "the UDP drop line")
+    log = topo.log("relay.log")
+    assert "does not start with P_CONTROL_HARD_RESET_CLIENT_V2" in log
+    assert "0-byte packet in the TCP stream" in log
+    assert "Traceback" not in log
+    start_openvpn(topo, data, "udp", "tun")
+    assert "hello" in topo.curl(1, "/")
+    assert "dev tun0" in run(["ip", "route", "get", INTERNET_IP], topo.client_ns(1)).stdout
