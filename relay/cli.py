@@ -281,6 +281,36 @@ def cmd_collector(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from relay.doctor import render, run_checks
+
+    checks = run_checks(_config(args))
+    if args.json:
+        print(json.dumps([vars(c) for c in checks]))
+    else:
+        print(render(checks))
+    failed = [c.name for c in checks if c.failed]
+    if failed:
+        print(f"relay: {len(failed)} required check(s) failed: {', '.join(failed)}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from relay import service
+
+    if not args.config:
+        raise RelayError("--config FILE is required: the service runs relay serve --config FILE")
+    cfg = _config(args)
+    path = service.install(Path(args.config).resolve(), cfg.data_dir.resolve(),
+                           Path(cfg.capture.bpffs), Path(args.output) if args.output else None)
+    print(f"wrote {path}")
+    if not args.output:
+        print("then: systemctl daemon-reload && systemctl enable --now relay")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
 
@@ -398,6 +428,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain-listen", metavar="HOST:PORT",
                    help="also accept plain TCP syslog here (for local senders only)")
     p.set_defaults(func=cmd_collector)
+
+    p = sub.add_parser(
+        "doctor", help="check what the relay needs on this host, with the fix for each failure",
+        description="Checks root or capabilities, the BPF syscall and ring buffer, TUN/TAP "
+                    "and tc clsact, bcc and the kernel headers, nftables, the ports, the data "
+                    "directory and its free space, the clock and the collector. Exits "
+                    "non-zero when a required check fails.")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true", help="the checks as a JSON list")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser(
+        "install-service", help="write the hardened systemd unit",
+        description="Writes relay.service (to /etc/systemd/system, or -o FILE): relay serve "
+                    "with a capability bounding set, ProtectSystem=strict with only the data "
+                    "directory and bpffs writable, NoNewPrivileges, restart on failure, logs "
+                    "to the journal.")
+    _add_data_dir(p)
+    p.add_argument("-o", "--output", metavar="FILE", help="write the unit here instead")
+    p.set_defaults(func=cmd_install_service)
 
     p = sub.add_parser("demo", help="the relay end to end in network namespaces")
     p.add_argument("--keep", action="store_true",

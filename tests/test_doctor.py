@@ -1,0 +1,75 @@
+"""relay doctor on this host: passes when set up, and names the fix for what is
+broken (kernel headers hidden, a read-only data directory, a port taken)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import require_root_and_tools
+
+RELAY = [sys.executable, "-m", "relay.cli"]
+
+
+def config(tmp_path: Path, port: int, metrics_port: int) -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n'
+                    f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+                    f'[logs]\ndata_dir = "{tmp_path / "data"}"\n')
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def doctor(conf: Path, wrapper: str = "") -> tuple[int, dict[str, dict], str]:
+    cmd = " ".join([*RELAY, "doctor", "--json", "--config", str(conf)])
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", f"{wrapper} {cmd}"] if wrapper
+                          else [*RELAY, "doctor", "--json", "--config", str(conf)],
+                          capture_output=True, text=True, timeout=120)
+    checks = {c["name"]: c for c in json.loads(proc.stdout)}
+    return proc.returncode, checks, proc.stderr
+
+
+def test_doctor_passes_on_a_set_up_host(tmp_path: Path) -> None:
+    require_root_and_tools()
+    rc, checks, err = doctor(config(tmp_path, free_port(), free_port()))
+    assert rc == 0, err
+    for name in ("root or capabilities", "BPF syscall and ring buffer", "TUN/TAP",
+                 "tc clsact", "bcc and kernel headers", "nftables", "free space", "clock",
+                 "collector"):
+        assert checks[name]["status"] in ("ok", "warn"), checks[name]
+
+
+def test_doctor_names_the_fix_for_missing_headers_a_bad_dir_and_a_taken_port(
+        tmp_path: Path) -> None:
+    require_root_and_tools()
+    port = free_port()
+    conf = config(tmp_path, port, free_port())
+    data = tmp_path / "data"
+    data.mkdir()
+    # A private mount namespace: hide the kernel headers, make the data dir read-only.
+    wrapper = (f"mount -t tmpfs tmpfs /lib/modules && mount -t tmpfs -o ro tmpfs {data} &&")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        rc, checks, err = doctor(conf, wrapper)
+    assert rc == 1
+    headers = checks["bcc and kernel headers"]
+    assert headers["status"] == "FAIL" and "no kernel headers" in headers["detail"]
+    assert "linux-headers" in headers["fix"]
+    bad_dir = checks[f"data directory {data}"]
+    assert bad_dir["status"] == "FAIL" and "read-only" in bad_dir["detail"]
+    assert "writable" in bad_dir["fix"]
+    busy = checks[f"port 127.0.0.1:{port} (CSTP listener)"]
+    assert busy["status"] == "FAIL" and "in use" in busy["detail"].lower()
+    assert "python" in busy["detail"]  # who holds it
+    assert "required check(s) failed" in err
+    # The host itself is untouched by the private mounts.
+    assert Path(f"/lib/modules/{__import__('platform').release()}/build").exists()

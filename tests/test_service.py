@@ -1,0 +1,39 @@
+"""The systemd unit: systemd-analyze accepts it, and it holds the least privilege."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
+    assert shutil.which("systemd-analyze"), "systemd-analyze missing: apt-get install systemd"
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'[logs]\ndata_dir = "{tmp_path / "data"}"\n')
+    unit = tmp_path / "relay.service"
+    out = subprocess.run([sys.executable, "-m", "relay.cli", "install-service", "--config",
+                          str(conf), "-o", str(unit)], capture_output=True, text=True, check=True)
+    assert str(unit) in out.stdout
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True)
+    assert verify.returncode == 0, verify.stderr
+    text = unit.read_text()
+    directives = dict(line.split("=", 1) for line in text.splitlines()
+                      if "=" in line and not line.startswith("#"))
+    assert directives["ExecStart"].endswith(f"relay serve --config {conf}")
+    assert directives["NoNewPrivileges"] == "yes"
+    assert directives["ProtectSystem"] == "strict"
+    assert set(directives["CapabilityBoundingSet"].split()) == {
+        "CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"}
+    assert str(tmp_path / "data") in directives["ReadWritePaths"].split()
+    assert directives["Restart"] == "on-failure"
+    assert directives["StandardError"] == "journal"
+    assert directives["ExecReload"] == "/bin/kill -HUP $MAINPID"
+
+
+def test_install_service_needs_a_config() -> None:
+    proc = subprocess.run([sys.executable, "-m", "relay.cli", "install-service", "-o",
+                           "/dev/null"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "--config FILE is required" in proc.stderr
