@@ -97,6 +97,7 @@ class Abuse:
         self.sources: dict[str, _Source] = {}
         self.bans: dict[str, Ban] = self._load()
         self.refusals: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.refused_total: Counter[str] = Counter()
         self.summary_started = now
 
     # -- admission ------------------------------------------------------------------
@@ -118,6 +119,7 @@ class Abuse:
             self._source(ip, now).handshakes += 1
             return None
         self.refusals[ip][reason] += 1
+        self.refused_total[reason] += 1
         if reason != "banned":
             self._strike(ip, now, f"refused: {reason}")
         return reason
