@@ -33,7 +33,6 @@ from relay.errors import RelayError
 from relay.metrics import Collector, Metric, MetricsServer
 from relay.nat import Masquerade
 from relay.openvpn_link import OpenVPNListener
-from relay.openvpn_link import OpenVPNListener
 from relay.recording import Recording
 from relay.sessions import (
     CHECKPOINT_INTERVAL_S,
@@ -128,7 +127,6 @@ class Relay:
         self.nat: Masquerade | None = None
         self.listener: socket.socket | None = None
         self.openvpn: OpenVPNListener | None = None
-        self.openvpn: OpenVPNListener | None = None
         self.connlog: connlog.ConnectionLog | None = None
         self.control: asyncio.AbstractServer | None = None
         self.metrics: MetricsServer | None = None
@@ -163,8 +161,6 @@ class Relay:
             self.collectors.append(self.recording.metrics)
             self.reload_hooks.append(self.recording.reload)
             loop.add_reader(self.tap.fd, self._on_tap_readable)
-            self.openvpn = OpenVPNListener(self)
-            await self.openvpn.start()
             self.openvpn = OpenVPNListener(self)
             await self.openvpn.start()
             cstp_listener = CstpListener(self)
@@ -369,8 +365,6 @@ class Relay:
             self.listener.close()
         if self.openvpn is not None:
             self.openvpn.close()
-        if self.openvpn is not None:
-            self.openvpn.close()
         for link in list(self.all_links):
             link.terminate("relay-shutdown", "the relay was stopped")
         if self.recording is not None:
@@ -533,43 +527,6 @@ class Relay:
         assert self.tap is not None
         try:
             os.writev(self.tap.fd, (self.tap.mac, s.mac, ETHERTYPE_IPV4, packet))
-        except OSError as exc:
-            self.stats.dropped["tap-write-error"] += 1
-            log.debug("TAP write failed: %s", exc.strerror)
-
-    def to_kernel_frame(self, s: Session, frame: bytearray) -> None:
-        """A whole Ethernet frame from a bridged (OpenVPN ``dev tap``) client, into
-        the TAP; IPv4 goes through the hot path as in :meth:`to_kernel`. The source
-        MAC must be the session's, and the IPv4 source or ARP sender the session's
-        address; other frames (IPv6, which the relay does not route, ...) are dropped."""
-        if len(frame) < ETH_HLEN or frame[6:12] != s.mac:
-            self.stats.dropped["spoofed-source"] += 1
-            return
-        ethertype = frame[12:14]
-        if ethertype == ETHERTYPE_IPV4:
-            packet = memoryview(frame)[ETH_HLEN:]
-            if len(packet) < 20 or packet[0] >> 4 != 4 or packet[12:16] != s.vip_bytes:
-                self.stats.dropped["spoofed-source"] += 1
-                return
-            seen = hotpath.inspect(packet, s.tag_bytes)
-            if seen is not hotpath.PLAIN and seen is not hotpath.SKIPPED:
-                self.stats.ua_stamped += seen.stamped
-                self.stats.ua_missed += seen.ua_missed
-                if seen.destination is not None:
-                    s.add_destination(seen.destination)
-        elif ethertype == ETHERTYPE_ARP:
-            if (len(frame) < ETH_HLEN + ARP_IPV4_LEN or frame[22:28] != s.mac
-                    or frame[28:32] != s.vip_bytes):
-                self.stats.dropped["spoofed-source"] += 1
-                return
-        else:
-            self.stats.dropped["not-ipv4"] += 1
-            return
-        s.packets_in += 1
-        s.bytes_in += len(frame) - ETH_HLEN
-        assert self.tap is not None
-        try:
-            os.write(self.tap.fd, frame)
         except OSError as exc:
             self.stats.dropped["tap-write-error"] += 1
             log.debug("TAP write failed: %s", exc.strerror)
