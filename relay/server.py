@@ -51,9 +51,6 @@ ETHERTYPE_IPV4 = b"\x08\x00"
 ETHERTYPE_ARP = b"\x08\x06"
 # An ARP packet for IPv4 over Ethernet: 8-byte header, sender and target MAC + IP.
 ARP_IPV4_LEN = 28
-ETHERTYPE_ARP = b"\x08\x06"
-# An ARP packet for IPv4 over Ethernet: 8-byte header, sender and target MAC + IP.
-ARP_IPV4_LEN = 28
 
 # --- Limits and timeouts -------------------------------------------------------------
 
