@@ -33,13 +33,13 @@ def records(data: Path, action: str) -> list[dict[str, Any]]:
     return [r for r in connlog.iter_records(data) if r["action"] == action]
 
 
-def start_openvpn(topo: Topology, data: Path, proto: str, dev: str,
-                  i: int = 1) -> subprocess.Popen[bytes]:
-    """The stock client with the config ``relay client-config openvpn`` writes;
-    waits until it reports the tunnel up."""
+def start_openvpn(topo: Topology, data: Path, proto: str, dev: str, i: int = 1,
+                  extra: str = "") -> subprocess.Popen[bytes]:
+    """The stock client with the config ``relay client-config openvpn`` writes
+    (plus ``extra`` lines); waits until it reports the tunnel up."""
     conf = topo.workdir / f"client-{i}-{proto}-{dev}.ovpn"
     conf.write_text(client_config(Config().with_data_dir(data), data, proto, dev,
-                                  remote=relay_ip(i)))
+                                  remote=relay_ip(i)) + extra)
     log_name = f"openvpn-{i}.log"
     proc = topo.spawn(topo.client_ns(i), ["openvpn", "--config", str(conf)], log_name)
     wait_for(lambda: "Initialization Sequence Completed" in topo.log(log_name)
@@ -122,6 +122,25 @@ def test_stock_openvpn_client_fetches_a_page_with_records_and_stamp(
     if dev == "tap":  # the client's tap device took the session MAC the relay pushed
         assert mac and "lladdr" in topo.log("openvpn-1.log")
         assert f"link layer address set to {mac}" in topo.log("openvpn-1.log")
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_client_renegotiation_keeps_the_session(make_topology: Callable[..., Topology],
+                                                proto: str) -> None:
+    openvpn_version()
+    topo = make_topology(1)
+    data = topo.workdir / "data"
+    topo.start_web()
+    topo.start_relay(data)
+    start_openvpn(topo, data, proto, "tun", extra="reneg-sec 3\n")
+    wait_for(lambda: topo.log("openvpn-1.log").count("TLS: soft reset") >= 2, 20,
+             "two renegotiations")
+    assert "hello" in topo.curl(1, "/")
+    wait_for(lambda: topo.log("openvpn-1.log").count("TLS: soft reset") >= 3, 20,
+             "a third renegotiation")
+    assert "hello" in topo.curl(1, "/")
+    assert len(records(data, "connect")) == 1 and records(data, "disconnect") == []
+    assert "TLS Error" not in topo.log("openvpn-1.log")
 
 
 HOSTILE = r"""
