@@ -15,12 +15,18 @@ connection log itself: removing evidence must itself leave evidence.
 A late line for an already compressed day (the collector receiving an old
 backlog) lands in a new plain file beside the ``.zst``; the next pass merges
 the two.
+
+For the relay's own log (``chain_file`` given, as :func:`run_connlog_retention`
+does), every day is sealed into the evidence chain (relay/chain.py) once it is
+over: the link holds the SHA-256 of the day's uncompressed content, so compressing
+it later changes nothing that verify checks; deleting a day appends a link too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import time
@@ -31,6 +37,7 @@ from typing import Any
 
 import zstandard
 
+from relay import chain
 from relay.connlog import FILE_MODE, SUBDIR, SUFFIX, ZST_SUFFIX
 
 # The issue's floor: the connection log is kept at least 90 days.
@@ -46,6 +53,9 @@ ZSTD_LEVEL = 10
 # How often the relay and the collector run a pass; day boundaries are what
 # matter, so hourly is prompt enough and costs one directory listing.
 RETENTION_INTERVAL_S = 3600.0
+# A day is sealed this long after its UTC midnight: a record stamped 23:59:59.999
+# is written and synced within milliseconds, a minute covers a stalled disk.
+SEAL_GRACE_S = 60.0
 
 _DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl(\.zst)?$")
 
@@ -96,6 +106,36 @@ def _joined(parts: list[bytes]) -> bytes:
     return b"".join(p if not p or p.endswith(b"\n") else p + b"\n" for p in parts)
 
 
+def day_content(files: dict[str, Path]) -> bytes:
+    """A day's records as one stream, whichever files hold it (the chain digest
+    is over this, so it survives compression and merging)."""
+    parts = [read_zst(files["zst"])] if "zst" in files else []
+    if "plain" in files:
+        parts.append(files["plain"].read_bytes())
+    return _joined(parts)
+
+
+def seal_days(directory: Path, chain_file: Path,
+              clock: Callable[[], float]) -> dict[str, Any]:
+    """Append a chain link for every finished day not yet sealed; returns the days
+    and the new chain head (for the audit record, which is shipped off the relay),
+    or {} when there was nothing to seal."""
+    sealed = {doc.get("day") for _, doc in chain.read_links(chain_file)
+              if doc and doc.get("event") == "close"}
+    now = clock()
+    cutoff = datetime.fromtimestamp(now - SEAL_GRACE_S, UTC).date()
+    done: dict[str, Any] = {}
+    for day, files in sorted(_days(Path(directory)).items()):
+        if day >= cutoff or day.isoformat() in sealed:
+            continue
+        data = day_content(files)
+        link = chain.append_link(chain_file, {
+            "event": "close", "day": day.isoformat(), "file": f"{day.isoformat()}{SUFFIX}",
+            "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, now)
+        done = {"days": [*done.get("days", []), day.isoformat()], "chain_link": link["digest"]}
+    return done
+
+
 def compress_day(plain: Path, zst: Path | None) -> tuple[Path, int, int]:
     """Replace ``plain`` (merged after an existing ``zst``) with one .zst file.
 
@@ -128,8 +168,10 @@ def apply_retention(
     compress_after_days: int = DEFAULT_COMPRESS_AFTER_DAYS,
     clock: Callable[[], float] = time.time,
     audit: Audit | None = None,
+    chain_file: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """One pass over ``directory``; returns (and audits) what it did."""
+    """One pass over ``directory``; returns (and audits) what it did. With
+    ``chain_file``, finished days are sealed first and deletions linked."""
     check_keep_days(keep_days)
     if compress_after_days < 0:
         raise ValueError("compress_after_days must be >= 0")
@@ -137,10 +179,21 @@ def apply_retention(
     delete_before = today - timedelta(days=keep_days)
     compress_before = today - timedelta(days=compress_after_days)
     actions: list[dict[str, Any]] = []
+    if chain_file is not None:
+        sealed = seal_days(Path(directory), chain_file, clock)
+        if sealed:
+            actions.append({"action": "connlog-sealed", **sealed})
     for day, files in sorted(_days(Path(directory)).items()):
         if day < delete_before:
             paths = sorted(files.values())
             size = sum(p.stat().st_size for p in paths)
+            if chain_file is not None:
+                data = day_content(files)
+                chain.append_link(chain_file, {
+                    "event": "delete", "day": day.isoformat(),
+                    "file": f"{day.isoformat()}{SUFFIX}", "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "reason": f"older than {keep_days} days"}, clock())
             for p in paths:
                 p.unlink()
             action = {"action": "connlog-deleted", "day": day.isoformat(),
@@ -180,7 +233,8 @@ async def run_connlog_retention(
     while not stop_event.is_set():
         actions = await asyncio.to_thread(
             apply_retention, directory, keep_days=keep_days,
-            compress_after_days=compress_after_days, clock=clock)
+            compress_after_days=compress_after_days, clock=clock,
+            chain_file=chain.chain_path(data_dir, chain.CONNLOG_CHAIN))
         for action in actions:
             audit(action)
         with contextlib.suppress(TimeoutError):

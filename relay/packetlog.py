@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -80,6 +81,7 @@ from typing import Any
 
 import zstandard
 
+from relay import chain
 from relay.blockcodec_py import BlockError, read_tables
 from relay.cext import ffi, lib
 
@@ -254,6 +256,8 @@ class _SegmentFile:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         self.offset = 0
         self.index = _Index()
+        # Hashed as written, so the chain link costs no re-read of the segment.
+        self.sha = hashlib.sha256()
         self._append(FILE_HEADER.pack(FILE_MAGIC, created_ns))
 
     @classmethod
@@ -265,10 +269,14 @@ class _SegmentFile:
         os.lseek(self.fd, good_end, os.SEEK_SET)
         self.offset = good_end
         self.index = index
+        self.sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            self.sha.update(f.read(good_end))
         return self
 
     def _append(self, data: bytes) -> None:
         _write_all(self.fd, data)
+        self.sha.update(data)
         self.offset += len(data)
 
     def add_frame(self, frame: bytes, raw: bytes, n: int, t_min: int, t_max: int) -> None:
@@ -286,6 +294,19 @@ class _SegmentFile:
         os.close(self.fd)
         os.rename(self.path, final)
         _fsync_dir(final.parent)
+
+    def link_fields(self, final: Path) -> dict[str, Any]:
+        """What the evidence chain records of this closed file: its digest, and its
+        time range so that searches skip it without opening it."""
+        return {"file": final.name, "size": self.offset, "sha256": self.sha.hexdigest(),
+                "t_min": self.index.t_min, "t_max": self.index.t_max,
+                "records": self.index.records}
+
+
+def link_closed(seg: _SegmentFile, final: Path, clock: Callable[[], float]) -> dict[str, Any]:
+    """Append the chain link of a segment just closed (relay/chain.py)."""
+    return chain.append_link(chain.chain_path(final.parent.parent, chain.PACKETS_CHAIN),
+                             {"event": "close", **seg.link_fields(final)}, clock())
 
 
 # ------------------------------------------------------------------ writer
@@ -382,8 +403,10 @@ class PacketLogWriter:
             final = final.with_name(f"{final.stem}-{int(self.clock())}{SEGMENT_SUFFIX}")
         seg.close(final)
         self._dirty = False
+        link = link_closed(seg, final, self.clock)
         self.audit({"action": "packetlog-rotate", "file": str(final),
-                    "records": seg.index.records, "bytes": final.stat().st_size})
+                    "records": seg.index.records, "bytes": final.stat().st_size,
+                    "chain_link": link["digest"]})
 
 
 # --------------------------------------------------------------- scanning
@@ -476,8 +499,10 @@ def recover_segment(path: Path, audit: Audit) -> dict[str, Any]:
     seg = _SegmentFile.resume(path, end, index)
     final = path.with_name(path.name.removesuffix(OPEN_SUFFIX) + SEGMENT_SUFFIX)
     seg.close(final)
+    link = link_closed(seg, final, time.time)
     rec = {"action": "packetlog-recover", "file": str(final), "records": index.records,
-           "blocks": len(index.blocks), "truncated_bytes": size - end}
+           "blocks": len(index.blocks), "truncated_bytes": size - end,
+           "chain_link": link["digest"]}
     if reason:
         rec["reason"] = reason
     audit(rec)

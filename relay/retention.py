@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from relay import packetlog
+from relay import chain, packetlog
 
 DAY = 86400
 # The issue: fully searchable for at least 14 days.
@@ -60,6 +60,7 @@ class Retention:
         if delete_after is not None and delete_after < SEARCHABLE_SECONDS:
             raise ValueError("delete_after must be at least 14 days")
         self.dir = packetlog.packets_dir(data_dir)
+        self.chain = chain.chain_path(data_dir, chain.PACKETS_CHAIN)
         self.audit = audit
         self.clock = clock
         self.compress_after = max(compress_after, SEARCHABLE_SECONDS)
@@ -98,20 +99,30 @@ class Retention:
                                 + packetlog.ARCHIVE_SUFFIX)
             before = seg.stat().st_size
             try:
+                # The source's digest as archived: verify compares it with the
+                # segment's own link, so a segment altered before archiving shows.
+                source_sha, _ = chain.file_digest(seg)
                 records, after = packetlog.archive_segment(seg, dst)
+                index = packetlog.segment_index(dst) or {}
+                sha, _ = chain.file_digest(dst)
             except (OSError, ValueError) as exc:
                 report({"action": "packetlog-archive-failed", "file": str(seg),
                         "reason": str(exc)})
                 continue
+            link = chain.append_link(self.chain, {
+                "event": "archive", "file": dst.name, "size": after, "sha256": sha,
+                "source": seg.name, "source_sha256": source_sha, "t_min": index.get("t_min"),
+                "t_max": index.get("t_max"), "records": records}, now)
             seg.unlink()
             report({"action": "packetlog-archive", "file": str(seg), "archive": str(dst),
-                    "records": records, "bytes_before": before, "bytes_after": after})
+                    "records": records, "bytes_before": before, "bytes_after": after,
+                    "chain_link": link["digest"]})
         if self.delete_after is not None:
             for suffix in (packetlog.ARCHIVE_SUFFIX, packetlog.SEGMENT_SUFFIX):
                 for newest, path in self._files(suffix):
                     if now - newest >= self.delete_after:
                         size = path.stat().st_size
-                        path.unlink()
+                        self._unlink(path, "older than delete_after", now)
                         report({"action": "packetlog-delete", "file": str(path),
                                 "bytes": size, "reason": "older than delete_after"})
         free = self.disk_free()
@@ -120,12 +131,19 @@ class Retention:
                 if free >= self.min_free_bytes or now - newest < SEARCHABLE_SECONDS:
                     break
                 size = path.stat().st_size
-                path.unlink()
+                self._unlink(path, "disk guard", now)
                 report({"action": "packetlog-delete", "file": str(path), "bytes": size,
                         "reason": "disk guard", "free_bytes": free,
                         "min_free_bytes": self.min_free_bytes})
                 free = self.disk_free()
         return done
+
+    def _unlink(self, path: Path, reason: str, now: float) -> None:
+        """Delete a file and link the deletion, so verify does not call it missing."""
+        sha, size = chain.file_digest(path)
+        chain.append_link(self.chain, {"event": "delete", "file": path.name, "size": size,
+                                       "sha256": sha, "reason": reason}, now)
+        path.unlink()
 
     def disk_too_full(self) -> bool:
         return self.disk_free() < self.refuse_free_bytes

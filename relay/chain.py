@@ -1,0 +1,104 @@
+"""Hash chains over closed log files: the append side (the verify side is
+relay/evidence.py).
+
+``DATA_DIR/chain/packets.jsonl`` and ``DATA_DIR/chain/connlog.jsonl`` hold one JSON
+object per line, a *link*, appended whenever a packet-log segment closes, is
+archived or deleted, and whenever a connection-log day is sealed or deleted::
+
+    {"n": 7, "time": "...Z", "event": "close", "file": "seg-...rpl",
+     "size": 123, "sha256": "<file digest>", ..., "prev": "<digest of line n-1>"}
+
+``prev`` is the SHA-256 of the previous line's bytes (64 zeros for the first), so
+each link holds the digest of its predecessor and a link's own digest is that of
+its line: editing, dropping or reordering a line breaks every later ``prev``. The
+files are bound through their digests; the digest of the newest link (the head)
+also goes into the audit record the writer sends to the connection log, which is
+shipped off the relay, so a truncated chain cannot pass for a short one.
+
+This module imports nothing of the log modules, so they can call it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from relay.connlog import rfc3339_ms
+
+CHAIN_DIR = "chain"
+PACKETS_CHAIN = "packets.jsonl"
+CONNLOG_CHAIN = "connlog.jsonl"
+GENESIS = "0" * 64
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+# A link line is a few hundred bytes: the last 64 KiB of the chain hold the head.
+TAIL_BYTES = 64 << 10
+# Files are hashed in 1 MiB reads: large enough for hashlib's speed, small enough
+# not to matter next to a segment's decoder buffers.
+HASH_CHUNK = 1 << 20
+
+
+def chain_path(data_dir: str | os.PathLike[str], name: str) -> Path:
+    return Path(data_dir) / CHAIN_DIR / name
+
+
+def line_digest(line: bytes) -> str:
+    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(SHA-256 hex, size) of a file's bytes."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _head(fd: int) -> tuple[int, str]:
+    """(next link number, digest of the last line) of an open chain file."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0, GENESIS
+    tail = os.pread(fd, min(size, TAIL_BYTES), max(0, size - TAIL_BYTES))
+    lines = tail.rstrip(b"\n").split(b"\n")
+    last = lines[-1]
+    return int(json.loads(last)["n"]) + 1, line_digest(last)
+
+
+def append_link(path: Path, fields: dict[str, Any], now: float) -> dict[str, Any]:
+    """Append a link (``fields`` plus n, time, prev) under an exclusive lock, synced
+    before returning; returns it with its own ``digest`` added."""
+    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        # The writer, the retention loop and an operator's command may append at once.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        n, prev = _head(fd)
+        link = {"n": n, "time": rfc3339_ms(now), **fields, "prev": prev}
+        line = json.dumps(link, separators=(",", ":"), sort_keys=True).encode()
+        os.write(fd, line + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {**link, "digest": line_digest(line)}
+
+
+def read_links(path: Path) -> list[tuple[bytes, dict[str, Any] | None]]:
+    """(line bytes, parsed link or None when not JSON) of every line, in order."""
+    if not path.exists():
+        return []
+    out: list[tuple[bytes, dict[str, Any] | None]] = []
+    for line in path.read_bytes().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            doc = None
+        out.append((line, doc if isinstance(doc, dict) else None))
+    return out
