@@ -160,8 +160,6 @@ class OpenVPNLink:
     """One client, over UDP (driven by the listener's endpoint) or TCP (see
     :class:`OpenVPNTcpLink`), from its first packet to its end."""
 
-    transport_send: Callable[[bytes], None]
-
     def __init__(self, relay: Relay, listener: OpenVPNListener, peer: tuple[str, int],
                  local_ip: str, *, tcp: bool) -> None:
         self.relay = relay
@@ -170,6 +168,9 @@ class OpenVPNLink:
         self.peer_ip, self.peer_port = peer[0], peer[1]
         self.local_ip = local_ip
         self.tcp = tcp
+        # Where packets go: set once the transport exists (a shutdown may reach a
+        # TCP link before that, and then there is no one to tell).
+        self.transport_send: Callable[[bytes], None] = lambda pkt: None
         self.proto = openvpn.OpenVPNServer(listener.ssl_ctx, tcp=tcp,
                                            peer_id=listener.allocate_peer_id(),
                                            now=self.loop.time())
