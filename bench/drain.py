@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from packetlog_synth import make_records, to_c  # noqa: E402
 
+from bench.common import Row  # noqa: E402
 from relay import packetlog  # noqa: E402
 from relay.capture import Capture  # noqa: E402
 from relay.cext import lib  # noqa: E402
@@ -116,7 +117,27 @@ def sizes() -> dict[str, float]:
             "pcap_over_archive": pcap / archived, "csv_over_hot": csv / hot}
 
 
-def main() -> None:
+def run(quick: bool) -> list[Row]:
+    """The suite's entry: storage (issue 8 item 4) and the drain's records/s."""
+    result = measure()
+    d, z = result["drain"], result["size"]
+    return [
+        Row("storage", "bytes per packet record, hot segment", "bytes", "pcap -s 96",
+            z["pcap96_bytes_per_record"], "packet log (hot)", z["hot_bytes_per_record"], 1,
+            goal="<= 0.25", higher_is_better=False),
+        Row("storage", "bytes per packet record, archived", "bytes", "pcap -s 96",
+            z["pcap96_bytes_per_record"], "packet log (archive)",
+            z["archive_bytes_per_record"], 1, goal="<= 0.25", higher_is_better=False),
+        Row("storage", "bytes per packet record vs text CSV", "bytes", "CSV line",
+            z["csv_bytes_per_record"], "packet log (hot)", z["hot_bytes_per_record"], 1,
+            higher_is_better=False),
+        Row("drain", "records/s, drain + encode + write vs drain alone", "records/s",
+            "C drain alone", d["drain_records_per_s"], "whole pipeline",
+            d["pipeline_records_per_s"], ROUNDS),
+    ]
+
+
+def measure() -> dict:
     result = {"drain": drain_rate(), "size": sizes(), "cpus": os.cpu_count()}
     out = HERE / "results" / "drain.json"
     out.parent.mkdir(exist_ok=True)
@@ -126,7 +147,8 @@ def main() -> None:
             for k, v in values.items():
                 print(f"{section:6} {k:28} {v:>14,.2f}")
     print(f"wrote {out}")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    measure()

@@ -8,7 +8,7 @@ median of each is reported with the ratio. Modes: ``per-packet`` (one inspect()
 call per packet, what the datapath does today), ``batch-64`` (inspect_batch() on
 receive buffers of 64 packets), and per-packet on each traffic class alone.
 
-    python bench/hotpath.py [--packets N] [--rounds R] [-o bench/results/hotpath.json]
+    python -m bench.hotpath [--quick] [--packets N] [--rounds R] [-o FILE]
 
 Prints a table, writes JSON and, when matplotlib is importable, a PNG next to it.
 """
@@ -32,9 +32,12 @@ sys.path.insert(0, str(ROOT / "tests"))  # the packet builders shared with the t
 
 from hotpath_packets import TAG, client_hello, extension, http_request, ipv4, ipv6  # noqa: E402
 
+from bench.common import RESULTS, Row  # noqa: E402
 from relay import hotpath, hotpath_py  # noqa: E402
 
 BATCH = 64  # packets per receive buffer in batch mode
+FULL_PACKETS, FULL_ROUNDS = 20000, 7
+QUICK_PACKETS, QUICK_ROUNDS = 5000, 3
 MIN_ROUND = 0.2  # seconds per measurement, so that timer and scheduler noise stay small
 UAS = [
     "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
@@ -159,14 +162,33 @@ def plot(results: list[dict], path: Path) -> str:
     return f"wrote {path}"
 
 
+def run(quick: bool) -> list[Row]:
+    """The suite's entry (python -m bench): C vs the twin, per packet and batched."""
+    n, rounds = (QUICK_PACKETS, QUICK_ROUNDS) if quick else (FULL_PACKETS, FULL_ROUNDS)
+    results = bench(n, rounds, RESULTS / "hotpath.json")
+    rows = []
+    for r in results:
+        if r["mode"] in ("per-packet", f"batch-{BATCH}", "non-http only"):
+            rows.append(Row("hotpath", f"packets/s, {r['mode']}", "packets/s",
+                            "Python twin", r["py_pps"], "C", r["c_pps"], rounds,
+                            goal=">= 20" if r["mode"] != "non-http only" else ""))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--packets", type=int, default=20000)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("-o", "--output", type=Path, default=ROOT / "bench/results/hotpath.json")
+    ap.add_argument("--packets", type=int, default=FULL_PACKETS)
+    ap.add_argument("--rounds", type=int, default=FULL_ROUNDS)
+    ap.add_argument("--quick", action="store_true", help="a short run")
+    ap.add_argument("-o", "--output", type=Path, default=RESULTS / "hotpath.json")
     args = ap.parse_args()
+    if args.quick:
+        args.packets, args.rounds = QUICK_PACKETS, QUICK_ROUNDS
+    bench(args.packets, args.rounds, args.output)
 
-    packets, classes = mix(args.packets, random.Random(20240611))
+
+def bench(n_packets: int, rounds: int, output: Path) -> list[dict]:
+    packets, classes = mix(n_packets, random.Random(20240611))
     counts = {c: classes.count(c) for c in ("non-http", "http", "tls")}
     c_results = [hotpath.inspect(bytearray(p), TAG) for p in packets]
     assert c_results == [hotpath_py.inspect(bytearray(p), TAG) for p in packets]
@@ -187,30 +209,31 @@ def main() -> None:
         )
     for mode, wrap, data in cases:
         n = sum(len(s) // 2 for _, s in data) if wrap is batched else len(data)
-        r = measure(wrap(hotpath), wrap(hotpath_py), data, n, args.rounds)
+        r = measure(wrap(hotpath), wrap(hotpath_py), data, n, rounds)
         results.append({"mode": mode, "packets": n, **r})
 
     print(
-        f"mix: {args.packets} packets {counts}, {stamped} User-Agents stamped per pass; "
-        f"median of {args.rounds} alternating rounds"
+        f"mix: {n_packets} packets {counts}, {stamped} User-Agents stamped per pass; "
+        f"median of {rounds} alternating rounds"
     )
     print(f"{'mode':<16}{'C pkt/s':>14}{'Python pkt/s':>15}{'ratio':>9}")
     for r in results:
         print(f"{r['mode']:<16}{r['c_pps']:>14,.0f}{r['py_pps']:>15,.0f}{r['ratio']:>8.1f}x")
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "hotpath",
-        "mix": {"packets": args.packets, **counts, "batch": BATCH},
-        "rounds": args.rounds,
+        "mix": {"packets": n_packets, **counts, "batch": BATCH},
+        "rounds": rounds,
         "python": platform.python_version(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "results": results,
     }
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
-    print(plot(results, args.output.with_suffix(".png")))
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output}")
+    print(plot(results, output.with_suffix(".png")))
+    return results
 
 
 if __name__ == "__main__":

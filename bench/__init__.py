@@ -1,0 +1,1 @@
+"""relay's benchmarks: ``python -m bench [--quick] [NAME ...]`` (see bench/common.py)."""

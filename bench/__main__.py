@@ -1,0 +1,70 @@
+"""Run the benchmark suite and print one table of ratios.
+
+    ./run.sh bench [--quick] [NAME ...]      (NAME: hotpath, drain, shipping,
+                                              forwarding, capture, abuse, search)
+
+Each benchmark writes bench/results/NAME.json (and a PNG where it helps); the
+table of every row lands in bench/results/summary.json. A benchmark that fails is
+reported and the others still run; the exit status says whether any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+
+from bench.common import RESULTS, Row, machine
+
+BENCHMARKS = ("hotpath", "drain", "shipping", "forwarding", "capture", "abuse", "search")
+
+
+def table(rows: list[Row]) -> str:
+    lines = [f"{'benchmark':<11} {'figure':<52} {'baseline':>12} {'value':>12} {'ratio':>7} "
+             f"{'goal':>8} {'runs':>4}"]
+    for r in rows:
+        met = {True: " ok", False: " MISSED", None: ""}[r.met]
+        lines.append(f"{r.benchmark:<11} {r.figure[:52]:<52} {r.baseline:>12.4g} "
+                     f"{r.value:>12.4g} {r.ratio:>7.3f} {r.goal:>8} {r.runs:>4}{met}")
+        lines.append(f"{'':<11}   {r.value_name} vs {r.baseline_name}, {r.unit}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the short version (a few minutes)")
+    ap.add_argument("names", nargs="*", choices=(*BENCHMARKS, []), metavar="NAME",
+                    help=f"only these ({', '.join(BENCHMARKS)})")
+    args = ap.parse_args()
+    rows: list[Row] = []
+    failed: list[str] = []
+    started = time.monotonic()
+    for name in args.names or BENCHMARKS:
+        print(f"==> bench {name}{' (quick)' if args.quick else ''}", flush=True)
+        t0 = time.monotonic()
+        try:
+            module = importlib.import_module(f"bench.{name}")
+            rows.extend(module.run(args.quick))
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+        print(f"    {name}: {time.monotonic() - t0:.0f} s", flush=True)
+    print()
+    print(table(rows))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "summary.json").write_text(json.dumps(
+        {"machine": machine(), "quick": args.quick,
+         "seconds": round(time.monotonic() - started), "failed": failed,
+         "rows": [r.to_dict() for r in rows]}, indent=1) + "\n")
+    print(f"\nwrote {RESULTS / 'summary.json'}; {time.monotonic() - started:.0f} s in all")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

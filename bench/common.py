@@ -1,0 +1,104 @@
+"""What every benchmark shares: the result row, the JSON and PNG writers, and
+interleaved repetition.
+
+Each benchmark ``bench/NAME.py`` has ``run(quick: bool) -> list[Row]``: every
+figure is a ratio of a value to a baseline measured in the same run, on the same
+traffic, with runs interleaved and repeated and the median kept. It writes its own
+``bench/results/NAME.json`` (and a PNG where a picture reads faster);
+``python -m bench`` runs them all and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Row:
+    benchmark: str
+    figure: str
+    unit: str
+    baseline_name: str
+    baseline: float
+    value_name: str
+    value: float
+    runs: int
+    goal: str = ""  # e.g. ">= 0.9" for value/baseline; "" when only reported
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.baseline if self.baseline else float("nan")
+
+    @property
+    def met(self) -> bool | None:
+        if not self.goal:
+            return None
+        op, target = self.goal.split()
+        return self.ratio >= float(target) if op == ">=" else self.ratio <= float(target)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio, "met": self.met}
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    import os
+
+    return {"kernel": platform.release(), "cpu": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
+def write(name: str, rows: Sequence[Row], extra: dict[str, Any] | None = None) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "machine": machine(),
+                                "rows": [r.to_dict() for r in rows], **(extra or {})},
+                               indent=1) + "\n")
+    return path
+
+
+def interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Run each variant ``repeats`` times, round-robin (so drift in the machine's
+    load hits all alike), and return the median of each."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            samples[name].append(fn())
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def bar_plot(path: Path, title: str, labels: list[str], values: list[float],
+             unit: str) -> Path | None:
+    """A bar chart; None when matplotlib is missing (the JSON still has it all)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bars = ax.bar(labels, values, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][
+        :len(values)])
+    ax.bar_label(bars, fmt="%.3g")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
