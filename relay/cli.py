@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -311,6 +312,34 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_client_config(args: argparse.Namespace) -> int:
+    """What a client needs to reach this relay, pinned to its certificate."""
+    from relay.tlsconf import SELF_SIGNED_CERT, pin_sha256
+
+    cfg = _config(args)
+    if args.protocol == "openvpn":
+        from relay.openvpn_link import client_config
+
+        text = client_config(cfg, cfg.data_dir, args.proto, args.dev, args.remote)
+    else:
+        cert = Path(cfg.server.cert) if cfg.server.cert else cfg.data_dir / SELF_SIGNED_CERT
+        if not cert.exists():
+            raise RelayError(f"no certificate at {cert} yet: start relay serve once first")
+        host, port = configmod.parse_hostport(cfg.server.listen)
+        remote = args.remote or (host if host not in ("0.0.0.0", "::") else
+                                 __import__("socket").gethostname())
+        text = (f"openconnect --protocol=anyconnect --servercert {pin_sha256(cert)} "
+                f"https://{remote}:{port}/\n")
+    if args.output:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
 
@@ -448,6 +477,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("-o", "--output", metavar="FILE", help="write the unit here instead")
     p.set_defaults(func=cmd_install_service)
+
+    p = sub.add_parser(
+        "client-config", help="what a stock client needs to use this relay",
+        description="openvpn: a ready .ovpn (the relay's certificate inline as the CA); "
+                    "openconnect: the command line, pinned to the relay's certificate.")
+    p.add_argument("protocol", choices=("openvpn", "openconnect"))
+    _add_data_dir(p)
+    p.add_argument("--proto", choices=("udp", "tcp"), default="udp",
+                   help="OpenVPN transport (default udp)")
+    p.add_argument("--dev", choices=("tun", "tap"), default="tun",
+                   help="OpenVPN device type (default tun)")
+    p.add_argument("--remote", metavar="HOST",
+                   help="the address clients use (default: the listen address or host name)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write it here (mode 0600)")
+    p.set_defaults(func=cmd_client_config)
 
     p = sub.add_parser("demo", help="the relay end to end in network namespaces")
     p.add_argument("--keep", action="store_true",
