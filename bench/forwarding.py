@@ -81,15 +81,15 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
     return out
 
 
-def ns_pids(ns: str, match: Callable[[str], bool]) -> list[int]:
-    """Processes in ``ns`` whose command line matches."""
+def ns_pids(ns: str, comm_prefix: str) -> list[int]:
+    """Processes in ``ns`` whose name starts with ``comm_prefix``."""
     pids = []
     for pid in ns_run(["ip", "netns", "pids", ns], check=False).stdout.split():
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            comm = Path(f"/proc/{pid}/comm").read_text()
         except FileNotFoundError:
             continue
-        if match(cmdline):
+        if comm.startswith(comm_prefix):
             pids.append(int(pid))
     return pids
 
@@ -190,7 +190,8 @@ def run(quick: bool) -> list[Row]:
 
         def server_pids(server: str) -> list[int]:
             if server == "ocserv":
-                return ns_pids(topo.relay_ns, lambda c: c.split(" ", 1)[0].endswith("ocserv"))
+                # ocserv-main, ocserv-sm and the session's ocserv-worker.
+                return ns_pids(topo.relay_ns, "ocserv")
             return [relay.pid]
 
         cpu: dict[str, list[float]] = {}
