@@ -12,7 +12,7 @@ import pytest
 
 from relay.netns import Topology
 
-REQUIRED_TOOLS = ("ip", "nft", "openconnect", "nginx", "curl", "ss")
+REQUIRED_TOOLS = ("ip", "nft", "openconnect", "openvpn", "nginx", "curl", "ss", "tshark", "tc")
 _counter = itertools.count()
 
 
