@@ -1,0 +1,400 @@
+"""Answering "who was connected to relay S at time T and talked to D:P?".
+
+A query joins the two logs: the connection log names the sessions (who, from
+where, with which client, when), the packet log says which of them exchanged
+packets with the destination in the window. Used by ``relay logs search``,
+``relay logs export-pcap`` and ``relay logs disclose``.
+
+Cost: the packet log is the big one (hundreds of millions of records over 14
+days). A closed segment's chain link (relay/chain.py) holds its time range, so a
+segment outside the window is skipped by a ``stat`` of its size, never opened;
+segments without a link fall back to their own index (one read of the trailer);
+inside a segment, the block headers' time ranges skip blocks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, tzinfo
+from pathlib import Path
+from typing import Any, TextIO
+
+import zstandard
+
+from relay import chain, connlog, packetlog
+from relay.blockcodec_py import BlockError
+from relay.errors import RelayError
+from relay.timeparse import format_in, format_utc
+
+# A full session ID (secrets.token_urlsafe(16)); shorter values are prefixes, as
+# the 8-character User-Agent tag is.
+SESSION_ID_LEN = 22
+# The progress bar appears only when a scan outlives this: a quick answer should
+# not flash a bar.
+PROGRESS_AFTER_S = 1.0
+# Redraw at most this often: a terminal write per segment would cost more than the
+# segment on fast disks.
+PROGRESS_EVERY_S = 0.1
+NS = 1_000_000_000
+
+ErrorReport = Callable[[str, str], None]
+
+
+@dataclass
+class Query:
+    """Filters; ``lo``/``hi`` in epoch seconds (``hi`` exclusive), None = open."""
+
+    lo: float | None = None
+    hi: float | None = None
+    server_ip: str | None = None
+    dst_ip: str | None = None
+    dst_port: int | None = None
+    host: str | None = None
+    client_ip: str | None = None
+    session: str | None = None
+
+    @property
+    def packet_filter(self) -> bool:
+        """True when sessions are selected by their packets (not only listed)."""
+        return self.dst_ip is not None or self.dst_port is not None
+
+
+@dataclass
+class SessionRow:
+    session_id: str
+    connect: dict[str, Any] | None = None
+    disconnect: dict[str, Any] | None = None
+    packets: int = 0
+    first_ns: int | None = None
+    last_ns: int | None = None
+    sources: set[str] = field(default_factory=set)  # segment files its packets came from
+
+    def value(self, key: str) -> Any:
+        """A field of the session's records, the disconnect record's first (it
+        carries the final client hostname)."""
+        for rec in (self.disconnect, self.connect):
+            if rec and rec.get(key) is not None:
+                return rec[key]
+        return None
+
+    @property
+    def connect_ts(self) -> float | None:
+        text = (self.connect or {}).get("time") or (self.disconnect or {}).get("connect_time")
+        return connlog.parse_rfc3339(text) if text else None
+
+    @property
+    def disconnect_ts(self) -> float | None:
+        return connlog.parse_rfc3339(self.disconnect["time"]) if self.disconnect else None
+
+    def add_packet(self, t_ns: int, source: str) -> None:
+        self.packets += 1
+        self.first_ns = t_ns if self.first_ns is None else min(self.first_ns, t_ns)
+        self.last_ns = t_ns if self.last_ns is None else max(self.last_ns, t_ns)
+        self.sources.add(source)
+
+
+def parse_dst(text: str) -> tuple[str, int | None]:
+    """``IP``, ``IP:PORT`` or ``[IPv6]:PORT``."""
+    host, port = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ip = str(ipaddress.ip_address(host))
+        p = int(port) if port is not None else None
+    except ValueError:
+        raise RelayError(f"--dst {text}: expected IP or IP:PORT (e.g. 203.0.113.7:443)") \
+            from None
+    if p is not None and not 0 < p < 65536:
+        raise RelayError(f"--dst {text}: port out of range")
+    return ip, p
+
+
+def normalize_ip(text: str | None, what: str) -> str | None:
+    if text is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise RelayError(f"{what} {text}: not an IP address") from None
+
+
+# ------------------------------------------------------------ connection log
+
+
+def _day_range(path: Path) -> date | None:
+    try:
+        return date.fromisoformat(connlog.day_of(path))
+    except ValueError:
+        return None
+
+
+def _host_matches(rec: dict[str, Any], host: str) -> bool:
+    return any(isinstance(d, dict) and str(d.get("host", "")).lower().rstrip(".") == host
+               for d in rec.get("destinations") or ())
+
+
+def _dst_in_destinations(rec: dict[str, Any], q: Query) -> bool:
+    return any(isinstance(d, dict) and d.get("ip") == q.dst_ip
+               and (q.dst_port is None or d.get("port") == q.dst_port)
+               for d in rec.get("destinations") or ())
+
+
+def find_sessions(data_dir: Path, q: Query,
+                  on_error: Callable[[str], None] | None = None) -> dict[str, SessionRow]:
+    """Sessions of the connection log that match the session-level filters and
+    overlap the window (connected before its end, not disconnected before its
+    start). Days after the window are read only until every candidate has its
+    disconnect record."""
+    rows: dict[str, SessionRow] = {}
+    hi_day = datetime.fromtimestamp(q.hi, UTC).date() if q.hi is not None else None
+    for path in connlog.day_files(data_dir):
+        day = _day_range(path)
+        after = hi_day is not None and day is not None and day > hi_day
+        if after and all(r.disconnect for r in rows.values()):
+            break
+        for rec in _session_records(path, on_error):
+            sid = rec.get("session_id")
+            if not isinstance(sid, str):
+                continue
+            if q.session and not sid.startswith(q.session):
+                continue
+            row = rows.get(sid)
+            if row is None:
+                if after:
+                    continue  # connected after the window
+                row = rows[sid] = SessionRow(sid)
+            if rec["action"] == "connect":
+                row.connect = rec
+            else:
+                row.disconnect = rec
+    return {sid: row for sid, row in rows.items() if _session_matches(row, q)}
+
+
+def _session_records(path: Path,
+                     on_error: Callable[[str], None] | None) -> Iterator[dict[str, Any]]:
+    try:
+        f = connlog.open_day(path)
+    except (OSError, zstandard.ZstdError) as exc:
+        if on_error:
+            on_error(f"{path}: {exc}")
+        return
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            # Only connect and disconnect lines matter: skip audit records before
+            # paying for JSON ("disconnect" contains 'connect"').
+            if b'connect"' not in raw:
+                continue
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                if on_error:
+                    on_error(f"{path}:{lineno}: not JSON, skipped")
+                continue
+            if isinstance(rec, dict) and rec.get("action") in ("connect", "disconnect"):
+                yield rec
+
+
+def _session_matches(row: SessionRow, q: Query) -> bool:
+    start, end = row.connect_ts, row.disconnect_ts
+    if q.hi is not None and start is not None and start >= q.hi:
+        return False
+    if q.lo is not None and end is not None and end < q.lo:
+        return False
+    if q.server_ip and (row.value("server") or {}).get("ip") != q.server_ip:
+        return False
+    if q.client_ip and (row.value("client") or {}).get("ip") != q.client_ip:
+        return False
+    return not (q.host and not (row.disconnect and _host_matches(row.disconnect, q.host)))
+
+
+# ------------------------------------------------------------ packet log
+
+
+def _catalogue(data_dir: Path) -> dict[str, dict[str, Any]]:
+    """File name -> its newest chain link (close or archive) with a time range."""
+    out: dict[str, dict[str, Any]] = {}
+    for _, link in chain.read_links(chain.chain_path(data_dir, chain.PACKETS_CHAIN)):
+        if link and link.get("event") in ("close", "archive") and "t_min" in link:
+            out[str(link.get("file"))] = link
+    return out
+
+
+def segments_in_window(data_dir: Path, lo_ns: int | None,
+                       hi_ns: int | None) -> tuple[list[Path], int]:
+    """(segments that may hold records in [lo, hi), how many were ruled out by
+    their chain link without being opened)."""
+    cat = _catalogue(data_dir)
+    keep: list[Path] = []
+    skipped = 0
+    for path in packetlog.segment_files(data_dir):
+        link = cat.get(path.name)
+        if link is not None and link.get("size") == _size(path):
+            t_min, t_max = link.get("t_min"), link.get("t_max")
+            if t_min is None or (lo_ns is not None and t_max < lo_ns) or \
+               (hi_ns is not None and t_min >= hi_ns):
+                skipped += 1
+                continue
+        keep.append(path)
+    return keep, skipped
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+class Progress:
+    """"scanning 12/40 segments" on stderr, only if stderr is a terminal and the
+    scan has run for PROGRESS_AFTER_S."""
+
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.started = time.monotonic()
+        self.drawn = 0.0
+        self.shown = False
+
+    def step(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.started < PROGRESS_AFTER_S or now - self.drawn < PROGRESS_EVERY_S:
+            return
+        width = 30
+        filled = width * done // max(self.total, 1)
+        self.stream.write(f"\rscanning [{'#' * filled}{'.' * (width - filled)}] "
+                          f"{done}/{self.total} segments")
+        self.stream.flush()
+        self.drawn = now
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def scan_packets(data_dir: Path, q: Query, *, sessions: set[str] | None = None,
+                 on_error: ErrorReport,
+                 progress: Progress | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(segment, record) of every packet in the window that matches the packet
+    filters (and belongs to ``sessions`` when given)."""
+    lo = int(q.lo * NS) if q.lo is not None else None
+    hi = int(q.hi * NS) if q.hi is not None else None
+    paths, _ = segments_in_window(data_dir, lo, hi)
+    if progress is not None:
+        progress.total = len(paths)
+    full_session = q.session if q.session and len(q.session) == SESSION_ID_LEN else None
+    # packetlog's per-segment reader, so that this module picks the segments.
+    dec = packetlog._Decoder()
+    for i, path in enumerate(paths):
+        if progress is not None:
+            progress.step(i)
+        try:
+            recs = packetlog._iter_segment(
+                path, dec, packetlog.session_raw(full_session) if full_session else None,
+                full_session, lo, hi, q.client_ip, q.dst_ip, on_error)
+            for rec in recs:
+                sid = rec["session_id"]
+                if not sid or (sessions is not None and sid not in sessions):
+                    continue
+                if q.session and not sid.startswith(q.session):
+                    continue
+                if q.dst_port is not None and not _talks_to(rec, q):
+                    continue
+                yield path, rec
+        except (OSError, BlockError, zstandard.ZstdError, ValueError) as exc:
+            on_error(str(path), str(exc))
+    if progress is not None:
+        progress.finish()
+
+
+def time_ns(text: str) -> int:
+    """Nanoseconds since the epoch of a record's time (packetlog.rfc3339_ns)."""
+    secs = datetime.fromisoformat(text[:19]).replace(tzinfo=UTC).timestamp()
+    return int(secs) * NS + int(text[20:29])
+
+
+def _talks_to(rec: dict[str, Any], q: Query) -> bool:
+    """The packet goes to D:P or comes back from it."""
+    if q.dst_ip is None:
+        return q.dst_port in (rec["dst_port"], rec["src_port"])
+    return (rec["dst_ip"] == q.dst_ip and rec["dst_port"] == q.dst_port) or \
+        (rec["src_ip"] == q.dst_ip and rec["src_port"] == q.dst_port)
+
+
+# ------------------------------------------------------------ the query
+
+
+def session_level(q: Query) -> bool:
+    """Filters that only the connection log can decide."""
+    return bool(q.server_ip or q.host)
+
+
+def search(data_dir: Path, q: Query, *, on_error: ErrorReport,
+           progress: Progress | None = None,
+           keep_packets: bool = False) -> tuple[list[SessionRow], list[tuple[Path, dict]]]:
+    """Matching sessions (by connect time) and, with ``keep_packets``, the matching
+    packet records with their segment."""
+    rows = find_sessions(data_dir, q, on_error=lambda msg: on_error(msg, "connection log"))
+    allowed = set(rows) if session_level(q) else None
+    kept: list[tuple[Path, dict[str, Any]]] = []
+    hit: set[str] = set()
+    for path, rec in scan_packets(data_dir, q, sessions=allowed, on_error=on_error,
+                                  progress=progress):
+        sid = rec["session_id"]
+        row = rows.get(sid)
+        if row is None:
+            # Packets of a session the connection log does not name (its days
+            # deleted or damaged): still an answer, shown without its details.
+            if q.client_ip is None or rec["client_ip"] == q.client_ip:
+                row = rows[sid] = SessionRow(sid)
+            else:
+                continue
+        row.add_packet(time_ns(rec["time"]), path.name)
+        hit.add(sid)
+        if keep_packets:
+            kept.append((path, rec))
+    if q.packet_filter:
+        out = [r for r in rows.values() if r.session_id in hit
+               or (r.disconnect is not None and _dst_in_destinations(r.disconnect, q))]
+    else:
+        out = list(rows.values())
+    out.sort(key=lambda r: (r.connect_ts or 0.0, r.session_id))
+    return out, kept
+
+
+def row_dict(row: SessionRow, tz: tzinfo) -> dict[str, Any]:
+    """One session as search prints it (both the asked zone and UTC)."""
+    client = row.value("client") or {}
+    server = row.value("server") or {}
+    sw = row.value("client_software") or {}
+    first = row.first_ns / NS if row.first_ns is not None else None
+    last = row.last_ns / NS if row.last_ns is not None else None
+    return {
+        "session_id": row.session_id,
+        "server_id": server.get("id"), "server_ip": server.get("ip"),
+        "client_ip": client.get("ip"), "client_port": client.get("port"),
+        "client_hostname": client.get("hostname"),
+        "client_software": " ".join(str(v) for v in (sw.get("name"), sw.get("version")) if v),
+        "protocol": row.value("protocol"), "virtual_ip": row.value("virtual_ip"),
+        "connect": format_in(row.connect_ts, tz), "connect_utc": format_utc(row.connect_ts),
+        "disconnect": format_in(row.disconnect_ts, tz),
+        "disconnect_utc": format_utc(row.disconnect_ts),
+        "packets": row.packets,
+        "first_packet": format_in(first, tz), "first_packet_utc": format_utc(first),
+        "last_packet": format_in(last, tz), "last_packet_utc": format_utc(last),
+        "in_connection_log": row.connect is not None or row.disconnect is not None,
+    }
+

@@ -1,0 +1,71 @@
+"""relay/timeparse.py: zones by name and offset, DST gaps and folds refused."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from relay.errors import RelayError
+from relay.timeparse import format_in, format_utc, parse_time, parse_zone
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def test_tokyo_and_utc() -> None:
+    tokyo = parse_zone("Asia/Tokyo")
+    assert parse_time("2026-03-29 09:45", tokyo) == utc("2026-03-29 00:45")
+    assert parse_time("2026-03-29 09:45:30", tokyo) == utc("2026-03-29 00:45:30")
+    assert parse_time("2026-03-29T09:45:30.250", tokyo) == utc("2026-03-29 00:45:30.250")
+    assert parse_time("2026-03-29 09:45", parse_zone("UTC")) == utc("2026-03-29 09:45")
+    assert parse_time("2026-03-29 09:45", parse_zone(None)) == utc("2026-03-29 09:45")
+    # A time that names its zone ignores --tz.
+    assert parse_time("2026-03-29T09:45:00Z", tokyo) == utc("2026-03-29 09:45")
+    assert parse_time("2026-03-29T09:45:00+02:00", tokyo) == utc("2026-03-29 07:45")
+    t = utc("2026-03-29 00:45:00.123")
+    assert format_in(t, tokyo) == "2026-03-29T09:45:00.123+09:00"
+    assert format_utc(t) == "2026-03-29T00:45:00.123Z"
+    assert format_in(t.timestamp(), UTC) == "2026-03-29T00:45:00.123+00:00"
+
+
+def test_offsets() -> None:
+    assert parse_zone("+09:00") == timezone(timedelta(hours=9))
+    assert parse_zone("+0930") == timezone(timedelta(hours=9, minutes=30))
+    assert parse_zone("-05") == timezone(timedelta(hours=-5))
+    assert parse_zone("UTC+9") == timezone(timedelta(hours=9))
+    assert parse_time("2026-03-29 09:45", parse_zone("+09:00")) == utc("2026-03-29 00:45")
+    for bad in ("Mars/Olympus", "+25:00", "nine", "../../etc/passwd"):
+        with pytest.raises(RelayError, match="--tz"):
+            parse_zone(bad)
+
+
+@pytest.mark.parametrize("zone, gap, fold, fold_utc", [
+    ("Europe/Berlin", "2026-03-29 02:30", "2026-10-25 02:30",
+     ("2026-10-25T00:30:00Z", "2026-10-25T01:30:00Z")),
+    ("America/New_York", "2026-03-08 02:30", "2026-11-01 01:30",
+     ("2026-11-01T05:30:00Z", "2026-11-01T06:30:00Z")),
+])
+def test_dst_change(zone: str, gap: str, fold: str, fold_utc: tuple[str, str]) -> None:
+    tz = parse_zone(zone)
+    with pytest.raises(RelayError, match=f"does not exist in {zone}: the clocks went forward"):
+        parse_time(gap, tz, "--at")
+    with pytest.raises(RelayError, match=f"ambiguous in {zone}") as exc:
+        parse_time(fold, tz, "--at")
+    assert all(t in str(exc.value) for t in fold_utc)
+    # With the offset the reader picks one instant; either side of the change works.
+    early = fold_utc[0]
+    off = "-04:00" if zone == "America/New_York" else "+02:00"
+    assert parse_time(fold.replace(" ", "T") + off, tz) == utc(early[:-1])
+    assert parse_time(fold, parse_zone("UTC")) == utc(fold)
+    before = parse_time(gap.replace("02:30", "01:59:59"), tz)
+    after = parse_time(gap.replace("02:30", "03:00"), tz)
+    assert after - before == timedelta(seconds=1)  # the hour between never existed
+
+
+def test_invalid_times() -> None:
+    tz = parse_zone("Europe/Berlin")
+    for bad in ("2026-02-30 10:00", "2026-13-01 00:00", "yesterday", "2026-03-29 25:00", ""):
+        with pytest.raises(RelayError, match="not a valid time"):
+            parse_time(bad, tz, "--at")
