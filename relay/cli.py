@@ -431,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_logs_ua_lookup)
 
+    from relay.investigate_cli import add_parsers as add_investigation_parsers
+
+    add_investigation_parsers(logs, _add_data_dir, lambda args: _config(args).data_dir)
+
     ship = sub.add_parser("ship", help="the connection log's shipping to the collector") \
         .add_subparsers(dest="ship_command", metavar="WHAT", required=True)
     p = ship.add_parser("status", help="backlog, last success and last error of the forwarder")

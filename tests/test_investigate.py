@@ -1,0 +1,469 @@
+"""relay logs search / export-pcap / verify / disclose / verify-bundle on a data
+directory with planted sessions and traffic around Europe/Berlin's 2026 spring
+DST change (2026-03-29 01:00Z: 02:00 CET became 03:00 CEST)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import ipaddress
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from packetlog_synth import to_c
+
+from relay import chain, cli, connlog, connlog_retention, packetlog
+from relay.packetlog import session_raw
+from relay.pcapng import tcp_flags
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+SID = {"A": "AAAAAAAAAAAAAAAAAAAAAA", "B": "BBBBBBBBBBBBBBBBBBBBBA",
+       "C": "CCCCCCCCCCCCCCCCCCCCCA", "D": "DDDDDDDDDDDDDDDDDDDDDA"}
+SESSIONS: dict[str, dict[str, Any]] = {
+    # A: 00:30-01:30Z from 198.51.100.10 via 192.0.2.1; 203.0.113.7:443 at 00:45Z
+    # (01:45 CET, 09:45 JST) and 203.0.113.8:80 at 01:10Z (03:10 CEST).
+    "A": {"connect": "2026-03-29 00:30:00", "disconnect": "2026-03-29 01:30:00",
+          "client": ("198.51.100.10", 40001), "server": "192.0.2.1", "vip": "10.211.0.2",
+          "software": ("OpenConnect", "9.12"), "protocol": "cstp", "hosts": ["a.example"],
+          "flows": [("2026-03-29 00:45:00", "203.0.113.7", 443),
+                    ("2026-03-29 01:10:00", "203.0.113.8", 80)]},
+    # B: 00:50-02:30Z from 198.51.100.20 via 192.0.2.2, visits example.org.
+    "B": {"connect": "2026-03-29 00:50:00", "disconnect": "2026-03-29 02:30:00",
+          "client": ("198.51.100.20", 40002), "server": "192.0.2.2", "vip": "10.211.0.3",
+          "software": ("OpenVPN", "2.6.3"), "protocol": "openvpn-udp",
+          "hosts": ["example.org"],
+          "flows": [("2026-03-29 01:10:30", "203.0.113.9", 443),
+                    ("2026-03-29 02:00:00", "203.0.113.7", 443)]},
+    # C: the day before, same server and destination as A.
+    "C": {"connect": "2026-03-28 10:00:00", "disconnect": "2026-03-28 11:00:00",
+          "client": ("198.51.100.30", 40003), "server": "192.0.2.1", "vip": "10.211.0.4",
+          "software": ("OpenConnect", "9.01"), "protocol": "cstp", "hosts": [],
+          "flows": [("2026-03-28 10:30:00", "203.0.113.7", 443)]},
+    # D: filler traffic hours later, in segments no window here touches.
+    "D": {"connect": "2026-03-29 05:00:00", "disconnect": "2026-03-29 08:00:00",
+          "client": ("198.51.100.40", 40004), "server": "192.0.2.1", "vip": "10.211.0.5",
+          "software": ("OpenConnect", "9.12"), "protocol": "cstp", "hosts": [],
+          "flows": [("2026-03-29 05:30:00", "203.0.113.7", 443),
+                    ("2026-03-29 06:30:00", "203.0.113.7", 443),
+                    ("2026-03-29 07:30:00", "203.0.113.7", 443)]},
+}
+PACKETS_PER_FLOW = 7  # SYN, SYN-ACK, ACK, request, two data, ACK
+
+
+def _addr(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed.ljust(16, b"\0")
+
+
+def flow(name: str, when: str, dst: str, port: int) -> list[dict[str, Any]]:
+    s = SESSIONS[name]
+    t = int(ts(when) * 1e9)
+    cip, cport = s["client"]
+    base = {"session_id": session_raw(SID[name]), "rflags": 0, "client_family": 4,
+            "client_ip": _addr(cip), "client_port": cport, "family": 4}
+    out_, in_ = (_addr(s["vip"]), _addr(dst), 50000, port), (_addr(dst), _addr(s["vip"]), port,
+                                                            50000)
+    steps = [(0, 0x02, 1000, 0, 0), (1, 0x12, 5000, 1001, 0), (0, 0x10, 1001, 5001, 0),
+             (0, 0x18, 1001, 5001, 300), (1, 0x10, 5001, 1301, 1448),
+             (1, 0x18, 6449, 1301, 900), (0, 0x10, 1301, 7349, 0)]
+    recs = []
+    for i, (direction, flags, seq, ack, length) in enumerate(steps):
+        src, dst_ip, sp, dp = out_ if direction == 0 else in_
+        recs.append({**base, "time_ns": t + i * 1_000_000, "direction": direction,
+                     "src_ip": src, "dst_ip": dst_ip, "src_port": sp, "dst_port": dp,
+                     "tcp_flags": flags, "payload_len": length, "window": 500 + i,
+                     "seq": seq, "ack": ack})
+    return recs
+
+
+def build(data: Path) -> None:
+    """Connection log and packet log of SESSIONS, days sealed into the chain."""
+    now = [0.0]
+    log = connlog.ConnectionLog(data, clock=lambda: now[0])
+    events = []
+    for name, s in SESSIONS.items():
+        events.append((ts(s["connect"]), "connect", name))
+        events.append((ts(s["disconnect"]), "disconnect", name))
+    for t, action, name in sorted(events):
+        s = SESSIONS[name]
+        now[0] = t
+        rec: dict[str, Any] = {
+            "action": action, "session_id": SID[name],
+            "server": {"id": "relay-1", "ip": s["server"], "hostname": "relay.test"},
+            "client": {"ip": s["client"][0], "port": s["client"][1],
+                       "hostname": f"host-{name.lower()}.isp.test"},
+            "protocol": s["protocol"],
+            "client_software": {"name": s["software"][0], "version": s["software"][1]},
+            "virtual_ip": s["vip"]}
+        if action == "disconnect":
+            rec["connect_time"] = connlog.rfc3339_ms(ts(s["connect"]))
+            rec["destinations"] = [{"host": h, "ip": "203.0.113.50", "port": 443,
+                                    "scheme": "https"} for h in s["hosts"]]
+        log.append(rec)
+    log.append({"action": "packetlog-rotate", "file": "x"})  # an audit record
+    log.close()
+    flows = sorted((when, name, dst, port) for name, s in SESSIONS.items()
+                   for when, dst, port in s["flows"])
+    clock = [0.0]
+    w = packetlog.PacketLogWriter(data, clock=lambda: clock[0])
+    w.open()
+    for when, name, dst, port in flows:
+        recs = flow(name, when, dst, port)
+        clock[0] = ts(when) + 1
+        w.write(to_c(recs), len(recs))
+    w.close()
+    connlog_retention.seal_days(data / connlog.SUBDIR,
+                                chain.chain_path(data, chain.CONNLOG_CHAIN),
+                                clock=lambda: ts("2026-04-01 00:00:00"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("relaydata")
+    build(data)
+    return data
+
+
+@pytest.fixture
+def data(built: Path, tmp_path: Path) -> Path:
+    """A fresh copy per test, as an investigator's copy on another machine."""
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    return copy
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def search(capsys: pytest.CaptureFixture[str], data: Path, *argv: str) -> list[dict]:
+    code, out, err = run(capsys, "logs", "search", "--data-dir", str(data), "--json", *argv)
+    assert code == 0, err
+    assert "warning" not in err, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def names(rows: list[dict]) -> list[str]:
+    inv = {v: k for k, v in SID.items()}
+    return sorted(inv[r["session_id"]] for r in rows)
+
+
+# ------------------------------------------------------------------ search
+
+
+def test_search_tokyo(capsys: pytest.CaptureFixture[str], data: Path) -> None:
+    rows = search(capsys, data, "--at", "2026-03-29 09:45", "--tz", "Asia/Tokyo",
+                  "--dst", "203.0.113.7:443")
+    assert names(rows) == ["A"]
+    r = rows[0]
+    assert r["packets"] == PACKETS_PER_FLOW
+    assert r["client_ip"] == "198.51.100.10" and r["client_port"] == 40001
+    assert r["client_hostname"] == "host-a.isp.test"
+    assert r["client_software"] == "OpenConnect 9.12" and r["protocol"] == "cstp"
+    assert r["connect"] == "2026-03-29T09:30:00.000+09:00"
+    assert r["connect_utc"] == "2026-03-29T00:30:00.000Z"
+    assert r["disconnect"] == "2026-03-29T10:30:00.000+09:00"
+    assert r["first_packet_utc"] == "2026-03-29T00:45:00.000Z"
+    assert r["last_packet_utc"] == "2026-03-29T00:45:00.006Z"
+    # Without --dst: every session connected then, B not yet (00:50Z).
+    assert names(search(capsys, data, "--at", "2026-03-29T09:45:00", "--tz", "Asia/Tokyo")) \
+        == ["A"]
+
+
+def test_search_utc(capsys: pytest.CaptureFixture[str], data: Path) -> None:
+    assert names(search(capsys, data, "--from", "2026-03-28 00:00", "--to",
+                        "2026-03-29 00:00")) == ["C"]
+    assert names(search(capsys, data, "--at", "2026-03-29T01:10:00Z")) == ["A", "B"]
+    assert names(search(capsys, data, "--dst", "203.0.113.7:443", "--server-ip",
+                        "192.0.2.1")) == ["A", "C", "D"]
+    assert names(search(capsys, data, "--dst", "203.0.113.7")) == ["A", "B", "C", "D"]
+    assert names(search(capsys, data, "--host", "Example.ORG.")) == ["B"]
+    assert names(search(capsys, data, "--client-ip", "198.51.100.20")) == ["B"]
+    assert names(search(capsys, data, "--session", SID["C"][:8])) == ["C"]
+    rows = search(capsys, data, "--session", SID["D"], "--from", "2026-03-29 06:00",
+                  "--to", "2026-03-29 07:00")
+    assert names(rows) == ["D"] and rows[0]["packets"] == PACKETS_PER_FLOW
+    assert search(capsys, data, "--dst", "203.0.113.8:80", "--server-ip", "192.0.2.2") == []
+
+
+def test_search_across_dst_change(capsys: pytest.CaptureFixture[str], data: Path) -> None:
+    berlin = ("--tz", "Europe/Berlin")
+    rows = search(capsys, data, "--at", "2026-03-29 01:45", *berlin)  # CET, 00:45Z
+    assert names(rows) == ["A"]
+    assert rows[0]["connect"] == "2026-03-29T01:30:00.000+01:00"
+    assert rows[0]["disconnect"] == "2026-03-29T03:30:00.000+02:00"  # CEST by then
+    rows = search(capsys, data, "--at", "2026-03-29 03:10", *berlin, "--dst",
+                  "203.0.113.8:80")  # CEST, 01:10Z
+    assert names(rows) == ["A"] and rows[0]["packets"] == PACKETS_PER_FLOW
+    assert names(search(capsys, data, "--at", "2026-03-29 03:10", *berlin)) == ["A", "B"]
+    # Local 01:00 to 04:00 is two hours of real time that night (00:00Z-02:00Z):
+    # B's 02:00Z flow is just outside, a minute later it is in.
+    rows = search(capsys, data, "--from", "2026-03-29 01:00", "--to", "2026-03-29 04:00",
+                  *berlin, "--dst", "203.0.113.7")
+    assert names(rows) == ["A"]
+    rows = search(capsys, data, "--from", "2026-03-29 01:00", "--to", "2026-03-29 04:01",
+                  *berlin, "--dst", "203.0.113.7")
+    assert names(rows) == ["A", "B"]
+    code, _, err = run(capsys, "logs", "search", "--data-dir", str(data), "--at",
+                       "2026-03-29 02:30", *berlin)
+    assert code == 1 and "does not exist in Europe/Berlin" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    code, _, err = run(capsys, "logs", "search", "--data-dir", str(data), "--at",
+                       "2026-10-25 02:30", *berlin)
+    assert code == 1 and "ambiguous in Europe/Berlin" in err and "2026-10-25T00:30:00Z" in err
+    code, _, err = run(capsys, "logs", "search", "--data-dir", str(data), "--at",
+                       "2026-02-30 10:00", *berlin)
+    assert code == 1 and "not a valid time" in err
+
+
+def test_search_formats(capsys: pytest.CaptureFixture[str], data: Path) -> None:
+    base = ("logs", "search", "--data-dir", str(data), "--at", "2026-03-29T01:10:00Z")
+    code, out, _ = run(capsys, *base, "--format", "csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert sorted(r["session_id"] for r in rows) == [SID["A"], SID["B"]]
+    code, out, _ = run(capsys, *base, "--format", "table", "--tz", "Asia/Tokyo")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("session") and len(lines) == 3
+    assert "198.51.100.10:40001" in out and "2026-03-29T09:30:00.000+09:00" in out
+    target = data / "out.json"
+    code, out, _ = run(capsys, *base, "--json", "-o", str(target))
+    assert code == 0 and out == "" and len(target.read_text().splitlines()) == 2
+
+
+def test_out_of_window_segments_are_never_opened(capsys: pytest.CaptureFixture[str],
+                                                  data: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    segs = sorted(packetlog.packets_dir(data).glob("*.rpl"))
+    late = [p for p in segs if p.name >= "seg-20260329T050000Z"]
+    assert len(late) == 3
+    # Overwrite D's segments with garbage of the same size (the chain link's size
+    # still matches): a search before them must not notice, because it never
+    # opens them; one whose window covers them must report them.
+    for p in late:
+        p.write_bytes(b"\xff" * p.stat().st_size)
+    opened: list[str] = []
+    real_open = open
+
+    def spy(file: Any, *a: Any, **k: Any) -> Any:
+        opened.append(str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr("builtins.open", spy)
+    rows = search(capsys, data, "--from", "2026-03-29 00:00", "--to", "2026-03-29 03:00",
+                  "--dst", "203.0.113.7:443")
+    monkeypatch.undo()
+    assert names(rows) == ["A", "B"]
+    seg_opens = {Path(p).name for p in opened if "/packets/" in p}
+    # The window's three hours (01:00 is opened for its index, which rules it out by
+    # address); neither the day before nor D's hours.
+    assert seg_opens == {"seg-20260329T000000Z.rpl", "seg-20260329T010000Z.rpl",
+                         "seg-20260329T020000Z.rpl"}
+    code, _, err = run(capsys, "logs", "search", "--data-dir", str(data), "--from",
+                       "2026-03-29 05:00", "--to", "2026-03-29 06:00")
+    assert code == 0 and "bad or missing file header" in err
+
+
+# ------------------------------------------------------------------ pcapng
+
+
+def tshark_fields(pcap: Path, *fields: str, prefs: tuple[str, ...] = ()) -> list[list[str]]:
+    tshark = shutil.which("tshark")
+    assert tshark, "tshark is required (Debian package tshark)"
+    args = [tshark, "-r", str(pcap), "-T", "fields", "-E", "separator=|"]
+    for pref in prefs:
+        args += ["-o", pref]
+    for f in fields:
+        args += ["-e", f]
+    res = subprocess.run(args, capture_output=True, text=True, check=True, timeout=120)
+    return [line.split("|") for line in res.stdout.splitlines()]
+
+
+def test_export_pcap_matches_records(capsys: pytest.CaptureFixture[str], data: Path) -> None:
+    pcap = data / "a.pcapng"
+    code, _, err = run(capsys, "logs", "export-pcap", "--data-dir", str(data), "--from",
+                       "2026-03-29 00:00", "--to", "2026-03-29 03:00", "--dst",
+                       "203.0.113.7:443", "-o", str(pcap))
+    assert code == 0, err
+    expect = [r for r in packetlog.iter_records(data)
+              if r["session_id"] in (SID["A"], SID["B"])
+              and "203.0.113.7" in (r["src_ip"], r["dst_ip"])]
+    assert len(expect) == 2 * PACKETS_PER_FLOW
+    got = tshark_fields(
+        pcap, "frame.time_epoch", "ip.src", "ip.dst", "tcp.srcport", "tcp.dstport",
+        "tcp.seq_raw", "tcp.ack_raw", "tcp.flags", "tcp.window_size_value", "tcp.len",
+        "frame.len", "frame.cap_len", "frame.comment", "ip.checksum.status",
+        "tcp.checksum.status",
+        prefs=("ip.check_checksum:TRUE", "tcp.check_checksum:TRUE",
+               "tcp.analyze_sequence_numbers:FALSE"))
+    assert len(got) == len(expect)
+    for row, r in zip(got, expect, strict=True):
+        (epoch, src, dst, sport, dport, seq, ack, flags, win, tcplen, flen, caplen, comment,
+         ipck, tcpck) = row
+        assert epoch.replace(".", "")[:19] == str(int(
+            datetime.fromisoformat(r["time"][:19]).replace(tzinfo=UTC).timestamp())) + \
+            r["time"][20:29]
+        assert (src, dst, int(sport), int(dport)) == (r["src_ip"], r["dst_ip"], r["src_port"],
+                                                      r["dst_port"])
+        assert (int(seq), int(ack), int(win)) == (r["seq"], r["ack"], r["window"])
+        assert int(flags, 16) == tcp_flags(r["flags"])
+        assert int(tcplen) == r["len"]
+        assert int(flen) == 54 + r["len"] and int(caplen) == 54
+        assert comment.startswith(f"session {r['session_id']} client {r['client_ip']}:")
+        assert ipck == "1"  # PROTO_CHECKSUM_E_GOOD (0 bad, 2 unverified)
+        assert tcpck == ("1" if r["len"] == 0 else "2")
+
+
+# ------------------------------------------------------------------ evidence
+
+
+def verify(capsys: pytest.CaptureFixture[str], data: Path) -> tuple[int, dict]:
+    code, out, _ = run(capsys, "logs", "verify", "--data-dir", str(data), "--json")
+    return code, json.loads(out)
+
+
+def kinds(report: dict) -> set[tuple[str, str]]:
+    return {(p["kind"], p["file"]) for p in report["problems"]}
+
+
+def flip(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_verify_clean_copy(data: Path) -> None:
+    # In a real process on a copy: exit status and text.
+    res = subprocess.run([sys.executable, "-m", "relay.cli", "logs", "verify", "--data-dir",
+                          str(data)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.splitlines()[-1].startswith("OK: checked 2 connection-log days")
+    assert "7 packet-log files" in res.stdout
+
+
+def test_verify_detects_tampering(capsys: pytest.CaptureFixture[str], data: Path) -> None:
+    segs = sorted(packetlog.packets_dir(data).glob("*.rpl"))
+    day = data / connlog.SUBDIR / "2026-03-29.jsonl"
+    flip(segs[1], 100)
+    flip(day, 50)
+    segs[2].unlink()
+    segs[3].write_bytes(segs[3].read_bytes()[:-30])
+    a, b = segs[4].read_bytes(), segs[5].read_bytes()
+    segs[4].write_bytes(b)
+    segs[5].write_bytes(a)
+    shutil.copy(segs[0], segs[0].with_name("seg-20260330T000000Z.rpl"))
+    code, report = verify(capsys, data)
+    assert code == 1
+    assert kinds(report) == {
+        ("modified", segs[1].name), ("modified", "connlog 2026-03-29"),
+        ("missing", segs[2].name), ("truncated", segs[3].name),
+        ("reordered", segs[4].name), ("reordered", segs[5].name),
+        ("reordered", "seg-20260330T000000Z.rpl")}
+    code, out, _ = run(capsys, "logs", "verify", "--data-dir", str(data))
+    assert code == 1 and out.splitlines()[-1].startswith("FAILED")
+
+
+def test_verify_detects_chain_edits(capsys: pytest.CaptureFixture[str], data: Path) -> None:
+    path = chain.chain_path(data, chain.PACKETS_CHAIN)
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2], lines[3] = lines[3], lines[2]
+    path.write_bytes(b"".join(lines))
+    code, report = verify(capsys, data)
+    assert code == 1 and {p["kind"] for p in report["problems"]} == {"broken-chain"}
+    # Cutting the chain back: the files of the dropped links are unchained.
+    path.write_bytes(b"".join(sorted(lines[:5], key=lambda x: json.loads(x)["n"])))
+    code, report = verify(capsys, data)
+    assert code == 1 and {p["kind"] for p in report["problems"]} == {"unchained"}
+    # ... and a head recorded by the connection log (shipped off the relay) is gone.
+    log = connlog.ConnectionLog(data, clock=lambda: ts("2026-03-29 09:00:00"))
+    log.append({"action": "packetlog-rotate", "chain_link":
+                chain.line_digest(lines[6])})
+    log.close()
+    code, report = verify(capsys, data)
+    assert ("missing" in {p["kind"] for p in report["problems"]})
+
+
+def test_archives_and_compression_stay_verifiable(capsys: pytest.CaptureFixture[str],
+                                                  data: Path) -> None:
+    from relay.retention import Retention
+
+    audit: list[dict] = []
+    later = ts("2026-04-20 00:00:00")
+    done = Retention(data, audit=audit.append, clock=lambda: later,
+                     disk_free=lambda: 1 << 40).run()
+    assert len([a for a in done if a["action"] == "packetlog-archive"]) == 7
+    connlog_retention.apply_retention(data / connlog.SUBDIR, clock=lambda: later,
+                                      chain_file=chain.chain_path(data, chain.CONNLOG_CHAIN))
+    assert sorted(p.name for p in (data / connlog.SUBDIR).iterdir()) == \
+        ["2026-03-28.jsonl.zst", "2026-03-29.jsonl.zst"]
+    code, report = verify(capsys, data)
+    assert code == 0, report
+    rows = search(capsys, data, "--at", "2026-03-29 09:45", "--tz", "Asia/Tokyo",
+                  "--dst", "203.0.113.7:443")
+    assert names(rows) == ["A"] and rows[0]["packets"] == PACKETS_PER_FLOW
+    arch = sorted(packetlog.packets_dir(data).glob("*.rpa"))
+    flip(arch[0], 60)
+    code, report = verify(capsys, data)
+    assert code == 1 and kinds(report) == {("modified", arch[0].name)}
+
+
+def rewrite_member(bundle: Path, name: str, change: Any) -> None:
+
+    with tarfile.open(bundle) as tar:
+        blobs = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    blobs[name] = change(blobs[name])
+    with tarfile.open(bundle, "w") as tar:
+        for n, blob in blobs.items():
+            info = tarfile.TarInfo(n)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def test_disclose_and_verify_bundle(capsys: pytest.CaptureFixture[str], data: Path,
+                                    tmp_path: Path) -> None:
+    bundle = tmp_path / "case.tar"
+    code, _, err = run(capsys, "logs", "disclose", "--data-dir", str(data), "--at",
+                       "2026-03-29 03:10", "--tz", "Europe/Berlin", "--dst", "203.0.113.8:80",
+                       "-o", str(bundle))
+    assert code == 0, err
+    assert "1 sessions, 7 packets" in err
+    code, out, err = run(capsys, "logs", "verify-bundle", str(bundle), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"], report
+    assert report["checked"] == {"members": 4, "packets chain links": 5,
+                                 "connlog chain links": 1, "packet records": 7,
+                                 "connection-log records": 2}
+    code, out, err = run(capsys, "logs", "verify-bundle", str(bundle), "--data-dir",
+                         str(data))
+    assert code == 0, out + err
+    pcap = tmp_path / "p.pcapng"
+    with tarfile.open(bundle) as tar:
+        pcap.write_bytes(tar.extractfile("packets.pcapng").read())  # type: ignore[union-attr]
+        packets = [json.loads(x) for x in tar.extractfile("packets.jsonl")]  # type: ignore[union-attr]
+    rows = tshark_fields(pcap, "tcp.dstport", "frame.comment")
+    assert len(rows) == 7 and all(SID["A"] in r[1] for r in rows)
+    assert {p["session_id"] for p in packets} == {SID["A"]}
+    # The data directory changed since the disclosure: the bundle no longer matches it.
+    flip(data / connlog.SUBDIR / "2026-03-29.jsonl", 200)
+    code, out, _ = run(capsys, "logs", "verify-bundle", str(bundle), "--data-dir", str(data))
+    assert code == 1 and "connlog 2026-03-29" in out
+    # A member edited after the fact.
+    rewrite_member(bundle, "packets.jsonl", lambda b: b.replace(b'"len": 300', b'"len": 301'))
+    code, out, _ = run(capsys, "logs", "verify-bundle", str(bundle))
+    assert code == 1 and "MODIFIED: packets.jsonl" in out
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"nonsense")
+    code, _, err = run(capsys, "logs", "verify-bundle", str(bad))
+    assert code == 1 and err.startswith("relay: error:") and err.count("\n") == 1
