@@ -304,9 +304,15 @@ class _SegmentFile:
 
 
 def link_closed(seg: _SegmentFile, final: Path, clock: Callable[[], float]) -> dict[str, Any]:
-    """Append the chain link of a segment just closed (relay/chain.py)."""
-    return chain.append_link(chain.chain_path(final.parent.parent, chain.PACKETS_CHAIN),
-                             {"event": "close", **seg.link_fields(final)}, clock())
+    """Append the chain link of a segment just closed (relay/chain.py). A failure
+    (disk full) must not stop the capture: it is logged, the digest is empty, and
+    verify later reports the segment as unchained."""
+    try:
+        return chain.append_link(chain.chain_path(final.parent.parent, chain.PACKETS_CHAIN),
+                                 {"event": "close", **seg.link_fields(final)}, clock())
+    except OSError as exc:
+        log.error("packet log %s: evidence chain not appended: %s", final, exc)
+        return {"digest": ""}
 
 
 # ------------------------------------------------------------------ writer
