@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 
 from relay.config import AbuseConfig
 from relay.errors import RelayError
+from relay.fsutil import write_atomic
 
 BANS_FILE = "bans.json"
 # An offender's repeat count is forgotten after a day without offences, as
@@ -262,12 +262,5 @@ class Abuse:
                 from None
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        data = json.dumps([asdict(b) for b in self.bans.values()], indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps([asdict(b) for b in self.bans.values()],
+                                           indent=1).encode())

@@ -55,6 +55,7 @@ from relay.connlog_retention import (
 )
 from relay.errors import RelayError
 from relay.forwarder import CONFIRM_ALPN
+from relay.fsutil import listen_tcp
 
 log = logging.getLogger("relay.collector")
 
@@ -385,20 +386,6 @@ class Connection(asyncio.Protocol):
                  c.rejected)
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise RelayError(f"collector: cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(LISTEN_BACKLOG)
-    sock.setblocking(False)
-    return sock
-
-
 async def _accept_loop(listener: socket.socket, collector: Collector,
                        ctx: ssl.SSLContext | None) -> None:
     """Accept by hand so that each handshake's outcome reaches us: an asyncio
@@ -481,11 +468,11 @@ async def run_collector(
     ctx = server_context(ca, cert, key, require_client_cert)
     collector = Collector(Path(data_dir), keep_days)
     os.chmod(collector.store.root, DIR_MODE)
-    listeners = [_listen(host, port)]
+    listeners = [listen_tcp(host, port, LISTEN_BACKLOG)]
     log.info("listening on %s (RFC 5425, TLS%s), storing in %s", listen,
              ", client certificate required" if require_client_cert else "", data_dir)
     if plain:
-        listeners.append(_listen(*plain))
+        listeners.append(listen_tcp(*plain, LISTEN_BACKLOG))
         log.info("listening on %s (plain TCP syslog, for local senders)", plain_listen)
     tasks = [asyncio.ensure_future(_accept_loop(sock, collector, ctx if i == 0 else None))
              for i, sock in enumerate(listeners)]

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from relay import cstp
+from relay import cstp, rdns
 from relay.sessions import Session
 from relay.tap import ETH_HLEN
 from relay.tlsconf import server_context
@@ -112,7 +112,7 @@ class CstpLink(asyncio.Protocol):
         """TLS handshake on an accepted socket, then the protocol takes over."""
         self.relay.all_links.add(self)
         loop = asyncio.get_running_loop()
-        self._lookup = self.relay.reverse_lookup(self.peer_ip, self.peer_port)
+        self._lookup = self.relay.lookups.start(self.peer_ip, self.peer_port)
         self._timer = loop.call_later(self.relay.login_timeout_s, self._login_deadline)
         try:
             await loop.connect_accepted_socket(
@@ -133,10 +133,7 @@ class CstpLink(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH_WATER)
 
     def client_hostname(self) -> str | None:
-        f = self._lookup
-        if f is None or not f.done() or f.cancelled() or f.exception() is not None:
-            return None
-        return str(f.result()[0])
+        return rdns.name(self._lookup)
 
     def _login_deadline(self) -> None:
         if self.session is None and not self.closed:

@@ -58,6 +58,7 @@ from relay.config import parse_hostport
 from relay.connlog import SUBDIR, SUFFIX, ZST_SUFFIX, rfc3339_ms
 from relay.connlog_retention import read_zst
 from relay.errors import RelayError
+from relay.fsutil import write_atomic
 
 log = logging.getLogger("relay.forwarder")
 
@@ -118,19 +119,7 @@ def ship_dir(data_dir: Path) -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, data)
 
 
 def load_position(data_dir: Path) -> Position:

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from relay import openvpn
+from relay import openvpn, rdns
 from relay.config import Config, parse_hostport
+from relay.fsutil import listen_tcp
 from relay.sessions import Session
 from relay.tap import ETH_HLEN, mac_str
 from relay.tlsconf import ensure_self_signed, server_context
@@ -65,8 +66,6 @@ class OpenVPNListener:
         self._last_drop_log = 0.0
 
     async def start(self) -> None:
-        from relay.server import listen_tcp  # relay.server imports this module
-
         host, port = parse_hostport(self.relay.cfg.openvpn.listen)
         self.tcp = listen_tcp(host, port)
         self.relay.spawn(self.relay.accept_loop(self.tcp, self.accept))
@@ -191,14 +190,11 @@ class OpenVPNLink:
 
     def begin(self) -> None:
         self.relay.all_links.add(self)
-        self._lookup = self.relay.reverse_lookup(self.peer_ip, self.peer_port)
+        self._lookup = self.relay.lookups.start(self.peer_ip, self.peer_port)
         self._deadline = self.loop.call_later(self.relay.login_timeout_s, self._login_deadline)
 
     def client_hostname(self) -> str | None:
-        f = self._lookup
-        if f is None or not f.done() or f.cancelled() or f.exception() is not None:
-            return None
-        return str(f.result()[0])
+        return rdns.name(self._lookup)
 
     def _login_deadline(self) -> None:
         if self.session is None and not self.closed:

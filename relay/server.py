@@ -30,9 +30,11 @@ from relay.abuse import Abuse
 from relay.config import Config, ConfigError, parse_duration, parse_hostport
 from relay.cstp_link import CstpListener
 from relay.errors import RelayError
+from relay.fsutil import listen_tcp
 from relay.metrics import Collector, Metric, MetricsServer
 from relay.nat import Masquerade
 from relay.openvpn_link import OpenVPNListener
+from relay.rdns import ReverseLookups
 from relay.recording import Recording
 from relay.sessions import (
     CHECKPOINT_INTERVAL_S,
@@ -54,9 +56,6 @@ ARP_IPV4_LEN = 28
 
 # --- Limits and timeouts -------------------------------------------------------------
 
-# Pending connections the kernel queues for us: the kernel's somaxconn default
-# (4096 since Linux 5.4); floods are refused by the relay, not by a full queue.
-LISTEN_BACKLOG = 4096
 # After accept() fails (out of descriptors), wait this long before trying again
 # instead of spinning.
 ACCEPT_ERROR_BACKOFF_S = 0.1
@@ -66,9 +65,6 @@ LINGER_RESET = struct.pack("ii", 1, 0)
 TAP_READ_BATCH = 256
 # Largest frame the TAP can hand us (64 KiB IP packet + Ethernet header).
 TAP_READ_SIZE = 65536 + ETH_HLEN
-# Concurrent reverse lookups of client addresses; past this, new sessions are
-# logged with hostname null rather than queueing lookups behind a flood.
-MAX_PENDING_LOOKUPS = 64
 
 
 
@@ -118,7 +114,7 @@ class Relay:
         self.stats = Stats()
         self.links: dict[bytes, Link] = {}
         self.all_links: set[Link] = set()
-        self.pending_lookups = 0
+        self.lookups = ReverseLookups()
         self.background: set[asyncio.Future[None]] = set()
         self.tap: Tap | None = None
         self.nat: Masquerade | None = None
@@ -443,22 +439,6 @@ class Relay:
         expected = self.users.get(username)
         return expected is not None and secrets.compare_digest(expected, password)
 
-    def reverse_lookup(self, ip: str, port: int) -> asyncio.Future[Any] | None:
-        """Start the reverse lookup of a client address in a worker thread, so it
-        never delays the session; None when too many are already pending."""
-        if self.pending_lookups >= MAX_PENDING_LOOKUPS:
-            return None
-        self.pending_lookups += 1
-        future = asyncio.get_running_loop().run_in_executor(
-            None, socket.getnameinfo, (ip, port), socket.NI_NAMEREQD)
-
-        def done(f: asyncio.Future[Any]) -> None:
-            self.pending_lookups -= 1
-            if not f.cancelled():
-                f.exception()  # no name is the common case, not an error
-
-        future.add_done_callback(done)
-        return future
 
     async def open_session(self, link: Link, protocol: str, software: dict[str, Any],
                            mac: bytes | None = None) -> Session:
@@ -515,12 +495,7 @@ class Relay:
             return
         s.packets_in += 1
         s.bytes_in += len(packet)
-        seen = hotpath.inspect(packet, s.tag_bytes)
-        if seen is not hotpath.PLAIN and seen is not hotpath.SKIPPED:
-            self.stats.ua_stamped += seen.stamped
-            self.stats.ua_missed += seen.ua_missed
-            if seen.destination is not None:
-                s.add_destination(seen.destination)
+        self._hot_path(s, packet)
         assert self.tap is not None
         try:
             os.writev(self.tap.fd, (self.tap.mac, s.mac, ETHERTYPE_IPV4, packet))
@@ -542,12 +517,7 @@ class Relay:
             if len(packet) < 20 or packet[0] >> 4 != 4 or packet[12:16] != s.vip_bytes:
                 self.stats.dropped["spoofed-source"] += 1
                 return
-            seen = hotpath.inspect(packet, s.tag_bytes)
-            if seen is not hotpath.PLAIN and seen is not hotpath.SKIPPED:
-                self.stats.ua_stamped += seen.stamped
-                self.stats.ua_missed += seen.ua_missed
-                if seen.destination is not None:
-                    s.add_destination(seen.destination)
+            self._hot_path(s, packet)
         elif ethertype == ETHERTYPE_ARP:
             if (len(frame) < ETH_HLEN + ARP_IPV4_LEN or frame[22:28] != s.mac
                     or frame[28:32] != s.vip_bytes):
@@ -565,25 +535,20 @@ class Relay:
             self.stats.dropped["tap-write-error"] += 1
             log.debug("TAP write failed: %s", exc.strerror)
 
+    def _hot_path(self, s: Session, packet: bytearray | memoryview) -> None:
+        """User-Agent stamp (in place) and destinations of one client IP packet."""
+        seen = hotpath.inspect(packet, s.tag_bytes)
+        if seen is not hotpath.PLAIN and seen is not hotpath.SKIPPED:
+            self.stats.ua_stamped += seen.stamped
+            self.stats.ua_missed += seen.ua_missed
+            if seen.destination is not None:
+                s.add_destination(seen.destination)
+
     async def _forget_address(self, ip: str) -> None:
         assert self.tap is not None
         if self.tap.fd >= 0:
             await self.tap.remove_neighbour(ip)
         self.sessions.pool.release(ip)
-
-
-def listen_tcp(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise RelayError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(LISTEN_BACKLOG)
-    sock.setblocking(False)
-    return sock
 
 
 def _disconnect_fields(connect: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
 import secrets
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 from relay import connlog
 from relay.errors import RelayError
+from relay.fsutil import write_atomic
 from relay.hotpath import Destination
 from relay.tap import random_mac
 
@@ -169,16 +169,8 @@ class Journal:
         self.dir = connlog.ensure_dir(Path(data_dir) / JOURNAL_DIR)
 
     def write(self, s: Session) -> None:
-        path = self.dir / f"{s.id}.json"
-        tmp = path.with_suffix(".tmp")
-        data = json.dumps({"connect": s.connect_record, **s.counters()}).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomic(self.dir / f"{s.id}.json",
+                     json.dumps({"connect": s.connect_record, **s.counters()}).encode())
 
     def remove(self, s: Session) -> None:
         (self.dir / f"{s.id}.json").unlink(missing_ok=True)
