@@ -19,7 +19,8 @@ import traceback
 
 from bench.common import RESULTS, Row, machine
 
-BENCHMARKS = ("hotpath", "drain", "shipping", "forwarding", "capture", "abuse", "search")
+BENCHMARKS = ("hotpath", "drain", "shipping", "forwarding", "openvpn", "capture", "abuse",
+              "search")
 
 
 def table(rows: list[Row]) -> str:

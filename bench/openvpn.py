@@ -1,0 +1,190 @@
+"""OpenVPN forwarding: iperf3 through the relay's OpenVPN and through Debian's
+``openvpn`` server, from the stock ``openvpn`` client, on one namespace topology.
+
+::
+
+    client-1 ── openvpn (UDP) ──▶ relay serve :1194     ┐
+    client-2 ── openvpn (UDP) ──▶ openvpn --server :1195 ├ relay ns ── internet ns (iperf3 -s)
+                                                        ┘
+
+Both are `dev tun`, AES-256-GCM, the same MTU; the reference server accepts any
+user name and password like the relay. Figures: TCP Mbit/s and small-packet UDP
+packets/s received by the iperf3 server, and the servers' CPU per unit of
+traffic. Variants run round-robin, repeated, medians kept.
+
+    python -m bench.openvpn [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from collections.abc import Callable
+
+from bench import common
+from bench.common import RESULTS, Row
+from bench.forwarding import (
+    FULL_REPEATS,
+    FULL_SECONDS,
+    IPERF_PORT,
+    QUICK_REPEATS,
+    QUICK_SECONDS,
+    START_TIMEOUT,
+    UDP_PAYLOAD,
+    cpu_seconds,
+    iperf,
+    ns_pids,
+)
+from relay.netns import INTERNET_IP, Topology, relay_command, relay_ip, wait_for
+from relay.netns import run as ns_run
+from relay.tlsconf import ensure_self_signed
+
+NAME = "openvpn"
+# The reference server's port beside the relay's 1194 in the same namespace.
+REFERENCE_PORT = 1195
+# Its pool: another block than the relay's 10.211.0.0/16.
+REFERENCE_NET, REFERENCE_MASK, REFERENCE_POOL = "10.213.0.0", "255.255.255.0", "10.213.0.0/24"
+# The relay's default tunnel MTU, given to the reference server too.
+TUNNEL_MTU = 1400
+RELAY_CLIENT, REFERENCE_CLIENT = 1, 2
+
+
+def start_reference(topo: Topology) -> None:
+    """Debian's openvpn in server mode: its own self-signed certificate, any
+    credentials accepted, its pool masqueraded towards the uplink."""
+    d = topo.workdir / "ovpn-ref"
+    d.mkdir()
+    cert, key = ensure_self_signed(d, "openvpn.bench.test")
+    conf = d / "server.conf"
+    conf.write_text(f"""\
+port {REFERENCE_PORT}
+proto udp
+dev tun
+topology subnet
+server {REFERENCE_NET} {REFERENCE_MASK}
+ca {cert}
+cert {cert}
+key {key}
+dh none
+verify-client-cert none
+script-security 3
+auth-user-pass-verify /bin/true via-env
+username-as-common-name
+duplicate-cn
+data-ciphers AES-256-GCM
+tun-mtu {TUNNEL_MTU}
+push "redirect-gateway def1"
+keepalive 10 60
+verb 3
+""")
+    ns_run(["nft", "-f", "-"], topo.relay_ns, input=(
+        "table ip bench_openvpn {\n"
+        "  chain postrouting {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    ip saddr {REFERENCE_POOL} oifname "{topo.uplink}" masquerade\n'
+        "  }\n"
+        "}\n"))
+    topo.spawn(topo.relay_ns, ["openvpn", "--config", str(conf)], "openvpn-server.log")
+    wait_for(lambda: "Initialization Sequence Completed" in topo.log("openvpn-server.log"),
+             START_TIMEOUT, "the reference openvpn server")
+
+
+def reference_client_config(topo: Topology) -> str:
+    cert = (topo.workdir / "ovpn-ref" / "tls" / "cert.pem").read_text()
+    return (f"client\ndev tun\nproto udp\nremote {relay_ip(REFERENCE_CLIENT)} {REFERENCE_PORT}\n"
+            "nobind\ndata-ciphers AES-256-GCM\nverb 3\n"
+            f"<auth-user-pass>\nbench\nbench\n</auth-user-pass>\n<ca>\n{cert}</ca>\n")
+
+
+def connect(topo: Topology, i: int, config: str) -> None:
+    path = topo.workdir / f"client-{i}.ovpn"
+    path.write_text(config)
+    path.chmod(0o600)
+    proc = topo.spawn(topo.client_ns(i), ["openvpn", "--config", str(path)],
+                      f"openvpn-{i}.log")
+    wait_for(lambda: topo.tunnel_ip(i) is not None or proc.poll() is not None,
+             START_TIMEOUT, f"openvpn in client {i} to configure tun0")
+    if proc.poll() is not None:
+        raise RuntimeError(f"openvpn client {i} exited: {topo.log(f'openvpn-{i}.log')}")
+
+
+def run(quick: bool) -> list[Row]:
+    seconds = QUICK_SECONDS if quick else FULL_SECONDS
+    repeats = QUICK_REPEATS if quick else FULL_REPEATS
+    topo = Topology(prefix=f"bov{os.getpid() % 10000}", clients=2)
+    try:
+        topo.create()
+        data = topo.workdir / "relay-data"
+        relay = topo.start_relay(data)
+        conf = str(topo.workdir / "relay.toml")
+        relay_config = ns_run([*relay_command(), "client-config", "openvpn", "--proto", "udp",
+                               "--dev", "tun", "--remote", relay_ip(RELAY_CLIENT), "--config",
+                               conf], topo.relay_ns).stdout
+        connect(topo, RELAY_CLIENT, relay_config)
+        start_reference(topo)
+        connect(topo, REFERENCE_CLIENT, reference_client_config(topo))
+        topo.spawn(topo.internet_ns, ["iperf3", "-s", "-B", INTERNET_IP], "iperf3.log")
+        wait_for(lambda: ns_run(["ss", "-ltn", f"sport = :{IPERF_PORT}"], topo.internet_ns)
+                 .stdout.count("LISTEN") > 0, START_TIMEOUT, "iperf3 to listen")
+        cpu: dict[str, list[float]] = {}
+
+        def variant(server: str, client: int, udp: bool) -> Callable[[], float]:
+            def measure() -> float:
+                pids = [relay.pid] if server == "relay" else ns_pids(topo.relay_ns, "openvpn")
+                before = cpu_seconds(pids)
+                value = iperf(topo, client, udp, seconds)
+                after = cpu_seconds(pids)
+                used = sum(after[p] - before[p] for p in before if p in after)
+                per_unit = used * 1e6 / (value * seconds) if udp else \
+                    used / (value * seconds / 1e3)
+                cpu.setdefault(key(server, udp), []).append(per_unit)
+                return value
+            return measure
+
+        variants = {key(server, udp): variant(server, client, udp)
+                    for udp in (False, True)
+                    for server, client in (("relay", RELAY_CLIENT),
+                                           ("openvpn", REFERENCE_CLIENT))}
+        medians = common.interleaved(variants, repeats)
+    finally:
+        topo.destroy()
+    cpu_medians = {k: statistics.median(v) for k, v in cpu.items()}
+    rows = []
+    for udp, what, unit, cpu_unit in ((False, "TCP throughput", "Mbit/s", "CPU s per Gbit"),
+                                      (True, f"UDP {UDP_PAYLOAD} B packets received",
+                                       "packets/s", "CPU us per packet")):
+        rows += [
+            Row(NAME, f"{what}, relay vs openvpn server", unit, "Debian openvpn server",
+                medians[key("openvpn", udp)], "relay (OpenVPN)", medians[key("relay", udp)],
+                repeats, ">= 1.0"),
+            Row(NAME, f"{what}: server CPU, relay vs openvpn", cpu_unit,
+                "Debian openvpn server", cpu_medians[key("openvpn", udp)], "relay (OpenVPN)",
+                cpu_medians[key("relay", udp)], repeats, higher_is_better=False),
+        ]
+    common.write(NAME, rows, {"seconds_per_run": seconds, "medians": medians,
+                              "cpu_per_unit": cpu_medians})
+    for udp, unit in ((False, "Mbit/s"), (True, "packets/s")):
+        proto = "udp" if udp else "tcp"
+        common.bar_plot(RESULTS / f"{NAME}-{proto}.png",
+                        f"iperf3 {proto.upper()} through OpenVPN ({unit})",
+                        ["relay", "openvpn server"],
+                        [medians[key("relay", udp)], medians[key("openvpn", udp)]], unit)
+    return rows
+
+
+def key(server: str, udp: bool) -> str:
+    return f"{server}/{'udp' if udp else 'tcp'}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one short round")
+    for r in run(ap.parse_args().quick):
+        print(f"{r.figure:<58} {r.baseline:>12.4g} {r.value:>12.4g} {r.ratio:>7.3f} "
+              f"{r.goal:>7} ({r.value_name} vs {r.baseline_name}, {r.unit})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
