@@ -1,6 +1,6 @@
 """Run the benchmark suite and print one table of ratios.
 
-    ./run.sh bench [--quick] [NAME ...]      (NAME: hotpath, drain, shipping,
+    ./run.sh bench [--quick] [NAME ...]      (NAME: hotpath, drain, shipping, openvpn,
                                               forwarding, capture, abuse, search)
 
 Each benchmark writes bench/results/NAME.json (and a PNG where it helps); the

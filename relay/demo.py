@@ -16,9 +16,12 @@ import subprocess
 import sys
 import time
 
-from relay import connlog
+from relay import connlog, packetlog
 from relay.errors import RelayError
 from relay.netns import INTERNET_IP, Topology, relay_ip, wait_for
+
+# Packet records printed: enough to show a handshake and a request.
+DEMO_PACKET_LINES = 6
 
 
 def _say(text: str) -> None:
@@ -58,7 +61,13 @@ def run_demo(keep_going: bool = False) -> int:
         _say("connection log (relay logs connections --json)")
         for rec in connlog.iter_records(data):
             print(json.dumps(rec, indent=2))
-        _say("what the web server saw (nginx access log)")
+        records = list(packetlog.iter_records(data))
+        _say(f"packet log: {len(records)} TCP header records; the first "
+             f"{min(len(records), DEMO_PACKET_LINES)} (relay logs packets --json)")
+        for rec in records[:DEMO_PACKET_LINES]:
+            print(json.dumps(rec))
+        _say("what the web server saw (nginx access log; the User-Agent ends in the "
+             "session's tag)")
         print(access.read_text().strip())
         return 0
     except (RelayError, subprocess.TimeoutExpired) as exc:
