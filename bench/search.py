@@ -8,8 +8,8 @@ the hour are skipped by their chain link); zgrep has to decompress and scan text
 once over the whole 14 days (what `zgrep PATTERN *.csv.gz` does) and once over
 the right day's file only (its best case). Both must find the same packets.
 
-    python bench/search.py            # >= 100 M packet records (needs ~15 GB, long)
-    python bench/search.py --quick    # 2 M records, a minute
+    python -m bench.search            # >= 100 M packet records (needs ~15 GB, long)
+    python -m bench.search --quick    # 2 M records, a minute
 
 Writes bench/results/search.json (or search-quick.json) and prints a table.
 """
@@ -35,6 +35,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from packetlog_synth import make_records, to_c  # noqa: E402
 
+from bench.common import Row  # noqa: E402
 from relay import investigate, packetlog  # noqa: E402
 from relay.cext import ffi  # noqa: E402
 
@@ -184,6 +185,22 @@ def bench_zgrep(files: list[Path], info: dict) -> tuple[float, int]:
     return best, count
 
 
+def run(quick: bool) -> list[Row]:
+    """The suite's entry: one-hour search time against zgrep over gzip'ed CSV."""
+    r = measure(QUICK_RECORDS if quick else FULL_RECORDS, quick, None)
+    return [
+        Row("search", f"one-hour search in {DAYS} days ({r['records']:.3g} records)",
+            "seconds", "zgrep over 14 days of CSV.gz", r["zgrep_14_days_s"],
+            "relay logs search", r["relay_search_s"], ROUNDS, goal="<= 1.0",
+            higher_is_better=False),
+        Row("search", "one-hour search vs zgrep of the right day only", "seconds",
+            "zgrep over that day's CSV.gz", r["zgrep_one_day_s"], "relay logs search",
+            r["relay_search_s"], ROUNDS, higher_is_better=False),
+        Row("search", "bytes on disk for the same records", "bytes", "CSV.gz",
+            r["csv_gz_bytes"], "packet log", r["packet_log_bytes"], 1, higher_is_better=False),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_RECORDS} records")
@@ -191,7 +208,11 @@ def main() -> None:
     ap.add_argument("--dir", help="work directory (default: a temporary one)")
     args = ap.parse_args()
     total = args.records or (QUICK_RECORDS if args.quick else FULL_RECORDS)
-    work = Path(args.dir or tempfile.mkdtemp(prefix="relay-bench-search-"))
+    measure(total, args.quick, args.dir)
+
+
+def measure(total: int, quick: bool, workdir: str | None) -> dict:
+    work = Path(workdir or tempfile.mkdtemp(prefix="relay-bench-search-"))
     data, csv_dir = work / "data", work / "csv"
     t = time.perf_counter()
     info = generate(data, csv_dir, total)
@@ -215,7 +236,7 @@ def main() -> None:
         "packet_log_bytes": size, "csv_gz_bytes": csv_size, "generate_s": round(gen_s, 1),
         "cpus": os.cpu_count(),
     }
-    out = HERE / "results" / ("search-quick.json" if args.quick else "search.json")
+    out = HERE / "results" / ("search-quick.json" if quick else "search.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{'':28}{'seconds':>10}{'ratio':>8}")
@@ -225,8 +246,9 @@ def main() -> None:
     print(f"{info['records']} records over {DAYS} days; {packets} matching packets in "
           f"{sessions} sessions; packet log {size / 1e6:.0f} MB, CSV.gz {csv_size / 1e6:.0f} MB")
     print(f"-> {out}")
-    if not args.dir:
+    if not workdir:
         shutil.rmtree(work)
+    return result
 
 
 if __name__ == "__main__":
