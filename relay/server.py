@@ -67,7 +67,6 @@ TAP_READ_BATCH = 256
 TAP_READ_SIZE = 65536 + ETH_HLEN
 
 
-
 class Stats:
     """Counters of the relay's life, exported as metrics."""
 
@@ -127,7 +126,7 @@ class Relay:
         self.shipping: Shipping | None = None
         # Extra metric collectors of optional components (capture, shipping).
         self.collectors: list[Collector] = []
-        # Components that take new settings on reload (forwarder, retention).
+        # Components that take new settings on reload (the packet-log retention).
         self.reload_hooks: list[Callable[[Config], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------
@@ -149,6 +148,7 @@ class Relay:
                 self.nat.install()
             self.shipping = Shipping(self.cfg, self.audit)
             self.shipping.start()
+            self.collectors.append(self.shipping.metrics)
             self.recording = Recording(self.cfg, self.tap.name, self.audit)
             await self.recording.start()
             self.collectors.append(self.recording.metrics)

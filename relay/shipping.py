@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from relay.config import Config, parse_duration
+from relay.connlog import parse_rfc3339
 from relay.connlog_retention import run_connlog_retention
-from relay.forwarder import run_forwarder
+from relay.forwarder import run_forwarder, ship_status
+from relay.metrics import Metric
 
 log = logging.getLogger("relay")
 
@@ -78,6 +80,27 @@ class Shipping:
         stop.set()
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.wait_for(task, 10)
+
+    def metrics(self) -> list[Metric]:
+        """Backlog and last success of the forwarder, as ``relay ship status`` says."""
+        if not self.cfg.forward.collector:
+            return []
+        st = ship_status(self.cfg.data_dir)
+        last = st.get("last_success")
+        return [
+            Metric("relay_ship_backlog_records", "gauge",
+                   "Connection-log records not yet confirmed by the collector.")
+            .add(st.get("backlog_records") or 0),
+            Metric("relay_ship_backlog_bytes", "gauge",
+                   "Bytes of the connection log not yet confirmed by the collector.")
+            .add(st.get("backlog_bytes") or 0),
+            Metric("relay_ship_last_success_timestamp_seconds", "gauge",
+                   "When the collector last confirmed a batch (0: never).")
+            .add(parse_rfc3339(last) if isinstance(last, str) else float(last or 0)),
+            Metric("relay_ship_consecutive_failures", "gauge",
+                   "Failed delivery attempts since the last success.")
+            .add(st.get("consecutive_failures") or 0),
+        ]
 
     async def close(self) -> None:
         await self._stop(self._forwarder)

@@ -69,6 +69,9 @@ def test_metrics_shipping_reload_and_clean_shutdown(
     wait_for(lambda: any(r.get("action") == "connect"
                          for r in read_day_dir(collected / "relay-1")), 30,
              "the connect record at the collector")
+    wait_for(lambda: scrape(topo).get(("relay_ship_last_success_timestamp_seconds", ()), 0)
+             > 0, 20, "the shipping metrics to show a success")
+    assert ("relay_ship_backlog_records", ()) in scrape(topo)
     status = json.loads(subprocess.run(
         [sys.executable, "-m", "relay.cli", "ship", "status", "--json", "--data-dir",
          str(data)], capture_output=True, text=True, check=True).stdout)
