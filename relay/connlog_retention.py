@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import re
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ import zstandard
 
 from relay import chain
 from relay.connlog import FILE_MODE, SUBDIR, SUFFIX, ZST_SUFFIX
+from relay.fsutil import fsync_dir, write_atomic
 
 # The floor: the connection log is kept at least 90 days.
 MIN_KEEP_DAYS = 90
@@ -87,14 +87,6 @@ def _days(directory: Path) -> dict[date, dict[str, Path]]:
             continue
         found.setdefault(day, {})["zst" if m.group(2) else "plain"] = p
     return found
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_zst(path: Path) -> bytes:
@@ -146,18 +138,10 @@ def compress_day(plain: Path, zst: Path | None) -> tuple[Path, int, int]:
     parts.append(plain.read_bytes())
     data = _joined(parts)
     out = plain.with_name(plain.name[: -len(SUFFIX)] + ZST_SUFFIX)
-    tmp = out.with_name(out.name + ".tmp")
     packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-    try:
-        os.write(fd, packed)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    write_atomic(out, packed, mode=FILE_MODE)
     plain.unlink()
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     return out, len(data), len(packed)
 
 

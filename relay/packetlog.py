@@ -84,6 +84,7 @@ import zstandard
 from relay import chain
 from relay.blockcodec_py import BlockError, read_tables
 from relay.cext import ffi, lib
+from relay.fsutil import fsync_dir
 
 log = logging.getLogger("relay.packetlog")
 
@@ -141,14 +142,6 @@ def _ensure_dir(path: Path) -> None:
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     # mkdir's mode is filtered by the umask, and an existing directory keeps its own.
     os.chmod(path, DIR_MODE)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def segment_name(start_s: int) -> str:
@@ -293,7 +286,7 @@ class _SegmentFile:
         os.fsync(self.fd)
         os.close(self.fd)
         os.rename(self.path, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def link_fields(self, final: Path) -> dict[str, Any]:
         """What the evidence chain records of this closed file: its digest, and its
