@@ -140,9 +140,7 @@ def main() -> None:
         host, port, secs = args.flood_child
         flood_child(host, int(port), float(secs))
         return
-    for r in run(args.quick):
-        print(f"{r.figure:<58} {r.baseline:>12.4g} {r.value:>12.4g} {r.ratio:>7.3f} "
-              f"{r.goal:>7} ({r.value_name} vs {r.baseline_name}, {r.unit})")
+    common.print_rows(run(args.quick))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,13 @@ def interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def print_rows(rows: Sequence[Row]) -> None:
+    """A benchmark run alone (python -m bench.NAME) prints its rows like this."""
+    for r in rows:
+        print(f"{r.figure:<58} {r.baseline:>12.4g} {r.value:>12.4g} {r.ratio:>7.3f} "
+              f"{r.goal:>7} ({r.value_name} vs {r.baseline_name}, {r.unit})")
+
+
 def bar_plot(path: Path, title: str, labels: list[str], values: list[float],
              unit: str) -> Path | None:
     """A bar chart; None when matplotlib is missing (the JSON still has it all)."""

@@ -181,9 +181,7 @@ def key(server: str, udp: bool) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one short round")
-    for r in run(ap.parse_args().quick):
-        print(f"{r.figure:<58} {r.baseline:>12.4g} {r.value:>12.4g} {r.ratio:>7.3f} "
-              f"{r.goal:>7} ({r.value_name} vs {r.baseline_name}, {r.unit})")
+    common.print_rows(run(ap.parse_args().quick))
 
 
 if __name__ == "__main__":
