@@ -174,12 +174,14 @@ def check_nftables() -> Check:
 
 def check_ports(cfg: Config) -> list[Check]:
     running = _relay_running(cfg)
-    wanted = [("CSTP listener", cfg.server.listen, socket.SOCK_STREAM)]
+    wanted = [("CSTP listener", cfg.server.listen, socket.SOCK_STREAM),
+              ("OpenVPN TCP", cfg.openvpn.listen, socket.SOCK_STREAM),
+              ("OpenVPN UDP", cfg.openvpn.listen, socket.SOCK_DGRAM)]
     if cfg.metrics.listen:
         wanted.append(("metrics", cfg.metrics.listen, socket.SOCK_STREAM))
     out = []
     for what, hostport, kind in wanted:
-        name = f"port {hostport} ({what})"
+        name = f"port {hostport}{'/udp' if kind == socket.SOCK_DGRAM else ''} ({what})"
         host, port = parse_hostport(hostport)
         if running:
             out.append(_ok(name, "in use by the relay running on this data directory"))
@@ -191,7 +193,7 @@ def check_ports(cfg: Config) -> list[Check]:
                 s.bind((host, port))
                 out.append(_ok(name, "free"))
             except OSError as exc:
-                holder = _port_holder(port)
+                holder = _port_holder(port, kind)
                 out.append(_fail(name, f"cannot bind: {exc.strerror}{holder}",
                                  "stop what holds it, or change the port in the config"))
     return out
@@ -205,8 +207,9 @@ def _relay_running(cfg: Config) -> bool:
     return True
 
 
-def _port_holder(port: int) -> str:
-    proc = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True)
+def _port_holder(port: int, kind: int) -> str:
+    flags = "-Hlunp" if kind == socket.SOCK_DGRAM else "-Hltnp"
+    proc = subprocess.run(["ss", flags, f"sport = :{port}"], capture_output=True, text=True)
     users = proc.stdout.strip().split("users:")
     return f" (held by {users[1].strip()})" if len(users) > 1 else ""
 

@@ -17,6 +17,7 @@ RELAY = [sys.executable, "-m", "relay.cli"]
 def config(tmp_path: Path, port: int, metrics_port: int) -> Path:
     path = tmp_path / "relay.toml"
     path.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n'
+                    f'[openvpn]\nlisten = "127.0.0.1:{free_port()}"\n'
                     f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
                     f'[logs]\ndata_dir = "{tmp_path / "data"}"\n')
     return path
