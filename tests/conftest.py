@@ -7,8 +7,10 @@ import itertools
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from shiputil import Pki, make_pki
 
 from relay.netns import Topology
 
@@ -49,3 +51,9 @@ def make_topology(request: pytest.FixtureRequest) -> Iterator[Callable[..., Topo
             for path in sorted(topo.workdir.glob("*.log")) + sorted(topo.workdir.glob("*.out")):
                 print(f"----- {path.name} -----\n{path.read_text(errors='replace')[-4000:]}")
         topo.destroy()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A test CA, a wrong CA, and server and client certificates from each."""
+    return make_pki(tmp_path / "pki")

@@ -15,7 +15,6 @@ from shiputil import (
     Writer,
     free_port,
     hostile_record,
-    make_pki,
     read_day_dir,
     rsyslog_global,
     start_collector,
@@ -30,11 +29,6 @@ from relay import syslog5424 as s5
 from relay.collector import Collector, Counts
 from relay.connlog import rfc3339_ms
 from relay.forwarder import ship_status
-
-
-@pytest.fixture
-def pki(tmp_path: Path):
-    return make_pki(tmp_path / "pki")
 
 
 def today() -> str:

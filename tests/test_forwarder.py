@@ -12,7 +12,6 @@ import pytest
 from shiputil import (
     Writer,
     free_port,
-    make_pki,
     rsyslog_global,
     start_collector,
     start_forwarder,
@@ -24,11 +23,6 @@ from shiputil import (
 
 from relay import syslog5424 as s5
 from relay.forwarder import CONFIRM_ALPN, Position, load_position, ship_status
-
-
-@pytest.fixture
-def pki(tmp_path: Path):
-    return make_pki(tmp_path / "pki")
 
 
 def test_rsyslog_receives_every_record_field_by_field(tmp_path: Path, pki) -> None:
