@@ -56,10 +56,15 @@ def main() -> int:
     print()
     print(table(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "summary.json").write_text(json.dumps(
+    summary = RESULTS / "summary.json"
+    previous = json.loads(summary.read_text()) if summary.exists() and args.names else None
+    ran = {r.benchmark for r in rows}
+    kept = [r for r in (previous or {}).get("rows", []) if r["benchmark"] not in ran]
+    # A partial run (NAME ...) replaces its own rows and keeps the others.
+    summary.write_text(json.dumps(
         {"machine": machine(), "quick": args.quick,
-         "seconds": round(time.monotonic() - started), "failed": failed,
-         "rows": [r.to_dict() for r in rows]}, indent=1) + "\n")
+         "seconds": round(time.monotonic() - started) + (previous or {}).get("seconds", 0),
+         "failed": failed, "rows": [r.to_dict() for r in rows] + kept}, indent=1) + "\n")
     print(f"\nwrote {RESULTS / 'summary.json'}; {time.monotonic() - started:.0f} s in all")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -110,11 +110,14 @@ def batches(packets: list[bytearray]) -> list[tuple[bytearray, array]]:
 
 
 def batched(impl) -> Callable[[list[tuple[bytearray, array]]], None]:
-    inspect_batch = impl.inspect_batch
+    inspect_batch, new_seen = impl.inspect_batch, impl.new_seen
 
     def run(chunks: list[tuple[bytearray, array]]) -> None:
+        # One session per pass over the mix: each destination reported once, as
+        # the session's destination set wants them.
+        seen = new_seen()
         for buf, spans in chunks:
-            inspect_batch(buf, spans, TAG)
+            inspect_batch(buf, spans, TAG, seen)
 
     return run
 

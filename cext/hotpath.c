@@ -532,3 +532,52 @@ long relay_hp_scan(uint8_t *buf, size_t buf_len, const uint32_t *spans, size_t n
 	}
 	return (long)n;
 }
+
+/* The destination part of a result (port, host length, scheme, family, address,
+ * host: everything after the two counts), hashed with FNV-1a; never 0, the
+ * empty-slot mark. */
+static uint64_t destination_hash(const struct relay_hp_result *r, size_t len)
+{
+	const uint8_t *p = (const uint8_t *)r + offsetof(struct relay_hp_result, dst_port);
+	size_t n = len - offsetof(struct relay_hp_result, dst_port);
+	uint64_t h = 0xcbf29ce484222325ULL;
+	for (size_t i = 0; i < n; i++) {
+		h ^= p[i];
+		h *= 0x100000001b3ULL;
+	}
+	return h | 1;
+}
+
+/* True when h was in the table; otherwise inserts it while the table is under
+ * its load bound. seen[slots] counts the used slots. */
+static int seen_before(uint64_t *seen, size_t slots, uint64_t h)
+{
+	size_t i = (size_t)h & (slots - 1);
+	/* The load bound keeps an empty slot on every probe path. */
+	while (seen[i] != 0) {
+		if (seen[i] == h)
+			return 1;
+		i = (i + 1) & (slots - 1);
+	}
+	if (seen[slots] * RELAY_HP_SEEN_LOAD_DEN < slots * RELAY_HP_SEEN_LOAD_NUM) {
+		seen[i] = h;
+		seen[slots]++;
+	}
+	return 0;
+}
+
+long relay_hp_scan_new(uint8_t *buf, size_t buf_len, const uint32_t *spans, size_t n,
+		       size_t start, const char *tag, size_t tag_len,
+		       struct relay_hp_totals *totals, uint64_t *seen, size_t seen_slots)
+{
+	for (;;) {
+		long i = relay_hp_scan(buf, buf_len, spans, n, start, tag, tag_len, totals);
+		if (i < 0 || (size_t)i >= n)
+			return i;
+		const struct relay_hp_result *r = relay_hp_thread_result();
+		if (seen_slots == 0 || (seen_slots & (seen_slots - 1)) ||
+		    !seen_before(seen, seen_slots, destination_hash(r, totals->found_len)))
+			return i;
+		start = (size_t)i + 1;
+	}
+}

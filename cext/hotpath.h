@@ -65,6 +65,18 @@ int relay_hp_inspect(uint8_t *pkt, size_t len, const char *tag, size_t tag_len,
 long relay_hp_scan(uint8_t *buf, size_t buf_len, const uint32_t *spans, size_t n, size_t start,
 		   const char *tag, size_t tag_len, struct relay_hp_totals *totals);
 
+/* relay_hp_scan for a session that keeps the destinations it has reported in
+ * `seen` (seen_slots 64-bit hashes, a power of two, then one count: seen_slots + 1
+ * entries zeroed by the caller; open addressing, 0 = empty): a found packet whose destination is already there
+ * only adds to *totals and the scan goes on, so Python sees each destination
+ * once. Past RELAY_HP_SEEN_LOAD of the slots nothing more is remembered and
+ * every found packet is returned, as relay_hp_scan does. */
+#define RELAY_HP_SEEN_LOAD_NUM 3
+#define RELAY_HP_SEEN_LOAD_DEN 4
+long relay_hp_scan_new(uint8_t *buf, size_t buf_len, const uint32_t *spans, size_t n,
+		       size_t start, const char *tag, size_t tag_len,
+		       struct relay_hp_totals *totals, uint64_t *seen, size_t seen_slots);
+
 /* The calling thread's result buffer, so that Python needs no allocation per
  * packet and no extra call on the fast path (cffi releases the GIL during calls,
  * hence one buffer per thread). */

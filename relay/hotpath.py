@@ -60,10 +60,14 @@ from __future__ import annotations
 import socket
 import struct
 from array import array
+from functools import partial
+from typing import Any
 
 from relay.cext import ffi, lib
 from relay.hotpath_py import (
     PLAIN,
+    SEEN_LOAD,
+    SEEN_SLOTS,
     SKIPPED,
     TAG_LEN,
     BatchInspection,
@@ -74,6 +78,7 @@ from relay.hotpath_py import (
 
 __all__ = [
     "PLAIN",
+    "SEEN_LOAD",
     "SKIPPED",
     "TAG_LEN",
     "BatchInspection",
@@ -81,6 +86,7 @@ __all__ = [
     "Inspection",
     "inspect",
     "inspect_batch",
+    "new_seen",
 ]
 
 _SCHEMES = {lib.RELAY_HP_SCHEME_HTTP: "http", lib.RELAY_HP_SCHEME_HTTPS: "https"}
@@ -91,11 +97,13 @@ _BADTAG_RC = lib.RELAY_HP_BADTAG
 _FIXED = lib.RELAY_HP_RESULT_FIXED
 _c_inspect = lib.relay_hp_inspect
 _c_scan = lib.relay_hp_scan
+_c_scan_new = lib.relay_hp_scan_new
 _thread_result = lib.relay_hp_thread_result
 _from_buffer = ffi.from_buffer
 _buffer = ffi.buffer
 _U8 = ffi.typeof("uint8_t[]")
 _U32 = ffi.typeof("uint32_t[]")
+_new_totals = partial(ffi.new, "struct relay_hp_totals *")
 _NULL = ffi.NULL  # the C side then uses its per-thread result buffer
 # The C result's meaningful bytes (counts, port, scheme, family, ip, host) key a
 # cache of the immutable Inspection objects: a session makes the same few
@@ -137,20 +145,37 @@ def inspect(packet: bytearray, tag: bytes) -> Inspection:
     return _found(rc)
 
 
-def inspect_batch(buf: bytearray, spans: array[int], tag: bytes) -> BatchInspection:
+def new_seen() -> Any:
+    """A session's record of the destinations :func:`inspect_batch` has reported
+    (a zeroed hash table the C side owns the layout of)."""
+    return ffi.new("uint64_t[]", SEEN_SLOTS + 1)
+
+
+def inspect_batch(buf: bytearray, spans: array[int], tag: bytes,
+                  seen: Any = None) -> BatchInspection:
     """:func:`inspect` every packet ``buf[spans[2i] : spans[2i] + spans[2i+1]]`` in
     place (``spans`` is an ``array("I")`` of offset, length pairs), with one call
     into C per HTTP request or ClientHello instead of one per packet. A span
-    outside ``buf`` counts as skipped."""
+    outside ``buf`` counts as skipped. With ``seen`` (from :func:`new_seen`, one
+    per session), a destination already reported is not reported again (and costs
+    no call back into Python), up to ``SEEN_LOAD`` remembered destinations."""
     n = len(spans) // 2
     cbuf = _from_buffer(_U8, buf, True)
     cspans = _from_buffer(_U32, spans)
-    totals = ffi.new("struct relay_hp_totals *")
+    size = len(cbuf)
+    ntag = len(tag)
+    totals = _new_totals()
     destinations = []
-    i = _c_scan(cbuf, len(cbuf), cspans, n, 0, tag, len(tag), totals)
-    while i < n:
-        if i == _BADTAG_RC:
-            check_tag(tag)  # raises with the message
-        destinations.append(_found(totals.found_len).destination)
-        i = _c_scan(cbuf, len(cbuf), cspans, n, i + 1, tag, len(tag), totals)
+    if seen is None:
+        i = _c_scan(cbuf, size, cspans, n, 0, tag, ntag, totals)
+        while 0 <= i < n:
+            destinations.append(_found(totals.found_len).destination)
+            i = _c_scan(cbuf, size, cspans, n, i + 1, tag, ntag, totals)
+    else:
+        i = _c_scan_new(cbuf, size, cspans, n, 0, tag, ntag, totals, seen, SEEN_SLOTS)
+        while 0 <= i < n:
+            destinations.append(_found(totals.found_len).destination)
+            i = _c_scan_new(cbuf, size, cspans, n, i + 1, tag, ntag, totals, seen, SEEN_SLOTS)
+    if i == _BADTAG_RC:
+        check_tag(tag)  # raises with the message
     return BatchInspection(totals.skipped, totals.stamped, totals.ua_missed, destinations)

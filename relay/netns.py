@@ -255,6 +255,14 @@ http {{
             raise RelayError(f"curl from {self.client_ns(i)} failed: {proc.stderr.strip()}")
         return proc.stdout
 
+    def access_log(self, *needles: str, timeout: float = 10) -> str:
+        """nginx's access log once it holds every needle: nginx writes a line after
+        the response has gone, so a client can be done before the line is there."""
+        path = self.workdir / "access.log"
+        wait_for(lambda: path.exists() and all(n in path.read_text() for n in needles),
+                 timeout, f"nginx to log {needles}")
+        return path.read_text()
+
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:

@@ -660,6 +660,24 @@ def test_differential_batch(pkts: list[bytearray], junk: list[int]) -> None:
     assert buf == py_buf
 
 
+def test_batches_with_seen_report_each_destination_once() -> None:
+    """A session's ``seen`` record: C and the twin report a destination the first
+    time only, count every stamp, and stop remembering at SEEN_LOAD."""
+    hosts = [f"h{i}.example" for i in range(hotpath.SEEN_LOAD + 40)]
+    pkts = [ipv4(http_request(host=h)) for h in hosts] * 2
+    results = []
+    for impl in IMPLS:
+        seen = impl.new_seen()
+        first = [impl.inspect_batch(*_batch([bytes(p) for p in pkts[i:i + 64]], ()), TAG, seen)
+                 for i in range(0, len(pkts), 64)]
+        results.append(first)
+        reported = [d.host for r in first for d in r.destinations]
+        # Every host once while there is room, and the ones past SEEN_LOAD twice.
+        assert len(reported) == len(hosts) + (len(hosts) - hotpath.SEEN_LOAD)
+        assert sum(r.stamped for r in first) == len(pkts)
+    assert results[0] == results[1]
+
+
 def test_tag_alphabet_is_url_safe_base64() -> None:
     for raw in (bytes(6), b"\xff" * 6, b"\xfb\xef\xbe" * 2):
         tag = base64.urlsafe_b64encode(raw)

@@ -71,6 +71,8 @@ static void one_packet(const uint8_t *data, size_t size)
 	free(p);
 }
 
+#define SEEN_SLOTS 4
+
 static void scan(const uint8_t *data, size_t size)
 {
 	if (size < 2)
@@ -96,6 +98,20 @@ static void scan(const uint8_t *data, size_t size)
 			abort();
 	}
 	if (totals.skipped > n)
+		abort();
+	/* The same spans through relay_hp_scan_new with a tiny table (4 slots, so
+	 * its load bound is reached): only ever found packets come back. */
+	uint64_t seen[SEEN_SLOTS + 1] = { 0 };
+	struct relay_hp_totals again = { 0 };
+	for (long i = relay_hp_scan_new(buf, size, spans, n, 0, TAG, 8, &again, seen, SEEN_SLOTS);
+	     i < (long)n;
+	     i = relay_hp_scan_new(buf, size, spans, n, (size_t)i + 1, TAG, 8, &again, seen,
+				   SEEN_SLOTS)) {
+		if (i < 0)
+			abort();
+		check_result(relay_hp_thread_result());
+	}
+	if (seen[SEEN_SLOTS] > SEEN_SLOTS * RELAY_HP_SEEN_LOAD_NUM / RELAY_HP_SEEN_LOAD_DEN)
 		abort();
 	free(buf);
 }
