@@ -42,7 +42,7 @@ def main() -> int:
     args = ap.parse_args()
     rows: list[Row] = []
     failed: list[str] = []
-    started = time.monotonic()
+    seconds: dict[str, int] = {}
     for name in args.names or BENCHMARKS:
         print(f"==> bench {name}{' (quick)' if args.quick else ''}", flush=True)
         t0 = time.monotonic()
@@ -52,20 +52,24 @@ def main() -> int:
         except Exception:
             traceback.print_exc()
             failed.append(name)
-        print(f"    {name}: {time.monotonic() - t0:.0f} s", flush=True)
+        seconds[name] = round(time.monotonic() - t0)
+        print(f"    {name}: {seconds[name]} s", flush=True)
     print()
     print(table(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary = RESULTS / "summary.json"
-    previous = json.loads(summary.read_text()) if summary.exists() and args.names else None
-    ran = {r.benchmark for r in rows}
-    kept = [r for r in (previous or {}).get("rows", []) if r["benchmark"] not in ran]
+    previous = json.loads(summary.read_text()) if summary.exists() and args.names else {}
+    if previous.get("quick", args.quick) != args.quick:
+        previous = {}  # never mix quick and full figures in one table
     # A partial run (NAME ...) replaces its own rows and keeps the others.
+    seconds = {**previous.get("seconds_by_benchmark", {}), **seconds}
+    kept = [r for r in previous.get("rows", []) if r["benchmark"] not in
+            {r.benchmark for r in rows}]
     summary.write_text(json.dumps(
-        {"machine": machine(), "quick": args.quick,
-         "seconds": round(time.monotonic() - started) + (previous or {}).get("seconds", 0),
-         "failed": failed, "rows": [r.to_dict() for r in rows] + kept}, indent=1) + "\n")
-    print(f"\nwrote {RESULTS / 'summary.json'}; {time.monotonic() - started:.0f} s in all")
+        {"machine": machine(), "quick": args.quick, "seconds": sum(seconds.values()),
+         "seconds_by_benchmark": seconds, "failed": failed,
+         "rows": [r.to_dict() for r in rows] + kept}, indent=1) + "\n")
+    print(f"\nwrote {summary}; {sum(seconds[n] for n in args.names or BENCHMARKS)} s in all")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ The exchange::
                                              <-    200 Set-Cookie: webvpn=...  (accept_login)
     CONNECT /CSCOSSLC/tunnel  Cookie: webvpn ->    TunnelRequest event
                                              <-    200 CONNECTED  X-CSTP-*     (open_tunnel)
-    STF\\x01 LEN TYPE 0  payload ...          <->   Packet / DPD / keepalive / disconnect
+    STF\\x01 LEN TYPE 0  payload ...          <->   Packets / DPD / keepalive / disconnect
 
 The XML is read with bounded regular expressions over a bounded body, never with
 an XML parser: nothing that parses the network may expand entities or fetch.
@@ -28,6 +28,7 @@ import enum
 import html
 import re
 import urllib.parse
+from array import array
 from dataclasses import dataclass, field
 
 # --- Limits (every one bounds what a hostile peer can make us buffer) -------------
@@ -90,8 +91,17 @@ class TunnelRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class Packet:
-    data: bytearray  # writable: the hot path stamps it in place
+class Packets:
+    """The IP packets of the DATA frames that arrived together: packet i is
+    ``data[spans[2i] : spans[2i] + spans[2i+1]]``. ``data`` is the relay's own
+    copy, writable: the hot path stamps it in place, a batch per receive."""
+
+    data: bytearray
+    spans: array[int]
+
+    def payloads(self) -> list[bytes]:
+        return [bytes(self.data[self.spans[i]:self.spans[i] + self.spans[i + 1]])
+                for i in range(0, len(self.spans), 2)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +117,7 @@ class ProtocolError:
     message: str
 
 
-Event = Credentials | TunnelRequest | Packet | PeerDisconnected | ProtocolError
+Event = Credentials | TunnelRequest | Packets | PeerDisconnected | ProtocolError
 
 
 @dataclass
@@ -468,13 +478,22 @@ class CstpServer:
         return Credentials(user, password or "")
 
     def _frames(self, events: list[Event]) -> bool:
-        """Parse whole CSTP frames; False when more bytes are needed."""
+        """Parse whole CSTP frames; False when more bytes are needed. The DATA
+        frames' packets become one Packets event, before whatever ends the parse."""
         buf = self._buf
         pos = 0
         n = len(buf)
+        spans = array("I")
+
+        def packets_so_far() -> None:
+            if spans:
+                last = spans[-2] + spans[-1]
+                events.append(Packets(bytearray(buf[:last]), spans))
+
         try:
             while n - pos >= CSTP_HEADER_LEN:
                 if buf[pos:pos + 4] != CSTP_MAGIC:
+                    packets_so_far()
                     self._fail(events, f"bad CSTP magic {bytes(buf[pos:pos + 4])!r}")
                     return False
                 length = (buf[pos + 4] << 8) | buf[pos + 5]
@@ -482,26 +501,32 @@ class CstpServer:
                 if end > n:
                     break
                 ptype = buf[pos + 6]
-                payload = buf[pos + CSTP_HEADER_LEN:end]
+                start = pos + CSTP_HEADER_LEN
                 pos = end
                 if ptype == PacketType.DATA:
-                    events.append(Packet(payload))
+                    if length:
+                        spans.append(start)
+                        spans.append(length)
                 elif ptype == PacketType.DPD_REQ:
-                    self._out += frame(PacketType.DPD_RESP, payload)
+                    self._out += frame(PacketType.DPD_RESP, bytes(buf[start:end]))
                 elif ptype in (PacketType.DPD_RESP, PacketType.KEEPALIVE):
                     pass
                 elif ptype in (PacketType.DISCONNECT, PacketType.TERMINATE):
-                    reason = bytes(payload[1:]).decode("utf-8", "replace") if payload else ""
+                    packets_so_far()
+                    reason = bytes(buf[start + 1:end]).decode("utf-8", "replace")
                     self.state = State.CLOSED
                     events.append(PeerDisconnected(_clean(reason) or "client disconnected"))
                     pos = n
                     return False
                 elif ptype == PacketType.COMPRESSED:
+                    packets_so_far()
                     self._fail(events, "compressed CSTP packet, but no compression was offered")
                     return False
                 else:
+                    packets_so_far()
                     self._fail(events, f"unknown CSTP packet type {ptype:#04x}")
                     return False
+            packets_so_far()
             return False
         finally:
             if self.state is not State.CLOSED:

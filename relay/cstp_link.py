@@ -151,9 +151,9 @@ class CstpLink(asyncio.Protocol):
         relay = self.relay
         while events:
             ev = events.pop(0)
-            if isinstance(ev, cstp.Packet):
+            if isinstance(ev, cstp.Packets):
                 if self.session is not None:
-                    relay.to_kernel(self.session, ev.data)
+                    relay.to_kernel_batch(self.session, ev.data, ev.spans)
             elif isinstance(ev, cstp.Credentials):
                 if relay.check_login(ev.username, ev.password):
                     events.extend(self.proto.accept_login(self.listener.issue_cookie(self.client)))

@@ -19,6 +19,7 @@ import signal
 import socket
 import struct
 import time
+from array import array
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -502,6 +503,39 @@ class Relay:
         except OSError as exc:
             self.stats.dropped["tap-write-error"] += 1
             log.debug("TAP write failed: %s", exc.strerror)
+
+    def to_kernel_batch(self, s: Session, data: bytearray, spans: array[int]) -> None:
+        """The IP packets ``data[spans[2i] : spans[2i] + spans[2i+1]]`` from a
+        session's client, as :meth:`to_kernel` does one: source check, then the hot
+        path over the whole batch in one call into C, then one write each."""
+        vip = s.vip_bytes
+        ok = array("I")
+        for i in range(0, len(spans), 2):
+            off, n = spans[i], spans[i + 1]
+            if n < 20 or data[off] >> 4 != 4 or data[off + 12:off + 16] != vip:
+                self.stats.dropped["spoofed-source"] += 1
+                continue
+            ok.append(off)
+            ok.append(n)
+        if not ok:
+            return
+        seen = hotpath.inspect_batch(data, ok, s.tag_bytes, s.seen)
+        self.stats.ua_stamped += seen.stamped
+        self.stats.ua_missed += seen.ua_missed
+        for d in seen.destinations:
+            s.add_destination(d)
+        assert self.tap is not None
+        fd, head, view = self.tap.fd, self.tap.mac + s.mac + ETHERTYPE_IPV4, memoryview(data)
+        for i in range(0, len(ok), 2):
+            off, n = ok[i], ok[i + 1]
+            try:
+                os.writev(fd, (head, view[off:off + n]))
+            except OSError as exc:
+                self.stats.dropped["tap-write-error"] += 1
+                log.debug("TAP write failed: %s", exc.strerror)
+                continue
+            s.packets_in += 1
+            s.bytes_in += n
 
     def to_kernel_frame(self, s: Session, frame: bytearray) -> None:
         """A whole Ethernet frame from a bridged (OpenVPN ``dev tap``) client, into

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay import connlog
+from relay import connlog, hotpath
 from relay.errors import RelayError
 from relay.fsutil import write_atomic
 from relay.hotpath import Destination
@@ -77,10 +77,12 @@ class Session:
     destinations_dropped: int = 0
     vip_bytes: bytes = field(init=False)  # the packed virtual IP, checked per packet
     tag_bytes: bytes = field(init=False)  # the User-Agent stamp
+    seen: Any = field(init=False)  # the hot path's record of reported destinations
 
     def __post_init__(self) -> None:
         self.vip_bytes = ipaddress.IPv4Address(self.virtual_ip).packed
         self.tag_bytes = self.id[:TAG_LEN].encode()
+        self.seen = hotpath.new_seen()
 
     def add_destination(self, d: Destination) -> None:
         if d in self.destinations:

@@ -8,7 +8,7 @@ from relay import cstp
 from relay.cstp import (
     Credentials,
     CstpServer,
-    Packet,
+    Packets,
     PacketType,
     PeerDisconnected,
     ProtocolError,
@@ -123,7 +123,12 @@ def test_tunnel_frames_split_at_every_byte() -> None:
     events = []
     for i in range(len(stream)):
         events += c.receive_data(stream[i:i + 1])
-    assert events == [Packet(b"\x45" + b"x" * 39), Packet(b"\x45" * 20)]
+    assert all(isinstance(e, Packets) for e in events)
+    assert [p for e in events for p in e.payloads()] == [b"\x45" + b"x" * 39, b"\x45" * 20]
+    # All at once: one batch for the two packets, control frames in between.
+    c2 = tunnel()
+    [batch] = c2.receive_data(stream)
+    assert isinstance(batch, Packets) and batch.payloads() == [b"\x45" + b"x" * 39, b"\x45" * 20]
     assert c.data_to_send() == frame(PacketType.DPD_RESP, b"probe")
 
 
@@ -132,7 +137,8 @@ def test_data_pipelined_right_after_connect_waits_for_the_decision() -> None:
     [req] = c.receive_data(connect() + frame(PacketType.DATA, b"early"))
     assert isinstance(req, TunnelRequest)
     assert c.receive_data(frame(PacketType.DATA, b"later")) == []  # buffered
-    assert c.open_tunnel(PARAMS) == [Packet(b"early"), Packet(b"later")]
+    [batch] = c.open_tunnel(PARAMS)
+    assert isinstance(batch, Packets) and batch.payloads() == [b"early", b"later"]
 
 
 def test_client_disconnect_carries_reason() -> None:
@@ -212,7 +218,7 @@ def test_truncated_head_and_body_wait_for_more() -> None:
 def test_bad_cstp_frames(stream: bytes, message: str) -> None:
     c = tunnel()
     events = c.receive_data(frame(PacketType.DATA, b"ok") + stream)
-    assert events[0] == Packet(b"ok")
+    assert isinstance(events[0], Packets) and events[0].payloads() == [b"ok"]
     assert isinstance(events[1], ProtocolError) and message in events[1].message
     assert c.state is State.CLOSED
 
@@ -221,7 +227,8 @@ def test_truncated_cstp_length_waits() -> None:
     c = tunnel()
     # Header says 1000 bytes, only 10 arrive: nothing yet, nothing lost.
     assert c.receive_data(b"STF\x01\x03\xe8\x00\x00" + b"y" * 10) == []
-    assert c.receive_data(b"y" * 990) == [Packet(b"y" * 1000)]
+    [batch] = c.receive_data(b"y" * 990)
+    assert batch.payloads() == [b"y" * 1000]
 
 
 def test_client_strings_are_cleaned_for_the_logs() -> None:
