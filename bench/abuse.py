@@ -27,8 +27,8 @@ from pathlib import Path
 
 from bench import common
 from bench.common import RESULTS, Row
-from bench.forwarding import IPERF_PORT, START_TIMEOUT, cpu_seconds, iperf
-from relay.netns import INTERNET_IP, Topology, relay_ip, wait_for
+from bench.forwarding import cpu_seconds, iperf, start_iperf
+from relay.netns import Topology, relay_ip
 from relay.netns import run as ns_run
 
 NAME = "abuse"
@@ -74,9 +74,7 @@ def run(quick: bool) -> list[Row]:
         data = topo.workdir / "relay-data"
         relay = topo.start_relay(data)
         honest = topo.connect_openconnect(HONEST_CLIENT, data)
-        topo.spawn(topo.internet_ns, ["iperf3", "-s", "-B", INTERNET_IP], "iperf3.log")
-        wait_for(lambda: ns_run(["ss", "-ltn", f"sport = :{IPERF_PORT}"], topo.internet_ns)
-                 .stdout.count("LISTEN") > 0, START_TIMEOUT, "iperf3 to listen")
+        start_iperf(topo)
 
         def measure(flood: bool) -> Callable[[], float]:
             def go() -> float:

@@ -157,6 +157,13 @@ def connect_ocserv(topo: Topology) -> None:
         raise RuntimeError(f"openconnect to ocserv exited: {topo.log(f'openconnect-{i}.log')}")
 
 
+def start_iperf(topo: Topology) -> None:
+    """The iperf3 server every forwarding benchmark measures against."""
+    topo.spawn(topo.internet_ns, ["iperf3", "-s", "-B", INTERNET_IP], "iperf3.log")
+    wait_for(lambda: ns_run(["ss", "-ltn", f"sport = :{IPERF_PORT}"], topo.internet_ns)
+             .stdout.count("LISTEN") > 0, START_TIMEOUT, "iperf3 to listen")
+
+
 def iperf(topo: Topology, client: int, udp: bool, seconds: int) -> float:
     """Mbit/s received (TCP) or packets/s received (UDP) by the iperf3 server."""
     args = ["-u", "-l", str(UDP_PAYLOAD), "-b", "0"] if udp else []
@@ -181,9 +188,7 @@ def run(quick: bool) -> list[Row]:
         topo.connect_openconnect(RELAY_CLIENT, data)
         start_ocserv(topo)
         connect_ocserv(topo)
-        topo.spawn(topo.internet_ns, ["iperf3", "-s", "-B", INTERNET_IP], "iperf3.log")
-        wait_for(lambda: ns_run(["ss", "-ltn", f"sport = :{IPERF_PORT}"], topo.internet_ns)
-                 .stdout.count("LISTEN") > 0, START_TIMEOUT, "iperf3 to listen")
+        start_iperf(topo)
 
         def logging(state: str) -> None:
             ns_run([*relay_command(), "logging", state, "--config", conf], topo.relay_ns)

@@ -28,7 +28,6 @@ from bench.common import RESULTS, Row
 from bench.forwarding import (
     FULL_REPEATS,
     FULL_SECONDS,
-    IPERF_PORT,
     QUICK_REPEATS,
     QUICK_SECONDS,
     START_TIMEOUT,
@@ -36,8 +35,9 @@ from bench.forwarding import (
     cpu_seconds,
     iperf,
     ns_pids,
+    start_iperf,
 )
-from relay.netns import INTERNET_IP, Topology, relay_command, relay_ip, wait_for
+from relay.netns import Topology, relay_command, relay_ip, wait_for
 from relay.netns import run as ns_run
 from relay.tlsconf import ensure_self_signed
 
@@ -125,9 +125,7 @@ def run(quick: bool) -> list[Row]:
         connect(topo, RELAY_CLIENT, relay_config)
         start_reference(topo)
         connect(topo, REFERENCE_CLIENT, reference_client_config(topo))
-        topo.spawn(topo.internet_ns, ["iperf3", "-s", "-B", INTERNET_IP], "iperf3.log")
-        wait_for(lambda: ns_run(["ss", "-ltn", f"sport = :{IPERF_PORT}"], topo.internet_ns)
-                 .stdout.count("LISTEN") > 0, START_TIMEOUT, "iperf3 to listen")
+        start_iperf(topo)
         cpu: dict[str, list[float]] = {}
 
         def variant(server: str, client: int, udp: bool) -> Callable[[], float]:

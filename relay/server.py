@@ -487,43 +487,23 @@ class Relay:
         self.spawn(self._forget_address(s.virtual_ip))
 
     def to_kernel(self, s: Session, packet: bytearray) -> None:
-        """An IP packet from a session's client, into the TAP as a frame from the
-        session's MAC, through the hot path (User-Agent stamp, destinations; it may
-        modify ``packet``). Only the session's own address may be the source:
-        attribution in the logs relies on it."""
-        if len(packet) < 20 or packet[0] >> 4 != 4 or packet[12:16] != s.vip_bytes:
-            self.stats.dropped["spoofed-source"] += 1
-            return
-        s.packets_in += 1
-        s.bytes_in += len(packet)
-        self._hot_path(s, packet)
-        assert self.tap is not None
-        try:
-            os.writev(self.tap.fd, (self.tap.mac, s.mac, ETHERTYPE_IPV4, packet))
-        except OSError as exc:
-            self.stats.dropped["tap-write-error"] += 1
-            log.debug("TAP write failed: %s", exc.strerror)
+        """One IP packet from a session's client (see :meth:`to_kernel_batch`)."""
+        self.to_kernel_batch(s, packet, array("I", (0, len(packet))))
 
     def to_kernel_batch(self, s: Session, data: bytearray, spans: array[int]) -> None:
         """The IP packets ``data[spans[2i] : spans[2i] + spans[2i+1]]`` from a
-        session's client, as :meth:`to_kernel` does one: source check, then the hot
-        path over the whole batch in one call into C, then one write each."""
-        vip = s.vip_bytes
+        session's client, into the TAP as frames from the session's MAC: source
+        check, then the hot path over the whole batch in one call into C (it may
+        stamp ``data`` in place), then one write each."""
         ok = array("I")
         for i in range(0, len(spans), 2):
             off, n = spans[i], spans[i + 1]
-            if n < 20 or data[off] >> 4 != 4 or data[off + 12:off + 16] != vip:
-                self.stats.dropped["spoofed-source"] += 1
-                continue
-            ok.append(off)
-            ok.append(n)
+            if self._source_ok(s, data, off, n):
+                ok.append(off)
+                ok.append(n)
         if not ok:
             return
-        seen = hotpath.inspect_batch(data, ok, s.tag_bytes, s.seen)
-        self.stats.ua_stamped += seen.stamped
-        self.stats.ua_missed += seen.ua_missed
-        for d in seen.destinations:
-            s.add_destination(d)
+        self._hot_path(s, data, ok)
         assert self.tap is not None
         fd, head, view = self.tap.fd, self.tap.mac + s.mac + ETHERTYPE_IPV4, memoryview(data)
         for i in range(0, len(ok), 2):
@@ -537,6 +517,22 @@ class Relay:
             s.packets_in += 1
             s.bytes_in += n
 
+    def _source_ok(self, s: Session, data: bytearray, off: int, n: int) -> bool:
+        """An IPv4 packet from the session's own address: attribution in the logs
+        relies on no client sending as another."""
+        if n < 20 or data[off] >> 4 != 4 or data[off + 12:off + 16] != s.vip_bytes:
+            self.stats.dropped["spoofed-source"] += 1
+            return False
+        return True
+
+    def _hot_path(self, s: Session, data: bytearray, spans: array[int]) -> None:
+        """User-Agent stamps (in place) and new destinations of a session's packets."""
+        seen = hotpath.inspect_batch(data, spans, s.tag_bytes, s.seen)
+        self.stats.ua_stamped += seen.stamped
+        self.stats.ua_missed += seen.ua_missed
+        for d in seen.destinations:
+            s.add_destination(d)
+
     def to_kernel_frame(self, s: Session, frame: bytearray) -> None:
         """A whole Ethernet frame from a bridged (OpenVPN ``dev tap``) client, into
         the TAP; IPv4 goes through the hot path as in :meth:`to_kernel`. The source
@@ -547,11 +543,10 @@ class Relay:
             return
         ethertype = frame[12:14]
         if ethertype == ETHERTYPE_IPV4:
-            packet = memoryview(frame)[ETH_HLEN:]
-            if len(packet) < 20 or packet[0] >> 4 != 4 or packet[12:16] != s.vip_bytes:
-                self.stats.dropped["spoofed-source"] += 1
+            n = len(frame) - ETH_HLEN
+            if not self._source_ok(s, frame, ETH_HLEN, n):
                 return
-            self._hot_path(s, packet)
+            self._hot_path(s, frame, array("I", (ETH_HLEN, n)))
         elif ethertype == ETHERTYPE_ARP:
             if (len(frame) < ETH_HLEN + ARP_IPV4_LEN or frame[22:28] != s.mac
                     or frame[28:32] != s.vip_bytes):
@@ -568,15 +563,6 @@ class Relay:
         except OSError as exc:
             self.stats.dropped["tap-write-error"] += 1
             log.debug("TAP write failed: %s", exc.strerror)
-
-    def _hot_path(self, s: Session, packet: bytearray | memoryview) -> None:
-        """User-Agent stamp (in place) and destinations of one client IP packet."""
-        seen = hotpath.inspect(packet, s.tag_bytes)
-        if seen is not hotpath.PLAIN and seen is not hotpath.SKIPPED:
-            self.stats.ua_stamped += seen.stamped
-            self.stats.ua_missed += seen.ua_missed
-            if seen.destination is not None:
-                s.add_destination(seen.destination)
 
     async def _forget_address(self, ip: str) -> None:
         assert self.tap is not None

@@ -8,11 +8,13 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from shiputil import Pki, make_pki
 
-from relay.netns import Topology
+from relay import connlog
+from relay.netns import Topology, wait_for
 
 REQUIRED_TOOLS = ("ip", "nft", "openconnect", "openvpn", "nginx", "curl", "ss", "tshark", "tc")
 _counter = itertools.count()
@@ -57,3 +59,15 @@ def make_topology(request: pytest.FixtureRequest) -> Iterator[Callable[..., Topo
 def pki(tmp_path: Path) -> Pki:
     """A test CA, a wrong CA, and server and client certificates from each."""
     return make_pki(tmp_path / "pki")
+
+
+def records(data: Path, action: str | None = None) -> list[dict[str, Any]]:
+    """The connection-log records of a data directory, of one action or all."""
+    return [r for r in connlog.iter_records(data) if action is None or r["action"] == action]
+
+
+def wait_records(data: Path, action: str, count: int, timeout: float = 20
+                 ) -> list[dict[str, Any]]:
+    """Wait until the connection log holds ``count`` records of ``action``."""
+    wait_for(lambda: len(records(data, action)) >= count, timeout, f"{count} {action} records")
+    return records(data, action)

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from conftest import records
+
 from relay import connlog
 from relay.netns import Topology, client_ip, relay_ip, run, wait_for
 
@@ -19,10 +21,6 @@ FLOOD = str(Path(__file__).with_name("flood_client.py"))
 def relay_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "relay.cli", *args], capture_output=True,
                           text=True, timeout=30)
-
-
-def audits(data: Path, action: str) -> list[dict]:
-    return [r for r in connlog.iter_records(data) if r["action"] == action]
 
 
 def test_connect_flood_is_banned_while_an_honest_session_keeps_working(
@@ -49,21 +47,21 @@ def test_connect_flood_is_banned_while_an_honest_session_keeps_working(
     assert out.returncode == 0, out.stderr
     [ban] = [json.loads(line) for line in out.stdout.splitlines()]
     assert ban["network"] == f"{client_ip(1)}/32" and "strikes" in ban["reason"]
-    [ban_record] = audits(data, "ban")
+    [ban_record] = records(data, "ban")
     assert ban_record["network"] == f"{client_ip(1)}/32"
     def banned_refusals() -> int:
         return sum(s["sources"].get(client_ip(1), {}).get("banned", 0)
-                   for s in audits(data, "refusals"))
+                   for s in records(data, "refusals"))
 
     # Every refusal is counted in the per-interval summaries (2 s here) ...
     wait_for(lambda: banned_refusals() >= result["refused"] - 25, 10, "refusal summaries")
     # ... which are few: never one record per refused connection.
-    assert len(audits(data, "refusals")) < 20
+    assert len(records(data, "refusals")) < 20
 
     # The honest session never noticed.
     assert honest.poll() is None
-    assert audits(data, "disconnect") == []
-    assert [r["session_id"] for r in audits(data, "connect")] == [connect["session_id"]]
+    assert records(data, "disconnect") == []
+    assert [r["session_id"] for r in records(data, "connect")] == [connect["session_id"]]
     topo.curl(2, "/")
 
 
@@ -112,5 +110,5 @@ def test_bans_survive_a_restart_and_expire(make_topology: Callable[..., Topology
         "ban", "list", "--data-dir", str(data)).stdout, 20, "the ban to expire")
     topo.connect_openconnect(1, data)
     topo.curl(1, "/")
-    assert [r["reason"] for r in audits(data, "unban")] == ["expired"]
-    assert audits(data, "ban")[0]["by"] == "operator"
+    assert [r["reason"] for r in records(data, "unban")] == ["expired"]
+    assert records(data, "ban")[0]["by"] == "operator"

@@ -10,10 +10,9 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-from relay import connlog
+from conftest import records, wait_records
+
 from relay.netns import RELAY_UPLINK_IP, Topology, client_ip, relay_ip, run, wait_for
 
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -24,20 +23,11 @@ def openconnect_version() -> str:
     return re.search(r"version (v\S+)", out).group(1)  # type: ignore[union-attr]
 
 
-def records(data: Path, action: str | None = None) -> list[dict[str, Any]]:
-    return [r for r in connlog.iter_records(data) if action is None or r["action"] == action]
-
-
 def client_tcp_port(topo: Topology, i: int) -> int:
     """The source port of openconnect's TLS connection, as the client sees it."""
     out = run(["ss", "-Htn", "state", "established", "dst", f"{relay_ip(i)}:443"],
               topo.client_ns(i)).stdout.split()
     return int(out[2].rsplit(":", 1)[1])
-
-
-def wait_records(data: Path, action: str, count: int, timeout: float = 20) -> list[dict]:
-    wait_for(lambda: len(records(data, action)) >= count, timeout, f"{count} {action} records")
-    return records(data, action)
 
 
 def test_page_through_the_tunnel_and_both_records(

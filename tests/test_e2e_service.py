@@ -8,12 +8,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+from conftest import records
 from prometheus_client.parser import text_string_to_metric_families
 from shiputil import make_pki, read_day_dir
 
-from relay import connlog
 from relay.netns import Topology, run, wait_for
 
 
@@ -24,10 +23,6 @@ def scrape(topo: Topology) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return out
-
-
-def records(data: Path, action: str) -> list[dict]:
-    return [r for r in connlog.iter_records(data) if r["action"] == action]
 
 
 def test_metrics_shipping_reload_and_clean_shutdown(

@@ -10,8 +10,9 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from relay import connlog
-from relay.netns import INTERNET_IP, WEB_TLS_NAME, Topology, run, wait_for
+from conftest import wait_records
+
+from relay.netns import INTERNET_IP, WEB_TLS_NAME, Topology, run
 
 PIPELINED = (
     "import socket\n"
@@ -43,7 +44,7 @@ def test_user_agents_carry_the_session_tag_and_destinations_are_logged(
     topo.start_web()
     topo.start_relay(data)
     client = topo.connect_openconnect(1, data)
-    [connect] = wait_for_records(data, "connect", 1)
+    [connect] = wait_records(data, "connect", 1)
     tag = connect["session_id"][:8]
 
     topo.curl(1, "/?curl", "-A", "curl-stamp/1.0 (Linux)")
@@ -72,7 +73,7 @@ def test_user_agents_carry_the_session_tag_and_destinations_are_logged(
 
     client.send_signal(signal.SIGINT)
     client.wait(15)
-    [disconnect] = wait_for_records(data, "disconnect", 1)
+    [disconnect] = wait_records(data, "disconnect", 1)
     dests = {(d["scheme"], d["host"], d["ip"], d["port"]) for d in disconnect["destinations"]}
     assert ("http", INTERNET_IP, INTERNET_IP, 80) in dests
     assert ("http", "pipe.example.test", INTERNET_IP, 80) in dests
@@ -83,11 +84,3 @@ def test_user_agents_carry_the_session_tag_and_destinations_are_logged(
                             "--data-dir", str(data), agents["/?curl"]],
                            capture_output=True, text=True, check=True).stdout
     assert connect["session_id"] in after and "->" in after
-
-
-def wait_for_records(data, action: str, n: int) -> list[dict]:  # type: ignore[no-untyped-def]
-    def found() -> list[dict]:
-        return [r for r in connlog.iter_records(data) if r["action"] == action]
-
-    wait_for(lambda: len(found()) >= n, 20, f"{n} {action} records")
-    return found()

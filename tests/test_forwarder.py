@@ -113,7 +113,8 @@ def test_wrong_ca_collector_is_refused_and_records_wait(tmp_path: Path, pki) -> 
             what="verify failure in status")
         assert status["backlog_records"] == 300 and status["running"]
         assert status["last_success"] is None and status["consecutive_failures"] >= 1
-        assert "certificate verify failed" in fwd.log()
+        # The status file and the log line are written one after the other.
+        wait_until(lambda: "certificate verify failed" in fwd.log(), what="refusal in the log")
         wait_until(lambda: "refused: TLS handshake failed" in impostor.log(),
                    what="refusal in the collector's log")
         assert stored_ids(stored) == []
