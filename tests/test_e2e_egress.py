@@ -148,11 +148,11 @@ def test_the_policy_holds_without_nat(make_topology: Callable[..., Topology]) ->
     listen(topo, topo.relay_ns, "relay", PROBE_PORT)
     topo.start_relay(data, nat=False)
     topo.connect_openconnect(1, data)
-    assert "masquerade" not in run(["nft", "list", "table", "inet", "relay"],
-                                   topo.relay_ns).stdout
     result = probe(topo, topo.client_ns(1), at(INTERNET_IP), at(BLOCKED["private"][0]),
                    at(GATEWAY), at(RELAY_UPLINK_IP))
     assert result == {at(INTERNET_IP): "inet", at(BLOCKED["private"][0]): "timeout",
                       at(GATEWAY): "timeout", at(RELAY_UPLINK_IP): "timeout"}
+    assert "masquerade" not in run(["nft", "list", "table", "inet", "relay"],
+                                   topo.relay_ns).stdout
     wait_for(lambda: dropped(topo)["private"] > 0 and dropped(topo)["relay-host"] > 0, 20,
              "the drop counters to move")
