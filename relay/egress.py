@@ -16,6 +16,9 @@ and at the input hook (towards this host), and the first rule that matches decid
    anything else forwarded is the public internet and goes on.
 
 Drops are counted per reason in named nftables counters, never logged per packet.
+There is no connection-tracking exception (``ct state established``): the host's
+own connections to clients get no answers either, and a relay without NAT does not
+pay conntrack on every forwarded packet.
 The precedent is VPN Gate: its relays ship the same block list (private ranges,
 link-local, multicast, CGNAT) with DNS allowed. Nothing here runs anything: this
 module renders rules; relay.nat puts them into the kernel.
