@@ -97,11 +97,17 @@ class RelayTable:
                 self._old_forward = f.read().strip()
             with open(FORWARD_SYSCTL, "w") as f:
                 f.write("1")
+        p = self.policy
+        log.info("egress policy in force on %s (table %s %s): allow %s, deny %s%s", p.tap,
+                 FAMILY, TABLE, " ".join(p.allow) or "none", " ".join(p.deny) or "none",
+                 f"; NAT towards {self.uplink}" if self.uplink else "")
 
     def replace(self, policy: Policy) -> None:
         """New rules in one transaction; the chains and counters stay."""
         _nft(["-f", "-"], f"flush table {FAMILY} {TABLE}\n" + table_script(policy, self.uplink))
         self.policy = policy
+        log.info("egress policy replaced: allow %s, deny %s", " ".join(policy.allow) or "none",
+                 " ".join(policy.deny) or "none")
 
     def remove(self) -> None:
         if self._old_forward is not None:
