@@ -15,6 +15,9 @@ and at the input hook (towards this host), and the first rule that matches decid
 5. Anything else for this host (a broadcast, say) is dropped as ``relay-host``;
    anything else forwarded is the public internet and goes on.
 
+An accept here only lifts this table's block: nftables lets a packet through a
+hook only if every base chain on it accepts, so the operator's own rules still apply.
+
 Drops are counted per reason in named nftables counters, never logged per packet.
 There is no connection-tracking exception (``ct state established``): the host's
 own connections to clients get no answers either, and a relay without NAT does not
