@@ -172,6 +172,17 @@ class AbuseConfig:
 
 
 @dataclass(frozen=True)
+class EgressConfig:
+    """Adjustments to the egress policy's default block (relay.egress): lists of
+    networks (CIDR) or addresses, IPv4 or IPv6."""
+
+    # Exempt from the default block: e.g. a resolver or proxy on the volunteer's LAN.
+    allow: list[str] = field(default_factory=list)
+    # Always dropped, whatever allow says.
+    deny: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tap: TapConfig = field(default_factory=TapConfig)
@@ -181,6 +192,7 @@ class Config:
     openvpn: OpenVPNConfig = field(default_factory=OpenVPNConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     abuse: AbuseConfig = field(default_factory=AbuseConfig)
+    egress: EgressConfig = field(default_factory=EgressConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -214,6 +226,7 @@ _SECTION_TYPES = {
     "openvpn": OpenVPNConfig,
     "metrics": MetricsConfig,
     "abuse": AbuseConfig,
+    "egress": EgressConfig,
 }
 
 
@@ -267,6 +280,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"[tap] mtu: expected 576..9000, got {cfg.tap.mtu}")
     for dns in cfg.tap.dns:
         check("[tap] dns", ipaddress.ip_address, dns)
+    for key in ("allow", "deny"):
+        for net in getattr(cfg.egress, key):
+            check(f"[egress] {key}", ipaddress.ip_network, net)
+    for net in cfg.egress.deny:
+        for dns in cfg.tap.dns:
+            if ipaddress.ip_address(dns) in ipaddress.ip_network(net):
+                raise ConfigError(f"[egress] deny: {net} covers {dns}, a [tap] dns server "
+                                  "clients are told to use")
     for key in ("packet_segment", "compress_after", "connlog_keep"):
         check(f"[logs] {key}", parse_duration, getattr(cfg.logs, key))
     if cfg.logs.delete_after:

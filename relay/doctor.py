@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay import control
+from relay import control, nat
 from relay.config import Config, parse_hostport
+from relay.egress import Policy, describe
 from relay.errors import RelayError
 from relay.retention import MIN_FREE_BYTES, REFUSE_FREE_BYTES
 
@@ -172,6 +173,21 @@ def check_nftables() -> Check:
     return _ok(name, "nft works")
 
 
+def check_egress(cfg: Config) -> Check:
+    """The policy in force for this config, and whether the kernel takes its table
+    (``nft -c``: checked, nothing installed)."""
+    name = "egress policy"
+    policy = Policy.from_config(cfg)
+    rules = "\n".join(describe(policy))
+    try:
+        nat.check(policy, cfg.server.uplink)
+    except RelayError as exc:
+        return _fail(name, f"{exc}\n{rules}",
+                     "a kernel with nf_tables, its inet family, fib and nat expressions "
+                     "(CONFIG_NFT_FIB_INET, CONFIG_NFT_NAT); run as root")
+    return _ok(name, f"nft accepts the relay's table (check mode)\n{rules}")
+
+
 def check_ports(cfg: Config) -> list[Check]:
     running = _relay_running(cfg)
     wanted = [("CSTP listener", cfg.server.listen, socket.SOCK_STREAM),
@@ -285,8 +301,8 @@ def run_checks(cfg: Config) -> list[Check]:
     checks: list[Check] = [check_privileges()]
     steps: list[Callable[[], Check | list[Check]]] = [
         check_bpf_ringbuf, check_tun_and_clsact, check_bcc, check_nftables,
-        lambda: check_ports(cfg), lambda: check_data_dir(cfg), check_clock,
-        lambda: check_collector(cfg)]
+        lambda: check_egress(cfg), lambda: check_ports(cfg), lambda: check_data_dir(cfg),
+        check_clock, lambda: check_collector(cfg)]
     for step in steps:
         try:
             result = step()
@@ -301,7 +317,9 @@ def render(checks: list[Check]) -> str:
     width = max(len(c.name) for c in checks)
     lines = []
     for c in checks:
-        lines.append(f"{c.status:<4}  {c.name:<{width}}  {c.detail}")
+        first, *more = c.detail.splitlines() or [""]
+        lines.append(f"{c.status:<4}  {c.name:<{width}}  {first}")
+        lines += [f"{'':<4}  {'':<{width}}    {line}" for line in more]
         if c.fix and c.status != "ok":
             lines.append(f"{'':<4}  {'':<{width}}  fix: {c.fix}")
     return "\n".join(lines)

@@ -1,58 +1,142 @@
-"""IPv4 forwarding and the relay's own nftables masquerade table.
+"""The relay's own nftables table ``inet relay``: the egress policy (relay.egress),
+the masquerade towards ``[server] uplink`` when one is set, and IPv4 forwarding.
 
-The table holds only the relay's rule, so adding it replaces a leftover from a
-killed relay and removing it touches nothing of the operator's ruleset.
+The table holds only the relay's rules, so installing it replaces a leftover from
+a killed relay and removing it touches nothing of the operator's ruleset. One
+``inet`` table gives IPv4 and IPv6 one policy. A reload replaces the rules in one
+transaction (``flush table`` then the new definition) and keeps the counters.
+
+The drop counters are read by running ``nft`` in a worker thread every
+:data:`COUNTERS_REFRESH_S`; a metrics scrape returns the last values read.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import subprocess
 
+from relay.egress import REASONS, Policy, table_body
 from relay.errors import RelayError
+from relay.metrics import Metric
 
+log = logging.getLogger("relay")
+
+FAMILY = "inet"
 TABLE = "relay"
 FORWARD_SYSCTL = "/proc/sys/net/ipv4/ip_forward"
+# How old the drop counters in a scrape may be. Prometheus' example configuration
+# scrapes every 15 s; a refresh every 5 s costs one `nft` run (a few ms, off the
+# event loop) per period.
+COUNTERS_REFRESH_S = 5.0
+# "add" then "delete" makes the delete succeed whether or not a table was left
+# behind by a relay that was killed.
+_REPLACE = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
 
 
-def _nft(script: str) -> None:
+def _nft(args: list[str], script: str | None = None) -> str:
     try:
-        proc = subprocess.run(["nft", "-f", "-"], input=script, text=True,
+        proc = subprocess.run(["nft", *args], input=script, text=True,
                               capture_output=True, check=False)
     except FileNotFoundError:
         raise RelayError("nft not found: install nftables") from None
     if proc.returncode != 0:
-        raise RelayError(f"nftables: {proc.stderr.strip().splitlines()[-1]}")
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise RelayError(f"nftables: {lines[0]}")
+    return proc.stdout
 
 
-class Masquerade:
-    """Forwarding on, pool masqueraded towards ``uplink``; undone by :meth:`remove`."""
+def table_script(policy: Policy, uplink: str) -> str:
+    """The whole table: the egress policy, and the masquerade with an uplink."""
+    lines = table_body(policy)
+    if uplink:
+        lines += ["chain postrouting {",
+                  "  type nat hook postrouting priority srcnat; policy accept;",
+                  f'  ip saddr {policy.pool} oifname "{uplink}" masquerade',
+                  "}"]
+    return f"table {FAMILY} {TABLE} {{\n" + "".join(f"  {line}\n" for line in lines) + "}\n"
 
-    def __init__(self, pool: str, uplink: str) -> None:
-        self.pool = pool
+
+def install_script(policy: Policy, uplink: str) -> str:
+    """The script that replaces any table of ours with this one, in one transaction."""
+    return _REPLACE + table_script(policy, uplink)
+
+
+def check(policy: Policy, uplink: str) -> None:
+    """Have the kernel validate the table without installing it (``nft -c``)."""
+    _nft(["-c", "-f", "-"], install_script(policy, uplink))
+
+
+def parse_counters(text: str) -> dict[str, int]:
+    """Packets per counter name from ``nft -j list counters table ...``."""
+    out = {}
+    for item in json.loads(text).get("nftables", []):
+        counter = item.get("counter")
+        if counter is not None:
+            out[counter["name"]] = int(counter["packets"])
+    return out
+
+
+class RelayTable:
+    """Installed by :meth:`install`, changed by :meth:`replace` (reload), undone by
+    :meth:`remove`; :meth:`refresh_loop` keeps :meth:`metrics` current."""
+
+    def __init__(self, policy: Policy, uplink: str) -> None:
+        self.policy = policy
         self.uplink = uplink
+        self.dropped = dict.fromkeys(REASONS, 0)
         self._old_forward: str | None = None
+        self._read_failed = False
 
     def install(self) -> None:
-        with open(FORWARD_SYSCTL) as f:
-            self._old_forward = f.read().strip()
-        with open(FORWARD_SYSCTL, "w") as f:
-            f.write("1")
-        # "add" then "delete" makes the delete succeed whether or not a table
-        # was left behind by a relay that was killed.
-        _nft(
-            f"add table ip {TABLE}\n"
-            f"delete table ip {TABLE}\n"
-            f"table ip {TABLE} {{\n"
-            "  chain postrouting {\n"
-            "    type nat hook postrouting priority srcnat; policy accept;\n"
-            f'    ip saddr {self.pool} oifname "{self.uplink}" masquerade\n'
-            "  }\n"
-            "}\n"
-        )
+        # The policy first: forwarding is never on without it.
+        _nft(["-f", "-"], install_script(self.policy, self.uplink))
+        if self.uplink:
+            with open(FORWARD_SYSCTL) as f:
+                self._old_forward = f.read().strip()
+            with open(FORWARD_SYSCTL, "w") as f:
+                f.write("1")
+        p = self.policy
+        log.info("egress policy in force on %s (table %s %s): allow %s, deny %s%s", p.tap,
+                 FAMILY, TABLE, " ".join(p.allow) or "none", " ".join(p.deny) or "none",
+                 f"; NAT towards {self.uplink}" if self.uplink else "")
+
+    def replace(self, policy: Policy) -> None:
+        """New rules in one transaction; the chains and counters stay."""
+        _nft(["-f", "-"], f"flush table {FAMILY} {TABLE}\n" + table_script(policy, self.uplink))
+        self.policy = policy
+        log.info("egress policy replaced: allow %s, deny %s", " ".join(policy.allow) or "none",
+                 " ".join(policy.deny) or "none")
 
     def remove(self) -> None:
-        _nft(f"add table ip {TABLE}\ndelete table ip {TABLE}\n")
         if self._old_forward is not None:
             with open(FORWARD_SYSCTL, "w") as f:
                 f.write(self._old_forward)
             self._old_forward = None
+        _nft(["-f", "-"], f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n")
+
+    def read_counters(self) -> dict[str, int]:
+        return parse_counters(_nft(["-j", "list", "counters", "table", FAMILY, TABLE]))
+
+    async def refresh_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                counters = await loop.run_in_executor(None, self.read_counters)
+            except RelayError as exc:
+                if not self._read_failed:  # once, not every period
+                    log.warning("egress drop counters unreadable: %s", exc)
+                self._read_failed = True
+            else:
+                self.dropped.update((r, counters[r]) for r in REASONS if r in counters)
+                self._read_failed = False
+            await asyncio.sleep(COUNTERS_REFRESH_S)
+
+    def metrics(self) -> list[Metric]:
+        m = Metric("relay_egress_dropped_packets_total", "counter",
+                   "Client packets the egress policy dropped, by reason "
+                   f"(refreshed every {COUNTERS_REFRESH_S:g} s).")
+        for reason in REASONS:
+            m.add(self.dropped[reason], reason=reason)
+        return [m]

@@ -30,10 +30,11 @@ from relay import connlog, control, hotpath
 from relay.abuse import Abuse
 from relay.config import Config, ConfigError, parse_duration, parse_hostport
 from relay.cstp_link import CstpListener
+from relay.egress import Policy
 from relay.errors import RelayError
 from relay.fsutil import listen_tcp
 from relay.metrics import Collector, Metric, MetricsServer
-from relay.nat import Masquerade
+from relay.nat import RelayTable
 from relay.openvpn_link import OpenVPNListener
 from relay.rdns import ReverseLookups
 from relay.recording import Recording
@@ -117,7 +118,7 @@ class Relay:
         self.lookups = ReverseLookups()
         self.background: set[asyncio.Future[None]] = set()
         self.tap: Tap | None = None
-        self.nat: Masquerade | None = None
+        self.nat: RelayTable | None = None
         self.listener: socket.socket | None = None
         self.openvpn: OpenVPNListener | None = None
         self.connlog: connlog.ConnectionLog | None = None
@@ -144,9 +145,10 @@ class Relay:
         host, port = self.cfg.listen_addr
         try:
             self.tap = await Tap.create(self.cfg.tap.name, pool.gateway, self.cfg.tap.mtu)
-            if self.cfg.server.uplink:
-                self.nat = Masquerade(str(self.cfg.pool), self.cfg.server.uplink)
-                self.nat.install()
+            # The egress policy is in force whenever the relay serves, NAT or not.
+            self.nat = RelayTable(Policy.from_config(self.cfg), self.cfg.server.uplink)
+            self.nat.install()
+            self.collectors.append(self.nat.metrics)
             self.shipping = Shipping(self.cfg, self.audit)
             self.shipping.start()
             self.collectors.append(self.shipping.metrics)
@@ -167,7 +169,8 @@ class Relay:
             self.metrics = MetricsServer([self._metrics, *self.collectors])
             await self._start_metrics()
             tasks = [accepting, asyncio.create_task(self._checkpoint_loop()),
-                     asyncio.create_task(self._abuse_loop())]
+                     asyncio.create_task(self._abuse_loop()),
+                     asyncio.create_task(self.nat.refresh_loop())]
             await stop.wait()
             for task in tasks:
                 task.cancel()
@@ -278,6 +281,14 @@ class Relay:
                                               cert=self.cfg.server.cert, key=self.cfg.server.key),
                           tap=self.cfg.tap, logs=replace(new.logs, data_dir=self.cfg.logs.data_dir),
                           openvpn=self.cfg.openvpn)
+        if self.nat is not None and new.egress != self.cfg.egress:
+            try:  # first: if the kernel refuses the rules, nothing else changes
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.nat.replace, Policy.from_config(new))
+            except RelayError as exc:
+                log.error("reload refused, the running config stays in force: %s", exc)
+                raise RelayError(f"reload refused, the running config stays in force: {exc}") \
+                    from None
         old_metrics = self.cfg.metrics.listen
         self._apply(new)
         self.abuse.cfg = new.abuse

@@ -52,6 +52,12 @@ def test_file_overrides_and_keeps_other_defaults(tmp_path: Path) -> None:
         ('[logs]\nconnlog_keep = "30d"\n', "[logs] connlog_keep: the connection log is kept"),
         ('[logs]\ncompress_after = "1d"\n', "[logs] compress_after"),
         ('[forward]\ncollector = "x"\n', "[forward] collector"),
+        ('[egress]\nallow = ["banana"]\n', "[egress] allow: 'banana' does not appear"),
+        ('[egress]\nallow = "10.0.0.0/8"\n', "[egress] allow: expected a list of strings"),
+        ('[egress]\ndeny = ["10.0.0.1/8"]\n', "[egress] deny: 10.0.0.1/8 has host bits set"),
+        ('[egress]\ndeny = ["10.0.0.0/8"]\n[tap]\ndns = ["10.0.0.53"]\n',
+         "[egress] deny: 10.0.0.0/8 covers 10.0.0.53, a [tap] dns server"),
+        ('[egress]\nallw = []\n', "[egress] allw: unknown key"),
         ("[server\n", "not valid TOML"),
     ],
 )

@@ -46,6 +46,14 @@ def test_doctor_passes_on_a_set_up_host(tmp_path: Path) -> None:
                  "tc clsact", "bcc and kernel headers", "nftables", "free space", "clock",
                  "collector"):
         assert checks[name]["status"] in ("ok", "warn"), checks[name]
+    # The egress policy in force, checked by the kernel (nft -c).
+    egress = checks["egress policy"]
+    assert egress["status"] == "ok", egress
+    assert "nft accepts" in egress["detail"]
+    for line in ("deny (always dropped): none", "drop client-to-client: 10.211.0.0/16",
+                 "drop private: 10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 fc00::/7",
+                 "drop link-local: 169.254.0.0/16 fe80::/10"):
+        assert line in egress["detail"]
 
 
 def test_doctor_names_the_fix_for_missing_headers_a_bad_dir_and_a_taken_port(
