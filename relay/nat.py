@@ -31,8 +31,11 @@ FORWARD_SYSCTL = "/proc/sys/net/ipv4/ip_forward"
 # event loop) per period.
 COUNTERS_REFRESH_S = 5.0
 # "add" then "delete" makes the delete succeed whether or not a table was left
-# behind by a relay that was killed.
-_REPLACE = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
+# behind by a relay that was killed. Relays before the egress policy kept only a
+# masquerade, in an `ip` family table of the same name: a killed one's goes too.
+LEGACY_FAMILY = "ip"
+_REPLACE = (f"add table {LEGACY_FAMILY} {TABLE}\ndelete table {LEGACY_FAMILY} {TABLE}\n"
+            f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n")
 
 
 def _nft(args: list[str], script: str | None = None) -> str:
@@ -114,7 +117,7 @@ class RelayTable:
             with open(FORWARD_SYSCTL, "w") as f:
                 f.write(self._old_forward)
             self._old_forward = None
-        _nft(["-f", "-"], f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n")
+        _nft(["-f", "-"], _REPLACE)
 
     def read_counters(self) -> dict[str, int]:
         return parse_counters(_nft(["-j", "list", "counters", "table", FAMILY, TABLE]))

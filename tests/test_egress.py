@@ -66,7 +66,8 @@ def test_default_policy_drops_every_range_under_its_reason() -> None:
     assert chain(script, "forward")[-1] == 'iifname "relay0" jump egress_forward'
     assert chain(script, "input")[-1] == 'iifname "relay0" jump egress_input'
     assert "masquerade" not in script and " log" not in script
-    assert script.startswith("add table inet relay\ndelete table inet relay\n")
+    assert script.startswith("add table ip relay\ndelete table ip relay\n"
+                             "add table inet relay\ndelete table inet relay\n")
 
 
 def test_deny_then_dns_then_allow_before_the_default_block() -> None:
