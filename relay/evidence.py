@@ -235,9 +235,7 @@ def _source_links(data_dir: Path, name: str, key: str,
 def disclose(data_dir: Path, q: investigate.Query, tz: tzinfo, out: Path, *,
              on_error: investigate.ErrorReport, argv: list[str]) -> dict[str, Any]:
     rows, kept = investigate.search(data_dir, q, on_error=on_error, keep_packets=True)
-    wanted = {r.session_id for r in rows}
-    packets = [{**rec, "segment": path.name} for path, rec in kept
-               if rec["session_id"] in wanted]
+    packets = [{**rec, "segment": path.name} for path, rec in kept]
     records = [rec for r in rows for rec in (r.connect, r.disconnect) if rec]
     pcap = io.BytesIO()
     pcapng.write(pcap, packets, app="relay logs disclose")

@@ -6,19 +6,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
 from relay.errors import RelayError
 
-# --at T looks at [T - slack, T + slack]: the clocks of the servers that write
-# abuse reports are often off by tens of seconds; --slack changes it.
-DEFAULT_AT_SLACK_S = 60.0
-TABLE_COLUMNS = ("session_id", "client", "client_hostname", "client_software", "protocol",
+TABLE_COLUMNS = ("session_id", "match", "client", "client_hostname", "client_software", "protocol",
                  "connect", "connect_utc", "disconnect", "disconnect_utc", "packets",
                  "first_packet_utc", "last_packet_utc")
 
@@ -33,10 +30,12 @@ def _warn(path: str, reason: str) -> None:
 def _filters(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters (all optional, combined with AND)")
     g.add_argument("--at", metavar="TIME",
-                   help="sessions connected at TIME (ISO 8601 or 'YYYY-MM-DD HH:MM[:SS]'); "
-                        "packets within --slack of it")
-    g.add_argument("--slack", type=float, default=DEFAULT_AT_SLACK_S, metavar="SECONDS",
-                   help=f"half-width of the --at window (default {DEFAULT_AT_SLACK_S:.0f})")
+                   help="sessions connected at TIME (ISO 8601 or 'YYYY-MM-DD HH:MM[:SS]'): "
+                        "connect <= TIME <= disconnect, or still open; their packets near "
+                        "TIME are counted (README: Investigation)")
+    g.add_argument("--slack", type=float, default=0.0, metavar="SECONDS",
+                   help="with --at: also the sessions connected within SECONDS of TIME, "
+                        "shown as match 'near' (default 0: exact matches only)")
     g.add_argument("--from", dest="start", metavar="TIME", help="window start, inclusive")
     g.add_argument("--to", dest="end", metavar="TIME", help="window end, exclusive")
     g.add_argument("--tz", metavar="ZONE", default="UTC",
@@ -58,10 +57,13 @@ def query_of(args: argparse.Namespace) -> tuple[Any, Any]:
     q = investigate.Query()
     if args.at and (args.start or args.end):
         raise RelayError("give --at or --from/--to, not both")
+    if not (math.isfinite(args.slack) and args.slack >= 0):
+        raise RelayError(f"--slack {args.slack}: give a number of seconds >= 0")
+    if args.slack and not args.at:
+        raise RelayError("--slack widens --at: give --at too")
     if args.at:
-        at = timeparse.parse_time(args.at, tz, "--at")
-        slack = timedelta(seconds=args.slack)
-        q.lo, q.hi = (at - slack).timestamp(), (at + slack).timestamp()
+        q.at = timeparse.parse_time(args.at, tz, "--at").timestamp()
+        q.slack = args.slack
     if args.start:
         q.lo = timeparse.parse_time(args.start, tz, "--from").timestamp()
     if args.end:
@@ -134,11 +136,9 @@ def cmd_export_pcap(args: argparse.Namespace, data_dir: Path) -> int:
         raise RelayError("export-pcap needs -o FILE (pcapng)")
     rows, kept = investigate.search(data_dir, q, on_error=_warn,
                                     progress=investigate.Progress(0), keep_packets=True)
-    wanted = {r.session_id for r in rows}
     with _output(args.output, binary=True) as out:
-        n = pcapng.write(out, (rec for _, rec in kept if rec["session_id"] in wanted),
-                         app="relay logs export-pcap")
-    print(f"{n} packets of {len(wanted)} sessions written to {args.output}", file=sys.stderr)
+        n = pcapng.write(out, (rec for _, rec in kept), app="relay logs export-pcap")
+    print(f"{n} packets of {len(rows)} sessions written to {args.output}", file=sys.stderr)
     return 0
 
 
