@@ -34,6 +34,7 @@ from typing import Any
 from relay import chain, connlog, investigate, packetlog, pcapng
 from relay.connlog_retention import day_content
 from relay.errors import RelayError
+from relay.safeout import escape_text, json_text
 
 BUNDLE_FORMAT = "relay-disclosure-1"
 MANIFEST = "manifest.json"
@@ -62,8 +63,11 @@ class Report:
                 "checked": dict(self.checked)}
 
     def text(self) -> str:
-        lines = [f"{p['kind'].upper()}: {p['file']}: {p['detail']}" for p in self.problems]
-        lines += [f"note: {n}" for n in self.notes]
+        # File names and details come from the bundle or the directory checked:
+        # a hostile one's member names are shown escaped, one line each.
+        lines = [f"{p['kind'].upper()}: {escape_text(p['file'])}: {escape_text(p['detail'])}"
+                 for p in self.problems]
+        lines += [f"note: {escape_text(n)}" for n in self.notes]
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.checked.items()))
         lines.append(f"{'OK' if self.ok else 'FAILED'}: checked {counts or 'nothing'}; "
                      f"{len(self.problems)} problem(s)")
@@ -240,10 +244,9 @@ def disclose(data_dir: Path, q: investigate.Query, tz: tzinfo, out: Path, *,
     pcap = io.BytesIO()
     pcapng.write(pcap, packets, app="relay logs disclose")
     members = {
-        "sessions.json": json.dumps([investigate.row_dict(r, tz) for r in rows], indent=1,
-                                    ensure_ascii=False).encode(),
-        "connlog.jsonl": b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n"
-                                  for r in records),
+        "sessions.json": json_text([investigate.row_dict(r, tz) for r in rows],
+                                   indent=1).encode(),
+        "connlog.jsonl": b"".join(json_text(r).encode() + b"\n" for r in records),
         "packets.jsonl": b"".join(json.dumps(p).encode() + b"\n" for p in packets),
         "packets.pcapng": pcap.getvalue(),
     }
@@ -410,7 +413,10 @@ def _against_data_dir(data_dir: Path, manifest: dict[str, Any],
             report.problem("missing", f"connlog {day}", "source day absent")
             continue
         content = day_content(days[day])
-        line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode()
+        # surrogatepass: a forged record may hold a lone surrogate; it is then
+        # reported as not in the day, not a crash.
+        line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "surrogatepass")
         if line not in content:
             report.problem("modified", f"connlog {day}",
                            f"record {rec.get('id')} is not in it as disclosed")

@@ -98,6 +98,18 @@ class Query:
         return None
 
 
+def record_time(text: Any) -> float | None:
+    """Epoch seconds of a record's RFC 3339 time; None unless it is one with a
+    zone (a naive time would be read in this host's zone)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return dt.timestamp() if dt.tzinfo is not None else None
+
+
 @dataclass
 class SessionRow:
     session_id: str
@@ -117,14 +129,20 @@ class SessionRow:
                 return rec[key]
         return None
 
+    def obj(self, key: str) -> dict[str, Any]:
+        """value(key) when it is an object, else {}: a field of another type (a
+        record of an older relay, a forged copy) must not crash a search."""
+        value = self.value(key)
+        return value if isinstance(value, dict) else {}
+
     @property
     def connect_ts(self) -> float | None:
         text = (self.connect or {}).get("time") or (self.disconnect or {}).get("connect_time")
-        return connlog.parse_rfc3339(text) if text else None
+        return record_time(text)
 
     @property
     def disconnect_ts(self) -> float | None:
-        return connlog.parse_rfc3339(self.disconnect["time"]) if self.disconnect else None
+        return record_time(self.disconnect["time"]) if self.disconnect else None
 
     def add_packet(self, t_ns: int, source: str) -> None:
         self.packets += 1
@@ -171,15 +189,19 @@ def _day_range(path: Path) -> date | None:
         return None
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _host_matches(rec: dict[str, Any], host: str) -> bool:
     return any(isinstance(d, dict) and str(d.get("host", "")).lower().rstrip(".") == host
-               for d in rec.get("destinations") or ())
+               for d in _list(rec.get("destinations")))
 
 
 def _dst_in_destinations(rec: dict[str, Any], q: Query) -> bool:
     return any(isinstance(d, dict) and d.get("ip") == q.dst_ip
                and (q.dst_port is None or d.get("port") == q.dst_port)
-               for d in rec.get("destinations") or ())
+               for d in _list(rec.get("destinations")))
 
 
 def find_sessions(data_dir: Path, q: Query, on_error: Callable[[str], None] | None = None
@@ -199,9 +221,7 @@ def find_sessions(data_dir: Path, q: Query, on_error: Callable[[str], None] | No
         if after and all(r.disconnect for r in rows.values()):
             break
         for rec in _session_records(path, on_error):
-            sid = rec.get("session_id")
-            if not isinstance(sid, str):
-                continue
+            sid = rec["session_id"]
             if q.session and not sid.startswith(q.session):
                 continue
             row = rows.get(sid)
@@ -236,8 +256,16 @@ def _session_records(path: Path,
                 if on_error:
                     on_error(f"{path}:{lineno}: not JSON, skipped")
                 continue
-            if isinstance(rec, dict) and rec.get("action") in ("connect", "disconnect"):
-                yield rec
+            if not (isinstance(rec, dict) and rec.get("action") in ("connect", "disconnect")):
+                continue
+            if not isinstance(rec.get("session_id"), str) or record_time(rec.get("time")) is None \
+                    or (rec.get("connect_time") is not None
+                        and record_time(rec["connect_time"]) is None):
+                if on_error:
+                    on_error(f"{path}:{lineno}: session record without a session_id or a "
+                             "valid time, skipped")
+                continue
+            yield rec
 
 
 def _session_matches(row: SessionRow, q: Query) -> bool:
@@ -250,9 +278,9 @@ def _session_matches(row: SessionRow, q: Query) -> bool:
         return False
     if q.lo is not None and end is not None and end < q.lo:
         return False
-    if q.server_ip and (row.value("server") or {}).get("ip") != q.server_ip:
+    if q.server_ip and row.obj("server").get("ip") != q.server_ip:
         return False
-    if q.client_ip and (row.value("client") or {}).get("ip") != q.client_ip:
+    if q.client_ip and row.obj("client").get("ip") != q.client_ip:
         return False
     return not (q.host and not (row.disconnect and _host_matches(row.disconnect, q.host)))
 
@@ -434,9 +462,7 @@ def search(data_dir: Path, q: Query, *, on_error: ErrorReport,
 
 def row_dict(row: SessionRow, tz: tzinfo) -> dict[str, Any]:
     """One session as search prints it (both the asked zone and UTC)."""
-    client = row.value("client") or {}
-    server = row.value("server") or {}
-    sw = row.value("client_software") or {}
+    client, server, sw = row.obj("client"), row.obj("server"), row.obj("client_software")
     first = row.first_ns / NS if row.first_ns is not None else None
     last = row.last_ns / NS if row.last_ns is not None else None
     return {

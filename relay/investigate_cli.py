@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from relay.errors import RelayError
+from relay.safeout import escape_text, json_text
 
 TABLE_COLUMNS = ("session_id", "match", "client", "client_hostname", "client_software", "protocol",
                  "connect", "connect_utc", "disconnect", "disconnect_utc", "packets",
@@ -24,7 +24,7 @@ DataDirOf = Callable[[argparse.Namespace], Path]
 
 
 def _warn(path: str, reason: str) -> None:
-    print(f"relay: warning: {path}: {reason}", file=sys.stderr)
+    print(f"relay: warning: {escape_text(path)}: {escape_text(reason)}", file=sys.stderr)
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
@@ -104,7 +104,7 @@ def cmd_search(args: argparse.Namespace, data_dir: Path) -> int:
     with _output(args.output) as out:
         if fmt == "json":
             for d in dicts:
-                out.write(json.dumps(d, ensure_ascii=False) + "\n")
+                out.write(json_text(d) + "\n")
         elif fmt == "csv":
             w = csv.DictWriter(out, fieldnames=list(investigate.row_dict(
                 investigate.SessionRow(""), tz)))
@@ -121,7 +121,8 @@ def _table(out: IO[str], dicts: list[dict[str, Any]]) -> None:
     cells = [[("session" if c == "session_id" else c) for c in TABLE_COLUMNS]]
     for d in dicts:
         d = {**d, "client": f"{d['client_ip']}:{d['client_port']}" if d["client_ip"] else ""}
-        cells.append([str(d[c]) if d[c] not in (None, "") else "-" for c in TABLE_COLUMNS])
+        cells.append([escape_text(d[c]) if d[c] not in (None, "") else "-"
+                      for c in TABLE_COLUMNS])
     widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
     for row in cells:
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
@@ -148,7 +149,7 @@ def cmd_verify(args: argparse.Namespace, data_dir: Path) -> int:
     report = evidence.verify(data_dir)
     with _output(args.output) as out:
         if args.json:
-            out.write(json.dumps(report.to_dict()) + "\n")
+            out.write(json_text(report.to_dict()) + "\n")
         else:
             out.write(report.text())
     return 0 if report.ok else 1
@@ -173,7 +174,7 @@ def cmd_verify_bundle(args: argparse.Namespace, data_dir: Path | None) -> int:
     report = evidence.verify_bundle(Path(args.bundle), data_dir)
     with _output(args.output) as out:
         if args.json:
-            out.write(json.dumps(report.to_dict()) + "\n")
+            out.write(json_text(report.to_dict()) + "\n")
         else:
             out.write(report.text())
     return 0 if report.ok else 1
