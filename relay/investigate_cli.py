@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from relay.errors import RelayError
-from relay.safeout import escape_text, json_text
+from relay.safeout import csv_cell, escape_text, json_text
 
 TABLE_COLUMNS = ("session_id", "match", "client", "client_hostname", "client_software", "protocol",
                  "connect", "connect_utc", "disconnect", "disconnect_utc", "packets",
@@ -106,10 +106,10 @@ def cmd_search(args: argparse.Namespace, data_dir: Path) -> int:
             for d in dicts:
                 out.write(json_text(d) + "\n")
         elif fmt == "csv":
-            w = csv.DictWriter(out, fieldnames=list(investigate.row_dict(
-                investigate.SessionRow(""), tz)))
-            w.writeheader()
-            w.writerows(dicts)
+            fields = list(investigate.row_dict(investigate.SessionRow(""), tz))
+            w = csv.writer(out)
+            w.writerow(fields)
+            w.writerows([csv_cell(d[f]) for f in fields] for d in dicts)
         else:
             _table(out, dicts)
     if not rows:

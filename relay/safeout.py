@@ -63,3 +63,22 @@ def json_text(obj: Any, indent: int | None = None) -> str:
     # where a \\u escape means the same character. (C0 controls the encoder has
     # escaped already.)
     return "".join(c if c.isprintable() or c < "\x7f" else _json_escape(c) for c in text)
+
+
+# OWASP "CSV Injection": spreadsheets evaluate a cell that begins with one of these,
+# also after leading whitespace (some strip it), and one that begins with a tab or CR.
+_FORMULA_START = ("=", "+", "-", "@")
+_FORMULA_WHITESPACE = ("\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """``value`` as a CSV cell: escaped as table text (escape_text), and prefixed
+    with ``'`` (which a spreadsheet shows as text, not a formula) when it would be
+    evaluated. None is the empty cell."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else str(value)
+    cell = escape_text(text)
+    if text[:1] in _FORMULA_WHITESPACE or text.lstrip()[:1] in _FORMULA_START:
+        return "'" + cell
+    return cell

@@ -6,6 +6,8 @@ would leave them), never through the writer that cleans them."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -128,6 +130,31 @@ def test_search_json_is_exact_and_escaped(hostile: tuple[Path, dict[str, str]]) 
         assert row["client_software"] == f"{raw} 1.0"
     assert b"\\u001b[2J" in out and b"\\u202e" in out and b"\\ud800" in out
     assert SAFE_UNICODE.encode() in out  # readable UTF-8, not \u escapes
+
+
+def test_search_csv_neutralised(hostile: tuple[Path, dict[str, str]]) -> None:
+    data, sids = hostile
+    # 1 session ID in 64 begins with "-" (secrets.token_urlsafe): neutralised too.
+    dash = "-" + "d" * 20 + "A"
+    plant(data, [{**r, "session_id": dash} for r in session_records(98, "dash")])
+    code, out, _ = search(data, "--format", "csv")
+    assert code == 0
+    # The csv module ends rows with CRLF; inside the cells there is no control left.
+    assert_terminal_safe(out, line_end=b"\r\n")
+    rows = {r["session_id"]: r for r in csv.DictReader(io.StringIO(out.decode(), newline=""))}
+    assert len(rows) == len(sids) + 1 and rows["'" + dash]["client_hostname"] == "dash"
+    for formula in FORMULAS:
+        cell = rows[sids[formula]]["client_hostname"]
+        assert cell.startswith("'"), cell
+        shown = formula.replace("\t", "\\t").replace("\r", "\\r")
+        assert cell == "'" + shown
+    for raw, shown in HOSTILE.values():
+        assert rows[sids[raw]]["client_hostname"] == shown
+    assert rows[sids[SAFE_UNICODE]]["client_hostname"] == SAFE_UNICODE
+    # Numbers and times are never neutralised (none of our columns is negative).
+    row = rows[sids["+1+1"]]
+    assert row["client_port"].isdigit() and row["packets"] == "0"
+    assert row["connect_utc"] == f"{DAY}T12:00:00.000Z"
 
 
 def test_connections_and_ua_lookup_escape(hostile: tuple[Path, dict[str, str]]) -> None:
