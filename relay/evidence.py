@@ -34,7 +34,7 @@ from typing import Any
 from relay import chain, connlog, investigate, packetlog, pcapng
 from relay.connlog_retention import day_content
 from relay.errors import RelayError
-from relay.safeout import escape_text, json_text
+from relay.safeout import escape_text, json_text, private_file
 
 BUNDLE_FORMAT = "relay-disclosure-1"
 MANIFEST = "manifest.json"
@@ -273,16 +273,12 @@ def disclose(data_dir: Path, q: investigate.Query, tz: tzinfo, out: Path, *,
         },
     }
     members[MANIFEST] = json.dumps(manifest, indent=1).encode()
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for name in (MANIFEST, *MEMBERS):
-                info = tarfile.TarInfo(name)
-                info.size, info.mode, info.mtime = len(members[name]), FILE_MODE, time.time()
-                tar.addfile(info, io.BytesIO(members[name]))
-        tmp.replace(out)
-    except OSError as exc:
-        raise RelayError(f"-o {out}: {exc.strerror}") from None
+    with private_file(out, binary=True) as f, \
+            tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in (MANIFEST, *MEMBERS):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(members[name]), FILE_MODE, time.time()
+            tar.addfile(info, io.BytesIO(members[name]))
     return {"sessions": len(rows), "packets": len(packets),
             "manifest_sha256": hashlib.sha256(members[MANIFEST]).hexdigest()}
 

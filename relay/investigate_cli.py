@@ -7,13 +7,13 @@ import argparse
 import csv
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 from relay.errors import RelayError
-from relay.safeout import csv_cell, escape_text, json_text
+from relay.safeout import csv_cell, escape_text, json_text, private_file
 
 TABLE_COLUMNS = ("session_id", "match", "client", "client_hostname", "client_software", "protocol",
                  "connect", "connect_utc", "disconnect", "disconnect_utc", "packets",
@@ -80,16 +80,12 @@ def query_of(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 @contextmanager
-def _output(path: str | None, binary: bool = False) -> Any:
+def _output(path: str | None, binary: bool = False) -> Iterator[IO[Any]]:
+    """stdout for no -o or "-o -", else a private file (safeout.private_file)."""
     if not path or path == "-":
         yield sys.stdout.buffer if binary else sys.stdout
         return
-    try:
-        f: IO[Any] = open(path, "wb" if binary else "w",  # noqa: SIM115 (closed below)
-                          newline="" if not binary else None)
-    except OSError as exc:
-        raise RelayError(f"-o {path}: {exc.strerror}") from None
-    with f:
+    with private_file(Path(path), binary=binary) as f:
         yield f
 
 

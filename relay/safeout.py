@@ -14,12 +14,24 @@ JSON keeps the exact values: the encoder escapes C0 controls, and the other
 non-printable characters are escaped as ``\\uXXXX`` too, so that the text is
 valid JSON, decodes to the same values, and moves no cursor nor reorders a line
 on a terminal.
+
+Files the investigation commands write (``-o``) name users: they are created
+0600 and never written through a link (:func:`private_file`).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any
+
+from relay.errors import RelayError
+from relay.fsutil import PRIVATE_FILE, fsync_dir
 
 # As Python's repr spells them; every other character by its code point.
 _SHORT = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
@@ -82,3 +94,51 @@ def csv_cell(value: Any) -> str:
     if text[:1] in _FORMULA_WHITESPACE or text.lstrip()[:1] in _FORMULA_START:
         return "'" + cell
     return cell
+
+
+@contextmanager
+def private_file(path: Path, *, binary: bool = False) -> Iterator[IO[Any]]:
+    """A file at ``path``, mode 0600 whatever the umask, that appears there only
+    complete: written to a new temporary file in the same directory (O_EXCL,
+    O_NOFOLLOW, random name) and renamed over ``path``. A regular file already
+    there is replaced (its hard links keep the old content: nothing is written
+    through them); a symbolic link, or anything else that is not a regular file,
+    is refused with one error line and left as it is. A link planted after the
+    check is replaced by the rename, never followed."""
+    where = f"-o {escape_text(path)}"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise RelayError(f"{where}: {exc.strerror}") from None
+    else:
+        if stat.S_ISLNK(st.st_mode):
+            raise RelayError(f"{where}: is a symbolic link; refusing to write through it "
+                             "(remove it or choose another name)")
+        if not stat.S_ISREG(st.st_mode):
+            raise RelayError(f"{where}: exists and is not a regular file")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     PRIVATE_FILE)
+    except OSError as exc:
+        raise RelayError(f"{where}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, PRIVATE_FILE)  # the umask may have taken bits from 0600
+        f = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8",
+                                                          newline="")
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise RelayError(f"{where}: {exc.strerror}") from None
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -208,3 +208,103 @@ def test_records_of_the_wrong_shape(tmp_path: Path) -> None:
     assert code == 0
     assert_terminal_safe(out)
     assert_terminal_safe(err.encode())
+
+
+# ------------------------------------------------------------------ -o files
+
+
+@pytest.fixture
+def outputs(tmp_path: Path) -> tuple[Path, dict[str, list[str]]]:
+    """A data directory and, per command that takes -o, its argv up to -o."""
+    data = tmp_path / "data"
+    plant(data, session_records(1, "host.example"))
+    bundle = tmp_path / "case.tar"
+    code, _, err = relay("logs", "disclose", "--data-dir", str(data), "--at",
+                         f"{DAY}T12:30:00Z", "-o", str(bundle))
+    assert code == 0, err
+    at = ["--data-dir", str(data), "--at", f"{DAY}T12:30:00Z"]
+    return tmp_path, {
+        "search": ["logs", "search", *at, "--format", "csv"],
+        "export-pcap": ["logs", "export-pcap", *at],
+        "disclose": ["logs", "disclose", *at],
+        "verify": ["logs", "verify", "--data-dir", str(data)],
+        "verify-bundle": ["logs", "verify-bundle", str(bundle)],
+    }
+
+
+def leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize("command", ["search", "export-pcap", "disclose", "verify",
+                                     "verify-bundle"])
+def test_output_refuses_symlink(outputs: tuple[Path, dict[str, list[str]]],
+                                command: str) -> None:
+    tmp, argv = outputs
+    victim = tmp / "victim"
+    victim.write_text("precious\n")
+    victim.chmod(0o644)
+    out_dir = tmp / "out"
+    out_dir.mkdir()
+    link = out_dir / "result"
+    link.symlink_to(victim)
+    code, out, err = relay(*argv[command], "-o", str(link))
+    assert code == 1 and out == b""
+    assert err.startswith(f"relay: error: -o {link}: is a symbolic link") and \
+        err.count("\n") == 1, err
+    assert victim.read_text() == "precious\n" and victim.stat().st_mode & 0o777 == 0o644
+    assert link.is_symlink() and link.readlink() == victim
+    # A dangling link: nothing is created where it points.
+    link.unlink()
+    link.symlink_to(tmp / "created-by-the-link")
+    code, _, err = relay(*argv[command], "-o", str(link))
+    assert code == 1 and "is a symbolic link" in err
+    assert not (tmp / "created-by-the-link").exists()
+    assert leftovers(out_dir) == []
+
+
+@pytest.mark.parametrize("command", ["search", "export-pcap", "disclose", "verify",
+                                     "verify-bundle"])
+def test_output_private_and_replaced_atomically(outputs: tuple[Path, dict[str, list[str]]],
+                                                command: str) -> None:
+    tmp, argv = outputs
+    target = tmp / "out" / "result"
+    target.parent.mkdir()
+    res = subprocess.run([str(RELAY), *argv[command], "-o", str(target)], umask=0,
+                         capture_output=True, timeout=120)
+    assert b"Traceback" not in res.stderr and target.stat().st_size > 0, res.stderr
+    assert target.stat().st_mode & 0o777 == 0o600
+    first = target.read_bytes()
+    # An existing file (world-readable, with a second hard link) is replaced by a
+    # new private file; the other link keeps the old content, nothing is written
+    # through it.
+    target.write_bytes(b"old")
+    target.chmod(0o644)
+    other = tmp / "other-link"
+    other.hardlink_to(target)
+    res = subprocess.run([str(RELAY), *argv[command], "-o", str(target)], umask=0,
+                         capture_output=True, timeout=120)
+    assert b"Traceback" not in res.stderr, res.stderr
+    assert target.stat().st_mode & 0o777 == 0o600 and target.stat().st_nlink == 1
+    assert other.read_bytes() == b"old"
+    if command in ("search", "export-pcap", "verify-bundle"):
+        assert target.read_bytes() == first  # same answer (disclose and verify stamp times)
+    else:
+        assert target.read_bytes() != b"old"
+    assert leftovers(target.parent) == []
+
+
+def test_output_link_planted_while_writing(tmp_path: Path) -> None:
+    """A symbolic link put at the path after the check is replaced by the rename,
+    never followed."""
+    from relay.safeout import private_file
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    target = tmp_path / "result"
+    with private_file(target) as f:
+        f.write("answer\n")
+        target.symlink_to(victim)
+    assert not target.is_symlink() and target.read_text() == "answer\n"
+    assert victim.read_text() == "precious\n"
+    assert leftovers(tmp_path) == []
