@@ -7,14 +7,18 @@ would leave them), never through the writer that cleans them."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from relay import cli
 
 RELAY = Path(sys.executable).with_name("relay")
 DAY = "2026-03-29"
@@ -308,3 +312,222 @@ def test_output_link_planted_while_writing(tmp_path: Path) -> None:
     assert not target.is_symlink() and target.read_text() == "answer\n"
     assert victim.read_text() == "precious\n"
     assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------ verify-bundle
+
+
+@pytest.fixture
+def members(tmp_path: Path) -> dict[str, bytes]:
+    """The members of a bundle disclose wrote (a session with no packets)."""
+    data = tmp_path / "data"
+    plant(data, session_records(1, "host.example"))
+    bundle = tmp_path / "good.tar"
+    code, _, err = relay("logs", "disclose", "--data-dir", str(data), "--at",
+                         f"{DAY}T12:30:00Z", "-o", str(bundle))
+    assert code == 0, err
+    with tarfile.open(bundle) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
+
+
+Entry = tuple[str, bytes] | tarfile.TarInfo
+
+
+def write_bundle(path: Path, entries: list[Entry]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for e in entries:
+            if isinstance(e, tarfile.TarInfo):
+                tar.addfile(e)
+            else:
+                info = tarfile.TarInfo(e[0])
+                info.size = len(e[1])
+                tar.addfile(info, io.BytesIO(e[1]))
+    return path
+
+
+def with_manifest(members: dict[str, bytes], change: Any) -> list[Entry]:
+    manifest = json.loads(members["manifest.json"])
+    changed = change(manifest)
+    raw = changed if isinstance(changed, bytes) else json.dumps(changed).encode()
+    return [("manifest.json", raw), *((n, b) for n, b in members.items()
+                                      if n != "manifest.json")]
+
+
+def special(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info
+
+
+def verify_bundle(capsys: pytest.CaptureFixture[str], bundle: Path) -> tuple[int, str, str]:
+    code = cli.main(["logs", "verify-bundle", str(bundle)])
+    out, err = capsys.readouterr()
+    assert code == 1, out + err
+    assert err.count("\n") <= 1 and "Traceback" not in err, err
+    return code, out, err
+
+
+def drop(d: dict[str, Any], key: str) -> dict[str, Any]:
+    d.pop(key)
+    return d
+
+
+MALFORMED_MANIFESTS = {
+    "not JSON": (lambda m: b"{not json", "manifest.json is not JSON"),
+    "nested": (lambda m: b"[" * 100_000, "manifest.json is not JSON"),
+    "a list": (lambda m: [m], "malformed: not a JSON object"),
+    "other format": (lambda m: {**m, "format": "x"}, "malformed: its format is not"),
+    "no members": (lambda m: drop(m, "members"), "malformed: members must list"),
+    "member missing": (lambda m: {**m, "members": {k: v for k, v in m["members"].items()
+                                                   if k != "packets.pcapng"}},
+                       "malformed: members must list"),
+    "digest a number": (lambda m: {**m, "members": {k: {**v, "sha256": 5} for k, v in
+                                                    m["members"].items()}},
+                        "malformed: members sessions.json: needs sha256"),
+    "size negative": (lambda m: {**m, "members": {k: {**v, "size": -1} for k, v in
+                                                  m["members"].items()}},
+                      "needs sha256 (text) and size"),
+    "sources a list": (lambda m: {**m, "sources": {"packets": [], "connlog": {}}},
+                       "malformed: sources packets"),
+    "no chain": (lambda m: drop(m, "chain"), "malformed: chain packets"),
+    "chain line a number": (lambda m: {**m, "chain": {"packets": [], "connlog": [5]}},
+                            "malformed: chain connlog"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_MANIFESTS))
+def test_verify_bundle_malformed_manifest(capsys: pytest.CaptureFixture[str],
+                                          members: dict[str, bytes], tmp_path: Path,
+                                          case: str) -> None:
+    change, message = MALFORMED_MANIFESTS[case]
+    bundle = write_bundle(tmp_path / "b.tar", with_manifest(members, change))
+    _, out, err = verify_bundle(capsys, bundle)
+    assert out == "" and err.startswith(f"relay: error: {bundle}: ") and message in err, err
+
+
+def test_verify_bundle_not_a_bundle(capsys: pytest.CaptureFixture[str],
+                                    members: dict[str, bytes], tmp_path: Path) -> None:
+    from relay.evidence import MAX_BUNDLE_ENTRIES, MAX_MANIFEST_BYTES, MAX_TAR_HEADER_BYTES
+
+    good = list(members.items())
+    cases: dict[str, tuple[list[Entry], str]] = {
+        "no manifest": (good[1:], "no manifest.json"),
+        "manifest twice": ([good[0], *good], "manifest.json is not a single file"),
+        "manifest a link": ([special("manifest.json", tarfile.SYMTYPE, "/etc/passwd"),
+                             *good[1:]], "manifest.json is not a single file"),
+        "huge manifest": ([("manifest.json", b" " * (MAX_MANIFEST_BYTES + 1)), *good[1:]],
+                          f"more than {MAX_MANIFEST_BYTES}"),
+        "too many entries": ([*good, *((f"x{i}", b"") for i in range(MAX_BUNDLE_ENTRIES))],
+                             f"more than {MAX_BUNDLE_ENTRIES} entries"),
+    }
+    for case, (entries, message) in cases.items():
+        bundle = write_bundle(tmp_path / "b.tar", entries)
+        _, out, err = verify_bundle(capsys, bundle)
+        assert out == "" and message in err, (case, err)
+    # A PAX header larger than the cap (a 1 MiB file name) is refused unread.
+    bundle = write_bundle(tmp_path / "b.tar", [*good, ("n" * (MAX_TAR_HEADER_BYTES * 16), b"")])
+    _, _, err = verify_bundle(capsys, bundle)
+    assert "extended header" in err and f"more than {MAX_TAR_HEADER_BYTES}" in err
+    # Cut in the middle of a member's data.
+    raw = write_bundle(tmp_path / "b.tar", good).read_bytes()
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        cut = tar.getmember("sessions.json").offset_data + 10
+    (tmp_path / "b.tar").write_bytes(raw[:cut])
+    _, _, err = verify_bundle(capsys, tmp_path / "b.tar")
+    assert err == f"relay: error: {tmp_path / 'b.tar'}: damaged bundle (unexpected end of " \
+        "data)\n"
+
+
+def test_verify_bundle_bad_members(capsys: pytest.CaptureFixture[str],
+                                   members: dict[str, bytes], tmp_path: Path) -> None:
+    good = dict(members)
+    manifest, rest = good.pop("manifest.json"), good
+    entries: list[Entry] = [
+        ("manifest.json", manifest),
+        ("sessions.json", rest["sessions.json"]),
+        special("connlog.jsonl", tarfile.SYMTYPE, "/etc/shadow"),
+        special("packets.jsonl", tarfile.LNKTYPE, "sessions.json"),
+        ("packets.pcapng", rest["packets.pcapng"] + b"\0" * 512),  # longer than listed
+        special("dev", tarfile.CHRTYPE),
+        ("../../etc/cron.d/evil", b"x"),
+        ("/abs", b"x"),
+        ("\x1b[2J\u202eevil", b"x"),
+    ]
+    _, out, _ = verify_bundle(capsys, write_bundle(tmp_path / "b.tar", entries))
+    assert_terminal_safe(out.encode())
+    lines = out.splitlines()
+    assert "UNEXPECTED: connlog.jsonl: a symbolic link (to /etc/shadow), not a file" in lines
+    assert "UNEXPECTED: packets.jsonl: a hard link (to sessions.json), not a file" in lines
+    assert "UNEXPECTED: dev: a device, not a file" in lines
+    assert any(x.startswith("OVERSIZED: packets.pcapng: ") for x in lines)
+    assert "UNSAFE-PATH: ../../etc/cron.d/evil: a path, not a member name: a bundle is flat" \
+        in lines
+    assert any(x.startswith("UNSAFE-PATH: /abs:") for x in lines)
+    assert "UNEXPECTED: \\x1b[2J\\u202eevil: not listed in the manifest" in lines
+    assert not any(x.startswith("MISSING") for x in lines)  # one line per cause
+    assert lines[-1].startswith("FAILED")
+    # Members that hold no records, their digests in the manifest (a forged
+    # bundle): one line each, never a traceback.
+    bad = {"connlog.jsonl": b"[" * 200_000 + b"\n{}\nnot json\n",
+           "packets.jsonl": b"x" * (2 << 20) + b"\n"}
+
+    def listed(m: dict[str, Any]) -> dict[str, Any]:
+        for name, blob in bad.items():
+            m["members"][name] = {"sha256": hashlib.sha256(blob).hexdigest(),
+                                  "size": len(blob)}
+        return m
+
+    _, out, _ = verify_bundle(capsys, write_bundle(tmp_path / "b.tar", with_manifest(
+        {**members, **bad}, listed)))
+    lines = out.splitlines()
+    assert "MALFORMED: connlog.jsonl line 1: not a JSON object (2 such line(s))" in lines
+    assert any(x.startswith("OVERSIZED: packets.jsonl line 1: longer than") for x in lines)
+    assert not any("digest" in x for x in lines)
+
+
+# RSS growth allowed while verifying a bundle with a 200 MB member: the chunk
+# (1 MiB) and tarfile's buffers, far below the member.
+VERIFY_RSS_BOUND_MB = 32
+BIG_MEMBER = 200 << 20
+
+
+def sparse_bundle(path: Path, members: dict[str, bytes], big: str, size: int) -> None:
+    """A tar whose member ``big`` is ``size`` zero bytes, a hole on disk."""
+    with open(path, "wb") as f:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = size if name == big else len(blob)
+            f.write(info.tobuf(tarfile.PAX_FORMAT))
+            if name == big:
+                f.seek(-(-size // 512) * 512, io.SEEK_CUR)
+            else:
+                f.write(blob + b"\0" * (-len(blob) % 512))
+        f.write(b"\0" * 1024)
+
+
+def test_verify_bundle_memory_is_flat(members: dict[str, bytes], tmp_path: Path) -> None:
+    manifest = json.loads(members["manifest.json"])
+    digest = hashlib.sha256()
+    zeros = b"\0" * (1 << 20)
+    for _ in range(BIG_MEMBER >> 20):
+        digest.update(zeros)
+    manifest["members"]["sessions.json"] = {"sha256": digest.hexdigest(), "size": BIG_MEMBER}
+    bundle = tmp_path / "big.tar"
+    sparse_bundle(bundle, {**members, "manifest.json": json.dumps(manifest).encode()},
+                  "sessions.json", BIG_MEMBER)
+    assert bundle.stat().st_blocks * 512 < (1 << 20)  # sparse: the test costs no disk
+    probe = (
+        "import resource, sys, json\n"
+        "from relay import cli, evidence  # imports before the measure\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "code = cli.main(['logs', 'verify-bundle', '--json', sys.argv[1]])\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(json.dumps({'code': code, 'growth_kb': after - before}), file=sys.stderr)\n")
+    res = subprocess.run([sys.executable, "-c", probe, str(bundle)], capture_output=True,
+                         text=True, timeout=300)
+    assert "Traceback" not in res.stderr, res.stderr
+    report = json.loads(res.stdout)
+    assert report["ok"], report  # the 200 MB member was read, hashed and matched
+    growth = json.loads(res.stderr.splitlines()[-1])["growth_kb"] / 1024
+    print(f"verify-bundle RSS growth with a {BIG_MEMBER >> 20} MB member: {growth:.1f} MB")
+    assert growth < VERIFY_RSS_BOUND_MB, growth
