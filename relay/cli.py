@@ -125,7 +125,7 @@ def cmd_logs_packets(args: argparse.Namespace) -> int:
     from relay import packetlog
 
     def warn(path: str, reason: str) -> None:
-        print(f"relay: warning: {path}: {reason}", file=sys.stderr)
+        print(f"relay: warning: {escape_text(path)}: {escape_text(reason)}", file=sys.stderr)
 
     cfg = _config(args)
     try:
