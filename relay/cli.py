@@ -13,6 +13,7 @@ from pathlib import Path
 
 from relay import config as configmod
 from relay.errors import RelayError
+from relay.safeout import escape_text, json_text
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -68,13 +69,13 @@ def cmd_logs_connections(args: argparse.Namespace) -> int:
     from relay import connlog
 
     def warn(msg: str) -> None:
-        print(f"relay: warning: {msg}", file=sys.stderr)
+        print(f"relay: warning: {escape_text(msg)}", file=sys.stderr)
 
     cfg = _config(args)
     out = sys.stdout
     for rec in connlog.iter_records(cfg.data_dir, on_error=warn):
         if args.json:
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            out.write(json_text(rec) + "\n")
         else:
             out.write(_connection_line(rec) + "\n")
     return 0
@@ -100,20 +101,23 @@ def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
         row = sessions.setdefault(sid, {"session_id": sid, "relay": None, "connect_time": None,
                                         "disconnect_time": None, "client_ip": None,
                                         "client_port": None})
-        row["relay"] = (rec.get("server") or {}).get("id")
-        row["client_ip"] = (rec.get("client") or {}).get("ip")
-        row["client_port"] = (rec.get("client") or {}).get("port")
-        row["connect_time" if rec["action"] == "connect" else "disconnect_time"] = rec["time"]
+        server, client = rec.get("server"), rec.get("client")
+        server = server if isinstance(server, dict) else {}
+        client = client if isinstance(client, dict) else {}
+        row["relay"] = server.get("id")
+        row["client_ip"], row["client_port"] = client.get("ip"), client.get("port")
+        row["connect_time" if rec["action"] == "connect" else "disconnect_time"] = \
+            rec.get("time")
     if not sessions:
         print(f"relay: no session with tag {tail!r} in {cfg.data_dir}", file=sys.stderr)
         return EXIT_ERROR
     for row in sessions.values():
         if args.json:
-            print(json.dumps(row))
+            print(json_text(row))
         else:
-            print(f"{row['session_id']}  relay {row['relay']}  "
-                  f"{row['client_ip']}:{row['client_port']}  "
-                  f"{row['connect_time']} -> {row['disconnect_time'] or '(open)'}")
+            print(escape_text(f"{row['session_id']}  relay {row['relay']}  "
+                              f"{row['client_ip']}:{row['client_port']}  "
+                              f"{row['connect_time']} -> {row['disconnect_time'] or '(open)'}"))
     return 0
 
 
@@ -121,7 +125,7 @@ def cmd_logs_packets(args: argparse.Namespace) -> int:
     from relay import packetlog
 
     def warn(path: str, reason: str) -> None:
-        print(f"relay: warning: {path}: {reason}", file=sys.stderr)
+        print(f"relay: warning: {escape_text(path)}: {escape_text(reason)}", file=sys.stderr)
 
     cfg = _config(args)
     try:
@@ -174,26 +178,26 @@ def cmd_logging(args: argparse.Namespace) -> int:
 
 
 def _connection_line(rec: dict) -> str:
-    client = rec.get("client") or {}
-    sw = rec.get("client_software") or {}
-    parts = [
-        str(rec.get("time", "?")),
-        f"{rec.get('action', '?'):<10}",
-        str(rec.get("session_id", "-")),
-        f"{client.get('ip', '-')}:{client.get('port', '-')}",
-    ]
-    if rec.get("action") not in ("connect", "disconnect"):
-        # Audit records: their own fields, compactly.
+    """One record as a text line, every field from the log escaped (escape_text);
+    a field of the wrong type (an older relay, a forged copy) shows as it is."""
+    def obj(key: str) -> dict:
+        value = rec.get(key)
+        return value if isinstance(value, dict) else {}
+
+    client, sw, action = obj("client"), obj("client_software"), rec.get("action", "?")
+    parts = [escape_text(rec.get("time", "?")), escape_text(action).ljust(10)]
+    if action not in ("connect", "disconnect"):
+        # Audit records: their own fields, compactly, as JSON (json_text escapes).
         rest = {k: v for k, v in rec.items() if k not in ("id", "time", "action", "server")}
-        return "  ".join([parts[0], parts[1], json.dumps(rest, ensure_ascii=False)])
-    if rec.get("action") in ("connect", "disconnect"):
-        parts += [str(rec.get("protocol")), str(rec.get("virtual_ip")),
-                  f"{sw.get('name')} {sw.get('version')}"]
-    if rec.get("action") == "disconnect":
-        p, b = rec.get("packets") or {}, rec.get("bytes") or {}
-        parts += [f"pkts {p.get('in')}/{p.get('out')}", f"bytes {b.get('in')}/{b.get('out')}",
-                  f"{rec.get('duration_s')}s", str(rec.get("reason"))]
-    return "  ".join(parts)
+        return "  ".join([*parts, json_text(rest)])
+    fields = [rec.get("session_id", "-"), f"{client.get('ip', '-')}:{client.get('port', '-')}",
+              rec.get("protocol"), rec.get("virtual_ip"),
+              f"{sw.get('name')} {sw.get('version')}"]
+    if action == "disconnect":
+        p, b = obj("packets"), obj("bytes")
+        fields += [f"pkts {p.get('in')}/{p.get('out')}", f"bytes {b.get('in')}/{b.get('out')}",
+                   f"{rec.get('duration_s')}s", rec.get("reason")]
+    return "  ".join([*parts, *(escape_text(f) for f in fields)])
 
 
 def cmd_ban(args: argparse.Namespace) -> int:
@@ -512,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except RelayError as exc:
-        print(f"relay: error: {exc}", file=sys.stderr)
+        print(f"relay: error: {escape_text(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

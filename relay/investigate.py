@@ -41,16 +41,29 @@ PROGRESS_AFTER_S = 1.0
 # segment on fast disks.
 PROGRESS_EVERY_S = 0.1
 NS = 1_000_000_000
+# --at T names only the sessions connected at T (or, with --slack S, within S of
+# it); this window only decides which of THEIR packets are counted and exported:
+# [T - S - AT_PACKET_WINDOW_S, T + S + AT_PACKET_WINDOW_S). A report's time is when
+# the remote server logged a request, by its own clock, and the TCP connection that
+# carried it may have sent packets up to a minute before or after (nginx gives up on
+# a silent client after 60 s: the client_header/client_body/send_timeout defaults).
+AT_PACKET_WINDOW_S = 60.0
+# How a session stands to --at T: connected at T, or only within --slack of it.
+EXACT, NEAR = "exact", "near"
 
 ErrorReport = Callable[[str, str], None]
 
 
 @dataclass
 class Query:
-    """Filters; ``lo``/``hi`` in epoch seconds (``hi`` exclusive), None = open."""
+    """Filters; ``lo``/``hi`` (--from/--to) in epoch seconds (``hi`` exclusive),
+    None = open. ``at`` (--at, epoch seconds) replaces them: the sessions connected
+    at ``at``, or, with ``slack`` > 0, within ``slack`` seconds of it."""
 
     lo: float | None = None
     hi: float | None = None
+    at: float | None = None
+    slack: float = 0.0
     server_ip: str | None = None
     dst_ip: str | None = None
     dst_port: int | None = None
@@ -63,6 +76,39 @@ class Query:
         """True when sessions are selected by their packets (not only listed)."""
         return self.dst_ip is not None or self.dst_port is not None
 
+    @property
+    def packet_window(self) -> tuple[float | None, float | None]:
+        """[lo, hi) of the packets counted: --from/--to, or around --at."""
+        if self.at is None:
+            return self.lo, self.hi
+        half = self.slack + AT_PACKET_WINDOW_S
+        return self.at - half, self.at + half
+
+    def coverage(self, start: float | None, end: float | None) -> str | None:
+        """EXACT when [start, end] (end None: still open) covers ``at``, NEAR when
+        it only comes within ``slack`` of it, else None. An unknown start proves
+        nothing, so it is None: --at must never name a session it cannot place."""
+        assert self.at is not None
+        if start is None:
+            return None
+        if start <= self.at and (end is None or self.at <= end):
+            return EXACT
+        if start <= self.at + self.slack and (end is None or end >= self.at - self.slack):
+            return NEAR
+        return None
+
+
+def record_time(text: Any) -> float | None:
+    """Epoch seconds of a record's RFC 3339 time; None unless it is one with a
+    zone (a naive time would be read in this host's zone)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return dt.timestamp() if dt.tzinfo is not None else None
+
 
 @dataclass
 class SessionRow:
@@ -73,6 +119,7 @@ class SessionRow:
     first_ns: int | None = None
     last_ns: int | None = None
     sources: set[str] = field(default_factory=set)  # segment files its packets came from
+    match: str | None = None  # under --at: EXACT or NEAR
 
     def value(self, key: str) -> Any:
         """A field of the session's records, the disconnect record's first (it
@@ -82,14 +129,20 @@ class SessionRow:
                 return rec[key]
         return None
 
+    def obj(self, key: str) -> dict[str, Any]:
+        """value(key) when it is an object, else {}: a field of another type (a
+        record of an older relay, a forged copy) must not crash a search."""
+        value = self.value(key)
+        return value if isinstance(value, dict) else {}
+
     @property
     def connect_ts(self) -> float | None:
         text = (self.connect or {}).get("time") or (self.disconnect or {}).get("connect_time")
-        return connlog.parse_rfc3339(text) if text else None
+        return record_time(text)
 
     @property
     def disconnect_ts(self) -> float | None:
-        return connlog.parse_rfc3339(self.disconnect["time"]) if self.disconnect else None
+        return record_time(self.disconnect["time"]) if self.disconnect else None
 
     def add_packet(self, t_ns: int, source: str) -> None:
         self.packets += 1
@@ -136,34 +189,39 @@ def _day_range(path: Path) -> date | None:
         return None
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _host_matches(rec: dict[str, Any], host: str) -> bool:
     return any(isinstance(d, dict) and str(d.get("host", "")).lower().rstrip(".") == host
-               for d in rec.get("destinations") or ())
+               for d in _list(rec.get("destinations")))
 
 
 def _dst_in_destinations(rec: dict[str, Any], q: Query) -> bool:
     return any(isinstance(d, dict) and d.get("ip") == q.dst_ip
                and (q.dst_port is None or d.get("port") == q.dst_port)
-               for d in rec.get("destinations") or ())
+               for d in _list(rec.get("destinations")))
 
 
-def find_sessions(data_dir: Path, q: Query,
-                  on_error: Callable[[str], None] | None = None) -> dict[str, SessionRow]:
-    """Sessions of the connection log that match the session-level filters and
-    overlap the window (connected before its end, not disconnected before its
-    start). Days after the window are read only until every candidate has its
-    disconnect record."""
+def find_sessions(data_dir: Path, q: Query, on_error: Callable[[str], None] | None = None
+                  ) -> tuple[dict[str, SessionRow], set[str]]:
+    """(sessions of the connection log that match the session-level filters and
+    the time: connected at --at T (or within --slack of it), or overlapping
+    --from/--to; the IDs of every session read, matching or not). Days after the
+    window are read only until every candidate has its disconnect record."""
     rows: dict[str, SessionRow] = {}
-    hi_day = datetime.fromtimestamp(q.hi, UTC).date() if q.hi is not None else None
+    # Up to the packet window's end, so that every session with packets in it is
+    # known here, matching or not (search must not mistake it for one the log lost).
+    _, hi = q.packet_window
+    hi_day = datetime.fromtimestamp(hi, UTC).date() if hi is not None else None
     for path in connlog.day_files(data_dir):
         day = _day_range(path)
         after = hi_day is not None and day is not None and day > hi_day
         if after and all(r.disconnect for r in rows.values()):
             break
         for rec in _session_records(path, on_error):
-            sid = rec.get("session_id")
-            if not isinstance(sid, str):
-                continue
+            sid = rec["session_id"]
             if q.session and not sid.startswith(q.session):
                 continue
             row = rows.get(sid)
@@ -175,7 +233,7 @@ def find_sessions(data_dir: Path, q: Query,
                 row.connect = rec
             else:
                 row.disconnect = rec
-    return {sid: row for sid, row in rows.items() if _session_matches(row, q)}
+    return {sid: row for sid, row in rows.items() if _session_matches(row, q)}, set(rows)
 
 
 def _session_records(path: Path,
@@ -198,19 +256,31 @@ def _session_records(path: Path,
                 if on_error:
                     on_error(f"{path}:{lineno}: not JSON, skipped")
                 continue
-            if isinstance(rec, dict) and rec.get("action") in ("connect", "disconnect"):
-                yield rec
+            if not (isinstance(rec, dict) and rec.get("action") in ("connect", "disconnect")):
+                continue
+            if not isinstance(rec.get("session_id"), str) or record_time(rec.get("time")) is None \
+                    or (rec.get("connect_time") is not None
+                        and record_time(rec["connect_time"]) is None):
+                if on_error:
+                    on_error(f"{path}:{lineno}: session record without a session_id or a "
+                             "valid time, skipped")
+                continue
+            yield rec
 
 
 def _session_matches(row: SessionRow, q: Query) -> bool:
     start, end = row.connect_ts, row.disconnect_ts
+    if q.at is not None:
+        row.match = q.coverage(start, end)
+        if row.match is None:
+            return False
     if q.hi is not None and start is not None and start >= q.hi:
         return False
     if q.lo is not None and end is not None and end < q.lo:
         return False
-    if q.server_ip and (row.value("server") or {}).get("ip") != q.server_ip:
+    if q.server_ip and row.obj("server").get("ip") != q.server_ip:
         return False
-    if q.client_ip and (row.value("client") or {}).get("ip") != q.client_ip:
+    if q.client_ip and row.obj("client").get("ip") != q.client_ip:
         return False
     return not (q.host and not (row.disconnect and _host_matches(row.disconnect, q.host)))
 
@@ -288,10 +358,11 @@ class Progress:
 def scan_packets(data_dir: Path, q: Query, *, sessions: set[str] | None = None,
                  on_error: ErrorReport,
                  progress: Progress | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """(segment, record) of every packet in the window that matches the packet
-    filters (and belongs to ``sessions`` when given)."""
-    lo = int(q.lo * NS) if q.lo is not None else None
-    hi = int(q.hi * NS) if q.hi is not None else None
+    """(segment, record) of every packet in the packet window that matches the
+    packet filters (and belongs to ``sessions`` when given)."""
+    lo_s, hi_s = q.packet_window
+    lo = int(lo_s * NS) if lo_s is not None else None
+    hi = int(hi_s * NS) if hi_s is not None else None
     paths, _ = segments_in_window(data_dir, lo, hi)
     if progress is not None:
         progress.total = len(paths)
@@ -345,9 +416,10 @@ def session_level(q: Query) -> bool:
 def search(data_dir: Path, q: Query, *, on_error: ErrorReport,
            progress: Progress | None = None,
            keep_packets: bool = False) -> tuple[list[SessionRow], list[tuple[Path, dict]]]:
-    """Matching sessions (by connect time) and, with ``keep_packets``, the matching
-    packet records with their segment."""
-    rows = find_sessions(data_dir, q, on_error=lambda msg: on_error(msg, "connection log"))
+    """Matching sessions (by connect time) and, with ``keep_packets``, their
+    matching packet records with their segment."""
+    rows, known = find_sessions(data_dir, q,
+                                on_error=lambda msg: on_error(msg, "connection log"))
     allowed = set(rows) if session_level(q) else None
     kept: list[tuple[Path, dict[str, Any]]] = []
     hit: set[str] = set()
@@ -356,6 +428,10 @@ def search(data_dir: Path, q: Query, *, on_error: ErrorReport,
         sid = rec["session_id"]
         row = rows.get(sid)
         if row is None:
+            if sid in known:
+                # The connection log ruled it out (e.g. it began after --at T):
+                # packets in the wider packet window must not bring it back.
+                continue
             # Packets of a session the connection log does not name (its days
             # deleted or damaged): still an answer, shown without its details.
             if q.client_ip is None or rec["client_ip"] == q.client_ip:
@@ -366,24 +442,32 @@ def search(data_dir: Path, q: Query, *, on_error: ErrorReport,
         hit.add(sid)
         if keep_packets:
             kept.append((path, rec))
+    if q.at is not None:
+        # A session known only by its packets was connected at T when they
+        # straddle T: its first and last packet are its only proof of life.
+        for r in rows.values():
+            if r.connect is None and r.disconnect is None:
+                r.match = q.coverage(r.first_ns / NS if r.first_ns is not None else None,
+                                     r.last_ns / NS if r.last_ns is not None else None)
+        rows = {sid: r for sid, r in rows.items() if r.match is not None}
     if q.packet_filter:
         out = [r for r in rows.values() if r.session_id in hit
                or (r.disconnect is not None and _dst_in_destinations(r.disconnect, q))]
     else:
         out = list(rows.values())
     out.sort(key=lambda r: (r.connect_ts or 0.0, r.session_id))
-    return out, kept
+    named = {r.session_id for r in out}
+    return out, [(path, rec) for path, rec in kept if rec["session_id"] in named]
 
 
 def row_dict(row: SessionRow, tz: tzinfo) -> dict[str, Any]:
     """One session as search prints it (both the asked zone and UTC)."""
-    client = row.value("client") or {}
-    server = row.value("server") or {}
-    sw = row.value("client_software") or {}
+    client, server, sw = row.obj("client"), row.obj("server"), row.obj("client_software")
     first = row.first_ns / NS if row.first_ns is not None else None
     last = row.last_ns / NS if row.last_ns is not None else None
     return {
         "session_id": row.session_id,
+        "match": row.match,
         "server_id": server.get("id"), "server_ip": server.get("ip"),
         "client_ip": client.get("ip"), "client_port": client.get("port"),
         "client_hostname": client.get("hostname"),

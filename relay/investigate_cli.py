@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
 from relay.errors import RelayError
+from relay.safeout import csv_cell, escape_text, json_text, private_file
 
-# --at T looks at [T - slack, T + slack]: the clocks of the servers that write
-# abuse reports are often off by tens of seconds; --slack changes it.
-DEFAULT_AT_SLACK_S = 60.0
-TABLE_COLUMNS = ("session_id", "client", "client_hostname", "client_software", "protocol",
+TABLE_COLUMNS = ("session_id", "match", "client", "client_hostname", "client_software", "protocol",
                  "connect", "connect_utc", "disconnect", "disconnect_utc", "packets",
                  "first_packet_utc", "last_packet_utc")
 
@@ -27,16 +24,18 @@ DataDirOf = Callable[[argparse.Namespace], Path]
 
 
 def _warn(path: str, reason: str) -> None:
-    print(f"relay: warning: {path}: {reason}", file=sys.stderr)
+    print(f"relay: warning: {escape_text(path)}: {escape_text(reason)}", file=sys.stderr)
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters (all optional, combined with AND)")
     g.add_argument("--at", metavar="TIME",
-                   help="sessions connected at TIME (ISO 8601 or 'YYYY-MM-DD HH:MM[:SS]'); "
-                        "packets within --slack of it")
-    g.add_argument("--slack", type=float, default=DEFAULT_AT_SLACK_S, metavar="SECONDS",
-                   help=f"half-width of the --at window (default {DEFAULT_AT_SLACK_S:.0f})")
+                   help="sessions connected at TIME (ISO 8601 or 'YYYY-MM-DD HH:MM[:SS]'): "
+                        "connect <= TIME <= disconnect, or still open; their packets near "
+                        "TIME are counted (README: Investigation)")
+    g.add_argument("--slack", type=float, default=0.0, metavar="SECONDS",
+                   help="with --at: also the sessions connected within SECONDS of TIME, "
+                        "shown as match 'near' (default 0: exact matches only)")
     g.add_argument("--from", dest="start", metavar="TIME", help="window start, inclusive")
     g.add_argument("--to", dest="end", metavar="TIME", help="window end, exclusive")
     g.add_argument("--tz", metavar="ZONE", default="UTC",
@@ -58,10 +57,13 @@ def query_of(args: argparse.Namespace) -> tuple[Any, Any]:
     q = investigate.Query()
     if args.at and (args.start or args.end):
         raise RelayError("give --at or --from/--to, not both")
+    if not (math.isfinite(args.slack) and args.slack >= 0):
+        raise RelayError(f"--slack {args.slack}: give a number of seconds >= 0")
+    if args.slack and not args.at:
+        raise RelayError("--slack widens --at: give --at too")
     if args.at:
-        at = timeparse.parse_time(args.at, tz, "--at")
-        slack = timedelta(seconds=args.slack)
-        q.lo, q.hi = (at - slack).timestamp(), (at + slack).timestamp()
+        q.at = timeparse.parse_time(args.at, tz, "--at").timestamp()
+        q.slack = args.slack
     if args.start:
         q.lo = timeparse.parse_time(args.start, tz, "--from").timestamp()
     if args.end:
@@ -78,16 +80,12 @@ def query_of(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 @contextmanager
-def _output(path: str | None, binary: bool = False) -> Any:
+def _output(path: str | None, binary: bool = False) -> Iterator[IO[Any]]:
+    """stdout for no -o or "-o -", else a private file (safeout.private_file)."""
     if not path or path == "-":
         yield sys.stdout.buffer if binary else sys.stdout
         return
-    try:
-        f: IO[Any] = open(path, "wb" if binary else "w",  # noqa: SIM115 (closed below)
-                          newline="" if not binary else None)
-    except OSError as exc:
-        raise RelayError(f"-o {path}: {exc.strerror}") from None
-    with f:
+    with private_file(Path(path), binary=binary) as f:
         yield f
 
 
@@ -102,12 +100,12 @@ def cmd_search(args: argparse.Namespace, data_dir: Path) -> int:
     with _output(args.output) as out:
         if fmt == "json":
             for d in dicts:
-                out.write(json.dumps(d, ensure_ascii=False) + "\n")
+                out.write(json_text(d) + "\n")
         elif fmt == "csv":
-            w = csv.DictWriter(out, fieldnames=list(investigate.row_dict(
-                investigate.SessionRow(""), tz)))
-            w.writeheader()
-            w.writerows(dicts)
+            fields = list(investigate.row_dict(investigate.SessionRow(""), tz))
+            w = csv.writer(out)
+            w.writerow(fields)
+            w.writerows([csv_cell(d[f]) for f in fields] for d in dicts)
         else:
             _table(out, dicts)
     if not rows:
@@ -119,7 +117,8 @@ def _table(out: IO[str], dicts: list[dict[str, Any]]) -> None:
     cells = [[("session" if c == "session_id" else c) for c in TABLE_COLUMNS]]
     for d in dicts:
         d = {**d, "client": f"{d['client_ip']}:{d['client_port']}" if d["client_ip"] else ""}
-        cells.append([str(d[c]) if d[c] not in (None, "") else "-" for c in TABLE_COLUMNS])
+        cells.append([escape_text(d[c]) if d[c] not in (None, "") else "-"
+                      for c in TABLE_COLUMNS])
     widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
     for row in cells:
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
@@ -134,11 +133,9 @@ def cmd_export_pcap(args: argparse.Namespace, data_dir: Path) -> int:
         raise RelayError("export-pcap needs -o FILE (pcapng)")
     rows, kept = investigate.search(data_dir, q, on_error=_warn,
                                     progress=investigate.Progress(0), keep_packets=True)
-    wanted = {r.session_id for r in rows}
     with _output(args.output, binary=True) as out:
-        n = pcapng.write(out, (rec for _, rec in kept if rec["session_id"] in wanted),
-                         app="relay logs export-pcap")
-    print(f"{n} packets of {len(wanted)} sessions written to {args.output}", file=sys.stderr)
+        n = pcapng.write(out, (rec for _, rec in kept), app="relay logs export-pcap")
+    print(f"{n} packets of {len(rows)} sessions written to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -148,7 +145,7 @@ def cmd_verify(args: argparse.Namespace, data_dir: Path) -> int:
     report = evidence.verify(data_dir)
     with _output(args.output) as out:
         if args.json:
-            out.write(json.dumps(report.to_dict()) + "\n")
+            out.write(json_text(report.to_dict()) + "\n")
         else:
             out.write(report.text())
     return 0 if report.ok else 1
@@ -173,7 +170,7 @@ def cmd_verify_bundle(args: argparse.Namespace, data_dir: Path | None) -> int:
     report = evidence.verify_bundle(Path(args.bundle), data_dir)
     with _output(args.output) as out:
         if args.json:
-            out.write(json.dumps(report.to_dict()) + "\n")
+            out.write(json_text(report.to_dict()) + "\n")
         else:
             out.write(report.text())
     return 0 if report.ok else 1

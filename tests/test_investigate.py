@@ -65,11 +65,10 @@ def _addr(text: str) -> bytes:
     return ipaddress.ip_address(text).packed.ljust(16, b"\0")
 
 
-def flow(name: str, when: str, dst: str, port: int) -> list[dict[str, Any]]:
-    s = SESSIONS[name]
+def flow(s: dict[str, Any], sid: str, when: str, dst: str, port: int) -> list[dict[str, Any]]:
     t = int(ts(when) * 1e9)
     cip, cport = s["client"]
-    base = {"session_id": session_raw(SID[name]), "rflags": 0, "client_family": 4,
+    base = {"session_id": session_raw(sid), "rflags": 0, "client_family": 4,
             "client_ip": _addr(cip), "client_port": cport, "family": 4}
     out_, in_ = (_addr(s["vip"]), _addr(dst), 50000, port), (_addr(dst), _addr(s["vip"]), port,
                                                             50000)
@@ -86,19 +85,23 @@ def flow(name: str, when: str, dst: str, port: int) -> list[dict[str, Any]]:
     return recs
 
 
-def build(data: Path) -> None:
-    """Connection log and packet log of SESSIONS, days sealed into the chain."""
+def build(data: Path, sessions: dict[str, dict[str, Any]] = SESSIONS,
+          sids: dict[str, str] = SID) -> None:
+    """Connection log and packet log of ``sessions``, days sealed into the chain.
+    A session without "disconnect" is still open; one without "connect" has
+    packets only (its connection-log days lost)."""
     now = [0.0]
     log = connlog.ConnectionLog(data, clock=lambda: now[0])
     events = []
-    for name, s in SESSIONS.items():
-        events.append((ts(s["connect"]), "connect", name))
-        events.append((ts(s["disconnect"]), "disconnect", name))
+    for name, s in sessions.items():
+        for action in ("connect", "disconnect"):
+            if s.get(action):
+                events.append((ts(s[action]), action, name))
     for t, action, name in sorted(events):
-        s = SESSIONS[name]
+        s = sessions[name]
         now[0] = t
         rec: dict[str, Any] = {
-            "action": action, "session_id": SID[name],
+            "action": action, "session_id": sids[name],
             "server": {"id": "relay-1", "ip": s["server"], "hostname": "relay.test"},
             "client": {"ip": s["client"][0], "port": s["client"][1],
                        "hostname": f"host-{name.lower()}.isp.test"},
@@ -112,13 +115,13 @@ def build(data: Path) -> None:
         log.append(rec)
     log.append({"action": "packetlog-rotate", "file": "x"})  # an audit record
     log.close()
-    flows = sorted((when, name, dst, port) for name, s in SESSIONS.items()
+    flows = sorted((when, name, dst, port) for name, s in sessions.items()
                    for when, dst, port in s["flows"])
     clock = [0.0]
     w = packetlog.PacketLogWriter(data, clock=lambda: clock[0])
     w.open()
     for when, name, dst, port in flows:
-        recs = flow(name, when, dst, port)
+        recs = flow(sessions[name], sids[name], when, dst, port)
         clock[0] = ts(when) + 1
         w.write(to_c(recs), len(recs))
     w.close()
@@ -241,6 +244,150 @@ def test_search_formats(capsys: pytest.CaptureFixture[str], data: Path) -> None:
     target = data / "out.json"
     code, out, _ = run(capsys, *base, "--json", "-o", str(target))
     assert code == 0 and out == "" and len(target.read_text().splitlines()) == 2
+
+
+# ------------------------------------------------------------------ --at: exact answers
+
+# T is 2026-03-29 23:59:50Z (2026-03-30 08:59:50 in Tokyo, 01:59:50 CEST in Berlin,
+# 19:59:50 EDT in New York): a session that begins 28 s later is on the next UTC day.
+AT = "2026-03-29 23:59:50"
+AT_ZONES = (("2026-03-29T23:59:50Z", "UTC"), ("2026-03-30 08:59:50", "Asia/Tokyo"),
+            ("2026-03-30 01:59:50", "Europe/Berlin"), ("2026-03-29 19:59:50", "America/New_York"))
+DST7 = ("203.0.113.7", 443)
+
+
+def at_plus(seconds: float) -> str:
+    return datetime.fromtimestamp(ts(AT) + seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def at_session(i: int, connect: float | None, disconnect: float | None,
+               flows: list[tuple[float, tuple[str, int]]]) -> dict[str, Any]:
+    return {"connect": at_plus(connect) if connect is not None else None,
+            "disconnect": at_plus(disconnect) if disconnect is not None else None,
+            "client": (f"198.51.100.{100 + i}", 41000 + i), "server": "192.0.2.1",
+            "vip": f"10.211.1.{i}", "software": ("OpenConnect", "9.12"), "protocol": "cstp",
+            "hosts": [], "flows": [(at_plus(t), *d) for t, d in flows]}
+
+
+AT_SESSIONS = {
+    # Began 28 s after T (the innocent user the old 60 s slack named).
+    "late": at_session(1, 28, 600, [(30, DST7)]),
+    # Ended 5 s before T.
+    "early": at_session(2, -3600, -5, [(-10, DST7)]),
+    # The boundaries: connected exactly at T; disconnected exactly at T.
+    "starts": at_session(3, 0, 3600, [(20, DST7)]),
+    "ends": at_session(4, -3600, 0, [(-20, DST7)]),
+    # Still open (no disconnect record at all).
+    "open": at_session(5, -7200, None, [(5, DST7)]),
+    # Covers T but talked only to another destination near T.
+    "other": at_session(6, -1800, 1800, [(10, ("203.0.113.9", 443))]),
+    # Known only by its packets (its connection-log days lost): packets on both
+    # sides of T prove it was connected at T; packets only after T do not.
+    "pkts_both": at_session(7, None, None, [(-10, DST7), (10, DST7)]),
+    "pkts_after": at_session(8, None, None, [(20, DST7)]),
+    # The connection log says it began 12 s after T (the next UTC day), its packets
+    # (another clock) straddle T: the log decides, packets never bring back a
+    # session it ruled out.
+    "skewed": at_session(9, 12, 600, [(-1, DST7), (13, DST7)]),
+}
+AT_SID = {name: f"{name.upper():_<21}A"[:21] + "A" for name in AT_SESSIONS}
+COVER_T = ["ends", "open", "other", "pkts_both", "starts"]
+
+
+@pytest.fixture(scope="module")
+def at_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("atdata")
+    build(data, AT_SESSIONS, AT_SID)
+    return data
+
+
+def at_search(capsys: pytest.CaptureFixture[str], data: Path, *argv: str,
+              at: tuple[str, str] = AT_ZONES[0]) -> dict[str, dict]:
+    """name -> row of ``search --at`` (asserting the names are unique)."""
+    inv = {v: k for k, v in AT_SID.items()}
+    rows = search(capsys, data, "--at", at[0], "--tz", at[1], *argv)
+    out = {inv[r["session_id"]]: r for r in rows}
+    assert len(out) == len(rows)
+    return out
+
+
+def test_at_is_exact(capsys: pytest.CaptureFixture[str], at_built: Path) -> None:
+    for at in AT_ZONES:
+        rows = at_search(capsys, at_built, at=at)
+        assert sorted(rows) == COVER_T, at
+        assert {r["match"] for r in rows.values()} == {"exact"}
+        # With --dst: those of them that talked to it near T, and nobody else,
+        # though "late" and "early" sent packets to it within the packet window.
+        rows = at_search(capsys, at_built, "--dst", "203.0.113.7:443", at=at)
+        assert sorted(rows) == ["ends", "open", "pkts_both", "starts"], at
+        assert rows["starts"]["packets"] == PACKETS_PER_FLOW
+        assert rows["pkts_both"]["packets"] == 2 * PACKETS_PER_FLOW
+        assert not rows["pkts_both"]["in_connection_log"]
+        assert rows["open"]["disconnect"] == ""
+    assert sorted(at_search(capsys, at_built, "--dst", "203.0.113.9")) == ["other"]
+    # A second after T: "ends" is gone, nothing else changes.
+    rows = search(capsys, at_built, "--at", at_plus(1))
+    assert names_at(rows) == ["open", "other", "pkts_both", "starts"]
+    rows = search(capsys, at_built, "--at", at_plus(-1))
+    assert names_at(rows) == ["ends", "open", "other", "pkts_both"]
+
+
+def names_at(rows: list[dict]) -> list[str]:
+    inv = {v: k for k, v in AT_SID.items()}
+    return sorted(inv[r["session_id"]] for r in rows)
+
+
+def test_at_slack_marks_near_matches(capsys: pytest.CaptureFixture[str],
+                                     at_built: Path) -> None:
+    for at in AT_ZONES:
+        rows = at_search(capsys, at_built, "--slack", "30", at=at)
+        assert {n: r["match"] for n, r in rows.items()} == {
+            **dict.fromkeys(COVER_T, "exact"),
+            "late": "near", "early": "near", "pkts_after": "near", "skewed": "near"}, at
+        rows = at_search(capsys, at_built, "--slack", "10", "--dst", "203.0.113.7:443", at=at)
+        assert {n: r["match"] for n, r in rows.items()} == {
+            "ends": "exact", "open": "exact", "pkts_both": "exact", "starts": "exact",
+            "early": "near"}, at
+    base = ("logs", "search", "--data-dir", str(at_built), "--at", AT, "--slack", "30")
+    code, out, _ = run(capsys, *base, "--format", "csv")
+    assert code == 0
+    got = {r["session_id"]: r["match"] for r in csv.DictReader(io.StringIO(out))}
+    assert got[AT_SID["late"]] == "near" and got[AT_SID["starts"]] == "exact"
+    code, out, _ = run(capsys, *base)
+    assert code == 0 and out.splitlines()[0].split()[:2] == ["session", "match"]
+    line = next(x for x in out.splitlines() if x.startswith(AT_SID["late"]))
+    assert line.split()[1] == "near"
+
+
+def test_at_bad_slack(capsys: pytest.CaptureFixture[str], at_built: Path) -> None:
+    for argv in (("--at", AT, "--slack", "-1"), ("--at", AT, "--slack", "nan"),
+                 ("--from", AT, "--slack", "5")):
+        code, _, err = run(capsys, "logs", "search", "--data-dir", str(at_built), *argv)
+        assert code == 1 and err.startswith("relay: error: --slack") and \
+            err.count("\n") == 1, err
+
+
+def test_at_export_and_disclose_only_named_sessions(capsys: pytest.CaptureFixture[str],
+                                                    at_built: Path, tmp_path: Path) -> None:
+    want = {AT_SID[n] for n in ("ends", "open", "pkts_both", "starts")}
+    pcap = tmp_path / "at.pcapng"
+    code, _, err = run(capsys, "logs", "export-pcap", "--data-dir", str(at_built), "--at", AT,
+                       "--dst", "203.0.113.7:443", "-o", str(pcap))
+    assert code == 0, err
+    comments = [r[0] for r in tshark_fields(pcap, "frame.comment")]
+    assert len(comments) == 5 * PACKETS_PER_FLOW
+    assert {c.split()[1] for c in comments} == want
+    bundle = tmp_path / "at.tar"
+    code, _, err = run(capsys, "logs", "disclose", "--data-dir", str(at_built), "--at", AT,
+                       "--dst", "203.0.113.7:443", "-o", str(bundle))
+    assert code == 0, err
+    with tarfile.open(bundle) as tar:
+        sessions = json.load(tar.extractfile("sessions.json"))  # type: ignore[arg-type]
+        packets = [json.loads(x) for x in tar.extractfile("packets.jsonl")]  # type: ignore[union-attr]
+        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+    assert {s["session_id"]: s["match"] for s in sessions} == dict.fromkeys(want, "exact")
+    assert {p["session_id"] for p in packets} == want
+    assert manifest["query"]["at"] == ts(AT) and manifest["query"]["slack"] == 0.0
 
 
 def test_out_of_window_segments_are_never_opened(capsys: pytest.CaptureFixture[str],
