@@ -40,7 +40,13 @@ from typing import Any
 from relay.config import AbuseConfig
 from relay.errors import RelayError
 from relay.fsutil import PRIVATE_FILE, fsync_dir, write_atomic
-from relay.netaddr import Address, abuse_key, canonical_address, canonical_network
+from relay.netaddr import (
+    Address,
+    AddressError,
+    abuse_key,
+    canonical_address,
+    canonical_network,
+)
 
 BANS_JOURNAL = "bans.jsonl"
 # The ban list of earlier versions, one JSON array rewritten per change: moved
@@ -95,7 +101,8 @@ class BanIndex:
         return self.by_network.values()
 
     def put(self, ban: Ban) -> None:
-        net = ipaddress.ip_network(ban.network)
+        net = canonical_network(ban.network)
+        ban.network = str(net)  # as parse_network spells it, even if read from a file
         self.by_network[ban.network] = ban
         self._tables[net.version].setdefault(net.prefixlen, {})[int(net.network_address)] = ban
         heapq.heappush(self._ends, (ban.until, ban.network))
@@ -256,7 +263,11 @@ class Abuse:
         self.journal = BanJournal(data_dir)
         self.bans = BanIndex()
         for ban in self.journal.load():
-            self.bans.put(ban)
+            try:
+                self.bans.put(ban)
+            except AddressError as exc:
+                raise RelayError(f"{self.journal.path}: {exc}; fix or remove that ban") \
+                    from None
         self.refusals: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.refused_total: Counter[str] = Counter()
         self.summary_started = now

@@ -152,6 +152,15 @@ def test_bad_inputs(tmp_path: Path) -> None:
     (tmp_path / "bans.jsonl").write_text('{"op":"drop","network":"192.0.2.1/32"}\n')
     with pytest.raises(RelayError, match="unknown op"):
         make(tmp_path)
+    (tmp_path / "bans.jsonl").write_text(
+        '{"op":"add","network":"192.0.2.300/32","until":2e6,"reason":"x"}\n')
+    with pytest.raises(RelayError, match="not an IP address or CIDR: '192.0.2.300/32'; fix"):
+        make(tmp_path)
+    # A hand-edited spelling is read as the canonical network.
+    (tmp_path / "bans.jsonl").write_text(
+        '{"op":"add","network":"::FFFF:192.0.2.1","until":2e6,"reason":"x"}\n')
+    a, _, _ = make(tmp_path)
+    assert a.admit("192.0.2.1") == "banned" and a.remove_ban("192.0.2.1/32")
 
 
 def test_ipv6_prefix_is_validated() -> None:
