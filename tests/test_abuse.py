@@ -154,7 +154,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
         make(tmp_path)
     (tmp_path / "bans.jsonl").write_text(
         '{"op":"add","network":"192.0.2.300/32","until":2e6,"reason":"x"}\n')
-    with pytest.raises(RelayError, match="not an IP address or CIDR: '192.0.2.300/32'; fix"):
+    with pytest.raises(RelayError, match=r"not an IP address or CIDR: '192\.0\.2\.300/32'; fix"):
         make(tmp_path)
     # A hand-edited spelling is read as the canonical network.
     (tmp_path / "bans.jsonl").write_text(
@@ -407,3 +407,25 @@ def test_bans_json_is_migrated_on_first_start(tmp_path: Path) -> None:
     b = Abuse(AbuseConfig(), tmp_path, audit.append, clock)
     assert sorted(b.bans.by_network) == ["192.0.2.9/32"]
     assert not (tmp_path / "bans.json").exists()
+
+
+def test_ipv6_prefix_needs_a_restart(tmp_path: Path) -> None:
+    """Live connections are counted under their key; a reload must not re-key them."""
+    import asyncio
+
+    from relay import connlog
+    from relay.server import Relay
+
+    base = config.Config().with_data_dir(tmp_path)
+    relay = Relay(base, lambda: config.from_dict(
+        {"logs": {"data_dir": str(tmp_path)}, "abuse": {"ipv6_prefix": 48, "strikes": 7}}))
+    connlog.ensure_dir(tmp_path)
+    relay.connlog = connlog.ConnectionLog(tmp_path)
+    relay.abuse = Abuse(base.abuse, tmp_path, relay.audit, Clock())
+    assert relay.abuse.admit("2001:db8:1:2::1") is None
+    message = asyncio.run(relay.reload())
+    relay.connlog.close()
+    assert "[abuse] ipv6_prefix changed but need a restart" in message
+    assert relay.abuse.cfg.ipv6_prefix == 64 and relay.abuse.cfg.strikes == 7
+    relay.abuse.handshake_done("2001:db8:1:2::1")  # still found under its /64
+    assert relay.abuse.sources["2001:db8:1:2::/64"].sessions == 1
