@@ -145,7 +145,7 @@ class BanJournal:
     fdatasync'ed on its own, so a ban costs one short write however many there
     are. Replayed at start (a torn last line, from a crash mid-write, is cut
     off); rewritten as the live set by :meth:`compact`. Expiry writes nothing:
-    an expired ban is dropped when read back and at the next compaction."""
+    an expired ban leaves the file at the next compaction."""
 
     def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / BANS_JOURNAL
