@@ -429,3 +429,23 @@ def test_ipv6_prefix_needs_a_restart(tmp_path: Path) -> None:
     assert relay.abuse.cfg.ipv6_prefix == 64 and relay.abuse.cfg.strikes == 7
     relay.abuse.handshake_done("2001:db8:1:2::1")  # still found under its /64
     assert relay.abuse.sources["2001:db8:1:2::/64"].sessions == 1
+
+
+def test_ban_cli_on_the_files_takes_any_spelling(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """relay ban add|list|remove with no relay running works on the journal."""
+    from relay import cli, connlog
+
+    data = ["--data-dir", str(tmp_path)]
+    assert cli.main(["ban", "add", "::ffff:198.51.100.7", "--for", "1h", *data]) == 0
+    assert cli.main(["ban", "add", "2001:db8:1:2::9/64", *data]) == 0
+    capsys.readouterr()
+    assert cli.main(["ban", "list", "--json", *data]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [b["network"] for b in listed] == ["198.51.100.7/32", "2001:db8:1:2::/64"]
+    assert cli.main(["ban", "remove", "198.51.100.7", *data]) == 0
+    assert "removed the ban on 198.51.100.7/32" in capsys.readouterr().out
+    assert cli.main(["ban", "remove", "::ffff:198.51.100.7", *data]) == 1
+    assert "no ban on 198.51.100.7/32" in capsys.readouterr().err
+    assert [r["action"] for r in connlog.iter_records(tmp_path)] == ["ban", "ban", "unban"]
+    assert stat.S_IMODE((tmp_path / "bans.jsonl").stat().st_mode) == 0o600
