@@ -209,14 +209,15 @@ def cmd_ban(args: argparse.Namespace) -> int:
     from relay.abuse import Abuse, parse_network
 
     cfg = _config(args)
-    if args.ban_command in ("add", "remove"):
-        parse_network(args.target)  # a clear error before anything is sent
+    # A clear error before anything is sent; and the canonical network, so a ban
+    # on ::ffff:198.51.100.7 is the ban on 198.51.100.7/32.
+    target = parse_network(args.target) if args.ban_command in ("add", "remove") else ""
     request: dict = {"cmd": f"ban-{args.ban_command}"}
     if args.ban_command == "add":
-        request.update(target=args.target, duration_s=configmod.parse_duration_arg(args.duration),
+        request.update(target=target, duration_s=configmod.parse_duration_arg(args.duration),
                        reason=args.reason)
     elif args.ban_command == "remove":
-        request["target"] = args.target
+        request["target"] = target
     try:
         response = control.request(cfg.data_dir, request)
     except control.NotRunning:
@@ -230,8 +231,8 @@ def cmd_ban(args: argparse.Namespace) -> int:
             response = {"ban": vars(abuse.add_ban(request["target"], request["duration_s"],
                                                   args.reason, by="operator"))}
         elif args.ban_command == "remove":
-            if not abuse.remove_ban(args.target):
-                raise RelayError(f"no ban on {args.target}") from None
+            if not abuse.remove_ban(target):
+                raise RelayError(f"no ban on {target}") from None
             response = {}
         else:
             abuse.expire()
@@ -245,7 +246,7 @@ def cmd_ban(args: argparse.Namespace) -> int:
             print(f"{ban['network']:<20} until {connlog.rfc3339_ms(ban['until'])}  "
                   f"offences {ban['offences']}  {ban['reason']}")
     if args.ban_command == "remove":
-        print(f"removed the ban on {parse_network(args.target)}")
+        print(f"removed the ban on {target}")
     return 0
 
 

@@ -166,9 +166,18 @@ class AbuseConfig:
     ban_max: str = "1d"
     # How often refusals are summarised into the audit log.
     summary_interval: str = "60s"
+    # Limits and bans hold an IPv6 source to this prefix: one subscriber's LAN
+    # is a /64 (RFC 6177, RFC 7421), which fail2ban-style tools and Cloudflare
+    # key IPv6 rate limits on. Between IPV6_PREFIX_MIN and 128 (one address).
+    ipv6_prefix: int = 64
 
     def seconds(self, key: str) -> float:
         return float(parse_duration(getattr(self, key)))
+
+
+# The widest [abuse] ipv6_prefix: ISPs assign at most a /32 to anyone but another
+# registry (RIPE-690), so a wider key would lump unrelated networks together.
+IPV6_PREFIX_MIN = 32
 
 
 @dataclass(frozen=True)
@@ -304,6 +313,9 @@ def _validate(cfg: Config) -> None:
             check(f"[abuse] {f.name}", parse_duration, value)
         elif value <= 0:
             raise ConfigError(f"[abuse] {f.name}: must be positive, got {value}")
+    if not IPV6_PREFIX_MIN <= cfg.abuse.ipv6_prefix <= 128:
+        raise ConfigError(f"[abuse] ipv6_prefix: expected {IPV6_PREFIX_MIN}..128, "
+                          f"got {cfg.abuse.ipv6_prefix}")
     check("[logs] connlog_compress_after", parse_duration, cfg.logs.connlog_compress_after)
     if parse_duration(cfg.logs.connlog_compress_after) < 86400:
         raise ConfigError("[logs] connlog_compress_after: at least 1d (today's file is live)")

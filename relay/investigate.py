@@ -29,6 +29,7 @@ import zstandard
 from relay import chain, connlog, packetlog
 from relay.blockcodec_py import BlockError
 from relay.errors import RelayError
+from relay.netaddr import AddressError, canonical_ip
 from relay.timeparse import format_in, format_utc
 
 # A full session ID (secrets.token_urlsafe(16)); shorter values are prefixes, as
@@ -171,11 +172,13 @@ def parse_dst(text: str) -> tuple[str, int | None]:
 
 
 def normalize_ip(text: str | None, what: str) -> str | None:
+    """The spelling the logs use (relay.netaddr): ``::ffff:a.b.c.d`` finds the
+    sessions of ``a.b.c.d``."""
     if text is None:
         return None
     try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
+        return canonical_ip(text)
+    except AddressError:
         raise RelayError(f"{what} {text}: not an IP address") from None
 
 

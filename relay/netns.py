@@ -197,14 +197,16 @@ http {{
 
     def start_relay(self, data_dir: Path, server_keys: str = "", name: str = "relay",
                     wait: bool = True, abuse_keys: str = "",
-                    extra_tables: str = "", nat: bool = True) -> subprocess.Popen[bytes]:
-        """``relay serve`` in the relay namespace, NAT towards the internet namespace
-        unless ``nat`` is false; ``server_keys`` and ``abuse_keys`` are extra TOML
-        lines for those tables, ``extra_tables`` whole tables more."""
+                    extra_tables: str = "", nat: bool = True,
+                    listen: str = "0.0.0.0:443") -> subprocess.Popen[bytes]:
+        """``relay serve`` in the relay namespace on ``listen``, NAT towards the
+        internet namespace unless ``nat`` is false; ``server_keys`` and
+        ``abuse_keys`` are extra TOML lines for those tables, ``extra_tables``
+        whole tables more."""
         conf = self.workdir / f"{name}.toml"
         uplink = f'uplink = "{self.uplink}"\n' if nat else ""
         conf.write_text(
-            f'[server]\nlisten = "0.0.0.0:443"\n{uplink}{server_keys}\n'
+            f'[server]\nlisten = "{listen}"\n{uplink}{server_keys}\n'
             f'[logs]\ndata_dir = "{data_dir}"\n[capture]\nbpffs = "{self.bpffs}"\n'
             f'[abuse]\n{abuse_keys}\n{extra_tables}')
         log_name = f"{name}.log"

@@ -35,6 +35,7 @@ from relay.errors import RelayError
 from relay.fsutil import listen_tcp
 from relay.metrics import Collector, Metric, MetricsServer
 from relay.nat import RelayTable
+from relay.netaddr import canonical_address, canonical_ip
 from relay.openvpn_link import OpenVPNListener
 from relay.rdns import ReverseLookups
 from relay.recording import Recording
@@ -222,7 +223,7 @@ class Relay:
                         connlog.rfc3339_ms(record["until"]), record["reason"])
             network = ipaddress.ip_network(record["network"])
             for link in list(self.all_links):
-                if ipaddress.ip_address(link.peer_ip) in network:
+                if canonical_address(link.peer_ip) in network:
                     link.terminate("banned", f"source banned: {record['reason']}")
         elif record["action"] == "unban":
             log.info("unbanned %s: %s", record["network"], record["reason"])
@@ -273,6 +274,8 @@ class Relay:
             ("[tap]", self.cfg.tap, new.tap),
             ("[logs] data_dir", self.cfg.logs.data_dir, new.logs.data_dir),
             ("[openvpn] listen", self.cfg.openvpn.listen, new.openvpn.listen),
+            # Live connections are counted under their key: it must not change.
+            ("[abuse] ipv6_prefix", self.cfg.abuse.ipv6_prefix, new.abuse.ipv6_prefix),
         ) if old != now]
         if fixed:
             # Keep the running values of keys that need a restart, take the rest.
@@ -280,7 +283,8 @@ class Relay:
                                               uplink=self.cfg.server.uplink,
                                               cert=self.cfg.server.cert, key=self.cfg.server.key),
                           tap=self.cfg.tap, logs=replace(new.logs, data_dir=self.cfg.logs.data_dir),
-                          openvpn=self.cfg.openvpn)
+                          openvpn=self.cfg.openvpn,
+                          abuse=replace(new.abuse, ipv6_prefix=self.cfg.abuse.ipv6_prefix))
         if self.nat is not None and new.egress != self.cfg.egress:
             try:  # first: if the kernel refuses the rules, nothing else changes
                 await asyncio.get_running_loop().run_in_executor(
@@ -457,17 +461,21 @@ class Relay:
         """A new session for ``link``: address, neighbour entry, connect record.
         ``mac`` is the client's own MAC for bridged (TAP-style) clients."""
         assert self.tap is not None and self.connlog is not None
-        s = self.sessions.open(link.peer_ip, link.peer_port, protocol, mac)
+        # Records name the client as searches and bans do: a dual-stack listener's
+        # ::ffff:a.b.c.d is a.b.c.d (the link keeps the raw form to send to).
+        client_ip = canonical_ip(link.peer_ip)
+        s = self.sessions.open(client_ip, link.peer_port, protocol, mac)
         # Before the client may send: its packets must be attributed, and replies
         # to it must find its MAC.
         if self.recording is not None:
-            self.recording.add_session(s.mac, s.id, link.peer_ip, link.peer_port)
+            self.recording.add_session(s.mac, s.id, client_ip, link.peer_port)
         await self.tap.add_neighbour(s.virtual_ip, s.mac)
         s.connect_record = self.connlog.append({
             "action": "connect",
             "session_id": s.id,
-            "server": {"id": self.cfg.server.id, "ip": link.local_ip, "hostname": self.hostname},
-            "client": {"ip": link.peer_ip, "port": link.peer_port,
+            "server": {"id": self.cfg.server.id, "ip": canonical_ip(link.local_ip),
+                       "hostname": self.hostname},
+            "client": {"ip": client_ip, "port": link.peer_port,
                        "hostname": link.client_hostname()},
             "protocol": s.protocol,
             "client_software": software,
@@ -477,7 +485,7 @@ class Relay:
         self.journal.write(s)
         self.links[s.mac] = link
         self.stats.sessions_total[protocol] += 1
-        log.info("session %s open: %s:%d as %s (%s)", s.id, link.peer_ip, link.peer_port,
+        log.info("session %s open: %s:%d as %s (%s)", s.id, client_ip, link.peer_port,
                  s.virtual_ip, s.connect_record["client_software"]["name"])
         return s
 

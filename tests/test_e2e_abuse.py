@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import records
+from conftest import records, wait_records
 
-from relay import connlog
+from relay import connlog, packetlog
 from relay.netns import Topology, client_ip, relay_ip, run, wait_for
 
 FLOOD = str(Path(__file__).with_name("flood_client.py"))
@@ -112,3 +112,48 @@ def test_bans_survive_a_restart_and_expire(make_topology: Callable[..., Topology
     topo.curl(1, "/")
     assert [r["reason"] for r in records(data, "unban")] == ["expired"]
     assert records(data, "ban")[0]["by"] == "operator"
+
+
+def test_dual_stack_listener_knows_ipv4_clients_by_their_ipv4_address(
+        make_topology: Callable[..., Topology]) -> None:
+    """On ``[::]:443`` an IPv4 client arrives as ::ffff:a.b.c.d: it is logged,
+    searched, banned and cut off as a.b.c.d."""
+    topo = make_topology(1)
+    data = topo.workdir / "data"
+    topo.start_web()
+    topo.start_relay(data, listen="[::]:443")
+    client = topo.connect_openconnect(1, data)
+    # The relay's socket really sees the mapped form.
+    sockets = run(["ss", "-Htn", "state", "established", "sport", "= :443"],
+                  topo.relay_ns).stdout
+    assert f"[::ffff:{client_ip(1)}]:" in sockets
+    [connect] = wait_records(data, "connect", 1)
+    assert connect["client"]["ip"] == client_ip(1)
+    assert connect["server"]["ip"] == relay_ip(1)
+    topo.curl(1, "/")
+    wait_for(lambda: any(True for _ in packetlog.iter_records(data)), 20, "packet records")
+    assert {r["client_ip"] for r in packetlog.iter_records(data)} == {client_ip(1)}
+    found = relay_cli("logs", "search", "--json", "--client-ip", f"::ffff:{client_ip(1)}",
+                      "--data-dir", str(data))
+    assert found.returncode == 0, found.stderr
+    assert [json.loads(line)["session_id"] for line in found.stdout.splitlines()] == \
+        [connect["session_id"]]
+
+    # A ban on the plain IPv4 address ends the live session ...
+    out = relay_cli("ban", "add", client_ip(1), "--for", "1h", "--reason", "dual-stack test",
+                    "--data-dir", str(data))
+    assert out.returncode == 0, out.stderr
+    [disconnect] = wait_records(data, "disconnect", 1)
+    assert disconnect["reason"] == "banned" and disconnect["client"]["ip"] == client_ip(1)
+    # ... and refuses the next connection at accept.
+    refused = run([sys.executable, FLOOD, "cycles", "1", relay_ip(1), "443"], topo.client_ns(1))
+    assert json.loads(refused.stdout)["refused"] == 1
+    client.terminate()
+    client.wait(15)
+    # Lifting it by the mapped spelling lifts the same ban.
+    out = relay_cli("ban", "remove", f"::ffff:{client_ip(1)}", "--data-dir", str(data))
+    assert out.returncode == 0, out.stderr
+    assert f"removed the ban on {client_ip(1)}/32" in out.stdout
+    accepted = run([sys.executable, FLOOD, "cycles", "1", relay_ip(1), "443"],
+                   topo.client_ns(1))
+    assert json.loads(accepted.stdout)["refused"] == 0

@@ -201,6 +201,15 @@ def test_search_utc(capsys: pytest.CaptureFixture[str], data: Path) -> None:
     assert search(capsys, data, "--dst", "203.0.113.8:80", "--server-ip", "192.0.2.2") == []
 
 
+def test_search_by_a_mapped_address_finds_the_ipv4_session(
+        capsys: pytest.CaptureFixture[str], data: Path) -> None:
+    """A dual-stack listener's ::ffff:a.b.c.d is logged, and so searched, as a.b.c.d."""
+    assert names(search(capsys, data, "--client-ip", "::ffff:198.51.100.20")) == ["B"]
+    assert names(search(capsys, data, "--client-ip", "::ffff:c633:6414")) == ["B"]
+    assert names(search(capsys, data, "--dst", "203.0.113.7:443", "--server-ip",
+                        "::ffff:192.0.2.1")) == ["A", "C", "D"]
+
+
 def test_search_across_dst_change(capsys: pytest.CaptureFixture[str], data: Path) -> None:
     berlin = ("--tz", "Europe/Berlin")
     rows = search(capsys, data, "--at", "2026-03-29 01:45", *berlin)  # CET, 00:45Z
