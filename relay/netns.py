@@ -196,15 +196,15 @@ http {{
         return access
 
     def start_relay(self, data_dir: Path, server_keys: str = "", name: str = "relay",
-                    wait: bool = True, abuse_keys: str = "",
+                    wait: bool = True, abuse_keys: str = "", logs_keys: str = "",
                     extra_tables: str = "") -> subprocess.Popen[bytes]:
         """``relay serve`` in the relay namespace, NAT towards the internet namespace;
-        ``server_keys`` and ``abuse_keys`` are extra TOML lines for those tables,
-        ``extra_tables`` whole tables more."""
+        ``server_keys``, ``logs_keys`` and ``abuse_keys`` are extra TOML lines for
+        those tables, ``extra_tables`` whole tables more."""
         conf = self.workdir / f"{name}.toml"
         conf.write_text(
             f'[server]\nlisten = "0.0.0.0:443"\nuplink = "{self.uplink}"\n{server_keys}\n'
-            f'[logs]\ndata_dir = "{data_dir}"\n[capture]\nbpffs = "{self.bpffs}"\n'
+            f'[logs]\ndata_dir = "{data_dir}"\n{logs_keys}\n[capture]\nbpffs = "{self.bpffs}"\n'
             f'[abuse]\n{abuse_keys}\n{extra_tables}')
         log_name = f"{name}.log"
         proc = self.spawn(self.relay_ns, [*relay_command(), "serve", "--config", str(conf)],
