@@ -89,6 +89,12 @@ def check_links(lines: list[tuple[bytes, dict[str, Any] | None]], name: str,
     report.checked[f"{name} links"] += len(lines)
 
 
+def _link_desc(link: dict[str, Any]) -> str:
+    """How a problem names the link it is about: its number and what it holds."""
+    records = f", {link['records']} records" if link.get("records") is not None else ""
+    return f"chain link {link.get('n')} ({link.get('event')}{records})"
+
+
 def _compare(report: Report, where: str, got: tuple[str, int], link: dict[str, Any],
              by_digest: dict[str, str]) -> None:
     digest, size = got
@@ -100,8 +106,9 @@ def _compare(report: Report, where: str, got: tuple[str, int], link: dict[str, A
     elif size < int(link.get("size") or 0):
         report.problem("truncated", where, f"{size} bytes, chained with {link.get('size')}")
     else:
-        report.problem("modified", where, f"SHA-256 {digest[:16]}..., chained "
-                                          f"{str(link.get('sha256'))[:16]}...")
+        report.problem("modified", where, f"content replaced or modified since "
+                                          f"{_link_desc(link)}: SHA-256 {digest[:16]}..., "
+                                          f"chained {str(link.get('sha256'))[:16]}...")
 
 
 def _packet_state(links: list[tuple[bytes, dict[str, Any] | None]],
@@ -118,6 +125,15 @@ def _packet_state(links: list[tuple[bytes, dict[str, Any] | None]],
                 report.problem("modified", str(link.get("source")),
                                f"was not the chained segment when archived into {name}")
         if event in ("close", "archive"):
+            live = expected.get(name)
+            if live is not None and live.get("sha256") != link.get("sha256"):
+                # Closing a name that still holds a chained file means the file was
+                # renamed over (as recovery did before it learnt not to): the
+                # earlier link's content is gone though nothing deleted it.
+                report.problem("replaced", name,
+                               f"{_link_desc(link)} chains new content under this name "
+                               f"while the file of {_link_desc(live)} was never deleted "
+                               f"or archived: that file was overwritten and is lost")
             expected[name] = link
         elif event == "delete":
             expected.pop(name, None)
@@ -145,7 +161,9 @@ def verify_packets(data_dir: Path, report: Report) -> None:
             report.problem("unchained", name, "no chain link: not written by this relay's "
                                               "log, or its link was removed")
     for name in sorted(set(expected) - set(on_disk)):
-        report.problem("missing", name, "chained but not in the directory")
+        report.problem("missing", name, f"gone from the directory, but "
+                                         f"{_link_desc(expected[name])} chains it and no "
+                                         "delete link removes it")
 
 
 def _day_files(data_dir: Path) -> dict[str, dict[str, Path]]:
