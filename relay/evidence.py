@@ -73,19 +73,27 @@ class Report:
 def check_links(lines: list[tuple[bytes, dict[str, Any] | None]], name: str,
                 report: Report, first: int = 0) -> None:
     """Link numbers consecutive from ``first`` and each ``prev`` the digest of the
-    line before (the first line's ``prev`` is taken on trust unless first == 0)."""
+    link before (the first link's ``prev`` is taken on trust unless first == 0).
+    A line that is not a link (torn by a crash mid-append, or edited) is one
+    problem; the links after it are checked against the last good one, which is
+    what relay/chain.py chains a new link to."""
     prev = chain.GENESIS if first == 0 else None
+    n = first
     for i, (line, doc) in enumerate(lines):
-        where = f"{name} link {first + i}"
         if doc is None:
-            report.problem("broken-chain", where, "not a JSON object")
-        elif doc.get("n") != first + i:
+            after = f"after link {n - 1}" if n > first else "before the first link"
+            report.problem("broken-chain", f"{name} line {i + 1}",
+                           f"not a link ({after}): a write cut short by a crash, or an edit")
+            continue
+        where = f"{name} link {n}"
+        if doc.get("n") != n:
             report.problem("broken-chain", where,
                            f"numbered {doc.get('n')}: links removed, added or reordered")
         elif prev is not None and doc.get("prev") != prev:
             report.problem("broken-chain", where,
                            "prev is not the digest of the link before: the chain was edited")
         prev = chain.line_digest(line)
+        n += 1
     report.checked[f"{name} links"] += len(lines)
 
 

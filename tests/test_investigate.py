@@ -509,3 +509,36 @@ def test_verify_reports_a_segment_renamed_over_a_chained_one(
     assert code == 1 and kinds(report) == {("replaced", first.name)}
     [problem] = report["problems"]
     assert "chain link 0 (close, " in problem["detail"] and "overwritten" in problem["detail"]
+
+
+def test_torn_chain_line_is_reported_once_and_appends_go_on(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Issue 13 item 7: a crash mid-append leaves a torn last chain line. The next
+    append must work, chain to the last good link, and leave the torn bytes as one
+    line that verify reports."""
+    clock = [ts("2026-03-29 00:00:00")]
+    for seed in (1, 2):
+        w = packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0])
+        recs = flow("A", "2026-03-29 00:45:00", "203.0.113.7", 443 + seed)
+        w.write(to_c(recs), len(recs))
+        w.close()
+        clock[0] += 3600
+    path = chain.chain_path(tmp_path, chain.PACKETS_CHAIN)
+    good = path.read_bytes()
+    torn = good.splitlines(keepends=True)[-1][:40]
+    path.write_bytes(good + torn)  # the third link's first 40 bytes, no newline
+
+    w = packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0])
+    recs = flow("B", "2026-03-29 02:00:00", "203.0.113.7", 443)
+    w.write(to_c(recs), len(recs))
+    w.close()
+    lines = path.read_bytes().splitlines()
+    assert lines[2] == torn
+    new = json.loads(lines[3])
+    assert new["n"] == 2 and new["prev"] == chain.line_digest(lines[1])
+    code, report = verify(capsys, tmp_path)
+    assert code == 1
+    assert report["problems"] == [{
+        "kind": "broken-chain", "file": "packets chain line 3",
+        "detail": "not a link (after link 1): a write cut short by a crash, or an edit"}]
+    assert report["checked"]["packet-log files"] == 3
