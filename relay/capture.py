@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 import select
 import shutil
@@ -31,6 +32,8 @@ from relay import tcfilter
 from relay.cext import ffi, lib
 from relay.errors import RelayError
 from relay.packetlog import BLOCK_RECORDS, PacketLogWriter, session_raw
+
+log = logging.getLogger("relay.capture")
 
 EBPF_DIR = Path(__file__).resolve().parent.parent / "ebpf"
 CAPTURE_SOURCE = EBPF_DIR / "capture.c"
@@ -51,6 +54,12 @@ DRAIN_BATCH = BLOCK_RECORDS
 # is far beyond one volunteer host.
 MAX_SESSIONS = 65536
 MAC_LEN = 6
+# A drain or flush that fails (disk full, I/O error) is retried at the next timer
+# tick and counted in relay_capture_flush_errors_total; it is logged at most once
+# per this many seconds, with the count since the last line, so a failing disk
+# (every DRAIN_INTERVAL) does not flood the journal. A minute is nginx's and
+# rsyslog's order of magnitude for repeated-error suppression.
+ERROR_LOG_INTERVAL = 60.0
 
 
 def mac_key(mac: bytes) -> int:
@@ -92,6 +101,9 @@ class Capture:
         self._drain: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self.flush_errors = 0
+        self._errors_unlogged = 0
+        self._error_logged_at = -ERROR_LOG_INTERVAL
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -222,13 +234,36 @@ class Capture:
             self._timer = None
 
     def _on_readable(self) -> None:
-        self.drain(DRAIN_BATCH * 4)
+        try:
+            self.drain(DRAIN_BATCH * 4)
+        except Exception as exc:
+            self._failed("drain", exc)
 
     def _on_timer(self) -> None:
         assert self._loop is not None
-        # The timer also flushes: the writer syncs at most every FLUSH_INTERVAL.
-        self.flush()
-        self._timer = self._loop.call_later(DRAIN_INTERVAL, self._on_timer)
+        try:
+            # The timer also flushes: the writer syncs at most every FLUSH_INTERVAL.
+            self.flush()
+        except Exception as exc:
+            self._failed("flush", exc)
+        finally:
+            # Whatever failed, the next tick comes: one error must not end the
+            # flushing (and the capture's durability) for good.
+            if self._loop is not None:
+                self._timer = self._loop.call_later(DRAIN_INTERVAL, self._on_timer)
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Count a failed drain or flush; log it, at most every ERROR_LOG_INTERVAL."""
+        self.flush_errors += 1
+        self._errors_unlogged += 1
+        now = time.monotonic()
+        if now - self._error_logged_at < ERROR_LOG_INTERVAL:
+            return
+        log.error("packet log %s failed on %s (%d failure(s) since the last such line; "
+                  "retrying every %.1f s): %s: %s", what, self.dev, self._errors_unlogged,
+                  DRAIN_INTERVAL, type(exc).__name__, exc)
+        self._error_logged_at = now
+        self._errors_unlogged = 0
 
     # -- stats --------------------------------------------------------------------
 
@@ -237,7 +272,7 @@ class Capture:
         return {"records": sum(c.records), "drops": sum(c.drops), "drops_per_cpu": c.drops,
                 "drained": lib.relay_drain_total(self._drain) if self._drain else 0,
                 "ring_used": lib.relay_drain_ring_used(self._drain) if self._drain else 0,
-                "ring_bytes": self.ring_bytes}
+                "ring_bytes": self.ring_bytes, "flush_errors": self.flush_errors}
 
 
 class FilterWatcher:

@@ -123,6 +123,9 @@ class Recording:
             Metric("relay_capture_ring_fill_ratio", "gauge",
                    "Fraction of the ring buffer holding undrained records.")
             .add(st["ring_used"] / st["ring_bytes"]),
+            Metric("relay_capture_flush_errors_total", "counter",
+                   "Drains or flushes into the packet log that failed (retried).")
+            .add(st["flush_errors"]),
             Metric("relay_capture_attached", "gauge",
                    "1 when both tc filters are on the TAP device.")
             .add(1.0 if self.watcher is not None and self.watcher.state else 0.0),

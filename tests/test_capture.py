@@ -6,6 +6,7 @@ drops counted with a tiny ring. Needs root, bcc and tc: missing, it fails."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import fcntl
 import ipaddress
@@ -323,3 +324,48 @@ def test_drops_counted_when_ring_is_tiny(tapns: dict[str, Any]) -> None:
         assert status["drops"] == stats["drops"]
     finally:
         cap.close()
+
+
+class _FailingOnceWriter:
+    """A packet-log writer stub whose first tick fails as a full disk would."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.ticks == 1:
+            raise OSError(28, "No space left on device")
+
+    def write(self, recs: Any, n: int) -> None:
+        raise AssertionError("no records in this test")
+
+
+def test_flush_timer_survives_an_exception(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 13 item 7: one failing flush must not stop the 1-second flush for
+    good; it is counted and logged once."""
+    from relay.cext import lib
+
+    writer = _FailingOnceWriter()
+    cap = Capture("relay-test0", writer, ring_bytes=os.sysconf("SC_PAGESIZE"))  # type: ignore[arg-type]
+    # The drain of a real (empty) ring, without bcc or a device: only the timer runs.
+    cap._ring_fd = lib.relay_bpf_ringbuf_create(cap.ring_bytes)
+    assert cap._ring_fd >= 0, "BPF ring buffer: needs root"
+    cap._drain = lib.relay_drain_open(cap._ring_fd, cap.ring_bytes, packetlog.BLOCK_RECORDS)
+
+    async def run() -> None:
+        cap.start_drain(asyncio.get_running_loop())
+        deadline = time.monotonic() + 10
+        while writer.ticks < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cap.stop_drain()
+
+    try:
+        with caplog.at_level("ERROR", logger="relay.capture"):
+            asyncio.run(run())
+    finally:
+        cap.close()
+    assert writer.ticks >= 4
+    assert cap.flush_errors == 1
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "flush failed on relay-test0" in line and "No space left" in line
