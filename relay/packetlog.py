@@ -80,6 +80,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -379,6 +380,56 @@ def link_closed(seg: _SegmentFile, final: Path, clock: Callable[[], float]) -> d
         return {"digest": ""}
 
 
+# ------------------------------------------------------------------ disk use
+
+
+class DiskUsage:
+    """Bytes and number of the packet log's closed files (segments and archives),
+    kept without listing the directory, so a metrics scrape costs O(1): the
+    writer adds each segment it closes, and :meth:`rescan` (off the event loop:
+    at start and after each retention pass, which archives and deletes) counts
+    the directory afresh. Thread-safe: the writer adds on the loop's thread while
+    a rescan runs in a worker thread."""
+
+    CLOSED_SUFFIXES = (SEGMENT_SUFFIX, ARCHIVE_SUFFIX)
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self._lock = threading.Lock()
+        self._sizes: dict[str, int] = {}
+        self._bytes = 0
+        # Segments closed while a rescan lists the directory, merged into its
+        # result (by name, so one it saw already is not counted twice).
+        self._during_rescan: dict[str, int] | None = None
+
+    def add(self, path: Path, size: int) -> None:
+        with self._lock:
+            self._bytes += size - self._sizes.get(path.name, 0)
+            self._sizes[path.name] = size
+            if self._during_rescan is not None:
+                self._during_rescan[path.name] = size
+
+    def rescan(self) -> None:
+        with self._lock:
+            self._during_rescan = {}
+        sizes: dict[str, int] = {}
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.dir) as it:
+            for entry in it:
+                if entry.name.endswith(self.CLOSED_SUFFIXES):
+                    with contextlib.suppress(FileNotFoundError):
+                        sizes[entry.name] = entry.stat().st_size
+        with self._lock:
+            sizes.update(self._during_rescan or {})
+            self._during_rescan = None
+            self._sizes = sizes
+            self._bytes = sum(sizes.values())
+
+    def totals(self) -> tuple[int, int]:
+        """(bytes, files) of the closed segments and archives."""
+        with self._lock:
+            return self._bytes, len(self._sizes)
+
+
 # ------------------------------------------------------------------ writer
 
 
@@ -404,6 +455,7 @@ class PacketLogWriter:
         self._dirty = False
         self._last_sync = clock()
         self.bytes_written = 0
+        self.usage = DiskUsage(self.dir)
 
     # -- start-up -----------------------------------------------------------------
 
@@ -411,8 +463,10 @@ class PacketLogWriter:
         """Create the directory and recover any segment a crash left open; returns
         the audit records of what was recovered (also sent to ``audit``)."""
         _ensure_dir(self.dir)
-        return [recover_segment(path, self.audit)
-                for path in sorted(self.dir.glob("*" + OPEN_SUFFIX))]
+        recovered = [recover_segment(path, self.audit)
+                     for path in sorted(self.dir.glob("*" + OPEN_SUFFIX))]
+        self.usage.rescan()
+        return recovered
 
     # -- writing ------------------------------------------------------------------
 
@@ -451,6 +505,11 @@ class PacketLogWriter:
     def current_path(self) -> Path | None:
         return self._seg.path if self._seg else None
 
+    @property
+    def current_size(self) -> int:
+        """Bytes of the segment being written (0 when none is open)."""
+        return self._seg.offset if self._seg else 0
+
     def _segment_for(self, now: float) -> _SegmentFile:
         start = int(now // self.segment_seconds) * self.segment_seconds
         if self._seg and start != self._seg_start:
@@ -479,9 +538,10 @@ class PacketLogWriter:
         self._seg = None
         final = seg.publish()
         self._dirty = False
+        self.usage.add(final, seg.offset)
         link = link_closed(seg, final, self.clock)
         self.audit({"action": "packetlog-rotate", "file": str(final),
-                    "records": seg.index.records, "bytes": final.stat().st_size,
+                    "records": seg.index.records, "bytes": seg.offset,
                     "chain_link": link["digest"]})
 
 

@@ -307,3 +307,51 @@ def test_corrupt_leftover_never_replaces_an_earlier_one(tmp_path: Path) -> None:
     packetlog.PacketLogWriter(tmp_path).open()
     assert (d / "seg-20240101T000000Z.rpl.open.corrupt").read_bytes() == b"first"
     assert (d / "seg-20240101T000000Z.rpl.open.1.corrupt").read_bytes() == b"second"
+
+
+def test_metrics_read_cached_disk_use_without_listing(tmp_path: Path,
+                                                      monkeypatch: Any) -> None:
+    """Issue 13 item 10: a /metrics scrape lists no directory; the counts follow the
+    writer's closes at once and retention's archives after its pass."""
+    from relay.config import Config
+    from relay.recording import Recording
+    from relay.retention import Retention
+
+    rec = Recording(Config().with_data_dir(tmp_path), "relay0", audit=lambda r: None)
+    clock = [float(int(T0) // HOUR * HOUR)]
+    rec.writer.clock = lambda: clock[0]
+    rec.capture.stats = lambda: {  # type: ignore[method-assign]
+        "records": 0, "drops_per_cpu": [0], "drained": 0, "ring_used": 0,
+        "ring_bytes": 1, "flush_errors": 0}
+    rec.writer.open()
+    for seed in (1, 2, 3):
+        recs = make_records(2000, seed=seed)
+        rec.writer.write(to_c(recs), len(recs))
+        clock[0] += HOUR
+        rec.writer.tick()
+    recs = make_records(2000, seed=4)
+    rec.writer.write(to_c(recs), len(recs))  # a fourth, still open
+
+    def gauges() -> dict[str, float]:
+        return {m.name: m.samples[0][1] for m in rec.metrics()
+                if m.name in ("relay_packetlog_bytes", "relay_packetlog_segments")}
+
+    def no_listing(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("a scrape listed a directory")
+
+    with monkeypatch.context() as m:
+        for obj, name in ((os, "scandir"), (os, "listdir"), (Path, "iterdir"), (Path, "glob")):
+            m.setattr(obj, name, no_listing)
+        got = gauges()
+    assert got == {"relay_packetlog_bytes": packetlog.disk_use(tmp_path),
+                   "relay_packetlog_segments": 4}
+
+    # Retention archives the three closed ones in its worker thread, then recounts.
+    rec.writer.close()
+    clock[0] += 15 * 86400
+    rec.retention = Retention(tmp_path, audit=lambda r: None, clock=lambda: clock[0],
+                              disk_free=lambda: 1 << 40)
+    rec._retention_pass()
+    assert len(list(packetlog.packets_dir(tmp_path).glob("*.rpa"))) == 4
+    assert gauges() == {"relay_packetlog_bytes": packetlog.disk_use(tmp_path),
+                        "relay_packetlog_segments": 4}
