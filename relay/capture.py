@@ -2,7 +2,8 @@
 
 ``Capture`` compiles ebpf/capture.c with bcc, attaches it at tc clsact ingress and
 egress of the device (relay/tcfilter.py), pins programs and maps under
-``/sys/fs/bpf/relay/<dev>/`` for ``relay logging on|off|status``, keeps the
+``/sys/fs/bpf/relay/<dev>/`` for ``relay logging on|off|status`` (mounting a bpffs
+there first when there is none, as under ``ip netns exec``), keeps the
 kernel's session map in step with the relay's sessions, and drains the ring
 buffer in C (cext/drain.c) into a :class:`relay.packetlog.PacketLogWriter`.
 
@@ -93,6 +94,8 @@ class Capture:
         self.writer = writer
         self.netns = netns
         self.ring_bytes = ring_bytes
+        # pin_root is <bpffs>/relay ([capture] bpffs).
+        self.bpffs = pin_root.parent
         self.pins = tcfilter.pin_dir(dev, pin_root)
         self.max_sessions = max_sessions
         self._bpf: Any = None
@@ -136,9 +139,19 @@ class Capture:
         if self._drain == ffi.NULL:
             self.close()
             raise RelayError(f"cannot map the ring buffer: {os.strerror(ffi.errno)}")
-        self.pins.mkdir(parents=True, exist_ok=True)
-        for name, fd in self._fds.items():
-            tcfilter.obj_pin(fd, self.pins / name)
+        try:
+            if tcfilter.ensure_bpffs(self.bpffs):
+                log.info("mounted a bpffs of this relay's own at %s (it had none, as under "
+                         "`ip netns exec`); `relay logging` finds it through /proc", self.bpffs)
+            self.pins.mkdir(parents=True, exist_ok=True)
+            for name, fd in self._fds.items():
+                tcfilter.obj_pin(fd, self.pins / name)
+        except OSError as exc:
+            self.close()
+            raise RelayError(f"cannot pin the capture in {self.pins}: {exc.strerror}") from None
+        except RelayError:
+            self.close()
+            raise
         self.attach()
 
     def close(self) -> None:

@@ -81,16 +81,8 @@ class Topology:
 
     # -- build ----------------------------------------------------------------------
 
-    @property
-    def bpffs(self) -> Path:
-        """A bpffs of this topology's own, outside /sys: `ip netns exec` remounts
-        /sys, so relays and `relay logging` inside namespaces pin here."""
-        return self.workdir / "bpffs"
-
     def create(self) -> Topology:
         try:
-            self.bpffs.mkdir()
-            run(["mount", "-t", "bpf", "bpf", str(self.bpffs)])
             self._add_ns(self.relay_ns)
             self._add_ns(self.internet_ns)
             self._veth(self.relay_ns, self.uplink, RELAY_UPLINK_IP,
@@ -204,7 +196,7 @@ http {{
         conf = self.workdir / f"{name}.toml"
         conf.write_text(
             f'[server]\nlisten = "0.0.0.0:443"\nuplink = "{self.uplink}"\n{server_keys}\n'
-            f'[logs]\ndata_dir = "{data_dir}"\n{logs_keys}\n[capture]\nbpffs = "{self.bpffs}"\n'
+            f'[logs]\ndata_dir = "{data_dir}"\n{logs_keys}\n'
             f'[abuse]\n{abuse_keys}\n{extra_tables}')
         log_name = f"{name}.log"
         proc = self.spawn(self.relay_ns, [*relay_command(), "serve", "--config", str(conf)],
@@ -289,8 +281,6 @@ http {{
             run(["ip", "netns", "del", ns], check=False)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         self.namespaces.clear()
-        if os.path.ismount(self.bpffs):
-            run(["umount", str(self.bpffs)], check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Topology:

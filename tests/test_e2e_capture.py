@@ -131,12 +131,17 @@ def audits(data: Path) -> list[str]:
 
 def test_logging_off_on_and_tc_filter_del_are_audited(
         make_topology: Callable[..., Topology]) -> None:
+    """relay serve and relay logging each started with `ip netns exec` (each gets
+    a mount namespace of its own, where /sys/fs/bpf is no bpffs) and no
+    [capture] bpffs setting: the relay mounts its own, relay logging reaches it."""
     topo = make_topology(1)
     data = topo.workdir / "data"
     topo.start_web()
     topo.start_relay(data)
     topo.connect_openconnect(1, data)
     conf = str(topo.workdir / "relay.toml")
+    assert "bpffs" not in Path(conf).read_text()
+    assert "mounted a bpffs of this relay's own at /sys/fs/bpf" in topo.log("relay.log")
 
     def in_ns(*args: str) -> subprocess.CompletedProcess[str]:
         return run([sys.executable, "-m", "relay.cli", *args, "--config", conf],
@@ -168,6 +173,19 @@ def test_logging_off_on_and_tc_filter_del_are_audited(
     run(["tc", "filter", "del", "dev", "relay0", "ingress"], topo.relay_ns)
     wait_for(lambda: audits(data)[-1:] == ["logging-off"], 10, "the audit of tc filter del")
     assert relay_ip(1)  # the topology stays up through all of it
+
+    # Where it cannot work (no relay on that data directory): one line, what to do.
+    other = topo.workdir / "no-relay"
+    other.mkdir()
+    for state in ("on", "status"):
+        res = in_ns("logging", state, "--data-dir", str(other))
+        if state == "on":
+            assert res.returncode == 1 and "Traceback" not in res.stderr
+            assert res.stderr.strip().splitlines() == [
+                f"relay: error: no relay is running on {other} ({other}/control.sock): "
+                "start relay serve first"]
+        else:
+            assert res.returncode == 0 and "records: unknown" in res.stdout
 
 
 
