@@ -213,7 +213,7 @@ def test_restart_within_the_period_then_crash_keeps_every_record(
     relay = topo.start_relay(data, name="relay-2", logs_keys=same_period)
     client = topo.connect_openconnect(1, data, name="openconnect-2.log")
     topo.curl(1, "/?second-run")
-    wait_for(lambda: len(logged(data)) > sum(first.values()), 10, "records of the second run")
+    wait_for(lambda: len(logged(data)) > sum(first.values()), 20, "records of the second run")
     time.sleep(packetlog.FLUSH_INTERVAL * 2)  # the second run's blocks reach the file
     both = Counter(key(r) for r in logged(data))
     os.killpg(relay.pid, signal.SIGKILL)
@@ -223,11 +223,12 @@ def test_restart_within_the_period_then_crash_keeps_every_record(
 
     relay = topo.start_relay(data, name="relay-3", logs_keys=same_period)
     wait_for(lambda: any(r["action"] == "packetlog-recover" for r in connlog.iter_records(data)),
-             10, "the recovery audit record")
+             30, "the recovery audit record")
     relay.send_signal(signal.SIGTERM)
     relay.wait(30)
     after = Counter(key(r) for r in logged(data))
-    assert after == both and not first - after
-    assert len(packetlog.segment_files(data)) == 2
+    # Nothing lost (a late packet may have been recorded after `both` was read).
+    assert not both - after and not first - after, (both - after, first - after)
+    assert len(packetlog.segment_files(data)) == 2, packetlog.segment_files(data)
     verify = relay_cli("logs", "verify", "--data-dir", str(data))
     assert verify.returncode == 0, verify.stdout + verify.stderr
