@@ -2,7 +2,8 @@
 
 ``Capture`` compiles ebpf/capture.c with bcc, attaches it at tc clsact ingress and
 egress of the device (relay/tcfilter.py), pins programs and maps under
-``/sys/fs/bpf/relay/<dev>/`` for ``relay logging on|off|status``, keeps the
+``/sys/fs/bpf/relay/<dev>/`` for ``relay logging on|off|status`` (mounting a bpffs
+there first when there is none, as under ``ip netns exec``), keeps the
 kernel's session map in step with the relay's sessions, and drains the ring
 buffer in C (cext/drain.c) into a :class:`relay.packetlog.PacketLogWriter`.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 import select
 import shutil
@@ -31,6 +33,8 @@ from relay import tcfilter
 from relay.cext import ffi, lib
 from relay.errors import RelayError
 from relay.packetlog import BLOCK_RECORDS, PacketLogWriter, session_raw
+
+log = logging.getLogger("relay.capture")
 
 EBPF_DIR = Path(__file__).resolve().parent.parent / "ebpf"
 CAPTURE_SOURCE = EBPF_DIR / "capture.c"
@@ -51,6 +55,12 @@ DRAIN_BATCH = BLOCK_RECORDS
 # is far beyond one volunteer host.
 MAX_SESSIONS = 65536
 MAC_LEN = 6
+# A drain or flush that fails (disk full, I/O error) is retried at the next timer
+# tick and counted in relay_capture_flush_errors_total; it is logged at most once
+# per this many seconds, with the count since the last line, so a failing disk
+# (every DRAIN_INTERVAL) does not flood the journal. A minute is nginx's and
+# rsyslog's order of magnitude for repeated-error suppression.
+ERROR_LOG_INTERVAL = 60.0
 
 
 def mac_key(mac: bytes) -> int:
@@ -84,6 +94,8 @@ class Capture:
         self.writer = writer
         self.netns = netns
         self.ring_bytes = ring_bytes
+        # pin_root is <bpffs>/relay ([capture] bpffs).
+        self.bpffs = pin_root.parent
         self.pins = tcfilter.pin_dir(dev, pin_root)
         self.max_sessions = max_sessions
         self._bpf: Any = None
@@ -92,6 +104,9 @@ class Capture:
         self._drain: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self.flush_errors = 0
+        self._errors_unlogged = 0
+        self._error_logged_at = -ERROR_LOG_INTERVAL
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -124,9 +139,19 @@ class Capture:
         if self._drain == ffi.NULL:
             self.close()
             raise RelayError(f"cannot map the ring buffer: {os.strerror(ffi.errno)}")
-        self.pins.mkdir(parents=True, exist_ok=True)
-        for name, fd in self._fds.items():
-            tcfilter.obj_pin(fd, self.pins / name)
+        try:
+            if tcfilter.ensure_bpffs(self.bpffs):
+                log.info("mounted a bpffs of this relay's own at %s (it had none, as under "
+                         "`ip netns exec`); `relay logging` finds it through /proc", self.bpffs)
+            self.pins.mkdir(parents=True, exist_ok=True)
+            for name, fd in self._fds.items():
+                tcfilter.obj_pin(fd, self.pins / name)
+        except OSError as exc:
+            self.close()
+            raise RelayError(f"cannot pin the capture in {self.pins}: {exc.strerror}") from None
+        except RelayError:
+            self.close()
+            raise
         self.attach()
 
     def close(self) -> None:
@@ -222,13 +247,36 @@ class Capture:
             self._timer = None
 
     def _on_readable(self) -> None:
-        self.drain(DRAIN_BATCH * 4)
+        try:
+            self.drain(DRAIN_BATCH * 4)
+        except Exception as exc:
+            self._failed("drain", exc)
 
     def _on_timer(self) -> None:
         assert self._loop is not None
-        # The timer also flushes: the writer syncs at most every FLUSH_INTERVAL.
-        self.flush()
-        self._timer = self._loop.call_later(DRAIN_INTERVAL, self._on_timer)
+        try:
+            # The timer also flushes: the writer syncs at most every FLUSH_INTERVAL.
+            self.flush()
+        except Exception as exc:
+            self._failed("flush", exc)
+        finally:
+            # Whatever failed, the next tick comes: one error must not end the
+            # flushing (and the capture's durability) for good.
+            if self._loop is not None:
+                self._timer = self._loop.call_later(DRAIN_INTERVAL, self._on_timer)
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Count a failed drain or flush; log it, at most every ERROR_LOG_INTERVAL."""
+        self.flush_errors += 1
+        self._errors_unlogged += 1
+        now = time.monotonic()
+        if now - self._error_logged_at < ERROR_LOG_INTERVAL:
+            return
+        log.error("packet log %s failed on %s (%d failure(s) since the last such line; "
+                  "retrying every %.1f s): %s: %s", what, self.dev, self._errors_unlogged,
+                  DRAIN_INTERVAL, type(exc).__name__, exc)
+        self._error_logged_at = now
+        self._errors_unlogged = 0
 
     # -- stats --------------------------------------------------------------------
 
@@ -237,7 +285,7 @@ class Capture:
         return {"records": sum(c.records), "drops": sum(c.drops), "drops_per_cpu": c.drops,
                 "drained": lib.relay_drain_total(self._drain) if self._drain else 0,
                 "ring_used": lib.relay_drain_ring_used(self._drain) if self._drain else 0,
-                "ring_bytes": self.ring_bytes}
+                "ring_bytes": self.ring_bytes, "flush_errors": self.flush_errors}
 
 
 class FilterWatcher:

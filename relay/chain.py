@@ -35,7 +35,8 @@ CONNLOG_CHAIN = "connlog.jsonl"
 GENESIS = "0" * 64
 FILE_MODE = 0o600
 DIR_MODE = 0o700
-# A link line is a few hundred bytes: the last 64 KiB of the chain hold the head.
+# A link line is a few hundred bytes: the last 64 KiB of the chain hold the head
+# (a longer run of bad lines at the end is searched in more such windows).
 TAIL_BYTES = 64 << 10
 # Files are hashed in 1 MiB reads: large enough for hashlib's speed, small enough
 # not to matter next to a segment's decoder buffers.
@@ -61,15 +62,40 @@ def file_digest(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+def parse_link(line: bytes) -> dict[str, Any] | None:
+    """The link a line holds, or None when it is not one (torn, or edited)."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or type(doc.get("n")) is not int:
+        return None
+    return doc
+
+
 def _head(fd: int) -> tuple[int, str]:
-    """(next link number, digest of the last line) of an open chain file."""
+    """(next link number, digest of the last valid link) of an open chain file.
+
+    A crash mid-append leaves a last line without its newline: it is ended with
+    one first, so it stays one bad line (verify reports it) and the new link
+    chains to the last good link before it rather than to the torn bytes."""
     size = os.fstat(fd).st_size
     if size == 0:
         return 0, GENESIS
-    tail = os.pread(fd, min(size, TAIL_BYTES), max(0, size - TAIL_BYTES))
-    lines = tail.rstrip(b"\n").split(b"\n")
-    last = lines[-1]
-    return int(json.loads(last)["n"]) + 1, line_digest(last)
+    if os.pread(fd, 1, size - 1) != b"\n":
+        os.write(fd, b"\n")  # O_APPEND: at the end
+        size += 1
+    start = size
+    while start > 0:
+        start = max(0, start - TAIL_BYTES)
+        lines = os.pread(fd, size - start, start).split(b"\n")[:-1]
+        if start > 0:
+            lines = lines[1:]  # the first line may begin before the window
+        for line in reversed(lines):
+            link = parse_link(line)
+            if link is not None:
+                return link["n"] + 1, line_digest(line)
+    return 0, GENESIS
 
 
 def append_link(path: Path, fields: dict[str, Any], now: float) -> dict[str, Any]:
@@ -91,14 +117,8 @@ def append_link(path: Path, fields: dict[str, Any], now: float) -> dict[str, Any
 
 
 def read_links(path: Path) -> list[tuple[bytes, dict[str, Any] | None]]:
-    """(line bytes, parsed link or None when not JSON) of every line, in order."""
+    """(line bytes, parsed link or None when the line is not a link) of every line,
+    in order."""
     if not path.exists():
         return []
-    out: list[tuple[bytes, dict[str, Any] | None]] = []
-    for line in path.read_bytes().splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            doc = None
-        out.append((line, doc if isinstance(doc, dict) else None))
-    return out
+    return [(line, parse_link(line)) for line in path.read_bytes().splitlines()]

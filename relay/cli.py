@@ -149,18 +149,22 @@ def cmd_logs_packets(args: argparse.Namespace) -> int:
 
 
 def cmd_logging(args: argparse.Namespace) -> int:
-    from relay import logging_ctl
+    from relay import control, logging_ctl
 
     cfg = _config(args)
     dev = args.dev or cfg.tap.name
     if args.state == "on":
-        logging_ctl.logging_on(dev, pin_root=cfg.pin_root)
+        logging_ctl.logging_on(dev, logging_ctl.relay_pins(cfg.data_dir, dev, cfg.pin_root))
         print(f"capture attached to {dev}")
     elif args.state == "off":
         logging_ctl.logging_off(dev)
         print(f"capture removed from {dev}: the relay runs unlogged until 'relay logging on'")
     else:
-        st = logging_ctl.logging_status(dev, data_dir=cfg.data_dir, pin_root=cfg.pin_root)
+        try:
+            pins: Path | None = logging_ctl.relay_pins(cfg.data_dir, dev, cfg.pin_root)
+        except control.NotRunning:
+            pins = None
+        st = logging_ctl.logging_status(dev, pins, data_dir=cfg.data_dir)
         info = st.to_dict()
         if args.json:
             print(json.dumps(info))
@@ -172,7 +176,8 @@ def cmd_logging(args: argparse.Namespace) -> int:
                 print(f"records: {st.records} total, {st.records_per_s:.0f}/s; "
                       f"drops: {st.drops} (per CPU {st.drops_per_cpu})")
             else:
-                print("records: unknown (no relay has pinned its capture on this host)")
+                print(f"records: unknown (no relay with its capture pinned runs on "
+                      f"{cfg.data_dir})")
             print(f"packet log on disk: {st.disk_bytes} bytes in {cfg.data_dir}")
     return 0
 
@@ -380,8 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "logging", help="switch the packet capture on or off, or show its status",
         description="Adds or removes the capture's tc filters on the TAP device through "
-                    "rtnetlink, from a separate process, while relay serve runs (it uses the "
-                    "programs the relay pinned in [capture] bpffs). The relay audits every "
+                    "rtnetlink, from a separate process, while relay serve runs on the same "
+                    "data directory (it uses the programs the relay pinned in its [capture] "
+                    "bpffs, reached through /proc/PID/root, so `ip netns exec` works for "
+                    "both). The relay audits every "
                     "change in the connection log, whoever makes it; `tc filter show dev "
                     "relay0 ingress` shows the filters too.")
     p.add_argument("state", choices=("on", "off", "status"))

@@ -107,9 +107,9 @@ class LogsConfig:
 @dataclass(frozen=True)
 class CaptureConfig:
     # The bpffs where the capture programs and maps are pinned (under relay/<dev>/)
-    # for `relay logging`. `ip netns exec` remounts /sys, hiding /sys/fs/bpf: a
-    # relay run that way needs a bpffs mounted elsewhere (the demo's is in its
-    # work directory).
+    # for `relay logging`. Where none is mounted there (as under `ip netns exec`,
+    # which remounts /sys), the relay mounts one of its own; `relay logging` reaches
+    # it through /proc/PID/root, so the default works in namespaces too.
     bpffs: str = "/sys/fs/bpf"
 
 

@@ -97,20 +97,34 @@ class Report:
 def check_links(lines: list[tuple[bytes, dict[str, Any] | None]], name: str,
                 report: Report, first: int = 0) -> None:
     """Link numbers consecutive from ``first`` and each ``prev`` the digest of the
-    line before (the first line's ``prev`` is taken on trust unless first == 0)."""
+    link before (the first link's ``prev`` is taken on trust unless first == 0).
+    A line that is not a link (torn by a crash mid-append, or edited) is one
+    problem; the links after it are checked against the last good one, which is
+    what relay/chain.py chains a new link to."""
     prev = chain.GENESIS if first == 0 else None
+    n = first
     for i, (line, doc) in enumerate(lines):
-        where = f"{name} link {first + i}"
         if doc is None:
-            report.problem("broken-chain", where, "not a JSON object")
-        elif doc.get("n") != first + i:
+            after = f"after link {n - 1}" if n > first else "before the first link"
+            report.problem("broken-chain", f"{name} line {i + 1}",
+                           f"not a link ({after}): a write cut short by a crash, or an edit")
+            continue
+        where = f"{name} link {n}"
+        if doc.get("n") != n:
             report.problem("broken-chain", where,
                            f"numbered {doc.get('n')}: links removed, added or reordered")
         elif prev is not None and doc.get("prev") != prev:
             report.problem("broken-chain", where,
                            "prev is not the digest of the link before: the chain was edited")
         prev = chain.line_digest(line)
+        n += 1
     report.checked[f"{name} links"] += len(lines)
+
+
+def _link_desc(link: dict[str, Any]) -> str:
+    """How a problem names the link it is about: its number and what it holds."""
+    records = f", {link['records']} records" if link.get("records") is not None else ""
+    return f"chain link {link.get('n')} ({link.get('event')}{records})"
 
 
 def _compare(report: Report, where: str, got: tuple[str, int], link: dict[str, Any],
@@ -124,8 +138,9 @@ def _compare(report: Report, where: str, got: tuple[str, int], link: dict[str, A
     elif size < int(link.get("size") or 0):
         report.problem("truncated", where, f"{size} bytes, chained with {link.get('size')}")
     else:
-        report.problem("modified", where, f"SHA-256 {digest[:16]}..., chained "
-                                          f"{str(link.get('sha256'))[:16]}...")
+        report.problem("modified", where, f"content replaced or modified since "
+                                          f"{_link_desc(link)}: SHA-256 {digest[:16]}..., "
+                                          f"chained {str(link.get('sha256'))[:16]}...")
 
 
 def _packet_state(links: list[tuple[bytes, dict[str, Any] | None]],
@@ -142,6 +157,15 @@ def _packet_state(links: list[tuple[bytes, dict[str, Any] | None]],
                 report.problem("modified", str(link.get("source")),
                                f"was not the chained segment when archived into {name}")
         if event in ("close", "archive"):
+            live = expected.get(name)
+            if live is not None and live.get("sha256") != link.get("sha256"):
+                # Closing a name that still holds a chained file means the file was
+                # renamed over (as recovery did before it learnt not to): the
+                # earlier link's content is gone though nothing deleted it.
+                report.problem("replaced", name,
+                               f"{_link_desc(link)} chains new content under this name "
+                               f"while the file of {_link_desc(live)} was never deleted "
+                               f"or archived: that file was overwritten and is lost")
             expected[name] = link
         elif event == "delete":
             expected.pop(name, None)
@@ -169,7 +193,9 @@ def verify_packets(data_dir: Path, report: Report) -> None:
             report.problem("unchained", name, "no chain link: not written by this relay's "
                                               "log, or its link was removed")
     for name in sorted(set(expected) - set(on_disk)):
-        report.problem("missing", name, "chained but not in the directory")
+        report.problem("missing", name, f"gone from the directory, but "
+                                         f"{_link_desc(expected[name])} chains it and no "
+                                         "delete link removes it")
 
 
 def _day_files(data_dir: Path) -> dict[str, dict[str, Path]]:

@@ -81,16 +81,8 @@ class Topology:
 
     # -- build ----------------------------------------------------------------------
 
-    @property
-    def bpffs(self) -> Path:
-        """A bpffs of this topology's own, outside /sys: `ip netns exec` remounts
-        /sys, so relays and `relay logging` inside namespaces pin here."""
-        return self.workdir / "bpffs"
-
     def create(self) -> Topology:
         try:
-            self.bpffs.mkdir()
-            run(["mount", "-t", "bpf", "bpf", str(self.bpffs)])
             self._add_ns(self.relay_ns)
             self._add_ns(self.internet_ns)
             self._veth(self.relay_ns, self.uplink, RELAY_UPLINK_IP,
@@ -196,18 +188,18 @@ http {{
         return access
 
     def start_relay(self, data_dir: Path, server_keys: str = "", name: str = "relay",
-                    wait: bool = True, abuse_keys: str = "",
+                    wait: bool = True, abuse_keys: str = "", logs_keys: str = "",
                     extra_tables: str = "", nat: bool = True,
                     listen: str = "0.0.0.0:443") -> subprocess.Popen[bytes]:
         """``relay serve`` in the relay namespace on ``listen``, NAT towards the
-        internet namespace unless ``nat`` is false; ``server_keys`` and
-        ``abuse_keys`` are extra TOML lines for those tables, ``extra_tables``
+        internet namespace unless ``nat`` is false; ``server_keys``, ``logs_keys``
+        and ``abuse_keys`` are extra TOML lines for those tables, ``extra_tables``
         whole tables more."""
         conf = self.workdir / f"{name}.toml"
         uplink = f'uplink = "{self.uplink}"\n' if nat else ""
         conf.write_text(
             f'[server]\nlisten = "{listen}"\n{uplink}{server_keys}\n'
-            f'[logs]\ndata_dir = "{data_dir}"\n[capture]\nbpffs = "{self.bpffs}"\n'
+            f'[logs]\ndata_dir = "{data_dir}"\n{logs_keys}\n'
             f'[abuse]\n{abuse_keys}\n{extra_tables}')
         log_name = f"{name}.log"
         proc = self.spawn(self.relay_ns, [*relay_command(), "serve", "--config", str(conf)],
@@ -292,8 +284,6 @@ http {{
             run(["ip", "netns", "del", ns], check=False)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         self.namespaces.clear()
-        if os.path.ismount(self.bpffs):
-            run(["umount", str(self.bpffs)], check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Topology:

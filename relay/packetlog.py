@@ -7,6 +7,11 @@ Files
 - ``seg-YYYYMMDDTHHMMSSZ.rpl.open`` the segment being written (at most one);
 - ``seg-YYYYMMDDTHHMMSSZ.rpl`` closed segments (one per ``segment_seconds``,
   an hour by default), the name being the UTC start of the segment's period;
+  a segment started within a period that already has a file (a restart within
+  the hour) is named after its own start time instead, with ``-1``, ``-2``, ...
+  appended if that is taken too (two starts within a second). A name once used
+  by a segment, its archive or its corrupt remains is never used again, and no
+  segment is ever renamed over another file;
 - ``seg-YYYYMMDDTHHMMSSZ.rpa`` archives (relay/retention.py): the same format,
   re-encoded in larger blocks at a higher zstd level once a segment is 14 days old;
 - ``*.corrupt`` a segment that could not be recovered, kept for inspection.
@@ -58,19 +63,24 @@ Durability: blocks are appended and ``fdatasync``-ed at least every
 closed segment is fsync-ed, renamed from ``.rpl.open`` to ``.rpl`` and never
 written again. On start, :meth:`PacketLogWriter.open` recovers a leftover
 ``.rpl.open``: it keeps every block whose CRCs check, truncates the torn rest,
-writes the index and closes it, and reports what it did.
+writes the index and closes it under the first free name by the rule above
+(the same function as a normal close), and reports what it did.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
+import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
 import socket
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -146,6 +156,61 @@ def _ensure_dir(path: Path) -> None:
 
 def segment_name(start_s: int) -> str:
     return "seg-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(start_s))
+
+
+# Every file one segment name can have over its life: while written, closed,
+# archived, or set aside as corrupt. A name with any of them is used.
+STEM_SUFFIXES = (OPEN_SUFFIX, SEGMENT_SUFFIX, ARCHIVE_SUFFIX, OPEN_SUFFIX + CORRUPT_SUFFIX)
+
+
+def _free_stems(directory: Path, period: str, started_s: int,
+                own: Path | None = None) -> Iterator[str]:
+    """Segment names no file uses (``own`` aside), in the order to try: the
+    period's name, then the segment's start time, then that with -1, -2, ...
+    Checking is not claiming: callers claim a name with O_EXCL or
+    :func:`_rename_noreplace` and move on to the next when that fails."""
+    started = segment_name(started_s)
+    candidates = itertools.chain(dict.fromkeys((period, started)),
+                                 (f"{started}-{n}" for n in itertools.count(1)))
+    for stem in candidates:
+        paths = [directory / (stem + suffix) for suffix in STEM_SUFFIXES]
+        if not any(p.exists() and p != own for p in paths):
+            yield stem
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1  # linux/fs.h
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """rename(2) that raises FileExistsError rather than replace ``dst``."""
+    if _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
+                       RENAME_NOREPLACE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err != errno.EINVAL:
+        raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    # A file system without RENAME_NOREPLACE: link(2) does not replace either. A
+    # crash between the two calls leaves both names on one file (recovery sees it).
+    os.link(src, dst)
+    os.unlink(src)
+
+
+def _publish_segment(path: Path, created_ns: int) -> Path:
+    """Rename a finished ``.rpl.open`` to the first free closed-segment name and
+    make the rename durable; the one way segments are closed, by the writer and
+    by recovery alike."""
+    period = path.name.removesuffix(OPEN_SUFFIX)
+    for stem in _free_stems(path.parent, period, created_ns // 1_000_000_000, own=path):
+        final = path.with_name(stem + SEGMENT_SUFFIX)
+        try:
+            _rename_noreplace(path, final)
+        except FileExistsError:
+            continue
+        fsync_dir(path.parent)
+        return final
+    raise AssertionError("unreachable: _free_stems never ends")
 
 
 def session_str(raw: bytes) -> str:
@@ -247,6 +312,7 @@ class _SegmentFile:
     def __init__(self, path: Path, created_ns: int) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        self.created_ns = created_ns
         self.offset = 0
         self.index = _Index()
         # Hashed as written, so the chain link costs no re-read of the segment.
@@ -254,9 +320,11 @@ class _SegmentFile:
         self._append(FILE_HEADER.pack(FILE_MAGIC, created_ns))
 
     @classmethod
-    def resume(cls, path: Path, good_end: int, index: _Index) -> _SegmentFile:
+    def resume(cls, path: Path, good_end: int, index: _Index,
+               created_ns: int) -> _SegmentFile:
         self = cls.__new__(cls)
         self.path = path
+        self.created_ns = created_ns
         self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         os.ftruncate(self.fd, good_end)
         os.lseek(self.fd, good_end, os.SEEK_SET)
@@ -279,14 +347,18 @@ class _SegmentFile:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
-    def close(self, final: Path) -> None:
+    def finish(self) -> None:
+        """Append the index and trailer, sync and close the file (not renamed)."""
         body = self.index.to_bytes()
         trailer = TRAILER.pack(self.offset, len(body), zlib.crc32(body), TRAILER_MAGIC)
         self._append(body + trailer)
         os.fsync(self.fd)
         os.close(self.fd)
-        os.rename(self.path, final)
-        fsync_dir(final.parent)
+
+    def publish(self) -> Path:
+        """Finish a segment and give it its closed name (never replacing a file)."""
+        self.finish()
+        return _publish_segment(self.path, self.created_ns)
 
     def link_fields(self, final: Path) -> dict[str, Any]:
         """What the evidence chain records of this closed file: its digest, and its
@@ -306,6 +378,56 @@ def link_closed(seg: _SegmentFile, final: Path, clock: Callable[[], float]) -> d
     except OSError as exc:
         log.error("packet log %s: evidence chain not appended: %s", final, exc)
         return {"digest": ""}
+
+
+# ------------------------------------------------------------------ disk use
+
+
+class DiskUsage:
+    """Bytes and number of the packet log's closed files (segments and archives),
+    kept without listing the directory, so a metrics scrape costs O(1): the
+    writer adds each segment it closes, and :meth:`rescan` (off the event loop:
+    at start and after each retention pass, which archives and deletes) counts
+    the directory afresh. Thread-safe: the writer adds on the loop's thread while
+    a rescan runs in a worker thread."""
+
+    CLOSED_SUFFIXES = (SEGMENT_SUFFIX, ARCHIVE_SUFFIX)
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self._lock = threading.Lock()
+        self._sizes: dict[str, int] = {}
+        self._bytes = 0
+        # Segments closed while a rescan lists the directory, merged into its
+        # result (by name, so one it saw already is not counted twice).
+        self._during_rescan: dict[str, int] | None = None
+
+    def add(self, path: Path, size: int) -> None:
+        with self._lock:
+            self._bytes += size - self._sizes.get(path.name, 0)
+            self._sizes[path.name] = size
+            if self._during_rescan is not None:
+                self._during_rescan[path.name] = size
+
+    def rescan(self) -> None:
+        with self._lock:
+            self._during_rescan = {}
+        sizes: dict[str, int] = {}
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.dir) as it:
+            for entry in it:
+                if entry.name.endswith(self.CLOSED_SUFFIXES):
+                    with contextlib.suppress(FileNotFoundError):
+                        sizes[entry.name] = entry.stat().st_size
+        with self._lock:
+            sizes.update(self._during_rescan or {})
+            self._during_rescan = None
+            self._sizes = sizes
+            self._bytes = sum(sizes.values())
+
+    def totals(self) -> tuple[int, int]:
+        """(bytes, files) of the closed segments and archives."""
+        with self._lock:
+            return self._bytes, len(self._sizes)
 
 
 # ------------------------------------------------------------------ writer
@@ -333,6 +455,7 @@ class PacketLogWriter:
         self._dirty = False
         self._last_sync = clock()
         self.bytes_written = 0
+        self.usage = DiskUsage(self.dir)
 
     # -- start-up -----------------------------------------------------------------
 
@@ -340,8 +463,10 @@ class PacketLogWriter:
         """Create the directory and recover any segment a crash left open; returns
         the audit records of what was recovered (also sent to ``audit``)."""
         _ensure_dir(self.dir)
-        return [recover_segment(path, self.audit)
-                for path in sorted(self.dir.glob("*" + OPEN_SUFFIX))]
+        recovered = [recover_segment(path, self.audit)
+                     for path in sorted(self.dir.glob("*" + OPEN_SUFFIX))]
+        self.usage.rescan()
+        return recovered
 
     # -- writing ------------------------------------------------------------------
 
@@ -380,31 +505,43 @@ class PacketLogWriter:
     def current_path(self) -> Path | None:
         return self._seg.path if self._seg else None
 
+    @property
+    def current_size(self) -> int:
+        """Bytes of the segment being written (0 when none is open)."""
+        return self._seg.offset if self._seg else 0
+
     def _segment_for(self, now: float) -> _SegmentFile:
         start = int(now // self.segment_seconds) * self.segment_seconds
         if self._seg and start != self._seg_start:
             self._close_segment()
         if not self._seg:
-            _ensure_dir(self.dir)
-            path = self.dir / (segment_name(start) + OPEN_SUFFIX)
-            if path.exists():  # left by a crash and not recovered by open(): do it now
-                recover_segment(path, self.audit)
-            self._seg = _SegmentFile(path, int(now * 1e9))
+            self._seg = self._new_segment(start, now)
             self._seg_start = start
         return self._seg
+
+    def _new_segment(self, start: int, now: float) -> _SegmentFile:
+        _ensure_dir(self.dir)
+        leftover = self.dir / (segment_name(start) + OPEN_SUFFIX)
+        if leftover.exists():  # left by a crash and not recovered by open(): do it now
+            recover_segment(leftover, self.audit)
+        # A period that already has a segment (a restart within it) gets a second
+        # one under a new name: never one that a later close or recovery could
+        # rename over the first.
+        for stem in _free_stems(self.dir, segment_name(start), int(now)):
+            with contextlib.suppress(FileExistsError):
+                return _SegmentFile(self.dir / (stem + OPEN_SUFFIX), int(now * 1e9))
+        raise AssertionError("unreachable: _free_stems never ends")
 
     def _close_segment(self) -> None:
         assert self._seg
         seg = self._seg
         self._seg = None
-        final = seg.path.with_name(seg.path.name.removesuffix(OPEN_SUFFIX) + SEGMENT_SUFFIX)
-        if final.exists():  # a segment of this period was already closed: never overwrite
-            final = final.with_name(f"{final.stem}-{int(self.clock())}{SEGMENT_SUFFIX}")
-        seg.close(final)
+        final = seg.publish()
         self._dirty = False
+        self.usage.add(final, seg.offset)
         link = link_closed(seg, final, self.clock)
         self.audit({"action": "packetlog-rotate", "file": str(final),
-                    "records": seg.index.records, "bytes": final.stat().st_size,
+                    "records": seg.index.records, "bytes": seg.offset,
                     "chain_link": link["digest"]})
 
 
@@ -473,18 +610,44 @@ def _check_header(f: Any) -> bool:
     return len(head) == FILE_HEADER.size and head[:8] == FILE_MAGIC
 
 
+def _set_aside(path: Path) -> Path:
+    """Rename an unrecoverable file to ``NAME.corrupt`` (``NAME.N.corrupt`` when
+    that exists), never over another file."""
+    names = itertools.chain([path.name + CORRUPT_SUFFIX],
+                            (f"{path.name}.{n}{CORRUPT_SUFFIX}" for n in itertools.count(1)))
+    for name in names:
+        try:
+            _rename_noreplace(path, path.with_name(name))
+        except FileExistsError:
+            continue
+        fsync_dir(path.parent)
+        return path.with_name(name)
+    raise AssertionError("unreachable: the names never end")
+
+
 def recover_segment(path: Path, audit: Audit) -> dict[str, Any]:
     """Keep the good blocks of a segment a crash left open, cut the torn rest and
     close it with its index. Returns the audit record."""
-    size = path.stat().st_size
+    st = path.stat()
+    if st.st_nlink > 1:
+        # _rename_noreplace's link(2) fallback was cut between link and unlink:
+        # the segment is closed under its other name already.
+        path.unlink()
+        fsync_dir(path.parent)
+        rec = {"action": "packetlog-recover", "file": str(path), "records": 0,
+               "reason": "already closed under another name: this name removed"}
+        audit(rec)
+        return rec
+    size = st.st_size
     with open(path, "rb") as f:
         if not _check_header(f):
-            bad = path.with_name(path.name + CORRUPT_SUFFIX)
-            os.rename(path, bad)
+            bad = _set_aside(path)
             rec = {"action": "packetlog-corrupt", "file": str(bad),
                    "reason": "bad or missing file header"}
             audit(rec)
             return rec
+        f.seek(0)
+        created_ns = FILE_HEADER.unpack(f.read(FILE_HEADER.size))[1]
         index = _Index()
         end = FILE_HEADER.size
         reason = None
@@ -495,11 +658,11 @@ def recover_segment(path: Path, audit: Audit) -> dict[str, Any]:
             raw = zstandard.ZstdDecompressor().decompress(frame.payload)
             index.add(frame.offset, frame.records, frame.t_min, frame.t_max, raw)
             end = frame.offset + BLOCK_FRAME_LEN + len(frame.payload)
-    seg = _SegmentFile.resume(path, end, index)
-    final = path.with_name(path.name.removesuffix(OPEN_SUFFIX) + SEGMENT_SUFFIX)
-    seg.close(final)
+    seg = _SegmentFile.resume(path, end, index, created_ns)
+    final = seg.publish()
     link = link_closed(seg, final, time.time)
-    rec = {"action": "packetlog-recover", "file": str(final), "records": index.records,
+    rec = {"action": "packetlog-recover", "file": str(final), "from": str(path),
+           "records": index.records,
            "blocks": len(index.blocks), "truncated_bytes": size - end,
            "chain_link": link["digest"]}
     if reason:
@@ -681,7 +844,11 @@ def archive_segment(src: Path, dst: Path) -> tuple[int, int]:
             if fill:
                 frame_b, raw, t0, t1 = enc.frame(batch, fill)
                 out.add_frame(frame_b, raw, fill, t0, t1)
-            out.close(dst)
+            out.finish()
+            # Replacing is safe here: dst is this segment's own archive name, left
+            # only by an archiving of the same source that crashed before its end.
+            os.rename(tmp, dst)
+            fsync_dir(dst.parent)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.close(out.fd)

@@ -80,8 +80,14 @@ class Recording:
     async def _retention_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await loop.run_in_executor(None, self.retention.run)
+            await loop.run_in_executor(None, self._retention_pass)
             await asyncio.sleep(RUN_INTERVAL)
+
+    def _retention_pass(self) -> None:
+        """In a worker thread: archive and delete, then recount the packet log's
+        files for the metrics (which read only the counts)."""
+        self.retention.run()
+        self.writer.usage.rescan()
 
     # -- the relay core's calls -------------------------------------------------------
 
@@ -103,12 +109,11 @@ class Recording:
 
     def metrics(self) -> list[Metric]:
         st = self.capture.stats()
-        seg_bytes, segments = 0, 0
-        for path in packetlog.packets_dir(self.data_dir).iterdir():
-            if path.name.endswith((packetlog.SEGMENT_SUFFIX, packetlog.ARCHIVE_SUFFIX,
-                                   packetlog.OPEN_SUFFIX)):
-                seg_bytes += path.stat().st_size
-                segments += 1
+        # Counts kept by the writer and the retention pass: a scrape lists no directory.
+        seg_bytes, segments = self.writer.usage.totals()
+        if self.writer.current_path is not None:
+            seg_bytes += self.writer.current_size
+            segments += 1
         drops = Metric("relay_capture_drops_total", "counter",
                        "Capture records lost because the ring buffer was full, by CPU.")
         for cpu, n in enumerate(st["drops_per_cpu"]):
@@ -123,6 +128,9 @@ class Recording:
             Metric("relay_capture_ring_fill_ratio", "gauge",
                    "Fraction of the ring buffer holding undrained records.")
             .add(st["ring_used"] / st["ring_bytes"]),
+            Metric("relay_capture_flush_errors_total", "counter",
+                   "Drains or flushes into the packet log that failed (retried).")
+            .add(st["flush_errors"]),
             Metric("relay_capture_attached", "gauge",
                    "1 when both tc filters are on the TAP device.")
             .add(1.0 if self.watcher is not None and self.watcher.state else 0.0),

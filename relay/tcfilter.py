@@ -7,16 +7,21 @@ restore what the other made. Operators see the filters with
 ``tc filter show dev relay0 ingress`` (and ``egress``) as ``relay_capture_in`` /
 ``relay_capture_out``.
 
-Processes started with ``ip netns exec`` get a fresh /sys without the host's
-bpffs, so they cannot see the pins: give ``netns=`` here instead and stay in the
-namespace where bpffs is mounted.
+``ip netns exec`` starts each command in a mount namespace of its own with a
+fresh /sys, where /sys/fs/bpf is an empty sysfs directory, not the host's bpffs;
+a bpffs mounted there is a new instance that no other ``ip netns exec`` sees.
+So the relay mounts a bpffs of its own wherever the configured path has none
+(:func:`ensure_bpffs`), and ``relay logging`` reaches the pins through the
+relay's own view of the file system, ``/proc/PID/root`` (relay/logging_ctl.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 from relay.cext import ffi, lib
 from relay.errors import RelayError
 
-PIN_ROOT = Path("/sys/fs/bpf/relay")
+BPFFS = Path("/sys/fs/bpf")
+PIN_ROOT = BPFFS / "relay"
+# statfs(2) f_type of a bpffs (linux/magic.h).
+BPF_FS_MAGIC = 0xCAFE4A11
 PROG_IN = "prog_in"
 PROG_OUT = "prog_out"
 MAP_EVENTS = "events"
@@ -119,12 +127,47 @@ def detach(ipr: IPRoute, dev: str) -> None:
                 raise
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def is_bpffs(path: Path) -> bool:
+    """Whether a bpffs is mounted at ``path`` (statfs(2), as the kernel checks)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return False
+    # f_type, the first field, is a long.
+    return (struct.unpack_from("l", buf)[0] & 0xFFFFFFFF) == BPF_FS_MAGIC
+
+
+def ensure_bpffs(path: Path) -> bool:
+    """Mount a bpffs at ``path`` unless one is there; True when this mounted it.
+
+    Under ``ip netns exec`` the mount is in the process's own mount namespace and
+    goes away with it, pins and all. Raises RelayError saying what to do when the
+    mount fails."""
+    if is_bpffs(path):
+        return False
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RelayError(f"[capture] bpffs {path}: not a bpffs and cannot be made a mount "
+                         f"point ({exc.strerror}): point [capture] bpffs at a bpffs "
+                         "(mount -t bpf bpf DIR)") from None
+    # mode=0700 as systemd mounts /sys/fs/bpf: the pins are root's alone.
+    if _libc.mount(b"bpf", os.fsencode(path), b"bpf", 0, b"mode=0700") != 0:
+        err = ctypes.get_errno()
+        raise RelayError(f"[capture] bpffs {path}: not a bpffs, and mounting one failed "
+                         f"({os.strerror(err)}): run 'mount -t bpf bpf {path}' as root, or "
+                         "point [capture] bpffs at a bpffs")
+    return True
+
+
 def obj_get(path: Path) -> int:
     fd = lib.relay_bpf_obj_get(str(path).encode())
     if fd < 0:
         err = ffi.errno
         raise RelayError(f"cannot open pinned BPF object {path}: {os.strerror(err)} "
-                         "(is relay serve running on this device, in this mount namespace?)")
+                         "(is relay serve running on this device and data directory?)")
     return int(fd)
 
 

@@ -6,6 +6,7 @@ drops counted with a tiny ring. Needs root, bcc and tc: missing, it fails."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import fcntl
 import ipaddress
@@ -27,6 +28,7 @@ import pytest
 
 from relay import packetlog, tcfilter
 from relay.capture import Capture, FilterWatcher, wait_for
+from relay.errors import RelayError
 from relay.packetlog import PacketLogWriter
 
 TUNSETIFF = 0x400454CA
@@ -253,11 +255,14 @@ def test_every_field_and_attribution(tapns: dict[str, Any]) -> None:
 
 def _ctl(env: dict[str, Any], fn: str) -> Any:
     """relay.logging_ctl in a separate process, as `relay logging` runs."""
-    code = (f"import json, relay.logging_ctl as l; r = l.{fn}({env['dev']!r}, "
-            f"netns={env['ns']!r}"
-            + (f", data_dir={str(env['data'])!r}, sample_seconds=0.2" if fn == "logging_status"
-               else "")
-            + "); print(json.dumps(r.to_dict() if r else None))")
+    args = [repr(env["dev"])]
+    if fn != "logging_off":  # the pins of the Capture this test runs in its own process
+        args.append(f"Path({str(tcfilter.pin_dir(env['dev']))!r})")
+    args.append(f"netns={env['ns']!r}")
+    if fn == "logging_status":
+        args += [f"data_dir={str(env['data'])!r}", "sample_seconds=0.2"]
+    code = ("import json; from pathlib import Path; import relay.logging_ctl as l; "
+            f"r = l.{fn}({', '.join(args)}); print(json.dumps(r.to_dict() if r else None))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -323,3 +328,73 @@ def test_drops_counted_when_ring_is_tiny(tapns: dict[str, Any]) -> None:
         assert status["drops"] == stats["drops"]
     finally:
         cap.close()
+
+
+class _FailingOnceWriter:
+    """A packet-log writer stub whose first tick fails as a full disk would."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.ticks == 1:
+            raise OSError(28, "No space left on device")
+
+    def write(self, recs: Any, n: int) -> None:
+        raise AssertionError("no records in this test")
+
+
+def test_flush_timer_survives_an_exception(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 13 item 7: one failing flush must not stop the 1-second flush for
+    good; it is counted and logged once."""
+    from relay.cext import lib
+
+    writer = _FailingOnceWriter()
+    cap = Capture("relay-test0", writer, ring_bytes=os.sysconf("SC_PAGESIZE"))  # type: ignore[arg-type]
+    # The drain of a real (empty) ring, without bcc or a device: only the timer runs.
+    cap._ring_fd = lib.relay_bpf_ringbuf_create(cap.ring_bytes)
+    assert cap._ring_fd >= 0, "BPF ring buffer: needs root"
+    cap._drain = lib.relay_drain_open(cap._ring_fd, cap.ring_bytes, packetlog.BLOCK_RECORDS)
+
+    async def run() -> None:
+        cap.start_drain(asyncio.get_running_loop())
+        deadline = time.monotonic() + 10
+        while writer.ticks < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cap.stop_drain()
+
+    try:
+        with caplog.at_level("ERROR", logger="relay.capture"):
+            asyncio.run(run())
+    finally:
+        cap.close()
+    assert writer.ticks >= 4
+    assert cap.flush_errors == 1
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "flush failed on relay-test0" in line and "No space left" in line
+
+
+def test_bpffs_mounted_where_there_is_none(tmp_path: Path) -> None:
+    """Issue 13 item 11: a [capture] bpffs path without a bpffs (as /sys/fs/bpf under
+    `ip netns exec`) gets one mounted; one that cannot be a mount point is a one-line
+    error saying what to do. Run in a mount namespace of its own, as `ip netns exec`
+    gives the relay."""
+    target = tmp_path / "bpffs"
+    code = ("from pathlib import Path; from relay import tcfilter; "
+            f"p = Path({str(target)!r}); "
+            "print(tcfilter.is_bpffs(p), tcfilter.ensure_bpffs(p), tcfilter.is_bpffs(p), "
+            "tcfilter.ensure_bpffs(p))")
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                           "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True", "True", "False"]
+    assert not tcfilter.is_bpffs(target)  # this test's own mount namespace is untouched
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(RelayError) as err:
+        tcfilter.ensure_bpffs(blocked / "bpffs")
+    assert str(err.value) == (f"[capture] bpffs {blocked}/bpffs: not a bpffs and cannot be made "
+                              "a mount point (Not a directory): point [capture] bpffs at a "
+                              "bpffs (mount -t bpf bpf DIR)")

@@ -8,6 +8,7 @@ import csv
 import io
 import ipaddress
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -623,3 +624,77 @@ def test_disclose_and_verify_bundle(capsys: pytest.CaptureFixture[str], data: Pa
     bad.write_bytes(b"nonsense")
     code, _, err = run(capsys, "logs", "verify-bundle", str(bad))
     assert code == 1 and err.startswith("relay: error:") and err.count("\n") == 1
+
+
+def test_verify_reports_a_deleted_or_replaced_segment(capsys: pytest.CaptureFixture[str],
+                                                      data: Path) -> None:
+    """Issue 13 item 7: a chained segment that is gone, or whose content is not the
+    chained content any more, is reported with the link that chains it."""
+    segs = sorted(packetlog.packets_dir(data).glob("*.rpl"))
+    segs[0].unlink()
+    segs[1].write_bytes(segs[6].read_bytes()[:100] + segs[1].read_bytes()[100:])
+    code, report = verify(capsys, data)
+    assert code == 1
+    assert kinds(report) == {("missing", segs[0].name), ("modified", segs[1].name)}
+    detail = {p["file"]: p["detail"] for p in report["problems"]}
+    assert "chain link 0 (close, " in detail[segs[0].name]
+    assert "no delete link" in detail[segs[0].name]
+    assert "content replaced or modified since chain link 1 (close, " in detail[segs[1].name]
+
+
+def test_verify_reports_a_segment_renamed_over_a_chained_one(
+        capsys: pytest.CaptureFixture[str], data: Path) -> None:
+    """What recovery did before it learnt not to: a second segment closed under the
+    name of a chained one, its own link appended. Every file then matches its
+    newest link; verify must still see that the first segment was lost."""
+    first = sorted(packetlog.packets_dir(data).glob("*.rpl"))[0]
+    link0 = chain.read_links(chain.chain_path(data, chain.PACKETS_CHAIN))[0][1]
+    assert link0 is not None and link0["file"] == first.name
+    # The old close: a new segment of the same period, renamed over the first.
+    clock = [ts("2026-03-29 09:00:00")]
+    w = packetlog.PacketLogWriter(data, clock=lambda: clock[0])
+    recs = flow("D", "2026-03-29 09:00:00", "203.0.113.7", 443)
+    w.write(to_c(recs), len(recs))
+    seg = w._seg
+    assert seg is not None
+    w._seg = None
+    seg.finish()
+    os.rename(seg.path, first)
+    packetlog.link_closed(seg, first, lambda: clock[0])
+    code, report = verify(capsys, data)
+    assert code == 1 and kinds(report) == {("replaced", first.name)}
+    [problem] = report["problems"]
+    assert "chain link 0 (close, " in problem["detail"] and "overwritten" in problem["detail"]
+
+
+def test_torn_chain_line_is_reported_once_and_appends_go_on(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Issue 13 item 7: a crash mid-append leaves a torn last chain line. The next
+    append must work, chain to the last good link, and leave the torn bytes as one
+    line that verify reports."""
+    clock = [ts("2026-03-29 00:00:00")]
+    for seed in (1, 2):
+        w = packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0])
+        recs = flow("A", "2026-03-29 00:45:00", "203.0.113.7", 443 + seed)
+        w.write(to_c(recs), len(recs))
+        w.close()
+        clock[0] += 3600
+    path = chain.chain_path(tmp_path, chain.PACKETS_CHAIN)
+    good = path.read_bytes()
+    torn = good.splitlines(keepends=True)[-1][:40]
+    path.write_bytes(good + torn)  # the third link's first 40 bytes, no newline
+
+    w = packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0])
+    recs = flow("B", "2026-03-29 02:00:00", "203.0.113.7", 443)
+    w.write(to_c(recs), len(recs))
+    w.close()
+    lines = path.read_bytes().splitlines()
+    assert lines[2] == torn
+    new = json.loads(lines[3])
+    assert new["n"] == 2 and new["prev"] == chain.line_digest(lines[1])
+    code, report = verify(capsys, tmp_path)
+    assert code == 1
+    assert report["problems"] == [{
+        "kind": "broken-chain", "file": "packets chain line 3",
+        "detail": "not a link (after link 1): a write cut short by a crash, or an edit"}]
+    assert report["checked"]["packet-log files"] == 3

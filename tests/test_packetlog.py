@@ -215,3 +215,143 @@ def test_bytes_per_record_vs_pcap(tmp_path: Path) -> None:
     # (Ethernet 14 + IPv4 20 + TCP with timestamps 32 + payload).
     pcap = 24 + sum(16 + min(96, 14 + 20 + 32 + r["payload_len"]) for r in recs)
     assert disk * 4 <= pcap, (disk / len(recs), pcap / len(recs))
+
+
+def _keys(data: Path) -> list[tuple[str, int, int]]:
+    return sorted((r["time"], r["seq"], r["src_port"]) for r in packetlog.iter_records(data))
+
+
+def _expected(*runs: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
+    return sorted((packetlog.rfc3339_ns(r["time_ns"]), r["seq"], r["src_port"])
+                  for recs in runs for r in recs)
+
+
+def test_restart_within_the_hour_then_crash_loses_nothing(tmp_path: Path) -> None:
+    """Issue 13 item 7: a clean close, a new writer within the same hour, a crash
+    (the writer dropped without close) and a recovering open(): both runs' records
+    are all readable, and the first segment was never renamed over."""
+    clock = [float(int(T0) // HOUR * HOUR) + 60]
+    first = make_records(1000, seed=1, start_ns=int(clock[0] * 1e9))
+    w = _write(tmp_path, first, clock)
+    w.close()
+    [closed] = packetlog.segment_files(tmp_path)
+    digest = closed.read_bytes()
+
+    clock[0] += 600  # the same hour
+    second = make_records(3000, seed=2, start_ns=int(clock[0] * 1e9))
+    w = _write(tmp_path, second, clock)
+    clock[0] += packetlog.FLUSH_INTERVAL
+    w.tick()
+    assert w.current_path is not None and w.current_path.name != closed.name + ".open"
+    del w  # the crash: no close, no index
+
+    audit: list[dict[str, Any]] = []
+    packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0], audit=audit.append).open()
+    assert [a["action"] for a in audit] == ["packetlog-recover"]
+    assert audit[0]["records"] == 3000
+    assert closed.read_bytes() == digest
+    assert _keys(tmp_path) == _expected(first, second)
+    names = [p.name for p in packetlog.segment_files(tmp_path)]
+    # Named by the period, then by the restart's own start: in time order.
+    assert names == ["seg-20231114T220000Z.rpl", "seg-20231114T221100Z.rpl"]
+
+
+def test_recovery_never_renames_over_a_closed_segment(tmp_path: Path) -> None:
+    """A leftover .rpl.open beside a closed segment of the same name (as writers
+    before the fix made them) is recovered under a new name."""
+    clock = [float(int(T0) // HOUR * HOUR)]
+    first = make_records(1000, seed=1, start_ns=int(clock[0] * 1e9))
+    w = _write(tmp_path, first, clock)
+    w.close()
+    [closed] = packetlog.segment_files(tmp_path)
+    clock[0] += 300
+    second = make_records(2000, seed=2, start_ns=int(clock[0] * 1e9))
+    w = _write(tmp_path, second, clock)
+    w.sync()
+    assert w.current_path is not None
+    legacy = closed.with_name(closed.name + ".open")
+    os.rename(w.current_path, legacy)
+    del w
+
+    audit: list[dict[str, Any]] = []
+    packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0], audit=audit.append).open()
+    assert audit[0]["from"] == str(legacy) and audit[0]["file"] != str(closed)
+    assert _keys(tmp_path) == _expected(first, second)
+    # The chain holds both segments' own links, and verify finds nothing wrong.
+    from relay import evidence
+
+    report = evidence.verify(tmp_path)
+    assert report.ok, report.problems
+    assert report.checked["packet-log files"] == 2
+
+
+def test_interrupted_link_fallback_is_finished_not_duplicated(tmp_path: Path) -> None:
+    """On a file system without RENAME_NOREPLACE the close is link + unlink; a crash
+    between them leaves one file under both names: recovery drops the open name."""
+    clock = [T0]
+    recs = make_records(500)
+    w = _write(tmp_path, recs, clock)
+    w.close()
+    [closed] = packetlog.segment_files(tmp_path)
+    os.link(closed, closed.with_name(closed.name + ".open"))
+    packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0]).open()
+    assert [p.name for p in packetlog.segment_files(tmp_path)] == [closed.name]
+    assert len(_keys(tmp_path)) == 500
+
+
+def test_corrupt_leftover_never_replaces_an_earlier_one(tmp_path: Path) -> None:
+    d = packetlog.packets_dir(tmp_path)
+    d.mkdir(parents=True)
+    (d / "seg-20240101T000000Z.rpl.open.corrupt").write_bytes(b"first")
+    (d / "seg-20240101T000000Z.rpl.open").write_bytes(b"second")
+    packetlog.PacketLogWriter(tmp_path).open()
+    assert (d / "seg-20240101T000000Z.rpl.open.corrupt").read_bytes() == b"first"
+    assert (d / "seg-20240101T000000Z.rpl.open.1.corrupt").read_bytes() == b"second"
+
+
+def test_metrics_read_cached_disk_use_without_listing(tmp_path: Path,
+                                                      monkeypatch: Any) -> None:
+    """Issue 13 item 10: a /metrics scrape lists no directory; the counts follow the
+    writer's closes at once and retention's archives after its pass."""
+    from relay.config import Config
+    from relay.recording import Recording
+    from relay.retention import Retention
+
+    rec = Recording(Config().with_data_dir(tmp_path), "relay0", audit=lambda r: None)
+    clock = [float(int(T0) // HOUR * HOUR)]
+    rec.writer.clock = lambda: clock[0]
+    rec.capture.stats = lambda: {  # type: ignore[method-assign]
+        "records": 0, "drops_per_cpu": [0], "drained": 0, "ring_used": 0,
+        "ring_bytes": 1, "flush_errors": 0}
+    rec.writer.open()
+    for seed in (1, 2, 3):
+        recs = make_records(2000, seed=seed)
+        rec.writer.write(to_c(recs), len(recs))
+        clock[0] += HOUR
+        rec.writer.tick()
+    recs = make_records(2000, seed=4)
+    rec.writer.write(to_c(recs), len(recs))  # a fourth, still open
+
+    def gauges() -> dict[str, float]:
+        return {m.name: m.samples[0][1] for m in rec.metrics()
+                if m.name in ("relay_packetlog_bytes", "relay_packetlog_segments")}
+
+    def no_listing(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("a scrape listed a directory")
+
+    with monkeypatch.context() as m:
+        for obj, name in ((os, "scandir"), (os, "listdir"), (Path, "iterdir"), (Path, "glob")):
+            m.setattr(obj, name, no_listing)
+        got = gauges()
+    assert got == {"relay_packetlog_bytes": packetlog.disk_use(tmp_path),
+                   "relay_packetlog_segments": 4}
+
+    # Retention archives the three closed ones in its worker thread, then recounts.
+    rec.writer.close()
+    clock[0] += 15 * 86400
+    rec.retention = Retention(tmp_path, audit=lambda r: None, clock=lambda: clock[0],
+                              disk_free=lambda: 1 << 40)
+    rec._retention_pass()
+    assert len(list(packetlog.packets_dir(tmp_path).glob("*.rpa"))) == 4
+    assert gauges() == {"relay_packetlog_bytes": packetlog.disk_use(tmp_path),
+                        "relay_packetlog_segments": 4}
