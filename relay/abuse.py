@@ -264,3 +264,10 @@ class Abuse:
     def _save(self) -> None:
         write_atomic(self.path, json.dumps([asdict(b) for b in self.bans.values()],
                                            indent=1).encode())
+
+    def refuse(self, ip: str, reason: str) -> None:
+        """A session refused after admission (the relay is full, no disk to log
+        it): counted and summarised like the listener's refusals, but no strike,
+        since the client did nothing wrong."""
+        self.refusals[ip][reason] += 1
+        self.refused_total[reason] += 1

@@ -9,13 +9,23 @@ import ssl
 import sys
 import time
 
+# The never-reading client's receive buffer: small, so the relay's replies pile
+# up on the relay's side rather than in this client's kernel.
+NON_READER_RCVBUF = 4096
+# DPD requests carry a payload the relay echoes; 1 KiB each fills its queue fast.
+DPD_PAYLOAD = b"d" * 1024
 
-def tls(host: str, port: int) -> ssl.SSLSocket:
+
+def tls(host: str, port: int, rcvbuf: int | None = None) -> ssl.SSLSocket:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    s = ctx.wrap_socket(socket.create_connection((host, port), timeout=10))
-    return s
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:  # before connect, so the window scale follows it
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    raw.settimeout(10)
+    raw.connect((host, port))
+    return ctx.wrap_socket(raw)
 
 
 def read_all(s: socket.socket) -> bytes:
@@ -57,6 +67,8 @@ def main(scenario: str, host: str, port: int) -> str:
         s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
         s.shutdown(socket.SHUT_WR)
         return f"closed after {len(read_all(s))} bytes"
+    if scenario.startswith("dpd-flood"):  # dpd-flood:BYTES
+        return dpd_flood(host, port, int(scenario.split(":")[1]))
     s = tls(host, port)
     if scenario == "wrong-path":
         s.sendall(b"GET /admin/config.php HTTP/1.1\r\nHost: relay\r\n\r\n")
@@ -66,13 +78,7 @@ def main(scenario: str, host: str, port: int) -> str:
         s.sendall(b"POST /auth HTTP/1.1\r\nContent-Length: 500\r\n\r\n<config-auth")
         s.shutdown(socket.SHUT_WR)
     elif scenario == "bad-cstp":
-        cookie = login(s)
-        s.sendall(f"CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nCookie: webvpn={cookie}\r\n\r\n"
-                  .encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(65536)
-        assert head.startswith(b"HTTP/1.1 200 CONNECTED"), head
+        open_tunnel(s)
         s.sendall(b"STF\x01\x00\x10\x00\x00" + b"\x45" * 16 + b"JUNK\xff\xff\x00\x00")
     elif scenario == "bad-cookie":
         s.sendall(b"CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nCookie: webvpn=forged\r\n\r\n")
@@ -80,6 +86,33 @@ def main(scenario: str, host: str, port: int) -> str:
         raise SystemExit(f"unknown scenario {scenario}")
     status = read_all(s).split(b"\r\n", 1)[0].decode(errors="replace")
     return f"closed, reply {status!r}"
+
+
+def open_tunnel(s: ssl.SSLSocket) -> None:
+    cookie = login(s)
+    s.sendall(f"CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nCookie: webvpn={cookie}\r\n\r\n"
+              .encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200 CONNECTED"), head
+
+
+def dpd_flood(host: str, port: int, limit: int) -> str:
+    """A tunnel, then DPD requests as fast as TCP takes them, never reading the
+    answers, until the relay closes the connection or ``limit`` bytes are sent."""
+    s = tls(host, port, rcvbuf=NON_READER_RCVBUF)
+    open_tunnel(s)
+    dpd = b"STF\x01" + len(DPD_PAYLOAD).to_bytes(2, "big") + b"\x03\x00" + DPD_PAYLOAD
+    chunk = dpd * 64
+    sent = 0
+    try:
+        while sent < limit:
+            s.sendall(chunk)
+            sent += len(chunk)
+    except (OSError, ssl.SSLError) as exc:
+        return f"closed after sending {sent} bytes ({type(exc).__name__})"
+    return f"sent {sent} bytes, still open"
 
 
 if __name__ == "__main__":
