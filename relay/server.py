@@ -452,8 +452,7 @@ class Relay:
         if why is not None:
             reason = "disk-full"
         elif len(self.sessions) >= self.cfg.server.max_sessions:
-            reason, why = "max-sessions", (f"the relay is full ({len(self.sessions)} sessions); "
-                                           "try again later or another relay")
+            reason, why = "max-sessions", "the relay is full; try again later or another relay"
         elif not self.sessions.pool.available():
             reason, why = "pool-exhausted", (f"no free address in {self.sessions.pool.network}; "
                                              "try again later or another relay")

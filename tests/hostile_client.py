@@ -72,6 +72,12 @@ def main(scenario: str, host: str, port: int) -> str:
     s = tls(host, port)
     if scenario == "wrong-path":
         s.sendall(b"GET /admin/config.php HTTP/1.1\r\nHost: relay\r\n\r\n")
+    elif scenario == "non-ascii-target":
+        s.sendall(b"GET /\xff HTTP/1.1\r\nHost: relay\r\n\r\n")
+    elif scenario == "bad-authority":  # urlsplit: "Invalid IPv6 URL"
+        s.sendall(b"GET //[x HTTP/1.1\r\nHost: relay\r\n\r\n")
+    elif scenario == "hostile-strings":
+        hostile_strings(s)
     elif scenario == "oversized-header":
         s.sendall(b"GET / HTTP/1.1\r\nX-Fill: " + b"a" * 70000 + b"\r\n\r\n")
     elif scenario == "truncated-header":
@@ -88,14 +94,30 @@ def main(scenario: str, host: str, port: int) -> str:
     return f"closed, reply {status!r}"
 
 
-def open_tunnel(s: ssl.SSLSocket) -> None:
+def open_tunnel(s: ssl.SSLSocket, headers: str = "") -> None:
     cookie = login(s)
-    s.sendall(f"CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nCookie: webvpn={cookie}\r\n\r\n"
+    s.sendall(f"CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nCookie: webvpn={cookie}\r\n{headers}\r\n"
               .encode())
     head = b""
     while b"\r\n\r\n" not in head:
         head += s.recv(65536)
     assert head.startswith(b"HTTP/1.1 200 CONNECTED"), head
+
+
+def hostile_strings(s: ssl.SSLSocket) -> None:
+    """A session whose client declares itself with control, bidi and other
+    format characters, and leaves with a terminal escape and a fake line."""
+    init = (b'<config-auth client="vpn" type="init"><version who="vpn">&#x202E;v9&#x2066;.1'
+            b'</version><device-id unique-id="&#x200B;dev&#xFEFF;id">linux&#x202A;-64'
+            b"</device-id></config-auth>")
+    s.sendall(b"POST / HTTP/1.1\r\nUser-Agent: Evil\tAgent\r\nContent-Length: %d\r\n\r\n"
+              % len(init) + init)
+    reply = b""
+    while b"</config-auth>" not in reply:
+        reply += s.recv(65536)
+    open_tunnel(s, "X-CSTP-Hostname: host\tname\r\n")
+    reason = b"\xb0" + "bye\x1b[2J\u202eevil\r\nforged".encode()
+    s.sendall(b"STF\x01" + len(reason).to_bytes(2, "big") + b"\x05\x00" + reason)
 
 
 def dpd_flood(host: str, port: int, limit: int) -> str:
