@@ -63,8 +63,9 @@ MAX_FRAME_BYTES = CSTP_HEADER_LEN + 0xFFFF
 # parsing while it waits for the application and bounds what it holds.
 MAX_PIPELINED_BYTES = MAX_HEAD_BYTES + MAX_BODY_BYTES
 # Replies queued for data_to_send() that the caller has not taken (DPD answers,
-# login forms). ocserv answers each DPD request with a blocking send, so a client
-# that never reads holds at most the kernel's socket send buffer there
+# login forms). ocserv echoes each DPD request at once with cstp_send
+# (worker-vpn.c, parse_data), which waits for the socket, so a client that never
+# reads stalls its own worker and holds at most the kernel's socket send buffer
 # (net.ipv4.tcp_wmem max, 4 MiB by default): the same bound. An honest client has
 # a few small DPD answers outstanding at a time.
 MAX_PENDING_OUTPUT = 4 * 1024 * 1024

@@ -72,7 +72,7 @@ class CstpListener:
 
     def accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         link = CstpLink(self.relay, self, peer, sock.getsockname()[0])
-        self.relay.spawn(link.start(sock))
+        self.relay.spawn(link.start(sock), link)
 
     def issue_cookie(self, client: cstp.ClientInfo) -> str:
         now = time.monotonic()
@@ -255,19 +255,19 @@ class CstpLink(asyncio.Protocol):
             # here, so here is where a client that does not read is caught.
             queued = t.get_write_buffer_size()
             if queued > CLIENT_WRITE_HARD_LIMIT:
-                self._over_cap("client-not-reading", f"client does not read: {queued} bytes "
-                               f"queued for it (at most {CLIENT_WRITE_HARD_LIMIT})")
+                self._drop_non_reader(t, queued)
                 return
         if self.proto.state is cstp.State.CLOSED:
             t.close()
 
-    def _over_cap(self, cap: str, message: str) -> None:
-        """Close a peer that exceeded a cap at once, dropping what is queued for it."""
-        self.relay.stats.peer_closed[cap] += 1
+    def _drop_non_reader(self, t: asyncio.Transport, queued: int) -> None:
+        """Close at once, dropping what is queued (close() would wait for it)."""
+        message = f"client does not read: {queued} bytes queued for it (at most " \
+                  f"{CLIENT_WRITE_HARD_LIMIT})"
+        self.relay.stats.peer_closed["client-not-reading"] += 1
         log.warning("dropped %s: %s", self, message)
-        self._end(cap, message)
-        if self.transport is not None:
-            self.transport.abort()
+        self._end("client-not-reading", message)
+        t.abort()
         self._forget()
 
     # -- liveness -------------------------------------------------------------------
