@@ -72,6 +72,9 @@ MAX_PENDING_OUTPUT = 4 * 1024 * 1024
 # Longest XML value read from the auth bodies; a longer one is ignored (the logs
 # keep at most relay.clienttext's 256 characters of any client text anyway).
 MAX_XML_VALUE = 256
+# Longest attribute list of an XML tag read from them (openconnect's longest,
+# <config-auth ...>, is ~60 characters).
+MAX_XML_ATTRS = 512
 # Reason byte openconnect puts before the text of a DISCONNECT (cstp.c, cstp_bye).
 DISCONNECT_REASON_CODE = 0xB0
 # Lease announced to the client; the session ends with the TCP connection anyway.
@@ -221,13 +224,36 @@ _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e]*")
 _VERSION = re.compile(r"v?\d[\w.+~-]*")
 
 
+def _xml_tag(body: str, tag: str) -> tuple[str, int] | None:
+    """(attributes, end) of the first ``<tag ...>``; None when there is none or
+    its attributes are longer than MAX_XML_ATTRS. Only the first counts:
+    openconnect sends each tag once, and a body that repeats one thousands of
+    times costs no more to read (patterns tried at every repeat took 60 ms over
+    64 KiB of "<device-id ")."""
+    m = re.search(rf"<{tag}[\s>]", body)
+    if m is None:
+        return None
+    start = m.end() - 1
+    close = body.find(">", start, start + MAX_XML_ATTRS + 2)
+    return (body[start:close], close + 1) if close >= 0 else None
+
+
 def _xml_text(body: str, tag: str) -> str | None:
-    m = re.search(rf"<{tag}(?:\s[^>]{{0,512}})?>([^<]{{0,{MAX_XML_VALUE}}})</{tag}>", body)
-    return html.unescape(m.group(1)).strip() if m else None
+    """The text of the first ``<tag ...>text</tag>``, entities decoded."""
+    found = _xml_tag(body, tag)
+    if found is None:
+        return None
+    end = found[1]
+    stop = body.find("<", end, end + MAX_XML_VALUE + 1)
+    if stop < 0 or not body.startswith(f"</{tag}>", stop):
+        return None
+    return html.unescape(body[end:stop]).strip()
 
 
 def _xml_attr(body: str, tag: str, attr: str) -> str | None:
-    m = re.search(rf"<{tag}\s[^>]{{0,512}}?\b{attr}=\"([^\"]{{0,{MAX_XML_VALUE}}})\"", body)
+    """The value of ``attr="..."`` in the first ``<tag ...>``, entities decoded."""
+    found = _xml_tag(body, tag)
+    m = re.search(rf'\s{attr}="([^"]{{0,{MAX_XML_VALUE}}})"', found[0]) if found else None
     return html.unescape(m.group(1)).strip() if m else None
 
 
@@ -526,7 +552,8 @@ class CstpServer:
             self.client.platform = _xml_text(body, "device-id") or self.client.platform
             self.client.device_id = (_xml_attr(body, "device-id", "unique-id")
                                      or self.client.device_id)
-            if not re.search(r'<config-auth[^>]{0,512}type="auth-reply"', body):
+            opening = _xml_tag(body, "config-auth")
+            if opening is None or 'type="auth-reply"' not in opening[0]:
                 return None
             user = _xml_text(body, "username")
             password = _xml_text(body, "password")

@@ -266,6 +266,23 @@ def test_client_strings_are_kept_as_sent_for_the_relay_to_clean() -> None:
     assert c.client.software()["name"] == "a" and c.client.software()["version"] == "9.1"
 
 
+def test_only_the_first_xml_tag_counts() -> None:
+    # A body repeating a tag thousands of times (which the patterns used to try
+    # at every repeat, 60 ms per request) is read at its first one.
+    c = CstpServer()
+    body = ('<config-auth client="vpn" type="init">' + "<device-id " * 5000
+            + '<device-id unique-id="late">linux</device-id><version>v1</version>')
+    c.receive_data(post("/", body[:cstp.MAX_BODY_BYTES]))
+    assert c.client.platform == "linux-64"  # the header's, not the late "linux"
+    assert c.client.device_id is None
+    assert c.client.version == "v1"
+    # Attributes longer than the cap hide the tag; a longer name is another tag.
+    c = CstpServer()
+    c.receive_data(post("/", '<config-auth type="init"><versionX>no</versionX><version a="'
+                        + "x" * cstp.MAX_XML_ATTRS + '">v2</version>'))
+    assert c.client.version is None
+
+
 @pytest.mark.parametrize("state", [State.AWAIT_LOGIN, State.AWAIT_TUNNEL])
 def test_bytes_while_the_application_decides_are_capped(state: State) -> None:
     c = CstpServer()
