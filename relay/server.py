@@ -134,9 +134,6 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        nofile_problem = raise_nofile(nofile_needed(self.cfg))
-        if nofile_problem is not None:
-            log.warning("%s", nofile_problem)
         connlog.ensure_dir(self.data_dir)
         self.connlog = connlog.ConnectionLog(self.data_dir)
         self.journal = Journal(self.data_dir)
@@ -267,6 +264,10 @@ class Relay:
         self.handshake_timeout_s = parse_duration(cfg.server.handshake_timeout)
         self.login_timeout_s = parse_duration(cfg.server.login_timeout)
         self.users = _load_users(cfg.server.users)
+        # The caps may have grown (a reload): so may the descriptors they need.
+        nofile_problem = raise_nofile(nofile_needed(cfg))
+        if nofile_problem is not None:
+            log.warning("%s", nofile_problem)
 
     async def reload(self) -> str:
         """Re-read the config; a bad one is refused and the old one stays in force."""

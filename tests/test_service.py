@@ -52,3 +52,21 @@ def test_install_service_needs_a_config() -> None:
     proc = subprocess.run([sys.executable, "-m", "relay.cli", "install-service", "-o",
                            "/dev/null"], capture_output=True, text=True)
     assert proc.returncode == 1 and "--config FILE is required" in proc.stderr
+
+
+def raise_nofile_under(soft: int, hard: int, need: int) -> list[str]:
+    """raise_nofile(need) in a process started with these limits: [problem, soft after]."""
+    code = ("import resource; from relay.service import raise_nofile; "
+            f"print(raise_nofile({need})); print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    proc = subprocess.run(["sh", "-c", f'ulimit -Sn {soft} && ulimit -Hn {hard} && '
+                           f'exec {sys.executable} -c "{code}"'],
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.splitlines()
+
+
+def test_relay_raises_its_soft_open_files_limit_within_the_hard_one() -> None:
+    assert raise_nofile_under(1024, 8000, 4864) == ["None", "4864"]
+    problem, soft = raise_nofile_under(1024, 2000, 4864)
+    assert soft == "2000"
+    assert problem.startswith("open-files limit 2000 is under the 4864 the caps need")
+    assert "LimitNOFILE=4864" in problem
