@@ -314,8 +314,8 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     if not args.config:
         raise RelayError("--config FILE is required: the service runs relay serve --config FILE")
     cfg = _config(args)
-    path = service.install(Path(args.config).resolve(), cfg.data_dir.resolve(),
-                           Path(cfg.capture.bpffs), Path(args.output) if args.output else None)
+    path = service.install(Path(args.config).resolve(), cfg,
+                           Path(args.output) if args.output else None)
     print(f"wrote {path}")
     if not args.output:
         print("then: systemctl daemon-reload && systemctl enable --now relay")

@@ -82,6 +82,13 @@ class ServerConfig:
     # Optional user list: a file of `name:password` lines. Empty = anonymous,
     # any user name and password accepted, as a public relay does.
     users: str = ""
+    # Sessions open at once, all protocols; past this (or with the address pool
+    # used up) a new one is refused with the reason (CSTP 503, OpenVPN
+    # AUTH_FAILED,TEMP). 4x OpenVPN's max-clients default (1024): a 2-core relay
+    # forwards ~800 Mbit/s (bench/), ~200 kbit/s each for 4096 busy sessions, the
+    # least that keeps browsing usable. It sizes the open-files limit too
+    # (relay.service.nofile_needed).
+    max_sessions: int = 4096
 
 
 @dataclass(frozen=True)
@@ -271,6 +278,8 @@ def _validate(cfg: Config) -> None:
     check("[server] handshake_timeout", parse_duration, cfg.server.handshake_timeout)
     check("[server] login_timeout", parse_duration, cfg.server.login_timeout)
     check("[openvpn] listen", parse_hostport, cfg.openvpn.listen)
+    if cfg.server.max_sessions <= 0:
+        raise ConfigError(f"[server] max_sessions: must be positive, got {cfg.server.max_sessions}")
     if cfg.metrics.listen:
         check("[metrics] listen", parse_hostport, cfg.metrics.listen)
     if cfg.server.uplink and not re.fullmatch(r"[A-Za-z0-9._@-]{1,15}", cfg.server.uplink):

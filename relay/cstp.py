@@ -20,6 +20,12 @@ The exchange::
 
 The XML is read with bounded regular expressions over a bounded body, never with
 an XML parser: nothing that parses the network may expand entities or fetch.
+
+Nothing the peer sends makes :meth:`CstpServer.receive_data` raise, and every
+buffer is capped: what breaks the protocol or exceeds a cap becomes a
+:class:`ProtocolError` event (with an HTTP error queued where the peer awaits a
+reply) and the machine closes. Client-declared text (User-Agent, platform, ...)
+is kept as sent, bounded by the request head; the relay cleans it for the logs.
 """
 
 from __future__ import annotations
@@ -47,6 +53,28 @@ MAX_REQUESTS = 8
 # CSTP frame header: 'S' 'T' 'F' 0x01, length (16 bits, big endian), type, 0.
 CSTP_HEADER_LEN = 8
 CSTP_MAGIC = b"STF\x01"
+# The largest frame: the length field is 16 bits. In the tunnel, what stays
+# buffered between receives is at most one incomplete frame, so less than this.
+MAX_FRAME_BYTES = CSTP_HEADER_LEN + 0xFFFF
+# Bytes the peer may send while the application decides on its login or its
+# tunnel (AWAIT_LOGIN, AWAIT_TUNNEL). openconnect sends nothing until it has the
+# reply; this leaves a pipelining client one more whole request (head + body
+# limits above) or one whole frame (MAX_FRAME_BYTES, smaller). h11 likewise stops
+# parsing while it waits for the application and bounds what it holds.
+MAX_PIPELINED_BYTES = MAX_HEAD_BYTES + MAX_BODY_BYTES
+# Replies queued for data_to_send() that the caller has not taken (DPD answers,
+# login forms). ocserv echoes each DPD request at once with cstp_send
+# (worker-vpn.c, parse_data), which waits for the socket, so a client that never
+# reads stalls its own worker and holds at most the kernel's socket send buffer
+# (net.ipv4.tcp_wmem max, 4 MiB by default): the same bound. An honest client has
+# a few small DPD answers outstanding at a time.
+MAX_PENDING_OUTPUT = 4 * 1024 * 1024
+# Longest XML value read from the auth bodies; a longer one is ignored (the logs
+# keep at most relay.clienttext's 256 characters of any client text anyway).
+MAX_XML_VALUE = 256
+# Longest attribute list of an XML tag read from them (openconnect's longest,
+# <config-auth ...>, is ~60 characters).
+MAX_XML_ATTRS = 512
 # Reason byte openconnect puts before the text of a DISCONNECT (cstp.c, cstp_bye).
 DISCONNECT_REASON_CODE = 0xB0
 # Lease announced to the client; the session ends with the TCP connection anyway.
@@ -111,10 +139,12 @@ class PeerDisconnected:
 
 @dataclass(frozen=True, slots=True)
 class ProtocolError:
-    """The peer broke the protocol. Anything queued (an HTTP error) should be
-    sent, then the connection closed."""
+    """The peer broke the protocol, or exceeded a cap (``limit`` then names it,
+    a metric label). Anything queued (an HTTP error) should be sent, then the
+    connection closed."""
 
     message: str
+    limit: str | None = None
 
 
 Event = Credentials | TunnelRequest | Packets | PeerDisconnected | ProtocolError
@@ -122,14 +152,14 @@ Event = Credentials | TunnelRequest | Packets | PeerDisconnected | ProtocolError
 
 @dataclass
 class ClientInfo:
-    """What the client says about itself, gathered across its requests."""
+    """What the client says about itself, gathered across its requests, as it
+    says it (bounded by the request head; cleaned by the relay for the logs)."""
 
     user_agent: str | None = None
     platform: str | None = None
     device_id: str | None = None
     version: str | None = None
     hostname: str | None = None
-    username: str | None = None
 
     def software(self) -> dict[str, str | None]:
         """{name, version, id, platform, hostname} for the connection log: all as
@@ -137,9 +167,14 @@ class ClientInfo:
         reverse lookup of its address)."""
         name = version = None
         if self.user_agent:
-            # "Open AnyConnect VPN Agent v9.01-3" -> name, "v9.01-3"
-            m = re.fullmatch(r"(.*?)\s+(v?\d[\w.+~-]*)", self.user_agent)
-            name, version = (m.group(1), m.group(2)) if m else (self.user_agent, None)
+            # "Open AnyConnect VPN Agent v9.01-3" -> name, "v9.01-3". Split at the
+            # last white space, not with a regular expression: a backtracking one
+            # took seconds over a 16 KiB User-Agent of spaces.
+            parts = self.user_agent.rsplit(None, 1)
+            if len(parts) == 2 and _VERSION.fullmatch(parts[1]):
+                name, version = parts
+            else:
+                name = self.user_agent
         return {"name": name, "version": version or self.version, "id": self.device_id,
                 "platform": self.platform, "hostname": self.hostname}
 
@@ -163,35 +198,63 @@ class Request:
     body: bytes = b""
 
     @property
-    def path(self) -> str:
-        return urllib.parse.urlsplit(self.target).path or "/"
+    def path(self) -> str | None:
+        """The target's path: origin-form (RFC 9112 3.2.1: "/auth?x") or
+        absolute-form ("https://host/auth"); None when the target is neither
+        (urlsplit raises on a malformed authority such as "http://[x")."""
+        if self.target.startswith("/"):
+            return self.target.partition("?")[0]
+        try:
+            parts = urllib.parse.urlsplit(self.target)
+        except ValueError:
+            return None
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return None
+        return parts.path or "/"
 
 
 # --- Helpers -----------------------------------------------------------------------
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) (\S{1,2048}) HTTP/1\.([01])")
+# The target is visible ASCII (RFC 9112 request-target; RFC 3986 percent-encodes
+# anything else), so it always decodes.
+_REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) ([\x21-\x7e]{1,2048}) HTTP/1\.([01])")
 # Header values: visible ASCII, space and tab (RFC 9110 field-value, no obs-text).
 _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e]*")
-_PRINTABLE_MAX = 256  # longest client-supplied string we keep for the logs
+_VERSION = re.compile(r"v?\d[\w.+~-]*")
+
+
+def _xml_tag(body: str, tag: str) -> tuple[str, int] | None:
+    """(attributes, end) of the first ``<tag ...>``; None when there is none or
+    its attributes are longer than MAX_XML_ATTRS. Only the first counts:
+    openconnect sends each tag once, and a body that repeats one thousands of
+    times costs no more to read (patterns tried at every repeat took 60 ms over
+    64 KiB of "<device-id ")."""
+    m = re.search(rf"<{tag}[\s>]", body)
+    if m is None:
+        return None
+    start = m.end() - 1
+    close = body.find(">", start, start + MAX_XML_ATTRS + 2)
+    return (body[start:close], close + 1) if close >= 0 else None
 
 
 def _xml_text(body: str, tag: str) -> str | None:
-    m = re.search(rf"<{tag}(?:\s[^>]{{0,512}})?>([^<]{{0,{_PRINTABLE_MAX}}})</{tag}>", body)
-    return html.unescape(m.group(1)).strip() if m else None
+    """The text of the first ``<tag ...>text</tag>``, entities decoded."""
+    found = _xml_tag(body, tag)
+    if found is None:
+        return None
+    end = found[1]
+    stop = body.find("<", end, end + MAX_XML_VALUE + 1)
+    if stop < 0 or not body.startswith(f"</{tag}>", stop):
+        return None
+    return html.unescape(body[end:stop]).strip()
 
 
 def _xml_attr(body: str, tag: str, attr: str) -> str | None:
-    m = re.search(rf"<{tag}\s[^>]{{0,512}}?\b{attr}=\"([^\"]{{0,{_PRINTABLE_MAX}}})\"", body)
+    """The value of ``attr="..."`` in the first ``<tag ...>``, entities decoded."""
+    found = _xml_tag(body, tag)
+    m = re.search(rf'\s{attr}="([^"]{{0,{MAX_XML_VALUE}}})"', found[0]) if found else None
     return html.unescape(m.group(1)).strip() if m else None
-
-
-def _clean(value: str | None) -> str | None:
-    """Client-supplied text for the logs: printable, bounded, or None."""
-    if value is None:
-        return None
-    value = "".join(ch for ch in value if ch.isprintable())[:_PRINTABLE_MAX].strip()
-    return value or None
 
 
 def frame(ptype: PacketType, payload: bytes = b"") -> bytes:
@@ -277,7 +340,8 @@ class CstpServer:
     # -- application decisions -------------------------------------------------------
 
     def accept_login(self, cookie: str) -> list[Event]:
-        self._expect(State.AWAIT_LOGIN)
+        if not self._expect(State.AWAIT_LOGIN):
+            return []
         headers = [("Content-Type", "text/xml"), ("X-Transcend-Version", "1"),
                    ("Set-Cookie", f"webvpn={cookie}; Secure")]
         self._out += _response("200 OK", headers, _login_ok(cookie))
@@ -285,14 +349,16 @@ class CstpServer:
         return self._process()
 
     def reject_login(self, message: str) -> list[Event]:
-        self._expect(State.AWAIT_LOGIN)
+        if not self._expect(State.AWAIT_LOGIN):
+            return []
         headers = [("Content-Type", "text/xml"), ("X-Transcend-Version", "1")]
         self._out += _response("200 OK", headers, _login_failed(message))
         self.state = State.HTTP
         return self._process()
 
     def open_tunnel(self, p: TunnelParams) -> list[Event]:
-        self._expect(State.AWAIT_TUNNEL)
+        if not self._expect(State.AWAIT_TUNNEL):
+            return []
         headers = [
             ("X-CSTP-Version", "1"),
             ("X-CSTP-Protocol", "Copyright (c) 2004 Cisco Systems, Inc."),
@@ -320,9 +386,10 @@ class CstpServer:
     def refuse_tunnel(self, status: str, reason: str) -> list[Event]:
         """``status`` like "401 Unauthorized" (openconnect then stops retrying) or
         "503 Service Unavailable" (it shows the X-Reason)."""
-        self._expect(State.AWAIT_TUNNEL)
+        if not self._expect(State.AWAIT_TUNNEL):
+            return []
         self._out += _response(status, [("X-Reason", reason)], close=True)
-        self.state = State.CLOSED
+        self._close()
         return []
 
     def disconnect(self, reason: str) -> None:
@@ -331,11 +398,21 @@ class CstpServer:
         if self.state is State.TUNNEL:
             text = reason.encode("ascii", "replace")[:200]
             self._out += frame(PacketType.DISCONNECT, bytes((DISCONNECT_REASON_CODE,)) + text)
-        self.state = State.CLOSED
+        self._close()
 
-    def _expect(self, state: State) -> None:
+    def _close(self) -> None:
+        """Nothing more is read: what the peer sent beyond is dropped."""
+        self.state = State.CLOSED
+        self._buf.clear()
+
+    def _expect(self, state: State) -> bool:
+        """False when the peer closed the machine while the application decided
+        (the decision is moot); a call in any other wrong state is a bug."""
+        if self.state is State.CLOSED:
+            return False
         if self.state is not state:
             raise RuntimeError(f"CSTP: called in state {self.state.value}, not {state.value}")
+        return True
 
     # -- input ----------------------------------------------------------------------
 
@@ -358,14 +435,21 @@ class CstpServer:
                 self._route(request, events)
             else:  # waiting for the application, or closed
                 break
+        if self.state in (State.AWAIT_LOGIN, State.AWAIT_TUNNEL) \
+                and len(self._buf) > MAX_PIPELINED_BYTES:
+            what = "login" if self.state is State.AWAIT_LOGIN else "tunnel"
+            self._fail(events, f"client sent {len(self._buf)} bytes while its {what} was "
+                       f"being decided (at most {MAX_PIPELINED_BYTES})", limit="pipelined-input")
         return events
 
-    def _fail(self, events: list[Event], message: str, status: str | None = None) -> None:
+    def _fail(self, events: list[Event], message: str, status: str | None = None,
+              limit: str | None = None) -> None:
+        if limit:  # what is queued for a peer over a cap is not worth sending
+            self._out.clear()
         if status:
             self._out += _response(status, [], close=True)
-        self.state = State.CLOSED
-        self._buf.clear()
-        events.append(ProtocolError(message))
+        self._close()
+        events.append(ProtocolError(message, limit))
 
     def _next_request(self, events: list[Event]) -> Request | None:
         end = self._buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
@@ -412,15 +496,16 @@ class CstpServer:
             self._fail(events, f"more than {MAX_REQUESTS} requests before the tunnel",
                        "429 Too Many Requests")
             return None
+        # Both groups are ASCII by the pattern: decoding cannot fail.
         return Request(m.group(1).decode(), m.group(2).decode(), headers, body)
 
     def _learn(self, req: Request) -> None:
         h = req.headers
         c = self.client
-        c.user_agent = _clean(h.get("user-agent")) or c.user_agent
-        c.platform = _clean(h.get("x-anyconnect-platform")) or c.platform
-        c.hostname = _clean(h.get("x-cstp-hostname")) or c.hostname
-        c.device_id = _clean(h.get("x-anyconnect-identifier-deviceid")) or c.device_id
+        c.user_agent = h.get("user-agent") or c.user_agent
+        c.platform = h.get("x-anyconnect-platform") or c.platform
+        c.hostname = h.get("x-cstp-hostname") or c.hostname
+        c.device_id = h.get("x-anyconnect-identifier-deviceid") or c.device_id
 
     def _route(self, req: Request, events: list[Event]) -> None:
         self._learn(req)
@@ -438,9 +523,12 @@ class CstpServer:
             self.state = State.AWAIT_TUNNEL
             events.append(TunnelRequest(cookie))
             return
-        if req.path not in AUTH_PATHS:
-            self._fail(events, f"{req.method} to unknown path {req.path[:80]!r}",
-                       "404 Not Found")
+        path = req.path
+        if path is None:
+            self._fail(events, f"bad request target {req.target[:80]!r}", "400 Bad Request")
+            return
+        if path not in AUTH_PATHS:
+            self._fail(events, f"{req.method} to unknown path {path[:80]!r}", "404 Not Found")
             return
         if req.method == "GET":
             self._out += _response("200 OK", [("Content-Type", "text/xml")], LOGIN_FORM)
@@ -454,18 +542,18 @@ class CstpServer:
             self._out += _response("200 OK", [("Content-Type", "text/xml"),
                                               ("X-Transcend-Version", "1")], LOGIN_FORM)
             return
-        self.client.username = _clean(creds.username)
         self.state = State.AWAIT_LOGIN
         events.append(creds)
 
     def _parse_login(self, raw: bytes) -> Credentials | None:
         body = raw.decode("utf-8", "replace")
         if "<config-auth" in body:
-            self.client.version = _clean(_xml_text(body, "version")) or self.client.version
-            self.client.platform = _clean(_xml_text(body, "device-id")) or self.client.platform
-            self.client.device_id = (_clean(_xml_attr(body, "device-id", "unique-id"))
+            self.client.version = _xml_text(body, "version") or self.client.version
+            self.client.platform = _xml_text(body, "device-id") or self.client.platform
+            self.client.device_id = (_xml_attr(body, "device-id", "unique-id")
                                      or self.client.device_id)
-            if not re.search(r'<config-auth[^>]{0,512}type="auth-reply"', body):
+            opening = _xml_tag(body, "config-auth")
+            if opening is None or 'type="auth-reply"' not in opening[0]:
                 return None
             user = _xml_text(body, "username")
             password = _xml_text(body, "password")
@@ -509,14 +597,19 @@ class CstpServer:
                         spans.append(length)
                 elif ptype == PacketType.DPD_REQ:
                     self._out += frame(PacketType.DPD_RESP, bytes(buf[start:end]))
+                    if len(self._out) > MAX_PENDING_OUTPUT:
+                        packets_so_far()
+                        self._fail(events, f"client does not read: {len(self._out)} bytes of "
+                                   f"DPD replies queued (at most {MAX_PENDING_OUTPUT})",
+                                   limit="client-not-reading")
+                        return False
                 elif ptype in (PacketType.DPD_RESP, PacketType.KEEPALIVE):
                     pass
                 elif ptype in (PacketType.DISCONNECT, PacketType.TERMINATE):
                     packets_so_far()
-                    reason = bytes(buf[start + 1:end]).decode("utf-8", "replace")
-                    self.state = State.CLOSED
-                    events.append(PeerDisconnected(_clean(reason) or "client disconnected"))
-                    pos = n
+                    reason = bytes(buf[start + 1:end]).decode("utf-8", "replace").strip()
+                    self._close()
+                    events.append(PeerDisconnected(reason or "client disconnected"))
                     return False
                 elif ptype == PacketType.COMPRESSED:
                     packets_so_far()

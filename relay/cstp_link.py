@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from relay import cstp, rdns
-from relay.sessions import Session
+from relay.sessions import Session, SessionRefused
 from relay.tap import ETH_HLEN
 from relay.tlsconf import server_context
 
@@ -37,6 +37,13 @@ DEAD_PEER_INTERVALS = 3
 # as a router's queue would: 1 MiB is ~700 full-size packets, several hundred ms
 # at typical client rates, more than TCP's congestion control needs.
 CLIENT_WRITE_HIGH_WATER = 1024 * 1024
+# Bytes queued towards a client past which it is closed. Over the high-water mark
+# only control replies are still queued (DPD answers: data is dropped), and the
+# state machine already closes a peer that makes it queue more than
+# cstp.MAX_PENDING_OUTPUT of them (ocserv's bound: the kernel send buffer); so
+# more than both is a client that does not read. Redis closes such a client at its
+# client-output-buffer-limit the same way, rather than hold its replies forever.
+CLIENT_WRITE_HARD_LIMIT = CLIENT_WRITE_HIGH_WATER + cstp.MAX_PENDING_OUTPUT
 
 
 def handshake_failure_reason(exc: BaseException) -> str:
@@ -65,7 +72,7 @@ class CstpListener:
 
     def accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         link = CstpLink(self.relay, self, peer, sock.getsockname()[0])
-        self.relay.spawn(link.start(sock))
+        self.relay.spawn(link.start(sock), link)
 
     def issue_cookie(self, client: cstp.ClientInfo) -> str:
         now = time.monotonic()
@@ -101,7 +108,6 @@ class CstpLink(asyncio.Protocol):
         self.closed = False
         self._lookup: asyncio.Future[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._tunnel_task: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"{self.peer_ip}:{self.peer_port}"
@@ -155,36 +161,34 @@ class CstpLink(asyncio.Protocol):
                 if self.session is not None:
                     relay.to_kernel_batch(self.session, ev.data, ev.spans)
             elif isinstance(ev, cstp.Credentials):
-                if relay.check_login(ev.username, ev.password):
+                if relay.check_login(self, ev.username, ev.password):
                     events.extend(self.proto.accept_login(self.listener.issue_cookie(self.client)))
                 else:
-                    log.warning("login refused for %r from %s", ev.username, self)
                     events.extend(self.proto.reject_login("unknown user or wrong password"))
             elif isinstance(ev, cstp.TunnelRequest):
-                self._tunnel_task = asyncio.ensure_future(self._tunnel(ev))
+                relay.spawn(self._tunnel(ev), self)
             elif isinstance(ev, cstp.PeerDisconnected):
                 self._flush()
                 self._end("client-disconnect", None, detail=ev.reason)
             elif isinstance(ev, cstp.ProtocolError):
-                relay.stats.handshake_failures["protocol-error"] += 1
+                if ev.limit:
+                    relay.stats.peer_closed[ev.limit] += 1
+                else:
+                    relay.stats.handshake_failures["protocol-error"] += 1
                 log.warning("dropped %s: %s", self, ev.message)
                 self._flush()
-                self._end("protocol-error", ev.message)
+                self._end(ev.limit or "protocol-error", ev.message)
         self._flush()
 
     async def _tunnel(self, ev: cstp.TunnelRequest) -> None:
         """Open the session, then answer the CONNECT; the state machine buffers
-        whatever the client sends meanwhile."""
+        (a bounded amount of) whatever the client sends meanwhile. Run by
+        ``relay.spawn``: an exception ends the connection with a log line."""
         relay = self.relay
         pending = self.listener.redeem_cookie(ev.cookie)
         if pending is None:
             log.warning("refused %s: CONNECT with an unknown or expired cookie", self)
             self._handle(self.proto.refuse_tunnel("401 Unauthorized", "unknown or expired cookie"))
-            return
-        refusal = relay.refuse_reason()
-        if refusal is not None:
-            log.error("refused a session from %s: %s", self, refusal)
-            self._handle(self.proto.refuse_tunnel("503 Service Unavailable", refusal))
             return
         client = pending.client
         # The tunnel request may come on a new connection: keep what the client
@@ -193,8 +197,15 @@ class CstpLink(asyncio.Protocol):
             if value is not None:
                 setattr(client, key, value)
         self.client = client
-        s = await relay.open_session(self, "SSL-VPN", client.software())
-        if self.closed:  # the client went away while the session was being set up
+        try:
+            s = await relay.open_session(self, "SSL-VPN", client.software())
+        except SessionRefused as exc:
+            # 503 + X-Reason: openconnect prints "VPN service unavailable; reason: ..."
+            log.error("refused a session from %s: %s", self, exc)
+            self._handle(self.proto.refuse_tunnel("503 Service Unavailable", str(exc)))
+            return
+        if self.closed or self.proto.state is cstp.State.CLOSED:
+            # The client went away (or broke a cap) while the session was set up.
             relay.close_session(self, s, "connection-closed", "closed during tunnel set-up")
             return
         self.session = s
@@ -221,6 +232,9 @@ class CstpLink(asyncio.Protocol):
         n = len(frame) - ETH_HLEN
         s.packets_out += 1
         s.bytes_out += n
+        stats = self.relay.stats
+        stats.packets_out += 1
+        stats.bytes_out += n
         t.write(cstp.data_header(n) + frame[ETH_HLEN:])
 
     def pause_writing(self) -> None:
@@ -231,10 +245,30 @@ class CstpLink(asyncio.Protocol):
 
     def _flush(self) -> None:
         out = self.proto.data_to_send()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
-        if self.proto.state is cstp.State.CLOSED and self.transport is not None:
-            self.transport.close()
+        t = self.transport
+        if t is None:
+            return
+        if out and not t.is_closing():
+            t.write(out)
+            # Data to the client is written only under the high-water mark
+            # (from_kernel); what the state machine makes on its own is written
+            # here, so here is where a client that does not read is caught.
+            queued = t.get_write_buffer_size()
+            if queued > CLIENT_WRITE_HARD_LIMIT:
+                self._drop_non_reader(t, queued)
+                return
+        if self.proto.state is cstp.State.CLOSED:
+            t.close()
+
+    def _drop_non_reader(self, t: asyncio.Transport, queued: int) -> None:
+        """Close at once, dropping what is queued (close() would wait for it)."""
+        message = f"client does not read: {queued} bytes queued for it (at most " \
+                  f"{CLIENT_WRITE_HARD_LIMIT})"
+        self.relay.stats.peer_closed["client-not-reading"] += 1
+        log.warning("dropped %s: %s", self, message)
+        self._end("client-not-reading", message)
+        t.abort()
+        self._forget()
 
     # -- liveness -------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import platform
+import resource
 import shutil
 import socket
 import ssl
@@ -28,6 +29,7 @@ from relay.config import Config, parse_hostport
 from relay.egress import Policy, describe
 from relay.errors import RelayError
 from relay.retention import MIN_FREE_BYTES, REFUSE_FREE_BYTES
+from relay.service import nofile_needed
 
 # Capability bits (linux/capability.h) the relay uses.
 CAP_NET_ADMIN = 12
@@ -277,6 +279,23 @@ def check_clock() -> Check:
                  "" if synced else "records need a true clock: run an NTP client")
 
 
+def check_nofile(cfg: Config) -> Check:
+    """The open-files limit a relay started from here gets: ``relay serve``
+    raises its soft limit up to the hard one, so the hard limit must fit the caps."""
+    name = "open-files limit"
+    need = nofile_needed(cfg)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        return _fail(name, f"hard limit {hard}, under the {need} the caps need "
+                     f"([server] max_sessions {cfg.server.max_sessions} + [abuse] "
+                     f"handshakes_total {cfg.abuse.handshakes_total} + reserve)",
+                     f"LimitNOFILE={need} in the unit (relay install-service writes it), or "
+                     f"ulimit -n {need} before relay serve; or lower [server] max_sessions")
+    raised = "" if soft >= need else f" (soft {soft}: relay serve raises it)"
+    return _ok(name, f"{need} needed, hard limit "
+               f"{'unlimited' if hard == resource.RLIM_INFINITY else hard}{raised}")
+
+
 def check_collector(cfg: Config) -> Check:
     name = "collector"
     if not cfg.forward.collector:
@@ -302,7 +321,7 @@ def run_checks(cfg: Config) -> list[Check]:
     steps: list[Callable[[], Check | list[Check]]] = [
         check_bpf_ringbuf, check_tun_and_clsact, check_bcc, check_nftables,
         lambda: check_egress(cfg), lambda: check_ports(cfg), lambda: check_data_dir(cfg),
-        check_clock, lambda: check_collector(cfg)]
+        lambda: check_nofile(cfg), check_clock, lambda: check_collector(cfg)]
     for step in steps:
         try:
             result = step()

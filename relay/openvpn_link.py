@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from relay import openvpn, rdns
 from relay.config import Config, parse_hostport
 from relay.fsutil import listen_tcp
-from relay.sessions import Session
+from relay.sessions import Session, SessionRefused
 from relay.tap import ETH_HLEN, mac_str
 from relay.tlsconf import ensure_self_signed, server_context
 
@@ -218,23 +218,22 @@ class OpenVPNLink:
                     else:
                         relay.to_kernel(s, ev.data)
             elif isinstance(ev, openvpn.ClientAuth):
-                if relay.check_login(ev.username, ev.password):
+                if relay.check_login(self, ev.username, ev.password):
                     self.software = client_software(ev.peer_info)
                 else:
-                    log.warning("login refused for %r from %s", ev.username, self)
                     self._handle(self.proto.auth_failed("unknown user or wrong password",
                                                         self.loop.time()))
                     return
             elif isinstance(ev, openvpn.PushRequest):
                 if self.session is None and not self.opening and self.software is not None:
-                    refusal = relay.refuse_reason()
+                    refusal = relay.refuse_reason(self)
                     if refusal is not None:
                         log.error("refused a session from %s: %s", self, refusal)
                         self._handle(self.proto.auth_failed(refusal, self.loop.time(),
                                                             temporary=True))
                         return
                     self.opening = True
-                    self.relay.spawn(self._open_session())
+                    self.relay.spawn(self._open_session(), self)
             elif isinstance(ev, openvpn.PeerExit):
                 self._flush()
                 self._end("client-disconnect", None, detail=ev.reason)
@@ -261,7 +260,12 @@ class OpenVPNLink:
     async def _open_session(self) -> None:
         relay = self.relay
         assert self.software is not None
-        s = await relay.open_session(self, PROTOCOL, self.software)
+        try:
+            s = await relay.open_session(self, PROTOCOL, self.software)
+        except SessionRefused as exc:  # filled up since the push request was checked
+            log.error("refused a session from %s: %s", self, exc)
+            self._handle(self.proto.auth_failed(str(exc), self.loop.time(), temporary=True))
+            return
         if self.closed:  # the client went away while the session was being set up
             relay.close_session(self, s, "connection-closed", "closed during session set-up")
             return
@@ -297,6 +301,9 @@ class OpenVPNLink:
             return
         s.packets_out += 1
         s.bytes_out += len(payload)
+        stats = self.relay.stats
+        stats.packets_out += 1
+        stats.bytes_out += len(payload)
         self.transport_send(pkt)
         self.proto.note_sent(self.loop.time())
 

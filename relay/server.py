@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from relay import connlog, control, hotpath
 from relay.abuse import Abuse
+from relay.clienttext import clean
 from relay.config import Config, ConfigError, parse_duration, parse_hostport
 from relay.cstp_link import CstpListener
 from relay.egress import Policy
@@ -39,11 +40,13 @@ from relay.netaddr import canonical_address, canonical_ip
 from relay.openvpn_link import OpenVPNListener
 from relay.rdns import ReverseLookups
 from relay.recording import Recording
+from relay.service import nofile_needed, raise_nofile
 from relay.sessions import (
     CHECKPOINT_INTERVAL_S,
     AddressPool,
     Journal,
     Session,
+    SessionRefused,
     SessionTable,
     tags_in_log,
 )
@@ -71,23 +74,20 @@ TAP_READ_SIZE = 65536 + ETH_HLEN
 
 
 class Stats:
-    """Counters of the relay's life, exported as metrics."""
+    """Counters of the relay's life, exported as metrics. Each is kept up to date
+    where it changes, so a scrape costs the same with 1 or 4096 sessions."""
 
     def __init__(self) -> None:
         self.sessions_total: Counter[str] = Counter()  # by protocol
+        self.sessions_active: Counter[str] = Counter()  # by protocol
         self.handshake_failures: Counter[str] = Counter()  # by reason
+        self.peer_closed: Counter[str] = Counter()  # peers over a cap, by the cap
         self.dropped: Counter[str] = Counter()  # packets, by reason
         self.ua_stamped = 0
         self.ua_missed = 0
-        # Traffic of sessions already closed; open ones are summed at scrape time.
-        self.closed_packets = [0, 0]  # in, out
-        self.closed_bytes = [0, 0]
-
-    def session_closed(self, s: Session) -> None:
-        self.closed_packets[0] += s.packets_in
-        self.closed_packets[1] += s.packets_out
-        self.closed_bytes[0] += s.bytes_in
-        self.closed_bytes[1] += s.bytes_out
+        # Traffic of every session, added where the sessions count theirs.
+        self.packets_in = self.packets_out = 0
+        self.bytes_in = self.bytes_out = 0
 
 
 class Link(Protocol):
@@ -198,11 +198,25 @@ class Relay:
                 continue
             on_accept(sock, peer)
 
-    def spawn(self, coro: Awaitable[None]) -> None:
-        """Run a task that the relay keeps a reference to until it ends."""
+    def spawn(self, coro: Awaitable[None], link: Link | None = None) -> None:
+        """Run a task that the relay keeps a reference to until it ends. An
+        exception it ends with is logged (one line) and ends ``link``, so no
+        connection waits on a task that died."""
         task = asyncio.ensure_future(coro)
         self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        task.add_done_callback(lambda t: self._reap(t, link))
+
+    def _reap(self, task: asyncio.Future[None], link: Link | None) -> None:
+        self.background.discard(task)
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        text = f"{type(exc).__name__}: {exc}"
+        log.debug("task failed", exc_info=exc)
+        if link is None:
+            log.error("internal error: %s", text)
+            return
+        log.error("dropped %s: internal error: %s", link, text)
+        link.terminate("relay-error", "internal error in the relay")
 
     async def _abuse_loop(self) -> None:
         interval = self.cfg.abuse.seconds("summary_interval")
@@ -254,6 +268,10 @@ class Relay:
         self.handshake_timeout_s = parse_duration(cfg.server.handshake_timeout)
         self.login_timeout_s = parse_duration(cfg.server.login_timeout)
         self.users = _load_users(cfg.server.users)
+        # The caps may have grown (a reload): so may the descriptors they need.
+        nofile_problem = raise_nofile(nofile_needed(cfg))
+        if nofile_problem is not None:
+            log.warning("%s", nofile_problem)
 
     async def reload(self) -> str:
         """Re-read the config; a bad one is refused and the old one stays in force."""
@@ -322,22 +340,15 @@ class Relay:
 
     def _metrics(self) -> list[Metric]:
         st = self.stats
-        active: Counter[str] = Counter(s.protocol for s in self.sessions.by_id.values())
-        packets, traffic = list(st.closed_packets), list(st.closed_bytes)
-        for s in self.sessions.by_id.values():
-            packets[0] += s.packets_in
-            packets[1] += s.packets_out
-            traffic[0] += s.bytes_in
-            traffic[1] += s.bytes_out
         free = shutil.disk_usage(self.data_dir).free
         out = [
             Metric("relay_sessions_active", "gauge", "Open sessions, by protocol."),
             Metric("relay_sessions_total", "counter", "Sessions opened, by protocol."),
             Metric("relay_packets_total", "counter",
                    "Packets forwarded; direction in = from clients.")
-            .add(packets[0], direction="in").add(packets[1], direction="out"),
+            .add(st.packets_in, direction="in").add(st.packets_out, direction="out"),
             Metric("relay_bytes_total", "counter", "IP bytes forwarded; in = from clients.")
-            .add(traffic[0], direction="in").add(traffic[1], direction="out"),
+            .add(st.bytes_in, direction="in").add(st.bytes_out, direction="out"),
             Metric("relay_dropped_packets_total", "counter", "Packets dropped, by reason."),
             Metric("relay_ua_stamps_total", "counter", "User-Agent values stamped.")
             .add(st.ua_stamped),
@@ -347,14 +358,18 @@ class Relay:
             Metric("relay_handshake_failures_total", "counter",
                    "Connections that failed before a session, by reason."),
             Metric("relay_refusals_total", "counter",
-                   "Connections refused by the abuse defences, by reason."),
+                   "Connections or sessions refused (abuse defences, a full relay), by reason."),
             Metric("relay_bans_active", "gauge", "Bans in force.").add(
                 sum(1 for b in self.abuse.bans.values() if b.until > time.time())),
             Metric("relay_data_dir_free_bytes", "gauge",
                    "Free space in the data directory's file system.").add(free),
+            Metric("relay_peer_closed_total", "counter",
+                   "Connections closed because the peer exceeded a cap, by the cap."),
         ]
-        for protocol in sorted(set(active) | set(st.sessions_total)):
-            out[0].add(active[protocol], protocol=protocol)
+        for reason, n in sorted(st.peer_closed.items()):
+            out[11].add(n, reason=reason)
+        for protocol in sorted(st.sessions_total):
+            out[0].add(st.sessions_active[protocol], protocol=protocol)
             out[1].add(st.sessions_total[protocol], protocol=protocol)
         for reason, n in sorted(st.dropped.items()):
             out[4].add(n, reason=reason)
@@ -444,32 +459,63 @@ class Relay:
 
     # -- sessions -------------------------------------------------------------------
 
-    def refuse_reason(self) -> str | None:
-        """Why a new session must be refused now (e.g. no disk left to log it)."""
-        return self.recording.refuse_reason() if self.recording is not None else None
+    def refuse_reason(self, link: Link) -> str | None:
+        """Why a new session for ``link`` must be refused now (no disk left to log
+        it, ``[server] max_sessions`` reached, no free address), for the client;
+        None to go ahead. A refusal is counted (``relay_refusals_total``) and
+        summarised into the audit log per source, as the abuse refusals are."""
+        why = self.recording.refuse_reason() if self.recording is not None else None
+        if why is not None:
+            reason = "disk-full"
+        elif len(self.sessions) >= self.cfg.server.max_sessions:
+            reason, why = "max-sessions", "the relay is full; try again later or another relay"
+        elif not self.sessions.pool.available():
+            reason, why = "pool-exhausted", (f"no free address in {self.sessions.pool.network}; "
+                                             "try again later or another relay")
+        else:
+            return None
+        self.abuse.refuse(link.peer_ip, reason)
+        return why
 
-    def check_login(self, username: str, password: str) -> bool:
-        """Anonymous (anything goes) unless [server] users names a user list."""
+    def check_login(self, link: Link, username: str, password: str) -> bool:
+        """Anonymous (anything goes) unless [server] users names a user list.
+        The passwords are compared as UTF-8 bytes, in constant time (any text)."""
         if self.users is None:
             return True
         expected = self.users.get(username)
-        return expected is not None and secrets.compare_digest(expected, password)
-
+        if expected is not None and secrets.compare_digest(
+                expected.encode("utf-8", "surrogatepass"),
+                password.encode("utf-8", "surrogatepass")):
+            return True
+        log.warning("login refused for %r from %s", clean(username), link)
+        return False
 
     async def open_session(self, link: Link, protocol: str, software: dict[str, Any],
                            mac: bytes | None = None) -> Session:
         """A new session for ``link``: address, neighbour entry, connect record.
-        ``mac`` is the client's own MAC for bridged (TAP-style) clients."""
+        ``mac`` is the client's own MAC for bridged (TAP-style) clients.
+        :class:`SessionRefused` when :meth:`refuse_reason` refuses it; any other
+        failure leaves nothing behind (no address, no attribution)."""
         assert self.tap is not None and self.connlog is not None
+        refusal = self.refuse_reason(link)
+        if refusal is not None:
+            raise SessionRefused(refusal)
         # Records name the client as searches and bans do: a dual-stack listener's
         # ::ffff:a.b.c.d is a.b.c.d (the link keeps the raw form to send to).
         client_ip = canonical_ip(link.peer_ip)
         s = self.sessions.open(client_ip, link.peer_port, protocol, mac)
-        # Before the client may send: its packets must be attributed, and replies
-        # to it must find its MAC.
-        if self.recording is not None:
-            self.recording.add_session(s.mac, s.id, client_ip, link.peer_port)
-        await self.tap.add_neighbour(s.virtual_ip, s.mac)
+        try:
+            # Before the client may send: its packets must be attributed, and
+            # replies to it must find its MAC.
+            if self.recording is not None:
+                self.recording.add_session(s.mac, s.id, client_ip, link.peer_port)
+            await self.tap.add_neighbour(s.virtual_ip, s.mac)
+        except BaseException:
+            if self.recording is not None:
+                self.recording.remove_session(s.mac)
+            self.sessions.close(s)
+            self.spawn(self._forget_address(s.virtual_ip))
+            raise
         s.connect_record = self.connlog.append({
             "action": "connect",
             "session_id": s.id,
@@ -478,19 +524,24 @@ class Relay:
             "client": {"ip": client_ip, "port": link.peer_port,
                        "hostname": link.client_hostname()},
             "protocol": s.protocol,
-            "client_software": software,
+            # Client-declared text, cleaned the same way for every protocol.
+            "client_software": {key: clean(value) for key, value in software.items()},
             "virtual_ip": s.virtual_ip,
         })
         s.started = connlog.parse_rfc3339(s.connect_record["time"])
         self.journal.write(s)
         self.links[s.mac] = link
         self.stats.sessions_total[protocol] += 1
+        self.stats.sessions_active[protocol] += 1
         log.info("session %s open: %s:%d as %s (%s)", s.id, client_ip, link.peer_port,
                  s.virtual_ip, s.connect_record["client_software"]["name"])
         return s
 
     def close_session(self, link: Link, s: Session, reason: str, error: str | None) -> None:
+        """End a session: disconnect record, its address freed. ``reason`` may carry
+        the client's own words (a CSTP disconnect reason): it is cleaned."""
         assert self.tap is not None and self.connlog is not None
+        reason = clean(reason) or "unknown"
         self.links.pop(s.mac, None)
         if self.recording is not None:
             self.recording.remove_session(s.mac)
@@ -501,7 +552,7 @@ class Relay:
         self.connlog.append(record)
         self.journal.remove(s)
         self.sessions.close(s)
-        self.stats.session_closed(s)
+        self.stats.sessions_active[s.protocol] -= 1
         log.info("session %s closed: %s%s", s.id, reason, f" ({error})" if error else "")
         self.spawn(self._forget_address(s.virtual_ip))
 
@@ -525,6 +576,7 @@ class Relay:
         self._hot_path(s, data, ok)
         assert self.tap is not None
         fd, head, view = self.tap.fd, self.tap.mac + s.mac + ETHERTYPE_IPV4, memoryview(data)
+        packets = total = 0
         for i in range(0, len(ok), 2):
             off, n = ok[i], ok[i + 1]
             try:
@@ -533,8 +585,12 @@ class Relay:
                 self.stats.dropped["tap-write-error"] += 1
                 log.debug("TAP write failed: %s", exc.strerror)
                 continue
-            s.packets_in += 1
-            s.bytes_in += n
+            packets += 1
+            total += n
+        s.packets_in += packets
+        s.bytes_in += total
+        self.stats.packets_in += packets
+        self.stats.bytes_in += total
 
     def _source_ok(self, s: Session, data: bytearray, off: int, n: int) -> bool:
         """An IPv4 packet from the session's own address: attribution in the logs
@@ -574,8 +630,11 @@ class Relay:
         else:
             self.stats.dropped["not-ipv4"] += 1
             return
+        n = len(frame) - ETH_HLEN
         s.packets_in += 1
-        s.bytes_in += len(frame) - ETH_HLEN
+        s.bytes_in += n
+        self.stats.packets_in += 1
+        self.stats.bytes_in += n
         assert self.tap is not None
         try:
             os.write(self.tap.fd, frame)
@@ -629,8 +688,12 @@ def serve(load_config: Callable[[], Config]) -> None:
             loop.add_signal_handler(sig, stop.set)
         relay = Relay(load_config(), load_config)
 
+        async def reload() -> None:
+            with contextlib.suppress(RelayError):  # reload logged why it refused
+                await relay.reload()
+
         def on_hup() -> None:
-            relay.spawn(relay.reload())
+            relay.spawn(reload())
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         await relay.run(stop)

@@ -41,6 +41,11 @@ CHECKPOINT_INTERVAL_S = 60.0
 _TAG_IN_LOG = re.compile(rb'"session_id":"([A-Za-z0-9_-]{8})')
 
 
+class SessionRefused(RelayError):
+    """No session can be opened now (the relay is full, ...); the message is for
+    the client."""
+
+
 def new_session_id(taken_tags: set[str]) -> str:
     while True:
         sid = secrets.token_urlsafe(16)
@@ -133,6 +138,11 @@ class AddressPool:
 
     def release(self, ip: str) -> None:
         self._used.discard(int(ipaddress.IPv4Address(ip)))
+
+    def available(self) -> int:
+        """Addresses free now (one of a closed session is free once its neighbour
+        entry is gone)."""
+        return self._last - self._first + 1 - len(self._used)
 
 
 class SessionTable:

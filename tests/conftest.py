@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from shiputil import Pki, make_pki
 
 from relay import connlog
-from relay.netns import Topology, wait_for
+from relay.netns import Topology, run, wait_for
 
 REQUIRED_TOOLS = ("ip", "nft", "openconnect", "openvpn", "nginx", "curl", "ss", "tshark", "tc")
 _counter = itertools.count()
@@ -71,3 +72,14 @@ def wait_records(data: Path, action: str, count: int, timeout: float = 20
     """Wait until the connection log holds ``count`` records of ``action``."""
     wait_for(lambda: len(records(data, action)) >= count, timeout, f"{count} {action} records")
     return records(data, action)
+
+
+def scrape(topo: Topology) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The relay's metrics (default address, in the relay namespace): (name,
+    sorted labels) -> value."""
+    text = run(["curl", "-sS", "--fail", "http://127.0.0.1:9810/metrics"], topo.relay_ns).stdout
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out

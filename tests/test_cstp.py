@@ -180,6 +180,16 @@ def test_refused_tunnel_is_401_and_closes() -> None:
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"411", "chunked"),
         (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", b"431", "header fields"),
         (b"GET / HTTP/1.1\r\nX: " + b"a" * (cstp.MAX_HEAD_BYTES + 10), b"431", "request head"),
+        # Targets that raised out of the parser: bytes that are not ASCII (UTF-8
+        # decoding), an authority urlsplit rejects ("Invalid IPv6 URL").
+        (b"GET /\xff HTTP/1.1\r\n\r\n", b"400", "bad request line"),
+        (b"GET /\xc3\xa9 HTTP/1.1\r\n\r\n", b"400", "bad request line"),
+        (b"GET //[x HTTP/1.1\r\n\r\n", b"404", "unknown path '//[x'"),
+        (b"GET http://[x/ HTTP/1.1\r\n\r\n", b"400", "bad request target"),
+        (b"POST ftp://relay/auth HTTP/1.1\r\n\r\n", b"400", "bad request target"),
+        (b"GET *\x00 HTTP/1.1\r\n\r\n", b"400", "bad request line"),
+        (b"GET / HTTP/1.1\r\nX-\xff: a\r\n\r\n", b"400", "bad header line"),
+        (b"GET / HTTP/1.1\r\nUser-Agent: \xe2\x80\xae\r\n\r\n", b"400", "bad header line"),
     ],
 )
 def test_hostile_requests_fail_with_a_status_and_close(data: bytes, status: bytes,
@@ -231,14 +241,98 @@ def test_truncated_cstp_length_waits() -> None:
     assert batch.payloads() == [b"y" * 1000]
 
 
-def test_client_strings_are_cleaned_for_the_logs() -> None:
+def test_absolute_form_target_is_routed_by_its_path() -> None:
     c = CstpServer()
-    c.receive_data(b"GET / HTTP/1.1\r\nUser-Agent: evil\tagent v1\r\n\r\n")
-    sw = c.client.software()
-    assert sw["name"] == "evilagent" and sw["version"] == "v1"
-    body = '<config-auth client="vpn" type="init"><version who="vpn">' + "v" * 5000 + "</version>"
+    assert c.receive_data(b"GET https://relay/?x=1 HTTP/1.1\r\n\r\n") == []
+    assert b'type="auth-request"' in c.data_to_send()
+
+
+def test_client_strings_are_kept_as_sent_for_the_relay_to_clean() -> None:
+    c = CstpServer()
+    c.receive_data(b"GET / HTTP/1.1\r\nUser-Agent: evil\tagent   v1\r\n\r\n")
+    assert c.client.software()["name"] == "evil\tagent" and c.client.software()["version"] == "v1"
+    # An XML value longer than the module reads is ignored; an entity may name
+    # any character (the relay cleans it).
+    body = ('<config-auth client="vpn" type="init"><version who="vpn">' + "v" * 5000
+            + '</version><device-id unique-id="&#x202E;id">linux&#x2066;</device-id>')
     c.receive_data(post("/", body))
-    assert c.client.version is None or len(c.client.version) <= 256
+    assert c.client.version is None
+    assert c.client.device_id == "\u202eid" and c.client.platform == "linux\u2066"
+    # The name/version split is linear: a User-Agent of a head's worth of spaces
+    # (which a backtracking pattern took seconds over) is split at once.
+    c.client.user_agent = "a" + " " * cstp.MAX_HEAD_BYTES + "x"
+    assert c.client.software()["name"] == c.client.user_agent
+    c.client.user_agent = "a" + " " * cstp.MAX_HEAD_BYTES + "9.1"
+    assert c.client.software()["name"] == "a" and c.client.software()["version"] == "9.1"
+
+
+def test_only_the_first_xml_tag_counts() -> None:
+    # A body repeating a tag thousands of times (which the patterns used to try
+    # at every repeat, 60 ms per request) is read at its first one.
+    c = CstpServer()
+    body = ('<config-auth client="vpn" type="init">' + "<device-id " * 5000
+            + '<device-id unique-id="late">linux</device-id><version>v1</version>')
+    c.receive_data(post("/", body[:cstp.MAX_BODY_BYTES]))
+    assert c.client.platform == "linux-64"  # the header's, not the late "linux"
+    assert c.client.device_id is None
+    assert c.client.version == "v1"
+    # Attributes longer than the cap hide the tag; a longer name is another tag.
+    c = CstpServer()
+    c.receive_data(post("/", '<config-auth type="init"><versionX>no</versionX><version a="'
+                        + "x" * cstp.MAX_XML_ATTRS + '">v2</version>'))
+    assert c.client.version is None
+
+
+@pytest.mark.parametrize("state", [State.AWAIT_LOGIN, State.AWAIT_TUNNEL])
+def test_bytes_while_the_application_decides_are_capped(state: State) -> None:
+    c = CstpServer()
+    ask = post("/auth", REPLY) if state is State.AWAIT_LOGIN else connect()
+    [decision] = c.receive_data(ask)
+    assert isinstance(decision, Credentials | TunnelRequest) and c.state is state
+    # One whole pipelined request (or frame) is kept for when the decision comes...
+    assert c.receive_data(b"x" * cstp.MAX_PIPELINED_BYTES) == []
+    # ...a byte more is a client that does not wait: it is closed, its bytes dropped.
+    [error] = c.receive_data(b"x")
+    assert isinstance(error, ProtocolError) and error.limit == "pipelined-input"
+    assert f"client sent {cstp.MAX_PIPELINED_BYTES + 1} bytes while its" in error.message
+    assert c.state is State.CLOSED and c.data_to_send() == b""
+    # The application's decision, when it comes, is moot (no exception, nothing sent).
+    if state is State.AWAIT_LOGIN:
+        assert c.accept_login("tok") == [] and c.reject_login("no") == []
+    else:
+        assert c.open_tunnel(PARAMS) == []
+        assert c.refuse_tunnel("503 Service Unavailable", "full") == []
+    assert c.data_to_send() == b""
+
+
+def test_a_flood_in_one_receive_is_capped_too() -> None:
+    c = CstpServer()
+    events = c.receive_data(connect() + frame(PacketType.DATA, b"x" * 60000) * 1000)
+    assert isinstance(events[0], TunnelRequest)
+    assert isinstance(events[1], ProtocolError) and events[1].limit == "pipelined-input"
+
+
+def test_dpd_replies_nobody_takes_are_capped() -> None:
+    c = tunnel()
+    dpd = frame(PacketType.DPD_REQ, b"d" * 1024)
+    n = cstp.MAX_PENDING_OUTPUT // len(dpd)  # replies are as long as the requests
+    assert c.receive_data(dpd * n) == []
+    events = c.receive_data(frame(PacketType.DATA, b"\x45ok") + dpd * 2)
+    assert isinstance(events[0], Packets) and events[0].payloads() == [b"\x45ok"]
+    assert isinstance(events[1], ProtocolError) and events[1].limit == "client-not-reading"
+    assert events[1].message.startswith("client does not read: ")
+    assert "bytes of DPD replies queued" in events[1].message
+    assert c.state is State.CLOSED
+    assert c.data_to_send() == b""  # what it would not read is not kept
+
+
+def test_dpd_replies_taken_as_they_come_are_not_capped() -> None:
+    c = tunnel()
+    dpd = frame(PacketType.DPD_REQ, b"d" * 1024)
+    for _ in range(8):
+        assert c.receive_data(dpd * (cstp.MAX_PENDING_OUTPUT // len(dpd) // 2)) == []
+        assert len(c.data_to_send()) == cstp.MAX_PENDING_OUTPUT // len(dpd) // 2 * len(dpd)
+    assert c.state is State.TUNNEL
 
 
 def test_calls_in_the_wrong_state_are_bugs() -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from conftest import require_root_and_tools
 
+from relay.service import FD_RESERVE
+
 RELAY = [sys.executable, "-m", "relay.cli"]
 
 
@@ -44,7 +46,7 @@ def test_doctor_passes_on_a_set_up_host(tmp_path: Path) -> None:
     assert rc == 0, err
     for name in ("root or capabilities", "BPF syscall and ring buffer", "TUN/TAP",
                  "tc clsact", "bcc and kernel headers", "nftables", "free space", "clock",
-                 "collector"):
+                 "collector", "open-files limit"):
         assert checks[name]["status"] in ("ok", "warn"), checks[name]
     # The egress policy in force, checked by the kernel (nft -c).
     egress = checks["egress policy"]
@@ -82,3 +84,20 @@ def test_doctor_names_the_fix_for_missing_headers_a_bad_dir_and_a_taken_port(
     assert "required check(s) failed" in err
     # The host itself is untouched by the private mounts.
     assert Path(f"/lib/modules/{__import__('platform').release()}/build").exists()
+
+
+def test_doctor_checks_the_open_files_limit_against_the_caps(tmp_path: Path) -> None:
+    require_root_and_tools()
+    conf = config(tmp_path, free_port(), free_port())
+    need = 4096 + 512 + FD_RESERVE
+    # A hard limit under the caps: relay serve could not raise its soft limit far enough.
+    rc, checks, err = doctor(conf, f"ulimit -n {need - 1} &&")
+    limit = checks["open-files limit"]
+    assert rc == 1 and limit["status"] == "FAIL", limit
+    assert f"hard limit {need - 1}, under the {need} the caps need" in limit["detail"]
+    assert f"LimitNOFILE={need}" in limit["fix"] and f"ulimit -n {need}" in limit["fix"]
+    assert "open-files limit" in err
+    # A soft limit under the caps is fine when the hard one allows raising it.
+    rc, checks, _ = doctor(conf, f"ulimit -Sn 1024 && ulimit -Hn {need} &&")
+    assert checks["open-files limit"]["status"] == "ok"
+    assert "soft 1024: relay serve raises it" in checks["open-files limit"]["detail"]

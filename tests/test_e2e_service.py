@@ -10,20 +10,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import records
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import records, scrape
 from shiputil import make_pki, read_day_dir
 
 from relay.netns import Topology, run, wait_for
-
-
-def scrape(topo: Topology) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = run(["curl", "-sS", "--fail", "http://127.0.0.1:9810/metrics"], topo.relay_ns).stdout
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
 
 
 def test_metrics_shipping_reload_and_clean_shutdown(

@@ -653,7 +653,7 @@ def test_verify_reports_a_segment_renamed_over_a_chained_one(
     # The old close: a new segment of the same period, renamed over the first.
     clock = [ts("2026-03-29 09:00:00")]
     w = packetlog.PacketLogWriter(data, clock=lambda: clock[0])
-    recs = flow("D", "2026-03-29 09:00:00", "203.0.113.7", 443)
+    recs = flow(SESSIONS["D"], SID["D"], "2026-03-29 09:00:00", "203.0.113.7", 443)
     w.write(to_c(recs), len(recs))
     seg = w._seg
     assert seg is not None
@@ -675,7 +675,7 @@ def test_torn_chain_line_is_reported_once_and_appends_go_on(
     clock = [ts("2026-03-29 00:00:00")]
     for seed in (1, 2):
         w = packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0])
-        recs = flow("A", "2026-03-29 00:45:00", "203.0.113.7", 443 + seed)
+        recs = flow(SESSIONS["A"], SID["A"], "2026-03-29 00:45:00", "203.0.113.7", 443 + seed)
         w.write(to_c(recs), len(recs))
         w.close()
         clock[0] += 3600
@@ -685,7 +685,7 @@ def test_torn_chain_line_is_reported_once_and_appends_go_on(
     path.write_bytes(good + torn)  # the third link's first 40 bytes, no newline
 
     w = packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0])
-    recs = flow("B", "2026-03-29 02:00:00", "203.0.113.7", 443)
+    recs = flow(SESSIONS["B"], SID["B"], "2026-03-29 02:00:00", "203.0.113.7", 443)
     w.write(to_c(recs), len(recs))
     w.close()
     lines = path.read_bytes().splitlines()

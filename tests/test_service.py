@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from relay import config, service
+
 
 def test_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     assert shutil.which("systemd-analyze"), "systemd-analyze missing: apt-get install systemd"
@@ -31,9 +33,40 @@ def test_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     assert directives["Restart"] == "on-failure"
     assert directives["StandardError"] == "journal"
     assert directives["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # A socket per session and per handshake at the default caps, plus the reserve.
+    assert directives["LimitNOFILE"] == str(4096 + 512 + service.FD_RESERVE)
+
+
+def test_open_files_limit_follows_the_caps(tmp_path: Path) -> None:
+    conf = tmp_path / "relay.toml"
+    conf.write_text(f'[server]\nmax_sessions = 20000\n[abuse]\nhandshakes_total = 1000\n'
+                    f'[logs]\ndata_dir = "{tmp_path / "data"}"\n')
+    unit = tmp_path / "relay.service"
+    subprocess.run([sys.executable, "-m", "relay.cli", "install-service", "--config",
+                    str(conf), "-o", str(unit)], capture_output=True, text=True, check=True)
+    assert f"\nLimitNOFILE={20000 + 1000 + service.FD_RESERVE}\n" in unit.read_text()
+    assert service.nofile_needed(config.load(conf)) == 20000 + 1000 + service.FD_RESERVE
 
 
 def test_install_service_needs_a_config() -> None:
     proc = subprocess.run([sys.executable, "-m", "relay.cli", "install-service", "-o",
                            "/dev/null"], capture_output=True, text=True)
     assert proc.returncode == 1 and "--config FILE is required" in proc.stderr
+
+
+def raise_nofile_under(soft: int, hard: int, need: int) -> list[str]:
+    """raise_nofile(need) in a process started with these limits: [problem, soft after]."""
+    code = ("import resource; from relay.service import raise_nofile; "
+            f"print(raise_nofile({need})); print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    proc = subprocess.run(["sh", "-c", f'ulimit -Sn {soft} && ulimit -Hn {hard} && '
+                           f'exec {sys.executable} -c "{code}"'],
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.splitlines()
+
+
+def test_relay_raises_its_soft_open_files_limit_within_the_hard_one() -> None:
+    assert raise_nofile_under(1024, 8000, 4864) == ["None", "4864"]
+    problem, soft = raise_nofile_under(1024, 2000, 4864)
+    assert soft == "2000"
+    assert problem.startswith("open-files limit 2000 is under the 4864 the caps need")
+    assert "LimitNOFILE=4864" in problem

@@ -1,0 +1,236 @@
+"""The protocol-agnostic core (relay.server.Relay) without devices: logins with
+any text, sessions refused when the relay is full (counted, audited), tasks that
+fail end their connection, client text cleaned for every protocol, and a metrics
+scrape that does not walk the sessions. The TAP device is a stand-in: these are
+unit tests of the core's bookkeeping; the end-to-end tests run the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import time
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import records
+
+from relay import config, connlog, cstp
+from relay.abuse import Abuse
+from relay.errors import RelayError
+from relay.openvpn_link import client_software
+from relay.server import Relay
+from relay.sessions import AddressPool, Journal, SessionRefused, SessionTable
+
+
+class FakeTap:
+    """Neighbour entries in a dict, frames into a pipe."""
+
+    mac = b"\x02\x00\x00\x00\x00\x01"
+
+    def __init__(self) -> None:
+        self.neighbours: dict[str, bytes] = {}
+        self.fail = False
+        self.frames, self.fd = os.pipe()
+        os.set_blocking(self.frames, False)
+
+    async def add_neighbour(self, ip: str, mac: bytes) -> None:
+        if self.fail:
+            raise RelayError("netlink: RTM_NEWNEIGH failed")
+        self.neighbours[ip] = mac
+
+    async def remove_neighbour(self, ip: str) -> None:
+        self.neighbours.pop(ip, None)
+
+
+class FakeLink:
+    local_ip = "192.0.2.1"
+
+    def __init__(self, port: int = 40000, ip: str = "198.51.100.7") -> None:
+        self.peer_ip, self.peer_port = ip, port
+        self.session = None
+        self.terminated: tuple[str, str] | None = None
+
+    def __repr__(self) -> str:
+        return f"{self.peer_ip}:{self.peer_port}"
+
+    def client_hostname(self) -> str | None:
+        return None
+
+    def from_kernel(self, frame: bytes) -> None:
+        pass
+
+    def terminate(self, reason: str, message: str) -> None:
+        self.terminated = (reason, message)
+
+
+def make_relay(data: Path, users: Path | None = None, **server: Any) -> Relay:
+    if users is not None:
+        server["users"] = str(users)
+    cfg = config.from_dict({"server": server, "logs": {"data_dir": str(data)},
+                            "tap": {"pool": "10.211.0.0/29"}})
+    relay = Relay(cfg)
+    connlog.ensure_dir(data)
+    relay.connlog = connlog.ConnectionLog(data)
+    relay.journal = Journal(data)
+    relay.abuse = Abuse(cfg.abuse, data, relay.audit, time.time)
+    relay.sessions = SessionTable(AddressPool(cfg.pool), set())
+    relay.tap = FakeTap()  # type: ignore[assignment]
+    return relay
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    # The loop the relay's synchronous calls (close_session spawns a task) find too,
+    # whatever an earlier test left as the current loop.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+def test_login_compares_any_text_in_constant_time(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    users = tmp_path / "users"
+    users.write_text("alice:pässwörd\nbob:secret\n")
+    relay = make_relay(tmp_path / "data", users)
+    link = FakeLink()
+    assert relay.check_login(link, "alice", "pässwörd")
+    # Non-ASCII against ASCII and the reverse raised TypeError from compare_digest.
+    assert not relay.check_login(link, "bob", "sécret")
+    assert not relay.check_login(link, "alice", "password")
+    assert not relay.check_login(link, "alice", "\udcff")  # a lone surrogate, too
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        assert not relay.check_login(link, "\u202emallory\x1b[2J", "x")
+    assert "login refused for 'mallory[2J' from 198.51.100.7:40000" in caplog.text
+
+
+def test_full_relay_refuses_counts_and_audits(tmp_path: Path,
+                                              loop: asyncio.AbstractEventLoop) -> None:
+    relay = make_relay(tmp_path, max_sessions=2)
+    first, second, third = FakeLink(1), FakeLink(2), FakeLink(3, "203.0.113.9")
+    for link in (first, second):
+        loop.run_until_complete(relay.open_session(link, "SSL-VPN", {"name": "x"}))
+    assert relay.refuse_reason(third) == "the relay is full; try again later or another relay"
+    with pytest.raises(SessionRefused, match="the relay is full"):
+        loop.run_until_complete(relay.open_session(third, "SSL-VPN", {"name": "x"}))
+    assert len(relay.sessions) == 2
+    assert relay.abuse.refused_total["max-sessions"] == 2
+    summary = relay.abuse.summarise()
+    assert summary is not None and summary["sources"] == {"203.0.113.9": {"max-sessions": 2}}
+    [refusals] = [m for m in relay._metrics() if m.name == "relay_refusals_total"]
+    assert refusals.samples == [({"reason": "max-sessions"}, 2)]
+
+
+def test_exhausted_pool_is_a_refusal_not_an_exception(tmp_path: Path,
+                                                      loop: asyncio.AbstractEventLoop) -> None:
+    relay = make_relay(tmp_path)  # a /29: five client addresses
+    for port in range(5):
+        loop.run_until_complete(relay.open_session(FakeLink(port), "OpenVPN", {"name": "x"}))
+    with pytest.raises(SessionRefused, match=r"no free address in 10\.211\.0\.0/29"):
+        loop.run_until_complete(relay.open_session(FakeLink(9), "OpenVPN", {"name": "x"}))
+    assert relay.abuse.refused_total == {"pool-exhausted": 1}
+
+
+def test_a_failed_open_leaves_nothing_behind(tmp_path: Path,
+                                             loop: asyncio.AbstractEventLoop) -> None:
+    relay = make_relay(tmp_path)
+    relay.tap.fail = True  # type: ignore[union-attr]
+    with pytest.raises(RelayError, match="netlink"):
+        loop.run_until_complete(relay.open_session(FakeLink(), "SSL-VPN", {"name": "x"}))
+    loop.run_until_complete(asyncio.sleep(0))  # the address is released by a task
+    assert len(relay.sessions) == 0 and relay.sessions.pool.available() == 5
+    assert records(tmp_path) == []
+
+
+def test_a_task_that_fails_ends_its_connection_with_a_log_line(
+        tmp_path: Path, loop: asyncio.AbstractEventLoop,
+        caplog: pytest.LogCaptureFixture) -> None:
+    relay = make_relay(tmp_path)
+    link = FakeLink()
+    unretrieved: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+
+    async def fails() -> None:
+        raise RelayError("netlink: RTM_NEWNEIGH failed")
+
+    async def run() -> None:
+        relay.spawn(fails(), link)
+        relay.spawn(fails())
+        await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.ERROR, logger="relay"):
+        loop.run_until_complete(run())
+    assert link.terminated == ("relay-error", "internal error in the relay")
+    assert ("dropped 198.51.100.7:40000: internal error: RelayError: netlink: RTM_NEWNEIGH "
+            "failed") in caplog.text
+    assert "internal error: RelayError" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert not relay.background
+    gc.collect()
+    assert unretrieved == []
+
+
+def test_client_text_is_cleaned_for_every_protocol(tmp_path: Path,
+                                                   loop: asyncio.AbstractEventLoop) -> None:
+    relay = make_relay(tmp_path)
+    machine = cstp.CstpServer()
+    body = (b'<config-auth type="init"><device-id unique-id="&#x202E;id&#x200B;">'
+            b"linux&#x2066;-64</device-id>")
+    machine.receive_data(
+        b"POST / HTTP/1.1\r\nUser-Agent: Evil\tClient  v6.6\r\n"
+        b"X-CSTP-Hostname: host\tname\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    peer_info = {"IV_VER": "2.6.3\x1b[2J", "IV_PLAT": "linux\u202e\u2066",
+                 "IV_GUI_VER": "gui " + "x" * 5000, "IV_HWADDR": "\x00\x1b"}
+    for link, protocol, software in ((FakeLink(1), "SSL-VPN", machine.client.software()),
+                                     (FakeLink(2), "OpenVPN", client_software(peer_info))):
+        s = loop.run_until_complete(relay.open_session(link, protocol, software))
+        relay.close_session(link, s, "client-disconnect: bye\x1b[2J\u202e\r\nforged", None)
+    connects = records(tmp_path, "connect")
+    assert connects[0]["client_software"] == {
+        "name": "Evil Client", "version": "v6.6", "id": "id", "platform": "linux-64",
+        "hostname": "host name"}
+    sw = connects[1]["client_software"]
+    assert sw["version"] == "2.6.3[2J" and sw["platform"] == "linux" and sw["id"] is None
+    assert sw["gui"] == ("gui " + "x" * 5000)[:256]
+    for rec in records(tmp_path, "disconnect"):
+        assert rec["reason"] == "client-disconnect: bye[2J forged"
+
+
+def test_metrics_scrape_keeps_totals_without_walking_sessions(
+        tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    relay = make_relay(tmp_path)
+    links = [FakeLink(port) for port in range(3)]
+    sessions = [loop.run_until_complete(relay.open_session(link, proto, {"name": "x"}))
+                for link, proto in zip(links, ("SSL-VPN", "SSL-VPN", "OpenVPN"), strict=True)]
+    # Packets from the clients, counted where the core writes them to the TAP;
+    # the first session's still count once it is closed.
+    for s in sessions[:2]:
+        packet = bytearray(b"\x45" + bytes(11) + s.vip_bytes + bytes(4) + b"x" * 80)
+        relay.to_kernel_batch(s, packet + packet, array("I", (0, 100, 100, 100)))
+    relay.to_kernel_frame(sessions[2], bytearray(b"\xff" * 6 + sessions[2].mac + b"\x08\x06"
+                                                 + bytes(8) + sessions[2].mac
+                                                 + sessions[2].vip_bytes + bytes(10)))
+    relay.close_session(links[0], sessions[0], "client-disconnect", None)
+
+    class NoWalking(dict):  # type: ignore[type-arg]
+        def values(self) -> Any:
+            raise AssertionError("the scrape walked the sessions")
+
+        def __iter__(self) -> Any:
+            raise AssertionError("the scrape walked the sessions")
+
+    relay.sessions.by_id = NoWalking(relay.sessions.by_id)
+    metrics = {m.name: m.samples for m in relay._metrics()}
+    assert metrics["relay_sessions_active"] == [({"protocol": "OpenVPN"}, 1),
+                                                ({"protocol": "SSL-VPN"}, 1)]
+    assert metrics["relay_sessions_total"] == [({"protocol": "OpenVPN"}, 1),
+                                               ({"protocol": "SSL-VPN"}, 2)]
+    assert metrics["relay_packets_total"] == [({"direction": "in"}, 5), ({"direction": "out"}, 0)]
+    assert metrics["relay_bytes_total"] == [({"direction": "in"}, 428),
+                                            ({"direction": "out"}, 0)]
