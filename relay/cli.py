@@ -256,7 +256,7 @@ def cmd_ship_status(args: argparse.Namespace) -> int:
     print(f"collector: {cfg.forward.collector or '(none: the connection log stays local)'}")
     for key in ("state", "running", "backlog_records", "backlog_bytes", "position",
                 "last_success", "last_error", "last_error_time", "consecutive_failures",
-                "confirmation", "records_sent", "last_note"):
+                "confirmation", "records_sent", "set_aside", "last_note"):
         if key in st:
             print(f"{key.replace('_', ' ')}: {st[key]}")
     return 0

@@ -184,14 +184,19 @@ uvloop.run(main())
 
 _FORWARDER = """
 import asyncio, logging, signal, sys, types, uvloop
-from relay.forwarder import run_forwarder
+from relay.connlog import ConnectionLog
+from relay.forwarder import make_forwarder, run_forwarder
 logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                     format="relay: %(levelname)s: %(message)s")
 cfg = types.SimpleNamespace(**{cfg!r})
+log = ConnectionLog({data_dir!r})
+def audit(record):  # as relay serve's Relay.audit does
+    log.append({{**record, "server": {{"id": {server_id!r}}}}})
 async def main():
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await run_forwarder(cfg, {data_dir!r}, {server_id!r}, stop, backoff_max={backoff_max!r})
+    fwd = make_forwarder(cfg, {data_dir!r}, {server_id!r}, audit, backoff_max={backoff_max!r})
+    await run_forwarder(fwd, stop)
 uvloop.run(main())
 """
 
