@@ -586,6 +586,10 @@ class Forwarder:
         self.limit: int | None = None
         self.refusals = 0
         self.suspect_end: Position | None = None
+        # Set when the probe showed that the collector refuses every record (a
+        # full disk, a quota): no more splitting, plain back-off, until it
+        # confirms a batch again.
+        self.refuses_all = False
 
     # -- status (kept in memory; the file is for relay ship status) -------------
 
@@ -712,6 +716,7 @@ class Forwarder:
         if self.failures:
             log.info("shipping to %s works again", self.collector)
         self.failures = self.refusals = 0
+        self.refuses_all = False
         now = self.clock()
         self.status.update(last_success=rfc3339_ms(now), last_success_ts=now,
                            consecutive_failures=0, confirmation=confirmation,
@@ -731,7 +736,7 @@ class Forwarder:
     async def _refused(self, batch: Batch) -> None:
         """After a refusal: split the batch, or at one record, probe the next."""
         self.refusals += 1
-        if self.refusals < REFUSALS_BEFORE_SPLIT:
+        if self.refusals < REFUSALS_BEFORE_SPLIT or self.refuses_all:
             return
         self.refusals = 0
         if len(batch.lines) > 1:
@@ -757,9 +762,10 @@ class Forwarder:
         try:
             await self._deliver(probe)
         except Refused as exc:
-            self._note(f"the collector refuses the next record too ({exc}): not a record "
-                       "it cannot take, trying the batch again")
+            self._note(f"the collector refuses the next record too ({exc}): it refuses "
+                       "everything for now; retrying with back-off until it confirms again")
             self._isolated()
+            self.refuses_all = True
             return
         off, raw = culprit.lines[0]
         try:

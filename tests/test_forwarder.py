@@ -298,7 +298,7 @@ def test_a_collector_that_refuses_everything_gets_nothing_set_aside(
     fwd = start_forwarder(tmp_path, relay, receiver.port, pki)
     try:
         # 6 -> 3 -> 1 records, three refusals each, then the probe of the next one.
-        wait_until(lambda: "refuses the next record too" in fwd.log(), what="the probe")
+        wait_until(lambda: "refuses everything for now" in fwd.log(), what="the probe")
     finally:
         fwd.stop()
         receiver.stop.set()
