@@ -441,6 +441,10 @@ class TlsLink:
     async def _flush(self) -> None:
         data = self._out.read()
         if data:
+            if self._writer.transport.is_closing():
+                # The receiver closed while we were writing (uvloop would raise
+                # RuntimeError on the write): a refusal like any other.
+                raise ConnectionResetError("the collector closed the connection")
             self._writer.write(data)
             await self._writer.drain()
 

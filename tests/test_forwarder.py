@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -431,3 +432,52 @@ def test_metrics_read_counters_not_files(tmp_path: Path, pki,
 def connlog_bytes(relay: Path) -> list[bytes]:
     return [read_zst(p) if p.name.endswith(".zst") else p.read_bytes()
             for p in (relay / "connlog").iterdir()]
+
+
+class Dropper(threading.Thread):
+    """A TLS receiver that reads a little of each batch, then closes TCP: the
+    forwarder is still writing (a collector refusing a frame does the same)."""
+
+    def __init__(self, pki) -> None:
+        super().__init__(daemon=True)
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(pki.server_cert, pki.server_key)
+        self.ctx.set_alpn_protocols([CONFIRM_ALPN])
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.connections = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1024)
+                    self.connections += 1
+                    tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                   struct.pack("ii", 1, 0))  # RST on close
+            except (OSError, ssl.SSLError):
+                continue
+        self.sock.close()
+
+
+def test_a_connection_dropped_mid_batch_is_a_failure_not_the_end(tmp_path: Path, pki) -> None:
+    relay = tmp_path / "relay"
+    write_records(relay, 3000)
+    receiver = Dropper(pki)
+    receiver.start()
+    fwd = start_forwarder(tmp_path, relay, receiver.port, pki)
+    try:
+        wait_until(lambda: receiver.connections >= 4, what="repeated attempts")
+        assert fwd.p.poll() is None
+    finally:
+        fwd.stop()
+        receiver.stop.set()
+        receiver.join()
+    assert "shipping task failed" not in fwd.log() and "Traceback" not in fwd.log()
+    assert "batch not confirmed" in fwd.log()
