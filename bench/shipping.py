@@ -116,8 +116,7 @@ def end_to_end(root: Path, pki: Pki, n: int, receiver: str) -> float:
 
 def ingest(root: Path, pki: Pki, n: int, receiver: str) -> float:
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"ingest-{receiver}-"))
-    records = [{**r, "id": f"{i:024x}", "time": "2026-11-25T12:00:00.000Z"}
-               for i, r in enumerate(write_records(tmp / "gen", 1000))]
+    records = [{**r, "id": f"{i:024x}"} for i, r in enumerate(write_records(tmp / "gen", 1000))]
     stream = b"".join(
         s5.frame(s5.format_record({**records[i % 1000], "id": f"{i:024x}"},
                                   hostname="relay-1", procid="1"))
@@ -131,6 +130,7 @@ def ingest(root: Path, pki: Pki, n: int, receiver: str) -> float:
         server = start_collector(tmp, port, pki)
         files = collector_files(tmp)
     ctx = ssl.create_default_context(cafile=str(pki.ca))
+    ctx.load_cert_chain(pki.client_cert, pki.client_key)  # relay-1's, as a relay sends
     try:
         t0 = time.perf_counter()
         with socket.create_connection(("127.0.0.1", port)) as raw, \
