@@ -374,8 +374,10 @@ class Collector:
         now = self.clock()
         received = {"received": rfc3339_ms(now)}
         try:
-            when = datetime.fromisoformat(str(record.get("time"))).astimezone(UTC)
+            when = datetime.fromisoformat(str(record.get("time")))
         except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:  # RFC 3339 times carry their offset
             return _today(self.clock), {**received, "reason": "time is not RFC 3339"}
         if when.timestamp() > now + FUTURE_SKEW_S:
             return _today(self.clock), {**received, "reason": "time more than "
@@ -383,7 +385,7 @@ class Collector:
         if when.timestamp() < now - self.keep_days * 86400:
             return _today(self.clock), {**received, "reason": "time older than the "
                                         f"retention of {self.keep_days} days"}
-        return when.date().isoformat(), None
+        return when.astimezone(UTC).date().isoformat(), None
 
     def _other(self, msg: syslog5424.Message | None, raw: bytes, peer: str,
                identity: str | None, error: str | None, counts: Counts) -> None:

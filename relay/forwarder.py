@@ -673,9 +673,10 @@ class Forwarder:
         entries = [{"time": now, **e} for e in entries]
         await asyncio.to_thread(_append_set_aside, path, entries)
         self.status["set_aside"] += len(entries)
-        for e in entries:
-            self._note(f"set aside the line at {e['day']}+{e['offset']}: {e['reason']}: "
-                       f"{e['detail']}")
+        first = entries[0]
+        self._note(f"set aside {len(entries)} line(s) of the connection log in {path}, the "
+                   f"first at {first['day']}+{first['offset']}: {first['reason']}: "
+                   f"{first['detail']}")
         named = [{"id": (e.get("record") or {}).get("id"), "day": e["day"],
                   "offset": e["offset"], "reason": e["reason"]}
                  for e in entries[:AUDIT_SET_ASIDE_MAX]]
@@ -710,10 +711,23 @@ class Forwarder:
             raise
         return sent, confirmation
 
-    async def _deliver(self, batch: Batch) -> bool:
-        """Ship ``batch``; on confirmation advance the position past it."""
+    async def _deliver(self, batch: Batch, passed_over: Batch | None = None) -> None:
+        """Ship ``batch``; on confirmation advance the position past it (and past
+        ``passed_over``, the refused record before it, set aside first)."""
         set_aside: list[dict[str, Any]] = []
         sent, confirmation = await self._ship(batch, set_aside)
+        if passed_over is not None:
+            off, raw = passed_over.lines[0]
+            try:
+                record: Any = syslog5424.load_record(raw)
+            except syslog5424.SyslogError:
+                record = None
+            set_aside.insert(0, {
+                "reason": "refused-by-collector", "day": passed_over.start.day,
+                "offset": off, "record": record,
+                "detail": f"{REFUSALS_BEFORE_SPLIT} refusals, and the collector confirmed "
+                          "the record after it"})
+            self._moved(passed_over.end, passed_over.size, len(passed_over.lines))
         await self._set_aside(set_aside)
         self._moved(batch.end, batch.size, len(batch.lines))
         await asyncio.to_thread(save_position, self.data_dir, batch.end)
@@ -726,7 +740,6 @@ class Forwarder:
                            consecutive_failures=0, confirmation=confirmation,
                            records_sent=self.status["records_sent"] + sent,
                            batches_sent=self.status["batches_sent"] + 1)
-        return True
 
     def _failed(self, text: str) -> float:
         """Count a failure; the back-off before the next attempt."""
@@ -764,25 +777,13 @@ class Forwarder:
             return  # nothing after it yet (or a jump): try again later
         probe = Batch.of(data, Position(end.day, end.offset - len(data)), end).head(1)
         try:
-            await self._deliver(probe)
+            await self._deliver(probe, passed_over=culprit)
         except Refused as exc:
             self._note(f"the collector refuses the next record too ({exc}): it refuses "
                        "everything for now; retrying with back-off until it confirms again")
             self._isolated()
             self.refuses_all = True
             return
-        off, raw = culprit.lines[0]
-        try:
-            record: Any = syslog5424.load_record(raw)
-        except syslog5424.SyslogError:
-            record = None
-        await self._set_aside([{
-            "reason": "refused-by-collector", "day": culprit.start.day, "offset": off,
-            "record": record, "detail": f"{REFUSALS_BEFORE_SPLIT} refusals while the "
-                                        "collector confirmed the next record"}])
-        # The position is past the probe; the culprit's bytes leave the backlog.
-        self.status["backlog_bytes"] = max(0, self.status["backlog_bytes"] - culprit.size)
-        self.status["backlog_records"] = max(0, self.status["backlog_records"] - 1)
         self._isolated()
 
     def _isolated(self) -> None:

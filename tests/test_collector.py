@@ -451,3 +451,21 @@ def test_verify_reports_tampering(tmp_path: Path) -> None:
     assert ("broken-chain", "relay-7 chain link 1") in kinds(verify_cli(tmp_path)[1])
     chain.write_bytes(b"".join(lines[:-1]))  # the chain cut back: day(2) unchained
     assert ("unchained", f"relay-7/{day(2)}") in kinds(verify_cli(tmp_path)[1])
+
+
+def test_day_window(tmp_path: Path) -> None:
+    c = Collector(tmp_path, keep_days=90, clock=lambda: NOW)  # 2026-06-01T12:00Z
+
+    def filed(time_text: str) -> tuple[str, str | None]:
+        got, flag = c._day({"time": time_text})
+        return got, flag and flag["reason"]
+
+    assert filed("2026-05-31T23:30:00-05:00") == ("2026-06-01", None)  # its UTC day
+    assert filed("2026-06-02T11:00:00.000Z") == ("2026-06-02", None)  # 23 h ahead
+    assert filed("2026-06-02T13:00:00.000Z") == ("2026-06-01", "time more than 24 h in "
+                                                               "the future")
+    assert filed("2026-03-04T00:00:00Z") == ("2026-03-04", None)  # 89 days back
+    assert filed("2026-03-02T00:00:00Z") == ("2026-06-01", "time older than the "
+                                                           "retention of 90 days")
+    for bad in ("2026-06-01T10:00:00", "2026-02-30T00:00:00Z", "", "None"):
+        assert filed(bad) == ("2026-06-01", "time is not RFC 3339"), bad
