@@ -469,3 +469,14 @@ def test_day_window(tmp_path: Path) -> None:
                                                            "retention of 90 days")
     for bad in ("2026-06-01T10:00:00", "2026-02-30T00:00:00Z", "", "None"):
         assert filed(bad) == ("2026-06-01", "time is not RFC 3339"), bad
+
+
+def test_nested_json_is_counted_not_raised(tmp_path: Path) -> None:
+    """Issue 13 item 8: a relay message whose JSON nests 100,000 deep raised
+    RecursionError out of the collector's message handling."""
+    c = Collector(tmp_path, keep_days=90, clock=lambda: NOW)
+    counts = Counts()
+    raw = b'<13>1 - relay-7 relay - - [relay@32473 id="a"] ' + s5.BOM + b"[" * 100_000
+    c.message(raw, "p", counts, "relay-7")
+    assert counts.rejected == 1 and counts.records == 0
+    assert "1 unparsable" in counts.summary()
