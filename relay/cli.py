@@ -266,7 +266,7 @@ def cmd_ship_status(args: argparse.Namespace) -> int:
     print(f"collector: {cfg.forward.collector or '(none: the connection log stays local)'}")
     for key in ("state", "running", "backlog_records", "backlog_bytes", "position",
                 "last_success", "last_error", "last_error_time", "consecutive_failures",
-                "confirmation", "records_sent", "last_note"):
+                "confirmation", "records_sent", "set_aside", "last_note"):
         if key in st:
             print(f"{key.replace('_', ' ')}: {st[key]}")
     return 0
@@ -277,6 +277,12 @@ def cmd_collector(args: argparse.Namespace) -> int:
 
     from relay.collector import run_collector
 
+    if args.collector_command == "verify":
+        return cmd_collector_verify(args)
+    if not (args.cert and args.key and args.ca):
+        raise RelayError("collector: --cert, --key and --ca are required (see relay "
+                         "collector --help)")
+
     async def main() -> None:
         import signal
 
@@ -284,12 +290,23 @@ def cmd_collector(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_collector(args.listen, Path(args.data_dir), args.ca or "", args.cert,
-                            args.key, args.require_client_cert, args.keep, args.plain_listen,
+        await run_collector(args.listen, Path(args.data_dir), args.ca, args.cert, args.key,
+                            args.keep, plain_listen=args.plain_listen,
+                            accept_syslog=args.accept_syslog,
+                            allow_no_client_cert=args.allow_no_client_cert,
+                            quota_bytes_per_day=args.quota_mb_per_day << 20,
                             stop_event=stop)
 
     uvloop.run(main())
     return 0
+
+
+def cmd_collector_verify(args: argparse.Namespace) -> int:
+    from relay.collector import verify
+
+    report = verify(Path(args.verify_data_dir))
+    sys.stdout.write(json.dumps(report.to_dict()) + "\n" if args.json else report.text())
+    return 0 if report.ok else EXIT_ERROR
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -454,25 +471,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_ship_status)
 
+    from relay.collector import DEFAULT_QUOTA_BYTES_PER_DAY
+
     p = sub.add_parser(
         "collector", help="the central log server: RFC 5425 (syslog over TLS) receiver",
-        description="Accepts the connection logs of many relays (and plain RFC 5424 from "
-                    "other senders such as rsyslog), stores per-relay daily files, removes "
-                    "duplicates by record id, keeps at least 90 days.")
+        description="Accepts the connection logs of many relays over TLS with client "
+                    "certificates: a relay's id is its certificate's subject CN, and its "
+                    "records are filed under that id only (a record claiming another id "
+                    "is refused). Stores per-relay daily files (a record dated more than a "
+                    "day ahead or past the retention under the day it arrived, flagged), "
+                    "removes duplicates by record id, chains what it stores (SHA-256, "
+                    "checked by 'relay collector verify'), keeps at least 90 days. Plain "
+                    "RFC 5424 from other senders (rsyslog, appliances) only with "
+                    "--accept-syslog.")
     p.add_argument("--listen", default="0.0.0.0:6514", metavar="HOST:PORT",
                    help="TLS listener (default 0.0.0.0:6514, RFC 5425's port)")
     p.add_argument("--data-dir", default="/var/lib/relay-collector", metavar="DIR",
                    help="where the logs are stored (default /var/lib/relay-collector)")
-    p.add_argument("--cert", required=True, help="the collector's certificate (PEM)")
-    p.add_argument("--key", required=True, help="its key (PEM)")
-    p.add_argument("--ca", help="CA of the relays' client certificates")
-    p.add_argument("--require-client-cert", action="store_true",
-                   help="refuse senders without a certificate from --ca")
+    p.add_argument("--cert", help="the collector's certificate (PEM; required)")
+    p.add_argument("--key", help="its key (PEM; required)")
+    p.add_argument("--ca", help="CA of the relays' client certificates (required): each "
+                                "certificate's subject CN is a relay id")
     p.add_argument("--keep", type=int, default=90, metavar="DAYS",
                    help="days kept (default and minimum 90); older days are deleted")
+    p.add_argument("--quota-mb-per-day", type=int, metavar="MB",
+                   default=DEFAULT_QUOTA_BYTES_PER_DAY >> 20,
+                   help="MiB each sender may store per UTC day (default "
+                        f"{DEFAULT_QUOTA_BYTES_PER_DAY >> 20}); past it, its records are "
+                        "refused and its batches not confirmed, so relays send them later")
+    p.add_argument("--accept-syslog", action="store_true",
+                   help="also store plain RFC 5424 / RFC 3164 messages from other senders "
+                        "(rsyslog, appliances) under DIR/@syslog/ (refused by default)")
+    p.add_argument("--allow-no-client-cert", action="store_true",
+                   help="let TLS senders without a client certificate in (needs "
+                        "--accept-syslog: they can only send plain syslog)")
     p.add_argument("--plain-listen", metavar="HOST:PORT",
-                   help="also accept plain TCP syslog here (for local senders only)")
-    p.set_defaults(func=cmd_collector)
+                   help="also accept plain TCP syslog here, for local senders (needs "
+                        "--accept-syslog: no certificate, so no relay records)")
+    p.set_defaults(func=cmd_collector, collector_command=None)
+    verify = p.add_subparsers(dest="collector_command", metavar="[verify]")
+    q = verify.add_parser(
+        "verify", help="check the stored day files against the collector's SHA-256 chain",
+        description="Checks every relay's compressed days under DIR against its chain "
+                    "(DIR/@chain/RELAY.jsonl): reports modified, missing, truncated, "
+                    "reordered and unchained day files and broken links, and exits "
+                    "non-zero if there is any. Works on a copy of the directory.")
+    q.add_argument("--data-dir", dest="verify_data_dir", default="/var/lib/relay-collector",
+                   metavar="DIR", help="the collector's directory (default "
+                                       "/var/lib/relay-collector)")
+    q.add_argument("--json", action="store_true", help="the report as one JSON object")
 
     p = sub.add_parser(
         "doctor", help="check what the relay needs on this host, with the fix for each failure",

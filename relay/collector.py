@@ -5,10 +5,29 @@ Layout under COLLECTOR_DIR (directories 0700, files 0600):
 - ``<relay-id>/YYYY-MM-DD.jsonl``: the relay's connection-log records, one JSON
   object per line, filed by the record's own day, duplicates removed by record
   ``id`` (at-least-once delivery resends a batch after any failure);
-- ``@syslog/<hostname>/YYYY-MM-DD.jsonl``: messages from other syslog senders
-  (rsyslog, appliances), filed by arrival day, each as its parsed header
-  fields, structured data, MSG and the raw message. ``@`` cannot occur in a
-  relay id, so the two never collide.
+- ``@chain/<relay-id>.jsonl``: the SHA-256 chain (relay/chain.py) of what was
+  stored for that relay: a link each time a day is compressed (its digest over
+  the uncompressed content, late records merged in) and each time retention
+  deletes one; ``relay collector verify`` checks the day files against it;
+- ``@syslog/<hostname>/YYYY-MM-DD.jsonl``: with ``--accept-syslog`` only,
+  messages from other syslog senders (rsyslog, appliances), filed by arrival
+  day, each as its parsed header fields, structured data, MSG and the raw
+  message. ``@`` cannot occur in a relay id, so none of these collide.
+
+Identity comes from certificates, never from what a message claims. A sender
+presents a client certificate from ``--ca`` (required unless
+``--allow-no-client-cert``); its subject CN, when it follows the [server] id
+rule, is the relay id it speaks for (relay.forwarder.identity_of_names). Its
+records are filed under that id only: a record whose ``server.id`` is another
+is refused (stored under neither), so a sender can only ever write, and
+de-duplicate against, its own store. A record's day is its own ``time`` unless
+that lies more than :data:`FUTURE_SKEW_S` ahead or further back than the
+retention: then it is filed under the day it arrived, with an ``out_of_window``
+field (retention could otherwise never delete it). Each identity (or, without
+one, each address) may store :data:`DEFAULT_QUOTA_BYTES_PER_DAY` a day; past
+that, records are refused and the batch is not confirmed, so the relay keeps
+them and sends them again later. Plain syslog (messages that are not relay
+records) is refused unless ``--accept-syslog``.
 
 Delivery confirmation: a relay closes each batch with TLS close_notify; the
 collector answers with its own close_notify only after every line of that
@@ -23,13 +42,15 @@ deletes days older than ``keep_days`` (at least 90). It runs on the event
 loop's thread, between messages, so that no write can race a compression.
 
 Every connection, refusal (failed handshake, missing or untrusted client
-certificate) and error is one log line on stderr.
+certificate) and error is one log line on stderr; what a connection delivered
+and what was refused of it is one line when it ends, never one per record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -43,7 +64,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from relay import syslog5424
+from relay import chain, syslog5424
 from relay.config import parse_hostport
 from relay.connlog import DIR_MODE, FILE_MODE, SUFFIX, ZST_SUFFIX, ensure_dir, rfc3339_ms
 from relay.connlog_retention import (
@@ -54,17 +75,16 @@ from relay.connlog_retention import (
     read_zst,
 )
 from relay.errors import RelayError
-from relay.forwarder import CONFIRM_ALPN
+from relay.evidence import Report, _compare, check_links
+from relay.forwarder import CONFIRM_ALPN, identity_of_names
 from relay.fsutil import listen_tcp
 
 log = logging.getLogger("relay.collector")
 
 OTHER_SENDERS_DIR = "@syslog"
+CHAIN_DIR = "@chain"
 UNKNOWN = "_unknown"
-# Same rule as [server] id, minus the two names a path cannot be.
-_RELAY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _NOT_NAME = re.compile(r"[^A-Za-z0-9._-]")
-_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _UNSAFE_IN_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Fast path for rebuilding the id sets: our own lines start with the id.
 _LEADING_ID = re.compile(rb'^\{"id":"([0-9A-Za-z_-]{1,64})"')
@@ -83,16 +103,30 @@ MAX_OPEN_DAYS = 256
 LISTEN_BACKLOG = 1024
 # After an accept error (out of file descriptors) wait before trying again.
 ACCEPT_ERROR_PAUSE_S = 0.5
+# A record is filed by its own day unless its time is more than this ahead of
+# the collector's clock (relays stamp records as they happen, in UTC: a day
+# ahead is a broken clock or a forgery, and a far-future day would outlive
+# retention) or older than the retention (it would be deleted at once).
+FUTURE_SKEW_S = 86400.0
+# Bytes a sender (its certificate's identity, else its address) may store per
+# UTC day. A relay's connection log is about 1 MB a day per thousand sessions
+# (two records of ~500 bytes each); 1 GiB is a thousand times a busy relay's and
+# a quarter of journald's default ceiling for a whole host's journal
+# (SystemMaxUse, at most 4 GiB), so a stolen key cannot fill the disk.
+DEFAULT_QUOTA_BYTES_PER_DAY = 1 << 30
 
 
 def _today(clock: Callable[[], float]) -> str:
     return datetime.fromtimestamp(clock(), UTC).date().isoformat()
 
 
-def relay_dir_name(server_id: str | None) -> str:
-    if server_id and _RELAY_ID.fullmatch(server_id) and server_id not in (".", ".."):
-        return server_id
-    return UNKNOWN
+def peer_identity(cert: dict[str, Any] | None) -> str | None:
+    """The relay id of a verified client certificate (ssl's decoded form)."""
+    if not cert:
+        return None
+    names = [value for rdn in cert.get("subject", ()) for key, value in rdn
+             if key == "commonName"]
+    return identity_of_names(names)
 
 
 def host_dir_name(hostname: str | None) -> str:
@@ -117,6 +151,9 @@ class DayFile:
         self.pending_ids: set[str] = set()
         self.dirty = False
 
+    def has(self, rid: str) -> bool:
+        return self.ids is not None and (rid in self.ids or rid in self.pending_ids)
+
     def _load_ids(self) -> set[str]:
         ids: set[str] = set()
         zst = self.path.with_name(self.path.name[: -len(SUFFIX)] + ZST_SUFFIX)
@@ -137,14 +174,11 @@ class DayFile:
                     ids.add(rid)
         return ids
 
-    def add(self, line: str, rid: str | None = None) -> bool:
-        """Queue ``line``; False if ``rid`` is already stored or queued."""
+    def add(self, line: bytes, rid: str | None = None) -> None:
+        """Queue ``line`` (its record's id, if any, checked with :meth:`has`)."""
         if rid is not None and self.ids is not None:
-            if rid in self.ids or rid in self.pending_ids:
-                return False
             self.pending_ids.add(rid)
-        self.pending.append(line.encode() + b"\n")
-        return True
+        self.pending.append(line + b"\n")
 
     def flush(self) -> None:
         if not self.pending:
@@ -216,78 +250,166 @@ class Store:
             f.close()
         self._open.clear()
 
-    def directories(self) -> list[Path]:
-        """Every directory that holds day files (relays and other senders)."""
-        out = []
-        for d in self.root.iterdir():
-            if d.name == OTHER_SENDERS_DIR:
-                out += [h for h in d.iterdir() if h.is_dir()]
-            elif d.is_dir():
-                out.append(d)
-        return out
+    def relay_directories(self) -> list[Path]:
+        """The directories of relays (each with its chain)."""
+        return [d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("@")]
+
+    def syslog_directories(self) -> list[Path]:
+        other = self.root / OTHER_SENDERS_DIR
+        return [h for h in other.iterdir() if h.is_dir()] if other.is_dir() else []
+
+
+def chain_file(root: Path, relay: str) -> Path:
+    return Path(root) / CHAIN_DIR / f"{relay}.jsonl"
 
 
 class Counts:
-    __slots__ = ("duplicates", "other", "records", "rejected")
+    """What one connection delivered and what was refused of it."""
+
+    __slots__ = ("duplicates", "no_identity", "other", "out_of_window", "over_quota",
+                 "records", "rejected", "syslog_refused", "wrong_id")
 
     def __init__(self) -> None:
         self.records = self.duplicates = self.other = self.rejected = 0
+        self.wrong_id = self.no_identity = self.over_quota = self.syslog_refused = 0
+        self.out_of_window = 0
+
+    def summary(self) -> str:
+        text = (f"{self.records} records stored, {self.duplicates} duplicates, "
+                f"{self.other} other messages, {self.rejected} unparsable")
+        for count, what in (
+                (self.wrong_id, "refused: claimed another relay id"),
+                (self.no_identity, "refused: relay records without a relay certificate"),
+                (self.over_quota, "refused: over the daily quota"),
+                (self.syslog_refused, "refused: plain syslog (no --accept-syslog)"),
+                (self.out_of_window, "filed under the receive day (time out of window)")):
+            if count:
+                text += f", {count} {what}"
+        return text
+
+
+class Quota:
+    """Bytes stored per sender per UTC day (in memory: a restart forgives)."""
+
+    def __init__(self, bytes_per_day: int, clock: Callable[[], float]) -> None:
+        self.limit = bytes_per_day
+        self.clock = clock
+        self.used: dict[str, tuple[str, int]] = {}
+
+    def take(self, sender: str, size: int) -> bool:
+        today = _today(self.clock)
+        day, used = self.used.get(sender, (today, 0))
+        if day != today:
+            used = 0
+        if used + size > self.limit:
+            if used <= self.limit:  # once per sender and day
+                log.warning("%s: over the daily quota of %d bytes: refusing its records "
+                            "until %s ends (UTC)", sender, self.limit, today)
+                self.used[sender] = (today, self.limit + 1)
+            return False
+        self.used[sender] = (today, used + size)
+        return True
 
 
 class Collector:
-    def __init__(self, data_dir: Path, keep_days: int,
+    def __init__(self, data_dir: Path, keep_days: int, *, accept_syslog: bool = False,
+                 quota_bytes_per_day: int = DEFAULT_QUOTA_BYTES_PER_DAY,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = Store(Path(data_dir))
         self.keep_days = check_keep_days(keep_days)
+        self.accept_syslog = accept_syslog
+        self.quota = Quota(quota_bytes_per_day, clock)
         self.clock = clock
 
     # -- messages (no I/O but the store's writes) ---------------------------
 
-    def message(self, raw: bytes, peer: str, counts: Counts) -> None:
+    def message(self, raw: bytes, peer: str, counts: Counts, identity: str | None) -> None:
+        """Store or refuse one message from ``peer``, whose certificate proved
+        ``identity`` (None: no certificate, or not a relay's)."""
         try:
             msg = syslog5424.parse_message(raw)
         except syslog5424.SyslogError as exc:
             counts.rejected += 1
-            self._other(None, raw, peer, str(exc))
+            self._other(None, raw, peer, identity, str(exc), counts)
             return
         try:
             record = syslog5424.relay_record(msg)
         except syslog5424.SyslogError as exc:
             counts.rejected += 1
-            log.warning("%s: relay message stored as plain syslog: %s", peer, exc)
-            self._other(msg, raw, peer, str(exc))
+            self._other(msg, raw, peer, identity, str(exc), counts)
             return
         if record is None:
-            counts.other += 1
-            self._other(msg, raw, peer, None)
+            self._other(msg, raw, peer, identity, None, counts)
             return
-        params = msg.sd[syslog5424.SD_ID]
-        relay = relay_dir_name(params.get("server.id") or msg.hostname)
-        day = str(record.get("time", ""))[:10]
-        if not _DAY.fullmatch(day):
-            day = _today(self.clock)
-        f = self.store.day_file(relay, day, dedup=True)
-        # The relay's JSON is stored as sent unless it carries a raw control or
-        # line-separator character (not from our forwarder): then re-encoded.
-        line = msg.msg if not _UNSAFE_IN_LINE.search(msg.msg) \
-            else syslog5424.dumps_json(record)
-        if f.add(line, record["id"]):
-            counts.records += 1
-        else:
+        if identity is None:
+            counts.no_identity += 1
+            return
+        server = record.get("server")
+        if not isinstance(server, dict) or server.get("id") != identity:
+            counts.wrong_id += 1
+            return
+        day, out_of_window = self._day(record)
+        f = self.store.day_file(identity, day, dedup=True)
+        if f.has(record["id"]):
             counts.duplicates += 1
+            return
+        if out_of_window:
+            record = {**record, "out_of_window": out_of_window}
+            line = syslog5424.dumps_json(record)
+        else:
+            # The relay's JSON is stored as sent unless it carries a raw control
+            # or line-separator character (not from our forwarder): then re-encoded.
+            line = msg.msg if not _UNSAFE_IN_LINE.search(msg.msg) \
+                else syslog5424.dumps_json(record)
+        data = line.encode()
+        if not self.quota.take(identity, len(data) + 1):
+            counts.over_quota += 1
+            return
+        f.add(data, record["id"])
+        counts.records += 1
+        counts.out_of_window += bool(out_of_window)
+
+    def _day(self, record: dict[str, Any]) -> tuple[str, dict[str, str] | None]:
+        """The UTC day to file a record under, and why not its own when not."""
+        now = self.clock()
+        received = {"received": rfc3339_ms(now)}
+        try:
+            when = datetime.fromisoformat(str(record.get("time")))
+        except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:  # RFC 3339 times carry their offset
+            return _today(self.clock), {**received, "reason": "time is not RFC 3339"}
+        if when.timestamp() > now + FUTURE_SKEW_S:
+            return _today(self.clock), {**received, "reason": "time more than "
+                                        f"{FUTURE_SKEW_S / 3600:.0f} h in the future"}
+        if when.timestamp() < now - self.keep_days * 86400:
+            return _today(self.clock), {**received, "reason": "time older than the "
+                                        f"retention of {self.keep_days} days"}
+        return when.astimezone(UTC).date().isoformat(), None
 
     def _other(self, msg: syslog5424.Message | None, raw: bytes, peer: str,
-               error: str | None) -> None:
+               identity: str | None, error: str | None, counts: Counts) -> None:
+        """A message that is not a relay record: stored as plain syslog with
+        --accept-syslog, else refused."""
+        if not self.accept_syslog:
+            counts.syslog_refused += msg is not None and error is None
+            return
         now = self.clock()
-        entry: dict[str, Any] = {"received": rfc3339_ms(now), "peer": peer}
+        entry: dict[str, Any] = {"received": rfc3339_ms(now), "peer": peer,
+                                 "identity": identity}
         if msg is not None:
             entry.update(msg.header(), sd=msg.sd, msg=msg.msg)
         if error:
             entry["error"] = error
         entry["raw"] = raw.decode("utf-8", "backslashreplace")
+        data = syslog5424.dumps_json(entry).encode()
+        if not self.quota.take(identity or peer.rsplit(":", 1)[0], len(data) + 1):
+            counts.over_quota += 1
+            return
         host = host_dir_name(msg.hostname if msg is not None else None)
         f = self.store.day_file(f"{OTHER_SENDERS_DIR}/{host}", _today(self.clock), dedup=False)
-        f.add(syslog5424.dumps_json(entry))
+        f.add(data)
+        counts.other += error is None
 
     # -- retention -----------------------------------------------------------
 
@@ -300,12 +422,78 @@ class Collector:
         def audit(action: dict[str, Any]) -> None:
             log.info("retention: %s", json.dumps(action))
 
-        for directory in self.store.directories():
+        dirs = [(d, chain_file(self.store.root, d.name)) for d in self.store.relay_directories()]
+        dirs += [(d, None) for d in self.store.syslog_directories()]
+        for directory, chained in dirs:
             try:
                 apply_retention(directory, keep_days=self.keep_days, clock=self.clock,
-                                audit=audit)
+                                audit=audit, chain_file=chained, seal="compression")
             except OSError as exc:
                 log.error("retention in %s failed: %s", directory, exc)
+
+
+def verify(root: Path) -> Report:
+    """Check every relay's day files against its chain: modified, missing,
+    truncated, reordered and unchained days, and broken links."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RelayError(f"{root}: not a directory")
+    report = Report()
+    chains = root / CHAIN_DIR
+    relays = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("@")}
+    if chains.is_dir():
+        relays |= {p.name[: -len(SUFFIX)] for p in chains.iterdir() if p.name.endswith(SUFFIX)}
+    for relay in sorted(relays):
+        links = chain.read_links(chain_file(root, relay))
+        check_links(links, f"{relay} chain", report)
+        expected: dict[str, dict[str, Any]] = {}
+        for _, link in links:
+            if link and link.get("event") == "close":
+                expected[str(link.get("day"))] = link
+            elif link and link.get("event") == "delete":
+                expected.pop(str(link.get("day")), None)
+        by_digest = {str(lk.get("sha256")): day for day, lk in expected.items()}
+        days = _day_files(root / relay)
+        for day, files in sorted(days.items()):
+            where = f"{relay}/{day}"
+            report.checked["collector days"] += 1
+            sealed = files.get("zst")
+            if sealed is None:
+                if day in expected:  # sealed, then decompressed by hand
+                    data = files["plain"].read_bytes()
+                    _compare(report, where, (hashlib.sha256(data).hexdigest(), len(data)),
+                             expected[day], by_digest)
+                else:
+                    report.notes.append(f"{where}: not sealed yet (sealed when compressed)")
+                continue
+            data = read_zst(sealed)
+            got = (hashlib.sha256(data).hexdigest(), len(data))
+            if day in expected:
+                _compare(report, where, got, expected[day], by_digest)
+            elif got[0] in by_digest:
+                report.problem("reordered", where,
+                               f"holds the content chained as {by_digest[got[0]]}")
+            else:
+                report.problem("unchained", where, "compressed but has no chain link: not "
+                                                   "stored by this collector, or its link "
+                                                   "was removed")
+            if "plain" in files:
+                report.notes.append(f"{where}: late records, sealed when merged at the "
+                                    "next retention pass")
+        for day in sorted(set(expected) - set(days)):
+            report.problem("missing", f"{relay}/{day}", "chained but not in the directory")
+    return report
+
+
+def _day_files(directory: Path) -> dict[str, dict[str, Path]]:
+    days: dict[str, dict[str, Path]] = {}
+    if directory.is_dir():
+        for p in directory.iterdir():
+            for kind, suffix in (("zst", ZST_SUFFIX), ("plain", SUFFIX)):
+                if p.name.endswith(suffix):
+                    days.setdefault(p.name[: -len(suffix)], {})[kind] = p
+                    break
+    return days
 
 
 
@@ -320,6 +508,7 @@ class Connection(asyncio.Protocol):
         self.counts = Counts()
         self.outcome = "closed"
         self.last_data = time.monotonic()
+        self.identity: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -327,9 +516,11 @@ class Connection(asyncio.Protocol):
             log.info("%s: connected (plain TCP)", self.peer)
         else:
             cert = transport.get_extra_info("peercert")
+            self.identity = peer_identity(cert)
             if cert:
-                subject = dict(x[0] for x in cert.get("subject", ()))
-                who = f"client certificate CN={subject.get('commonName', '?')}"
+                cns = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+                who = f"client certificate CN={','.join(cns) or '?'}, " + (
+                    f"relay {self.identity}" if self.identity else "not a relay id")
             else:
                 who = "no client certificate"
             log.info("%s: connected (TLS, %s)", self.peer, who)
@@ -355,7 +546,7 @@ class Connection(asyncio.Protocol):
         self.last_data = time.monotonic()
         try:
             for raw in self.parser.feed(data):
-                self.collector.message(raw, self.peer, self.counts)
+                self.collector.message(raw, self.peer, self.counts, self.identity)
             self.collector.store.flush()
         except syslog5424.FrameError as exc:
             self.collector.store.flush()
@@ -375,15 +566,18 @@ class Connection(asyncio.Protocol):
         except OSError as exc:
             log.error("%s: cannot sync: %s", self.peer, exc)
             self._drop(f"dropped: storage error: {exc}")
+            return False
+        if self.counts.over_quota:
+            # No close_notify: the batch is not confirmed, so the relay keeps
+            # the refused records and sends them again (the rest are duplicates).
+            self._drop("not confirmed: over the daily quota")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.outcome == "closed":
             self.outcome = f"lost: {type(exc).__name__}: {exc}"
-        c = self.counts
-        log.info("%s: %s: %d records stored, %d duplicates, %d other messages, "
-                 "%d unparsable", self.peer, self.outcome, c.records, c.duplicates, c.other,
-                 c.rejected)
+        who = f" ({self.identity})" if self.identity else ""
+        log.info("%s%s: %s: %s", self.peer, who, self.outcome, self.counts.summary())
 
 
 async def _accept_loop(listener: socket.socket, collector: Collector,
@@ -424,25 +618,23 @@ async def _start(loop: asyncio.AbstractEventLoop, conn: socket.socket, peer: str
         conn.close()
 
 
-def server_context(ca: str, cert: str, key: str, require_client_cert: bool) -> ssl.SSLContext:
+def server_context(ca: str, cert: str, key: str, client_cert_optional: bool) -> ssl.SSLContext:
+    """TLS 1.2+; client certificates from ``ca`` required (optional only for
+    plain-syslog senders, see run_collector)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # Tells our forwarder that this receiver's close_notify confirms a synced
     # batch; senders that offer no ALPN (rsyslog) are unaffected.
     ctx.set_alpn_protocols([CONFIRM_ALPN])
+    if not ca:
+        raise RelayError("collector: --ca is required: the CA of the relays' client "
+                         "certificates, whose CN is the relay id")
     try:
         ctx.load_cert_chain(cert, key or None)
-        if ca:
-            ctx.load_verify_locations(ca)
+        ctx.load_verify_locations(ca)
     except (OSError, ssl.SSLError) as exc:
         raise RelayError(f"collector certificate, key or CA: cannot load: {exc}") from None
-    if require_client_cert:
-        if not ca:
-            raise RelayError("--require-client-cert needs --ca (the CA of the relays' "
-                             "client certificates)")
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    elif ca:
-        ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.verify_mode = ssl.CERT_OPTIONAL if client_cert_optional else ssl.CERT_REQUIRED
     return ctx
 
 
@@ -452,25 +644,41 @@ async def run_collector(
     ca: str,
     cert: str,
     key: str,
-    require_client_cert: bool,
     keep_days: int,
-    plain_listen: str | None = None,
     *,
+    plain_listen: str | None = None,
+    accept_syslog: bool = False,
+    allow_no_client_cert: bool = False,
+    quota_bytes_per_day: int = DEFAULT_QUOTA_BYTES_PER_DAY,
     stop_event: asyncio.Event | None = None,
 ) -> None:
-    """Serve until ``stop_event`` is set (or the task is cancelled)."""
+    """Serve until ``stop_event`` is set (or the task is cancelled).
+
+    Senders without a certificate (``allow_no_client_cert``, and the plain TCP
+    listener) have no relay identity: only plain syslog is taken from them, so
+    both need ``accept_syslog``.
+    """
     try:
         host, port = parse_hostport(listen)
         plain = parse_hostport(plain_listen) if plain_listen else None
         check_keep_days(keep_days)
     except ValueError as exc:
         raise RelayError(f"collector: {exc}") from None
-    ctx = server_context(ca, cert, key, require_client_cert)
-    collector = Collector(Path(data_dir), keep_days)
+    if (plain or allow_no_client_cert) and not accept_syslog:
+        raise RelayError("collector: --plain-listen and --allow-no-client-cert take senders "
+                         "without a relay certificate, which can only send plain syslog: "
+                         "add --accept-syslog")
+    if quota_bytes_per_day <= 0:
+        raise RelayError("collector: the quota must be positive")
+    ctx = server_context(ca, cert, key, allow_no_client_cert)
+    collector = Collector(Path(data_dir), keep_days, accept_syslog=accept_syslog,
+                          quota_bytes_per_day=quota_bytes_per_day)
     os.chmod(collector.store.root, DIR_MODE)
     listeners = [listen_tcp(host, port, LISTEN_BACKLOG)]
-    log.info("listening on %s (RFC 5425, TLS%s), storing in %s", listen,
-             ", client certificate required" if require_client_cert else "", data_dir)
+    log.info("listening on %s (RFC 5425, TLS, client certificate %s), storing in %s; "
+             "plain syslog %s; quota %d bytes per sender per day", listen,
+             "optional" if allow_no_client_cert else "required", data_dir,
+             "accepted" if accept_syslog else "refused", quota_bytes_per_day)
     if plain:
         listeners.append(listen_tcp(*plain, LISTEN_BACKLOG))
         log.info("listening on %s (plain TCP syslog, for local senders)", plain_listen)

@@ -19,6 +19,9 @@ from relay import syslog5424
 from relay.errors import RelayError
 
 DEFAULT_DATA_DIR = Path("/var/lib/relay")
+# [server] id: a name in every record, a directory name at the collector and the CN
+# of the relay's client certificate there.
+SERVER_ID_RULE = r"[A-Za-z0-9._-]{1,64}"
 
 
 class ConfigError(RelayError):
@@ -268,7 +271,7 @@ def _validate(cfg: Config) -> None:
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", cfg.server.id):
+    if not re.fullmatch(SERVER_ID_RULE, cfg.server.id):
         raise ConfigError(
             f"[server] id: use 1-64 letters, digits, '.', '_' or '-', got {cfg.server.id!r}"
         )

@@ -20,6 +20,9 @@ For the relay's own log (``chain_file`` given, as :func:`run_connlog_retention`
 does), every day is sealed into the evidence chain (relay/chain.py) once it is
 over: the link holds the SHA-256 of the day's uncompressed content, so compressing
 it later changes nothing that verify checks; deleting a day appends a link too.
+The collector's days take late records (a relay's backlog after an outage), so
+there (``seal="compression"``) a day is sealed each time it is compressed, the
+late lines merged in: the newest link of a day holds its content.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import zstandard
 
@@ -128,8 +131,9 @@ def seal_days(directory: Path, chain_file: Path,
     return done
 
 
-def compress_day(plain: Path, zst: Path | None) -> tuple[Path, int, int]:
-    """Replace ``plain`` (merged after an existing ``zst``) with one .zst file.
+def compress_day(plain: Path, zst: Path | None) -> tuple[Path, int, int, str]:
+    """Replace ``plain`` (merged after an existing ``zst``) with one .zst file;
+    returns it, the sizes in and out and the SHA-256 of the content.
 
     The new file is complete and synced before the plain one goes, so a crash
     at any point leaves every line in at least one file.
@@ -142,7 +146,7 @@ def compress_day(plain: Path, zst: Path | None) -> tuple[Path, int, int]:
     write_atomic(out, packed, mode=FILE_MODE)
     plain.unlink()
     fsync_dir(out.parent)
-    return out, len(data), len(packed)
+    return out, len(data), len(packed), hashlib.sha256(data).hexdigest()
 
 
 def apply_retention(
@@ -153,9 +157,11 @@ def apply_retention(
     clock: Callable[[], float] = time.time,
     audit: Audit | None = None,
     chain_file: Path | None = None,
+    seal: Literal["day-end", "compression"] = "day-end",
 ) -> list[dict[str, Any]]:
     """One pass over ``directory``; returns (and audits) what it did. With
-    ``chain_file``, finished days are sealed first and deletions linked."""
+    ``chain_file``, days are sealed (finished days first, or each compression)
+    and deletions linked."""
     check_keep_days(keep_days)
     if compress_after_days < 0:
         raise ValueError("compress_after_days must be >= 0")
@@ -163,7 +169,7 @@ def apply_retention(
     delete_before = today - timedelta(days=keep_days)
     compress_before = today - timedelta(days=compress_after_days)
     actions: list[dict[str, Any]] = []
-    if chain_file is not None:
+    if chain_file is not None and seal == "day-end":
         sealed = seal_days(Path(directory), chain_file, clock)
         if sealed:
             actions.append({"action": "connlog-sealed", **sealed})
@@ -184,10 +190,15 @@ def apply_retention(
                       "files": [str(p) for p in paths], "bytes": size,
                       "keep_days": keep_days}
         elif day < compress_before and "plain" in files:
-            out, size_in, size_out = compress_day(files["plain"], files.get("zst"))
+            out, size_in, size_out, digest = compress_day(files["plain"], files.get("zst"))
             action = {"action": "connlog-compressed", "day": day.isoformat(),
                       "file": str(out), "bytes_in": size_in, "bytes_out": size_out,
                       "merged": "zst" in files}
+            if chain_file is not None and seal == "compression":
+                action["chain_link"] = chain.append_link(chain_file, {
+                    "event": "close", "day": day.isoformat(),
+                    "file": f"{day.isoformat()}{SUFFIX}", "size": size_in,
+                    "sha256": digest}, clock())["digest"]
         else:
             continue
         actions.append(action)

@@ -32,10 +32,26 @@ forwarder, selected only by ``relay collector``):
   FIN means the receiver read the whole batch. The records are then as safe as
   the receiver's queue (rsyslog's in-memory main queue by default).
 
-Connection failures back off exponentially with jitter. The status (state,
-backlog in records and bytes, last success, last error such as a certificate
-verify failure) goes to ``DATA_DIR/ship/status.json``, which
-:func:`ship_status` reads from another process (``relay ship status``).
+Connection failures back off exponentially with jitter.
+
+Shipping is never stopped by one record. Every record fits the collector's
+frame by construction (relay.syslog5424.format_record); a line that is not a
+record of this relay (not a JSON object, another ``server.id``, too long,
+unreadable) and a record the collector keeps refusing are *set aside*: written
+to ``DATA_DIR/ship/set-aside.jsonl`` (0600) with an audit record
+(``ship-set-aside``) in the connection log, and shipping goes on with the next
+records. A refusal is a batch the collector does not confirm after a completed
+handshake; after :data:`REFUSALS_BEFORE_SPLIT` in a row the forwarder sends
+halves, then quarters, down to the one record, and sets that record aside only
+once the record after it is confirmed (a collector that refuses everything, a
+full disk say, makes no record a culprit).
+
+The backlog (records and bytes not yet confirmed), the last success and the
+failures are counted in memory as the forwarder works: the log is read and
+counted in a worker thread (a compressed day is decompressed as a stream), never
+on the event loop of ``relay serve``, and a metrics scrape reads the counters.
+The status also goes to ``DATA_DIR/ship/status.json``, which :func:`ship_status`
+reads from another process (``relay ship status``).
 """
 
 from __future__ import annotations
@@ -46,17 +62,21 @@ import json
 import logging
 import os
 import random
+import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+import zstandard
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from relay import syslog5424
-from relay.config import parse_hostport
+from relay.config import SERVER_ID_RULE, parse_hostport
 from relay.connlog import SUBDIR, SUFFIX, ZST_SUFFIX, rfc3339_ms
-from relay.connlog_retention import read_zst
 from relay.errors import RelayError
 from relay.fsutil import write_atomic
 
@@ -91,23 +111,54 @@ BATCH_MAX_BYTES = 4 << 20
 # Messages formatted and written between two yields to the event loop: the
 # forwarder shares it with the VPN data path of `relay serve`.
 WRITE_CHUNK_RECORDS = 256
-# Status writes are rate-limited (errors and state changes are not): counting
-# the backlog reads the log.
+# Status writes are rate-limited (errors and state changes are not).
 STATUS_INTERVAL_S = 1.0
-# Counting backlog records reads the log; beyond this many bytes the count is
-# extrapolated from the average line length and flagged as an estimate.
-BACKLOG_COUNT_BYTES = 64 << 20
 # A day file whose last line has no LF is being written, unless a later day
 # exists and the file has not changed for this long: then a crash tore it and
 # the forwarder moves on (reporting it).
 TORN_TAIL_GRACE_S = 10.0
 READ_SIZE = 65536
+# Reads of the log and decompressed pieces of a .zst day: 1 MiB bounds the
+# memory a compressed backlog costs (a day can be hundreds of MB).
+READ_CHUNK = 1 << 20
+# zstd's largest frame header (ZSTD_FRAMEHEADERSIZE_MAX in zstd.h), which holds
+# the uncompressed size that retention writes into every .zst day.
+ZSTD_FRAME_HEADER_MAX = 18
 # ALPN protocol id by which relay collector says "my close_notify means your
 # batch is on disk" (a private id: ALPN has no registered one for syslog).
 CONFIRM_ALPN = "x-relay-syslog-confirm"
+# Refusals of the same batch (handshake done, batch not confirmed) before it is
+# split to find the record the collector refuses: as TCP waits for R1 = 3
+# retransmissions before suspecting the path (RFC 1122 section 4.2.3.5), two
+# refusals can be a collector restarting, three are the batch.
+REFUSALS_BEFORE_SPLIT = 3
+SET_ASIDE_FILE = "set-aside.jsonl"
+# Set-aside records named in one audit record (the rest are counted): keeps
+# the audit record small whatever a corrupted log holds.
+AUDIT_SET_ASIDE_MAX = 32
 
 
-@dataclass(frozen=True)
+def identity_of_names(common_names: list[str]) -> str | None:
+    """The relay id a client certificate proves: its subject's single CN, when
+    that CN follows the [server] id rule; None otherwise. relay collector files a
+    sender's records under it and refuses records that claim another id."""
+    if len(common_names) == 1 and re.fullmatch(SERVER_ID_RULE, common_names[0]) \
+            and common_names[0] not in (".", ".."):
+        return common_names[0]
+    return None
+
+
+def certificate_identity(pem_path: str) -> str | None:
+    """:func:`identity_of_names` of the first certificate of a PEM file."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(pem_path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise RelayError(f"[forward] cert: cannot read {pem_path}: {exc}") from None
+    names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return identity_of_names(names)
+
+
+@dataclass(frozen=True, order=True)
 class Position:
     day: str = ""  # "" = from the oldest day present
     offset: int = 0
@@ -140,7 +191,7 @@ def save_position(data_dir: Path, pos: Position) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Reading the log from a position
+# Reading the log from a position (in a worker thread: a .zst day is decompressed)
 
 
 def _day_sources(connlog_dir: Path) -> dict[str, Path]:
@@ -156,85 +207,180 @@ def _day_sources(connlog_dir: Path) -> dict[str, Path]:
     return out
 
 
-def _read_day(path: Path, offset: int, size: int) -> bytes:
-    if path.name.endswith(ZST_SUFFIX):
-        return read_zst(path)[offset:offset + size]
+def day_size(path: Path) -> int:
+    """Bytes of a day's uncompressed lines: a stat, or the size a .zst frame
+    header declares (retention writes it), so no day is decompressed to be sized."""
+    if not path.name.endswith(ZST_SUFFIX):
+        return path.stat().st_size
     with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+        size = zstandard.frame_content_size(f.read(ZSTD_FRAME_HEADER_MAX))
+    if size < 0:  # a frame without its size (not one of ours): count it
+        size = sum(len(c) for c in _chunks(path, 0))
+    return int(size)
 
 
-def read_lines(
-    connlog_dir: Path, pos: Position, max_bytes: int, now: float
-) -> tuple[bytes, Position, list[str]]:
-    """Complete lines after ``pos`` (at most ``max_bytes``), the position after
-    them, and notes on anything skipped (a missing day, a torn line)."""
-    notes: list[str] = []
-    while True:
-        sources = _day_sources(connlog_dir)
-        if not sources:
-            return b"", pos, notes
-        days = sorted(sources)
-        if not pos.day:
-            pos = Position(days[0], 0)
-        later = [d for d in days if d > pos.day]
-        if pos.day not in sources:
-            if not later:
-                return b"", pos, notes
-            notes.append(f"connection log of {pos.day} is gone before it was shipped")
-            pos = Position(later[0], 0)
-            continue
-        path = sources[pos.day]
-        try:
-            data = _read_day(path, pos.offset, max_bytes)
-            mtime = path.stat().st_mtime
-        except FileNotFoundError:
-            continue  # retention replaced the plain file by its .zst meanwhile
-        end = data.rfind(b"\n")
-        if end >= 0:
-            return data[:end + 1], Position(pos.day, pos.offset + end + 1), notes
-        if len(data) >= max_bytes:
-            notes.append(f"{path}: line longer than {max_bytes} bytes at offset "
-                         f"{pos.offset} skipped")
-            return b"", Position(pos.day, pos.offset + len(data)), notes
-        if later and (not data or now - mtime > TORN_TAIL_GRACE_S):
-            if data:
-                notes.append(f"{path}: torn last line ({len(data)} bytes) skipped")
-            pos = Position(later[0], 0)
-            continue
-        return b"", pos, notes
+def _chunks(path: Path, offset: int) -> Iterator[bytes]:
+    """The day's uncompressed bytes from ``offset``, READ_CHUNK at a time."""
+    with open(path, "rb") as f:
+        if path.name.endswith(ZST_SUFFIX):
+            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+            reader.seek(offset)
+            while chunk := reader.read(READ_CHUNK):
+                yield chunk
+        else:
+            f.seek(offset)
+            while chunk := f.read(READ_CHUNK):
+                yield chunk
+
+
+class Skip(NamedTuple):
+    """Something the reader passed over: a note for the log and the status, and
+    for a record that cannot be shipped, its entry for the set-aside file."""
+
+    note: str
+    set_aside: dict[str, Any] | None = None
+
+
+class LogReader:
+    """The connection log from a position. Keeps the decompressor of the .zst day
+    it last read, so consecutive batches of a compressed day cost one pass."""
+
+    def __init__(self, connlog_dir: Path) -> None:
+        self.dir = Path(connlog_dir)
+        # (path, inode, mtime) of the open .zst day, its reader and its position.
+        self._zst: tuple[tuple[Path, int, int], Any, Any, int] | None = None
+
+    def close(self) -> None:
+        if self._zst is not None:
+            self._zst[2].close()
+            self._zst = None
+
+    def _read_day(self, path: Path, offset: int, size: int) -> bytes:
+        if not path.name.endswith(ZST_SUFFIX):
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+        st = path.stat()
+        key = (path, st.st_ino, st.st_mtime_ns)
+        if self._zst is None or self._zst[0] != key or self._zst[3] > offset:
+            self.close()
+            f = open(path, "rb")  # noqa: SIM115 - kept open with its reader
+            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+            self._zst = (key, reader, f, 0)
+        _, reader, f, at = self._zst
+        if at < offset:
+            reader.seek(offset)
+        parts, want = [], size
+        while want and (chunk := reader.read(min(want, READ_CHUNK))):
+            parts.append(chunk)
+            want -= len(chunk)
+        data = b"".join(parts)
+        self._zst = (key, reader, f, offset + len(data))
+        return data
+
+    def read(self, pos: Position, max_bytes: int, now: float
+             ) -> tuple[bytes, Position, list[Skip]]:
+        """Complete lines after ``pos`` (at most ``max_bytes``, all of one day),
+        the position after them, and what was passed over (a missing day, a torn
+        line, a line too long to ship)."""
+        skips: list[Skip] = []
+        while True:
+            sources = _day_sources(self.dir)
+            if not sources:
+                return b"", pos, skips
+            days = sorted(sources)
+            if not pos.day:
+                pos = Position(days[0], 0)
+            later = [d for d in days if d > pos.day]
+            if pos.day not in sources:
+                if not later:
+                    return b"", pos, skips
+                skips.append(Skip(f"connection log of {pos.day} is gone before it was "
+                                  "shipped"))
+                pos = Position(later[0], 0)
+                continue
+            path = sources[pos.day]
+            try:
+                data = self._read_day(path, pos.offset, max_bytes)
+                mtime = path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # retention replaced the plain file by its .zst meanwhile
+            except zstandard.ZstdError as exc:
+                self.close()
+                skips.append(Skip(
+                    f"{path}: unreadable from offset {pos.offset} ({exc}): set aside",
+                    {"reason": "unreadable", "day": pos.day, "offset": pos.offset,
+                     "detail": f"{path.name}: {exc}"}))
+                if not later:
+                    return b"", pos, skips
+                pos = Position(later[0], 0)
+                continue
+            end = data.rfind(b"\n")
+            if end >= 0:
+                return data[:end + 1], Position(pos.day, pos.offset + end + 1), skips
+            if len(data) >= max_bytes:
+                skips.append(Skip(
+                    f"{path}: line longer than {max_bytes} bytes at offset {pos.offset} "
+                    "set aside",
+                    {"reason": "too-long", "day": pos.day, "offset": pos.offset,
+                     "detail": f"a line longer than {max_bytes} bytes (in the local log)"}))
+                return b"", Position(pos.day, pos.offset + len(data)), skips
+            if later and (not data or now - mtime > TORN_TAIL_GRACE_S):
+                if data:
+                    skips.append(Skip(f"{path}: torn last line ({len(data)} bytes) skipped"))
+                pos = Position(later[0], 0)
+                continue
+            return b"", pos, skips
+
+    def count(self, start: Position) -> tuple[int, int, Position]:
+        """(bytes, complete lines, end of the log) from ``start`` on: one stat
+        per day already counted past, a streaming read of the rest."""
+        total = lines = 0
+        end = start
+        for day, path in sorted(_day_sources(self.dir).items()):
+            if start.day and day < start.day:
+                continue
+            offset = start.offset if day == start.day else 0
+            try:
+                size = day_size(path)
+                if size > offset:
+                    for chunk in _chunks(path, offset):
+                        total += len(chunk)
+                        lines += chunk.count(b"\n")
+                end = Position(day, max(size, offset))
+            except (FileNotFoundError, zstandard.ZstdError):
+                continue  # gone meanwhile, or unreadable (the reader sets it aside)
+        return total, lines, end
 
 
 def backlog(data_dir: Path, pos: Position) -> dict[str, Any]:
-    """Records and bytes not yet acknowledged by the collector."""
-    sources = _day_sources(Path(data_dir) / SUBDIR)
-    total = counted = lines = 0
-    for day in sorted(sources):
-        if pos.day and day < pos.day:
-            continue
-        path = sources[day]
-        start = pos.offset if day == pos.day else 0
-        try:
-            if path.name.endswith(ZST_SUFFIX):
-                data = read_zst(path)[start:]
-                total += len(data)
-                if counted < BACKLOG_COUNT_BYTES:
-                    lines += data.count(b"\n")
-                    counted += len(data)
-                continue
-            size = max(path.stat().st_size - start, 0)
-            total += size
-            with open(path, "rb") as f:
-                f.seek(start)
-                while counted < BACKLOG_COUNT_BYTES and (chunk := f.read(1 << 20)):
-                    lines += chunk.count(b"\n")
-                    counted += len(chunk)
-        except FileNotFoundError:
-            continue
-    estimated = counted < total
-    records = round(lines * total / counted) if estimated and counted else lines
-    return {"backlog_records": records, "backlog_bytes": total,
-            "backlog_estimated": estimated}
+    """Records and bytes not yet acknowledged by the collector, counted from the
+    files (``relay ship status``; the running forwarder keeps its own count)."""
+    reader = LogReader(Path(data_dir) / SUBDIR)
+    size, lines, _ = reader.count(pos)
+    return {"backlog_records": lines, "backlog_bytes": size}
+
+
+def set_aside_path(data_dir: Path) -> Path:
+    return ship_dir(data_dir) / SET_ASIDE_FILE
+
+
+def _append_set_aside(path: Path, entries: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, b"".join(syslog5424.dumps_json(e).encode() + b"\n" for e in entries))
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def set_aside_count(data_dir: Path) -> int:
+    try:
+        with open(set_aside_path(data_dir), "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(READ_CHUNK), b""))
+    except FileNotFoundError:
+        return 0
 
 
 # ---------------------------------------------------------------------------
@@ -295,6 +441,10 @@ class TlsLink:
     async def _flush(self) -> None:
         data = self._out.read()
         if data:
+            if self._writer.transport.is_closing():
+                # The receiver closed while we were writing (uvloop would raise
+                # RuntimeError on the write): a refusal like any other.
+                raise ConnectionResetError("the collector closed the connection")
             self._writer.write(data)
             await self._writer.drain()
 
@@ -362,6 +512,41 @@ class ForwardSettings(Protocol):
     key: str
 
 
+Audit = Callable[[dict[str, Any]], None]
+
+
+class Refused(Exception):
+    """The collector took the connection but did not confirm the batch."""
+
+
+@dataclass
+class Batch:
+    """Lines of one day from ``start`` up to ``end``, each with its offset."""
+
+    start: Position
+    end: Position
+    lines: list[tuple[int, bytes]]
+
+    @classmethod
+    def of(cls, data: bytes, start: Position, end: Position) -> Batch:
+        lines, offset = [], start.offset
+        for line in data.split(b"\n")[:-1]:
+            lines.append((offset, line))
+            offset += len(line) + 1
+        return cls(start, end, lines)
+
+    def head(self, n: int) -> Batch:
+        """The first ``n`` lines as a batch of their own."""
+        if n >= len(self.lines):
+            return self
+        off, line = self.lines[n - 1]
+        return Batch(self.start, Position(self.start.day, off + len(line) + 1), self.lines[:n])
+
+    @property
+    def size(self) -> int:
+        return sum(len(line) + 1 for _, line in self.lines)
+
+
 class Forwarder:
     def __init__(
         self,
@@ -369,120 +554,294 @@ class Forwarder:
         server_id: str,
         collector: str,
         ctx: ssl.SSLContext,
+        audit: Audit,
         *,
         facility: str = syslog5424.DEFAULT_FACILITY,
         backoff_max: float = BACKOFF_MAX_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.connlog_dir = self.data_dir / SUBDIR
+        self.reader = LogReader(self.data_dir / SUBDIR)
         self.server_id = server_id
         self.collector = collector
         self.host, self.port = parse_hostport(collector)
         self.ctx = ctx
+        self.audit = audit
         self.facility = syslog5424.facility_code(facility)
         self.backoff_max = backoff_max
         self.clock = clock
         self.procid = str(os.getpid())
         self.pos = load_position(self.data_dir)
+        # The backlog counted from the files once (in a thread), then kept up
+        # as lines are confirmed and the log grows: everything from pos to
+        # counted_to is in backlog_bytes/backlog_records.
+        self.counted_to = self.pos
         self.status: dict[str, Any] = {
             "collector": collector, "state": "starting", "pid": os.getpid(),
-            "last_success": None, "last_error": None, "last_error_time": None,
-            "last_note": None, "consecutive_failures": 0, "records_sent": 0,
-            "batches_sent": 0, "skipped_lines": 0,
+            "last_success": None, "last_success_ts": 0.0, "last_error": None,
+            "last_error_time": None, "last_note": None, "consecutive_failures": 0,
+            "records_sent": 0, "batches_sent": 0, "set_aside": 0,
+            "backlog_records": 0, "backlog_bytes": 0,
         }
         self._status_written = 0.0
+        self.failures = 0
+        # Isolating a refused record: records per batch, refusals of the
+        # current batch, and the end of the batch first refused.
+        self.limit: int | None = None
+        self.refusals = 0
+        self.suspect_end: Position | None = None
+        # Set when the probe showed that the collector refuses every record (a
+        # full disk, a quota): no more splitting, plain back-off, until it
+        # confirms a batch again.
+        self.refuses_all = False
 
-    def _write_status(self, force: bool = False) -> None:
+    # -- status (kept in memory; the file is for relay ship status) -------------
+
+    async def _write_status(self, force: bool = False) -> None:
         now = self.clock()
         if not force and now - self._status_written < STATUS_INTERVAL_S:
             return
         self._status_written = now
-        self.status.update(position=asdict(self.pos), updated=rfc3339_ms(now),
-                           **backlog(self.data_dir, self.pos))
-        _write_atomic(ship_dir(self.data_dir) / STATUS_FILE,
-                      json.dumps(self.status, indent=1).encode())
+        self.status.update(position=asdict(self.pos), updated=rfc3339_ms(now))
+        data = json.dumps(self.status, indent=1).encode()
+        await asyncio.to_thread(_write_atomic, ship_dir(self.data_dir) / STATUS_FILE, data)
 
-    def _set_state(self, state: str) -> None:
+    async def _set_state(self, state: str) -> None:
         changed = self.status["state"] != state
         self.status["state"] = state
-        self._write_status(force=changed)
+        await self._write_status(force=changed)
 
     def _note(self, text: str) -> None:
         log.warning("%s", text)
         self.status["last_note"] = f"{rfc3339_ms(self.clock())} {text}"
 
-    def _messages(self, lines: list[bytes]) -> list[bytes]:
-        out = []
-        for raw in lines:
-            try:
-                record = json.loads(raw)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError:
-                self.status["skipped_lines"] += 1
-                self._note(f"connection-log line at {self.pos.day} is not a JSON object: "
-                           "not shipped")
-                continue
-            out.append(syslog5424.frame(syslog5424.format_record(
-                record, hostname=self.server_id, procid=self.procid, facility=self.facility)))
-        return out
+    def _step(self) -> tuple[bytes, Position, list[Skip], tuple[int, int, Position]]:
+        """In a worker thread: the next lines, and what the log grew by."""
+        chunk, nxt, skips = self.reader.read(self.pos, BATCH_MAX_BYTES, self.clock())
+        return chunk, nxt, skips, self.reader.count(self.counted_to)
 
-    async def _ship(self, chunk: bytes) -> tuple[int, str]:
-        lines = chunk.split(b"\n")[:-1]
-        self._set_state("connecting")
+    def _grew(self, counted: tuple[int, int, Position]) -> None:
+        size, lines, end = counted
+        self.status["backlog_bytes"] += size
+        self.status["backlog_records"] += lines
+        self.counted_to = end
+
+    def _moved(self, to: Position, size: int, lines: int) -> None:
+        """The position advanced past ``size`` bytes of ``lines`` lines."""
+        self.pos = to
+        self.status["backlog_bytes"] = max(0, self.status["backlog_bytes"] - size)
+        self.status["backlog_records"] = max(0, self.status["backlog_records"] - lines)
+        if self.counted_to < to:
+            self.counted_to = to
+
+    def _recount(self) -> None:
+        """After a jump of the position (a day gone, a torn line): count again."""
+        self.counted_to = self.pos
+        self.status["backlog_bytes"] = self.status["backlog_records"] = 0
+
+    # -- formatting and setting aside ---------------------------------------------
+
+    def _message(self, day: str, offset: int, raw: bytes,
+                 set_aside: list[dict[str, Any]]) -> bytes | None:
+        """The framed message of one log line, or None with its set-aside entry."""
+        where = {"day": day, "offset": offset}
+        try:
+            record = syslog5424.load_record(raw)
+        except syslog5424.SyslogError as exc:
+            set_aside.append({"reason": "not-a-record", **where, "detail": str(exc),
+                              "line": raw.decode("utf-8", "backslashreplace")})
+            return None
+        server = record.get("server")
+        claimed = server.get("id") if isinstance(server, dict) else None
+        if claimed != self.server_id:
+            # relay collector files records under the certificate's identity
+            # and refuses any other id: sending it would lose it there.
+            set_aside.append({"reason": "other-server-id", **where, "record": record,
+                              "detail": f"server.id {claimed!r} is not this relay's "
+                                        f"{self.server_id!r}"})
+            return None
+        return syslog5424.frame(syslog5424.format_record(
+            record, hostname=self.server_id, procid=self.procid, facility=self.facility))
+
+    async def _set_aside(self, entries: list[dict[str, Any]]) -> None:
+        """Record lines that will not be shipped, once their batch is confirmed
+        (so a resent batch does not set them aside twice)."""
+        if not entries:
+            return
+        now = rfc3339_ms(self.clock())
+        path = set_aside_path(self.data_dir)
+        entries = [{"time": now, **e} for e in entries]
+        await asyncio.to_thread(_append_set_aside, path, entries)
+        self.status["set_aside"] += len(entries)
+        first = entries[0]
+        self._note(f"set aside {len(entries)} line(s) of the connection log in {path}, the "
+                   f"first at {first['day']}+{first['offset']}: {first['reason']}: "
+                   f"{first['detail']}")
+        named = [{"id": (e.get("record") or {}).get("id"), "day": e["day"],
+                  "offset": e["offset"], "reason": e["reason"]}
+                 for e in entries[:AUDIT_SET_ASIDE_MAX]]
+        self.audit({"action": "ship-set-aside", "count": len(entries), "records": named,
+                    "file": str(path)})
+
+    # -- one connection per batch -------------------------------------------------
+
+    async def _ship(self, batch: Batch, set_aside: list[dict[str, Any]]) -> tuple[int, str]:
+        """Send ``batch`` on a connection of its own; the records sent and how the
+        receiver confirmed. Raises :class:`Refused` when the collector took the
+        connection but not the batch, and the connection error when it could
+        not be reached."""
+        await self._set_state("connecting")
         link = await TlsLink.open(self.host, self.port, self.ctx)
         try:
-            self._set_state("sending")
+            await self._set_state("sending")
             sent = 0
+            lines = batch.lines
             for i in range(0, len(lines), WRITE_CHUNK_RECORDS):
-                frames = self._messages(lines[i:i + WRITE_CHUNK_RECORDS])
-                await link.send(b"".join(frames))
-                sent += len(frames)
+                frames = [m for off, raw in lines[i:i + WRITE_CHUNK_RECORDS]
+                          if (m := self._message(batch.start.day, off, raw, set_aside))]
+                if frames:
+                    await link.send(b"".join(frames))
+                    sent += len(frames)
             confirmation = await link.close()
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            link.abort()
+            raise Refused(describe_error(exc)) from exc
         except BaseException:
             link.abort()
             raise
         return sent, confirmation
 
-    async def run(self, stop_event: asyncio.Event) -> None:
-        failures = 0
-        self._set_state("idle")
-        while not stop_event.is_set():
-            chunk, nxt, notes = read_lines(self.connlog_dir, self.pos, BATCH_MAX_BYTES,
-                                           self.clock())
-            for text in notes:
-                self._note(text)
-            if not chunk:
-                if nxt != self.pos:
-                    self.pos = nxt
-                    save_position(self.data_dir, nxt)
-                self._set_state("idle")
-                await _wait(stop_event, POLL_INTERVAL_S)
-                continue
+    async def _deliver(self, batch: Batch, passed_over: Batch | None = None) -> None:
+        """Ship ``batch``; on confirmation advance the position past it (and past
+        ``passed_over``, the refused record before it, set aside first)."""
+        set_aside: list[dict[str, Any]] = []
+        sent, confirmation = await self._ship(batch, set_aside)
+        if passed_over is not None:
+            off, raw = passed_over.lines[0]
             try:
-                sent, confirmation = await self._ship(chunk)
-            except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-                failures += 1
-                text = f"{self.collector}: {describe_error(exc)}"
-                log.error("shipping to %s", text)
-                self.status.update(last_error=text, last_error_time=rfc3339_ms(self.clock()),
-                                   consecutive_failures=failures)
-                delay = min(self.backoff_max, BACKOFF_INITIAL_S * 2 ** (failures - 1))
-                self._set_state("backoff")
-                await _wait(stop_event, random.uniform(delay / 2, delay))
-                continue
-            self.pos = nxt
-            save_position(self.data_dir, nxt)
-            if failures:
-                log.info("shipping to %s works again", self.collector)
-            failures = 0
-            self.status.update(last_success=rfc3339_ms(self.clock()), consecutive_failures=0,
-                               confirmation=confirmation,
-                               records_sent=self.status["records_sent"] + sent,
-                               batches_sent=self.status["batches_sent"] + 1)
-            self._write_status()
-        self._set_state("stopped")
+                record: Any = syslog5424.load_record(raw)
+            except syslog5424.SyslogError:
+                record = None
+            set_aside.insert(0, {
+                "reason": "refused-by-collector", "day": passed_over.start.day,
+                "offset": off, "record": record,
+                "detail": f"{REFUSALS_BEFORE_SPLIT} refusals, and the collector confirmed "
+                          "the record after it"})
+            self._moved(passed_over.end, passed_over.size, len(passed_over.lines))
+        await self._set_aside(set_aside)
+        self._moved(batch.end, batch.size, len(batch.lines))
+        await asyncio.to_thread(save_position, self.data_dir, batch.end)
+        if self.failures:
+            log.info("shipping to %s works again", self.collector)
+        self.failures = self.refusals = 0
+        self.refuses_all = False
+        now = self.clock()
+        self.status.update(last_success=rfc3339_ms(now), last_success_ts=now,
+                           consecutive_failures=0, confirmation=confirmation,
+                           records_sent=self.status["records_sent"] + sent,
+                           batches_sent=self.status["batches_sent"] + 1)
+
+    def _failed(self, text: str) -> float:
+        """Count a failure; the back-off before the next attempt."""
+        self.failures += 1
+        log.error("shipping to %s", text)
+        self.status.update(last_error=text, last_error_time=rfc3339_ms(self.clock()),
+                           consecutive_failures=self.failures)
+        delay = min(self.backoff_max, BACKOFF_INITIAL_S * 2 ** (self.failures - 1))
+        return random.uniform(delay / 2, delay)
+
+    async def _refused(self, batch: Batch) -> None:
+        """After a refusal: split the batch, or at one record, probe the next."""
+        self.refusals += 1
+        if self.refusals < REFUSALS_BEFORE_SPLIT or self.refuses_all:
+            return
+        self.refusals = 0
+        if len(batch.lines) > 1:
+            self.limit = len(batch.lines) // 2
+            self.suspect_end = self.suspect_end or batch.end
+            # Each split is progress towards the record: the back-off starts over.
+            self.failures = 0
+            self._note(f"the collector refuses a batch of {len(batch.lines)} records from "
+                       f"{batch.start.day}+{batch.start.offset}: sending {self.limit} at a "
+                       "time to find the record")
+            return
+        await self._probe(batch)
+
+    async def _probe(self, culprit: Batch) -> None:
+        """One record refused again and again: ship the record after it alone. If
+        that is confirmed, the collector refuses this record only, and it is set
+        aside; if not, the collector refuses everything and nothing is."""
+        data, end, skips = await asyncio.to_thread(
+            self.reader.read, culprit.end, BATCH_MAX_BYTES, self.clock())
+        if skips or not data:
+            return  # nothing after it yet (or a jump): try again later
+        probe = Batch.of(data, Position(end.day, end.offset - len(data)), end).head(1)
+        try:
+            await self._deliver(probe, passed_over=culprit)
+        except Refused as exc:
+            self._note(f"the collector refuses the next record too ({exc}): it refuses "
+                       "everything for now; retrying with back-off until it confirms again")
+            self._isolated()
+            self.refuses_all = True
+            return
+        self._isolated()
+
+    def _isolated(self) -> None:
+        self.limit = None
+        self.suspect_end = None
+        self.refusals = 0
+
+    # -- the loop -----------------------------------------------------------------
+
+    async def run(self, stop_event: asyncio.Event) -> None:
+        await self._set_state("idle")
+        try:
+            while not stop_event.is_set():
+                await self._run_once(stop_event)
+        finally:
+            self.reader.close()
+        await self._set_state("stopped")
+
+    async def _run_once(self, stop_event: asyncio.Event) -> None:
+        chunk, nxt, skips, counted = await asyncio.to_thread(self._step)
+        self._grew(counted)
+        if skips:
+            await self._set_aside([s.set_aside for s in skips if s.set_aside is not None])
+            for skip in skips:
+                self._note(skip.note)
+        if not chunk:
+            if nxt != self.pos:
+                self.pos = nxt
+                await asyncio.to_thread(save_position, self.data_dir, nxt)
+                self._recount()
+            await self._set_state("idle")
+            await _wait(stop_event, POLL_INTERVAL_S)
+            return
+        start = Position(nxt.day, nxt.offset - len(chunk))
+        if skips:
+            # The lines start past what was skipped: count the backlog again.
+            self.pos = start
+            await asyncio.to_thread(save_position, self.data_dir, start)
+            self._recount()
+        batch = Batch.of(chunk, start, nxt)
+        if self.limit is not None:
+            batch = batch.head(self.limit)
+        try:
+            await self._deliver(batch)
+        except Refused as exc:
+            delay = self._failed(f"{self.collector}: batch not confirmed: {exc}")
+            await self._refused(batch)
+            await self._set_state("backoff")
+            await _wait(stop_event, delay if self.failures else BACKOFF_INITIAL_S)
+            return
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            delay = self._failed(f"{self.collector}: {describe_error(exc)}")
+            await self._set_state("backoff")
+            await _wait(stop_event, delay)
+            return
+        if self.suspect_end is not None and self.suspect_end <= self.pos:
+            self._isolated()  # past the refused batch without finding a culprit
+        await self._write_status()
 
 
 async def _wait(stop_event: asyncio.Event, seconds: float) -> None:
@@ -490,32 +849,39 @@ async def _wait(stop_event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop_event.wait(), seconds)
 
 
-async def run_forwarder(
+def make_forwarder(
     cfg_forward: ForwardSettings,
     data_dir: Path,
     server_id: str,
-    stop_event: asyncio.Event,
+    audit: Audit,
     *,
     facility: str = syslog5424.DEFAULT_FACILITY,
     backoff_max: float = BACKOFF_MAX_S,
-) -> None:
-    """The shipping task of ``relay serve``; returns when ``stop_event`` is set.
-
-    Raises :class:`RelayError` at once for a configuration that cannot work
-    (unreadable CA, certificate or key, bad facility); network trouble never
-    ends it.
-    """
-    if not cfg_forward.collector:
-        return
+) -> Forwarder:
+    """The forwarder of ``[forward]``, or :class:`RelayError` at once for a
+    configuration that cannot work (unreadable CA, certificate or key, a client
+    certificate whose CN is not ``server_id``, a bad facility)."""
     try:
         syslog5424.facility_code(facility)
         parse_hostport(cfg_forward.collector)
     except ValueError as exc:
         raise RelayError(f"[forward]: {exc}") from None
+    if cfg_forward.cert:
+        identity = certificate_identity(cfg_forward.cert)
+        if identity != server_id:
+            raise RelayError(
+                f"[forward] cert: the certificate proves the relay id {identity!r} (its "
+                f"subject CN), not [server] id {server_id!r}: relay collector would refuse "
+                "every record; issue a certificate with CN={server_id}")
     ctx = client_context(cfg_forward.ca, cfg_forward.cert, cfg_forward.key)
-    fwd = Forwarder(data_dir, server_id, cfg_forward.collector, ctx, facility=facility,
-                    backoff_max=backoff_max)
-    log.info("shipping the connection log to %s from %s+%d", cfg_forward.collector,
+    return Forwarder(data_dir, server_id, cfg_forward.collector, ctx, audit,
+                     facility=facility, backoff_max=backoff_max)
+
+
+async def run_forwarder(fwd: Forwarder, stop_event: asyncio.Event) -> None:
+    """The shipping task of ``relay serve``; returns when ``stop_event`` is set.
+    Network trouble never ends it."""
+    log.info("shipping the connection log to %s from %s+%d", fwd.collector,
              fwd.pos.day or "the start", fwd.pos.offset)
     await fwd.run(stop_event)
 
@@ -531,8 +897,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def ship_status(data_dir: Path) -> dict[str, Any]:
-    """The forwarder's last status plus the backlog counted now (works while
-    the relay is stopped: the backlog is what the next start will send)."""
+    """The forwarder's last status plus the backlog and set-aside lines counted
+    now (works while the relay is stopped: the backlog is what the next start
+    will send)."""
     data_dir = Path(data_dir)
     try:
         status: dict[str, Any] = json.loads((ship_dir(data_dir) / STATUS_FILE).read_bytes())
@@ -546,4 +913,5 @@ def ship_status(data_dir: Path) -> dict[str, Any]:
     pos = load_position(data_dir)
     status["position"] = asdict(pos)
     status.update(backlog(data_dir, pos))
+    status["set_aside"] = set_aside_count(data_dir)
     return status

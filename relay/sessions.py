@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay import connlog, hotpath
+from relay import connlog, hotpath, syslog5424
 from relay.errors import RelayError
 from relay.fsutil import write_atomic
 from relay.hotpath import Destination
@@ -34,6 +34,14 @@ JOURNAL_DIR = "sessions"
 # they are counted, not listed (a scanner touching every host would otherwise
 # make one record megabytes long).
 MAX_DESTINATIONS = 256
+# ... and the bytes they take in the record's JSON, so that the disconnect record
+# always travels whole to the collector (256 destinations of 255-character hosts
+# would be 80 kB, past its 64 KiB frame). The JSON budget of a record
+# (syslog5424.RECORD_JSON_MAX) less room for every other field of a disconnect
+# record: about 25 values, the client-declared ones at most 256 characters
+# (relay.cstp), at most 6 bytes per character once escaped in JSON.
+DISCONNECT_OTHER_FIELDS_MAX = 16 << 10
+DESTINATIONS_MAX_BYTES = syslog5424.RECORD_JSON_MAX - DISCONNECT_OTHER_FIELDS_MAX
 # How stale the counters of a killed relay's sessions may be in their
 # disconnect record. A minute keeps the journal's write load negligible.
 CHECKPOINT_INTERVAL_S = 60.0
@@ -63,6 +71,11 @@ def tags_in_log(data_dir: Path) -> set[str]:
     return tags
 
 
+def destination_doc(d: Destination) -> dict[str, Any]:
+    """A destination as the disconnect record lists it."""
+    return {"host": d.host, "ip": d.ip, "port": d.port, "scheme": d.scheme}
+
+
 @dataclass
 class Session:
     id: str
@@ -80,6 +93,7 @@ class Session:
     connect_record: dict[str, Any] = field(default_factory=dict)
     destinations: set[Destination] = field(default_factory=set)
     destinations_dropped: int = 0
+    destinations_bytes: int = 0  # of the "destinations" list in the record's JSON
     vip_bytes: bytes = field(init=False)  # the packed virtual IP, checked per packet
     tag_bytes: bytes = field(init=False)  # the User-Agent stamp
     seen: Any = field(init=False)  # the hot path's record of reported destinations
@@ -92,8 +106,12 @@ class Session:
     def add_destination(self, d: Destination) -> None:
         if d in self.destinations:
             return
-        if len(self.destinations) < MAX_DESTINATIONS:
+        # Each entry adds its JSON and a comma (the list's brackets are 2 bytes).
+        size = len(syslog5424.dumps_json(destination_doc(d)).encode()) + 1
+        if len(self.destinations) < MAX_DESTINATIONS \
+                and 2 + self.destinations_bytes + size <= DESTINATIONS_MAX_BYTES:
             self.destinations.add(d)
+            self.destinations_bytes += size
         else:
             self.destinations_dropped += 1
 
@@ -107,7 +125,7 @@ class Session:
             "packets": {"in": self.packets_in, "out": self.packets_out},
             "bytes": {"in": self.bytes_in, "out": self.bytes_out},
             "destinations": [
-                {"host": d.host, "ip": d.ip, "port": d.port, "scheme": d.scheme}
+                destination_doc(d)
                 for d in sorted(self.destinations, key=lambda d: (d.scheme, d.host, d.ip, d.port))
             ],
             "destinations_dropped": self.destinations_dropped,

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from relay.config import Config, parse_duration
-from relay.connlog import parse_rfc3339
 from relay.connlog_retention import run_connlog_retention
-from relay.forwarder import run_forwarder, ship_status
+from relay.errors import RelayError
+from relay.forwarder import Forwarder, make_forwarder, run_forwarder
 from relay.metrics import Metric
 
 log = logging.getLogger("relay")
@@ -28,6 +28,7 @@ class Shipping:
         self.cfg = cfg
         self.audit = audit
         self._forwarder: tuple[asyncio.Task[None], asyncio.Event] | None = None
+        self.forwarder: Forwarder | None = None
         self._retention: tuple[asyncio.Task[None], asyncio.Event] | None = None
 
     def start(self) -> None:
@@ -41,12 +42,19 @@ class Shipping:
             compress_after_days=parse_duration(self.cfg.logs.connlog_compress_after) // DAY_S))
 
     def _start_forwarder(self) -> None:
+        self.forwarder = None
         if not self.cfg.forward.collector:
             return
-        self._forwarder = self._task(lambda stop: run_forwarder(
-            self.cfg.forward, self.cfg.data_dir, self.cfg.server.id, stop,
-            facility=self.cfg.forward.facility,
-            backoff_max=float(parse_duration(self.cfg.forward.retry_max))))
+        try:
+            fwd = make_forwarder(
+                self.cfg.forward, self.cfg.data_dir, self.cfg.server.id, self.audit,
+                facility=self.cfg.forward.facility,
+                backoff_max=float(parse_duration(self.cfg.forward.retry_max)))
+        except RelayError as exc:
+            log.error("shipping task failed: %s", exc)
+            return
+        self.forwarder = fwd
+        self._forwarder = self._task(lambda stop: run_forwarder(fwd, stop))
 
     def _task(self, make: Callable[[asyncio.Event], Any]) -> tuple[asyncio.Task[None],
                                                                     asyncio.Event]:
@@ -82,24 +90,28 @@ class Shipping:
             await asyncio.wait_for(task, 10)
 
     def metrics(self) -> list[Metric]:
-        """Backlog and last success of the forwarder, as ``relay ship status`` says."""
-        if not self.cfg.forward.collector:
+        """Backlog, last success and set-aside records of the forwarder, from its
+        counters in memory: a scrape reads no file."""
+        if self.forwarder is None:
             return []
-        st = ship_status(self.cfg.data_dir)
-        last = st.get("last_success")
+        st = self.forwarder.status
         return [
             Metric("relay_ship_backlog_records", "gauge",
                    "Connection-log records not yet confirmed by the collector.")
-            .add(st.get("backlog_records") or 0),
+            .add(st["backlog_records"]),
             Metric("relay_ship_backlog_bytes", "gauge",
                    "Bytes of the connection log not yet confirmed by the collector.")
-            .add(st.get("backlog_bytes") or 0),
+            .add(st["backlog_bytes"]),
             Metric("relay_ship_last_success_timestamp_seconds", "gauge",
                    "When the collector last confirmed a batch (0: never).")
-            .add(parse_rfc3339(last) if isinstance(last, str) else float(last or 0)),
+            .add(st["last_success_ts"]),
             Metric("relay_ship_consecutive_failures", "gauge",
                    "Failed delivery attempts since the last success.")
-            .add(st.get("consecutive_failures") or 0),
+            .add(st["consecutive_failures"]),
+            Metric("relay_ship_set_aside_total", "counter",
+                   "Connection-log lines set aside instead of shipped (see "
+                   "DATA_DIR/ship/set-aside.jsonl).")
+            .add(st["set_aside"]),
         ]
 
     async def close(self) -> None:

@@ -57,11 +57,15 @@ SEVERITY_INFO = 6
 SEVERITY_NOTICE = 5
 ROUTINE_ACTIONS = frozenset({"connect", "disconnect"})
 
+BOM = b"\xef\xbb\xbf"
+NILVALUE = "-"
+
 # Largest message a receiver must accept is 2048 octets (RFC 5425 section
 # 4.3.1: "MUST be able to process messages up to 2048 octets", SHOULD accept
 # 8192); rsyslog's default maxMessageSize is 8k and it truncates beyond that.
-# The relay keeps what it sends within 8 KiB so that a stock rsyslog stores it
-# whole, and the collector accepts 64 KiB from other senders.
+# The relay shrinks what it sends towards 8 KiB so that a stock rsyslog stores it
+# whole, and never sends more than the 64 KiB frame limit of relay collector,
+# which is what a record with its destinations needs (RECORD_JSON_MAX).
 MAX_MESSAGE_SIZE = 8192
 COLLECTOR_MAX_MESSAGE_SIZE = 65536
 # RFC 5424 section 6: HOSTNAME 1..255, APP-NAME 1..48, PROCID 1..128, MSGID
@@ -73,16 +77,37 @@ SD_NAME_MAX = 32
 # SD values are a display copy (the JSON in MSG is whole): cutting them keeps a
 # record with hostile 1000-character client strings under MAX_MESSAGE_SIZE.
 SD_VALUE_MAX = 256
+# The whole STRUCTURED-DATA element is bounded too (a value of SD_VALUE_MAX
+# characters escapes to up to 6 bytes each, and a record may have many): half of
+# rsyslog's default 8 KiB message, leaving the other half for the JSON copy of an
+# ordinary record. Parameters past the budget are left out (the JSON has them).
+SD_MAX_BYTES = 4096
+# The longest header format_record writes: PRI, VERSION and the six fields at their
+# RFC 5424 maxima (TIMESTAMP as our pattern allows: 2026-11-25T21:05:32.123456+00:00).
+TIMESTAMP_MAX = 32
+HEADER_MAX_BYTES = (len("<191>1 ") + TIMESTAMP_MAX + 1 + HOSTNAME_MAX + 1 + len(APP_NAME) + 1
+                    + PROCID_MAX + 1 + MSGID_MAX + 1)
+# A record whose JSON is at most this long always travels whole within
+# COLLECTOR_MAX_MESSAGE_SIZE: the frame limit minus the largest header, SD, the
+# space before MSG and the BOM. Producers size what they put in a record by it
+# (relay.sessions: the destinations of a disconnect record).
+RECORD_JSON_MAX = COLLECTOR_MAX_MESSAGE_SIZE - HEADER_MAX_BYTES - SD_MAX_BYTES - 1 - len(BOM)
 # If a record is still too big, its JSON strings are cut to this many
 # characters and the record gains "truncated": true (the relay's local log keeps
 # the whole record).
 JSON_STRING_SHRINK = 512
+# A record that would not fit COLLECTOR_MAX_MESSAGE_SIZE even so (no record the
+# relay writes is that big: this is the second line of defence) travels as a stub
+# of the fields that identify it (and server.id, which the collector checks), each
+# cut to SD_VALUE_MAX, with "truncated": true and the size left out.
+STUB_FIELDS = ("id", "time", "action", "session_id")
+# Nesting of a record's JSON: the relay's records nest three deep (a disconnect's
+# destinations: record, list, object). Deeper input is refused before anything
+# recurses over it (Python's json raises RecursionError near 1000 levels).
+RECORD_DEPTH_MAX = 8
 # RFC 5425 section 4.3: MSG-LEN is a decimal number; 10 digits exceed any size
 # we accept, more is garbage rather than a length.
 MSG_LEN_DIGITS_MAX = 10
-
-BOM = b"\xef\xbb\xbf"
-NILVALUE = "-"
 
 
 class SyslogError(ValueError):
@@ -189,9 +214,19 @@ def dumps_json(record: dict[str, Any]) -> str:
 
 
 def structured_data(record: dict[str, Any]) -> str:
-    params = [f'id="{sd_escape(str(record.get("id", "")))}"']
-    params += [f'{sd_name(k)}="{sd_escape(v)}"' for k, v in flatten(record) if k != "id"]
-    return f"[{SD_ID} {' '.join(params)}]"
+    """The SD element, at most SD_MAX_BYTES: ``id`` first, then the flattened
+    fields in order while they fit."""
+    out = f'[{SD_ID} id="{sd_escape(str(record.get("id", "")))}"'
+    size = len(out.encode()) + 1  # the closing ']'
+    for k, v in flatten(record):
+        if k == "id":
+            continue
+        param = f' {sd_name(k)}="{sd_escape(v)}"'
+        size += len(param.encode())
+        if size > SD_MAX_BYTES:
+            break
+        out += param
+    return out + "]"
 
 
 def _shrunk(value: Any) -> Any:
@@ -204,6 +239,16 @@ def _shrunk(value: Any) -> Any:
     return value
 
 
+def _stub(record: dict[str, Any], size: int) -> dict[str, Any]:
+    def cut(value: Any) -> str | None:
+        return value[:SD_VALUE_MAX] if isinstance(value, str) else None
+
+    server = record.get("server")
+    stub: dict[str, Any] = {k: cut(record.get(k)) for k in STUB_FIELDS}
+    stub["server"] = {"id": cut(server.get("id") if isinstance(server, dict) else None)}
+    return {**stub, "truncated": True, "omitted_bytes": size}
+
+
 def format_record(
     record: dict[str, Any],
     *,
@@ -212,7 +257,12 @@ def format_record(
     facility: int = FACILITIES[DEFAULT_FACILITY],
     max_size: int = MAX_MESSAGE_SIZE,
 ) -> bytes:
-    """One RFC 5424 message (without framing) for one connection-log record."""
+    """One RFC 5424 message (without framing) for one connection-log record.
+
+    Shrunk towards ``max_size`` (client strings cut, ``"truncated": true``) and
+    never longer than COLLECTOR_MAX_MESSAGE_SIZE, whatever the record: the
+    header and SD are bounded, and a JSON copy that would not fit becomes a stub.
+    """
     action = str(record.get("action", ""))
     pri = facility * 8 + severity_of(action)
     ts = str(record.get("time", ""))
@@ -220,12 +270,15 @@ def format_record(
     header = (f"<{pri}>{VERSION} {timestamp} {_header_field(hostname, HOSTNAME_MAX)} "
               f"{APP_NAME} {_header_field(procid, PROCID_MAX)} "
               f"{_header_field(action, MSGID_MAX)} ")
-    sd = structured_data(record)
-    out = (header + sd + " ").encode() + BOM + dumps_json(record).encode()
-    if len(out) > max_size:
-        small = {**_shrunk(record), "truncated": True}
-        out = (header + sd + " ").encode() + BOM + dumps_json(small).encode()
-    return out
+    head = (header + structured_data(record) + " ").encode() + BOM
+    body = dumps_json(record).encode()
+    if len(head) + len(body) > max_size:
+        small = _shrunk(record)
+        if small != record:
+            body = dumps_json({**small, "truncated": True}).encode()
+    if len(head) + len(body) > COLLECTOR_MAX_MESSAGE_SIZE:
+        body = dumps_json(_stub(record, len(body))).encode()
+    return head + body
 
 
 def frame(message: bytes) -> bytes:
@@ -391,6 +444,33 @@ def parse_message(data: bytes) -> Message:
         procid=_nil(m.group(6)), msgid=_nil(m.group(7)), sd=sd, msg=_text(body), bom=bom)
 
 
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= RECORD_DEPTH_MAX:
+                todo += [(v, depth + 1) for v in (item.values() if isinstance(item, dict)
+                                                  else item)]
+    return deepest
+
+
+def load_record(text: str | bytes) -> dict[str, Any]:
+    """A record's JSON: an object nested at most RECORD_DEPTH_MAX deep, or
+    :class:`SyslogError`."""
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):
+        raise SyslogError("not JSON") from None
+    if not isinstance(record, dict):
+        raise SyslogError("not a JSON object")
+    if _depth(record) > RECORD_DEPTH_MAX:
+        raise SyslogError(f"JSON nested deeper than {RECORD_DEPTH_MAX} levels")
+    return record
+
+
 def relay_record(message: Message) -> dict[str, Any] | None:
     """The connection-log record a relay sent, or None for any other message.
 
@@ -401,11 +481,9 @@ def relay_record(message: Message) -> dict[str, Any] | None:
     if params is None:
         return None
     try:
-        record = json.loads(message.msg)
-    except ValueError:
-        raise SyslogError("relay message whose MSG is not JSON") from None
-    if not isinstance(record, dict):
-        raise SyslogError("relay message whose MSG is not a JSON object")
+        record = load_record(message.msg)
+    except SyslogError as exc:
+        raise SyslogError(f"relay message whose MSG is {exc}") from None
     rid = record.get("id")
     if not isinstance(rid, str) or not rid or rid != params.get("id"):
         raise SyslogError(f"relay record id {rid!r} does not match SD id {params.get('id')!r}")

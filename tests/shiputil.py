@@ -51,6 +51,8 @@ class Pki:
     client_key: Path
     wrong_client_cert: Path
     wrong_client_key: Path
+    other_relay_cert: Path  # CN=relay-2, from the right CA: a relay, but another one
+    other_relay_key: Path
 
 
 def _name(cn: str) -> x509.Name:
@@ -119,7 +121,8 @@ def make_pki(d: Path) -> Pki:
     wsc, wsk = _leaf(d, "wrong-server", "collector.test", wca, wca_key)
     cc, ck = _leaf(d, "client", "relay-1", ca, ca_key)
     wcc, wck = _leaf(d, "wrong-client", "relay-1", wca, wca_key)
-    return Pki(ca_path, wca_path, sc, sk, wsc, wsk, cc, ck, wcc, wck)
+    oc, ok = _leaf(d, "other-relay", "relay-2", ca, ca_key)
+    return Pki(ca_path, wca_path, sc, sk, wsc, wsk, cc, ck, wcc, wck, oc, ok)
 
 
 # ---------------------------------------------------------------------------
@@ -184,29 +187,37 @@ uvloop.run(main())
 
 _FORWARDER = """
 import asyncio, logging, signal, sys, types, uvloop
-from relay.forwarder import run_forwarder
+from relay.connlog import ConnectionLog
+from relay.forwarder import make_forwarder, run_forwarder
 logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                     format="relay: %(levelname)s: %(message)s")
 cfg = types.SimpleNamespace(**{cfg!r})
+log = ConnectionLog({data_dir!r})
+def audit(record):  # as relay serve's Relay.audit does
+    log.append({{**record, "server": {{"id": {server_id!r}}}}})
 async def main():
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await run_forwarder(cfg, {data_dir!r}, {server_id!r}, stop, backoff_max={backoff_max!r})
+    fwd = make_forwarder(cfg, {data_dir!r}, {server_id!r}, audit, backoff_max={backoff_max!r})
+    await run_forwarder(fwd, stop)
 uvloop.run(main())
 """
 
 
 def start_collector(tmp: Path, port: int, pki: Pki, *, cert: Path | None = None,
-                    key: Path | None = None, require_client_cert: bool = False,
-                    plain_port: int | None = None, data_dir: Path | None = None,
-                    keep_days: int = 90, host: str = "127.0.0.1") -> Proc:
-    args = {
+                    key: Path | None = None, accept_syslog: bool = False,
+                    allow_no_client_cert: bool = False, plain_port: int | None = None,
+                    data_dir: Path | None = None, keep_days: int = 90,
+                    host: str = "127.0.0.1", quota: int | None = None) -> Proc:
+    args: dict[str, Any] = {
         "listen": f"{host}:{port}", "data_dir": str(data_dir or tmp / "collector"),
         "ca": str(pki.ca), "cert": str(cert or pki.server_cert),
-        "key": str(key or pki.server_key), "require_client_cert": require_client_cert,
-        "keep_days": keep_days,
+        "key": str(key or pki.server_key), "keep_days": keep_days,
+        "accept_syslog": accept_syslog, "allow_no_client_cert": allow_no_client_cert,
         "plain_listen": f"127.0.0.1:{plain_port}" if plain_port else None,
     }
+    if quota is not None:
+        args["quota_bytes_per_day"] = quota
     proc = Proc([sys.executable, "-c", _COLLECTOR.format(args=args)], tmp / "collector.log")
     wait_until(lambda: port_open(port, host) or proc.p.poll() is not None,
                what="collector port")
@@ -215,8 +226,10 @@ def start_collector(tmp: Path, port: int, pki: Pki, *, cert: Path | None = None,
 
 
 def start_forwarder(tmp: Path, data_dir: Path, port: int, pki: Pki, *,
-                    host: str = "localhost", client_cert: bool = False,
+                    host: str = "localhost", client_cert: bool = True,
                     server_id: str = "relay-1", backoff_max: float = 1.0) -> Proc:
+    """The forwarder of relay ``server_id`` (with its client certificate, CN=relay-1,
+    unless ``client_cert`` is False)."""
     cfg = {"collector": f"{host}:{port}", "ca": str(pki.ca),
            "cert": str(pki.client_cert) if client_cert else "",
            "key": str(pki.client_key) if client_cert else ""}
@@ -248,14 +261,20 @@ def start_rsyslog(tmp: Path, body: str, wait_ports: list[int]) -> Proc:
     return proc
 
 
-def rsyslog_global(tmp: Path, pki: Pki) -> str:
+def rsyslog_global(tmp: Path, pki: Pki, relay_cert: bool = False) -> str:
+    """rsyslogd's TLS: the collector.test certificate, or with ``relay_cert`` the
+    relay's own (CN=relay-1), as an rsyslogd on the relay host that forwards the
+    relay's records to relay collector presents (the collector files records
+    under the certificate's CN)."""
+    cert, key = (pki.client_cert, pki.client_key) if relay_cert \
+        else (pki.server_cert, pki.server_key)
     return f"""
 global(workDirectory="{tmp / 'rsyslog-work'}"
        maxMessageSize="64k"
        defaultNetstreamDriver="gtls"
        defaultNetstreamDriverCAFile="{pki.ca}"
-       defaultNetstreamDriverCertFile="{pki.server_cert}"
-       defaultNetstreamDriverKeyFile="{pki.server_key}")
+       defaultNetstreamDriverCertFile="{cert}"
+       defaultNetstreamDriverKeyFile="{key}")
 """
 
 

@@ -7,10 +7,14 @@ import contextlib
 import json
 import socket
 import ssl
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import zstandard
 from shiputil import (
     Writer,
     free_port,
@@ -28,6 +32,7 @@ from shiputil import (
 from relay import syslog5424 as s5
 from relay.collector import Collector, Counts
 from relay.connlog import rfc3339_ms
+from relay.connlog_retention import read_zst
 from relay.forwarder import ship_status
 
 
@@ -58,8 +63,8 @@ def test_rsyslog_forwards_to_collector(tmp_path: Path, pki) -> None:
     """forwarder -> rsyslogd (imtcp gtls) -> omfwd gtls octet-counted -> collector
     requiring client certificates; plain senders' messages go the same way."""
     cport, tport, pport = free_port(), free_port(), free_port()
-    collector = start_collector(tmp_path, cport, pki, require_client_cert=True)
-    conf = rsyslog_global(tmp_path, pki) + f"""
+    collector = start_collector(tmp_path, cport, pki, accept_syslog=True)
+    conf = rsyslog_global(tmp_path, pki, relay_cert=True) + f"""
 module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1"
        streamDriver.authMode="anon")
 input(type="imtcp" port="{tport}" address="127.0.0.1")
@@ -97,7 +102,7 @@ action(type="omfwd" target="127.0.0.1" port="{cport}" protocol="tcp"
     [legacy] = read_day_dir(others / "oldhost")
     assert "an RFC 3164 line" in legacy["msg"]
     log = collector.log()
-    assert "connected (TLS, client certificate CN=collector.test)" in log
+    assert "connected (TLS, client certificate CN=relay-1, relay relay-1)" in log
     assert "refused" not in log.split("listening", 1)[1].replace(
         "refused: TLS handshake failed: ConnectionResetError", "")  # the port probe only
 
@@ -128,17 +133,18 @@ def test_collector_killed_and_restarted_mid_stream(tmp_path: Path, pki) -> None:
 
 def test_duplicates_removed_across_restarts(tmp_path: Path, pki) -> None:
     port = free_port()
-    records = [{**hostile_record(i), "id": f"{i:024x}", "time": rfc3339_ms(1.8e9 + i)}
+    records = [{**hostile_record(i), "id": f"{i:024x}", "time": rfc3339_ms(time.time() - 60)}
                for i in range(5)]
     frames = relay_frames(records)
+    relay1 = client_ctx(pki, pki.client_cert, pki.client_key)
     collector = start_collector(tmp_path, port, pki)
     try:
-        tls_send(port, frames + frames, client_ctx(pki))
+        tls_send(port, frames + frames, relay1)
     finally:
         collector.stop()
     collector = start_collector(tmp_path, port, pki)  # id sets rebuilt from the files
     try:
-        tls_send(port, frames, client_ctx(pki))
+        tls_send(port, frames, relay1)
     finally:
         collector.stop()
     assert read_day_dir(tmp_path / "collector" / "relay-1") == records
@@ -146,10 +152,10 @@ def test_duplicates_removed_across_restarts(tmp_path: Path, pki) -> None:
     assert "0 records stored, 5 duplicates" in collector.log()
 
 
-def test_client_certificates_required(tmp_path: Path, pki) -> None:
+def test_client_certificates_required_by_default(tmp_path: Path, pki) -> None:
     port = free_port()
-    collector = start_collector(tmp_path, port, pki, require_client_cert=True)
-    rec = [{**hostile_record(1), "id": "a" * 24, "time": "2026-11-25T00:00:00.000Z"}]
+    collector = start_collector(tmp_path, port, pki)
+    rec = [{**hostile_record(1), "id": "a" * 24, "time": rfc3339_ms(time.time())}]
     try:
         for ctx in (client_ctx(pki), client_ctx(pki, pki.wrong_client_cert,
                                                  pki.wrong_client_key)):
@@ -166,14 +172,14 @@ def test_client_certificates_required(tmp_path: Path, pki) -> None:
     log = collector.log()
     assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in log
     assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log
-    assert "connected (TLS, client certificate CN=relay-1)" in log
+    assert "connected (TLS, client certificate CN=relay-1, relay relay-1)" in log
     assert read_day_dir(tmp_path / "collector" / "relay-1") == rec
 
 
 def test_plain_port_other_senders_and_hostile_input(tmp_path: Path, pki) -> None:
     port, plain = free_port(), free_port()
-    collector = start_collector(tmp_path, port, pki, plain_port=plain)
-    good = {**hostile_record(2), "id": "b" * 24, "time": "2026-11-25T00:00:00.000Z"}
+    collector = start_collector(tmp_path, port, pki, plain_port=plain, accept_syslog=True)
+    good = {**hostile_record(2), "id": "b" * 24, "time": rfc3339_ms(time.time())}
     forged = s5.format_record(good, hostname="relay-1").replace(b'id="' + b"b" * 24,
                                                                  b'id="' + b"c" * 24)
     try:
@@ -188,7 +194,9 @@ def test_plain_port_other_senders_and_hostile_input(tmp_path: Path, pki) -> None
     finally:
         collector.stop()
     root = tmp_path / "collector"
-    assert read_day_dir(root / "relay-1") == [good]
+    # A sender without a certificate proves no relay id: its relay record is refused.
+    assert read_day_dir(root / "relay-1") == []
+    assert "1 refused: relay records without a relay certificate" in collector.log()
     assert "connected (plain TCP)" in collector.log()
     # Everything stored is one JSON object per line, whatever came in.
     lines = [line for p in root.rglob("*.jsonl") for line in p.read_bytes().splitlines()]
@@ -223,21 +231,252 @@ def test_collector_retention_and_late_records(tmp_path: Path) -> None:
 
     def send(*records: dict) -> None:
         for r in records:
-            c.message(s5.format_record(r, hostname="relay-7"), "127.0.0.1:1", counts)
+            c.message(s5.format_record(r, hostname="relay-7"), "127.0.0.1:1", counts,
+                      "relay-7")
         c.store.sync()
 
     send(rec_on(0, 1), rec_on(5, 1), rec_on(120, 1))
     c.retention_pass()
     d = tmp_path / "relay-7"
+    # 120 days back is past the retention: filed under the day it came, flagged.
     assert sorted(p.name for p in d.iterdir()) == [f"{day(5)}.jsonl.zst", f"{day(0)}.jsonl"]
     # A late duplicate for a compressed day is still recognised; a late new
     # record lands beside the .zst and is merged on the next pass.
     send(rec_on(5, 1), rec_on(5, 2))
-    assert (counts.records, counts.duplicates) == (4, 1)
+    assert (counts.records, counts.duplicates, counts.out_of_window) == (4, 1, 1)
     c.retention_pass()
     assert sorted(p.name for p in d.iterdir()) == [f"{day(5)}.jsonl.zst", f"{day(0)}.jsonl"]
     assert [r["id"] for r in read_day_dir(d)] == [rec_on(5, 1)["id"], rec_on(5, 2)["id"],
-                                                  rec_on(0, 1)["id"]]
+                                                  rec_on(0, 1)["id"], rec_on(120, 1)["id"]]
+    assert read_day_dir(d)[3]["out_of_window"]["reason"] == \
+        "time older than the retention of 90 days"
     c.store.close()
     with pytest.raises(ValueError, match="at least 90"):
         Collector(tmp_path, keep_days=30)
+
+
+# -- the collector believes certificates, not claims (issue 13 item 6) -------------
+
+
+def stored_files(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def test_a_sender_can_only_write_its_own_store(tmp_path: Path, pki) -> None:
+    """relay-2's certificate, claiming relay-1: nothing lands in relay-1's store, not
+    even the ids of relay-1's real records sent first; impossible and far-future
+    days are filed under the day of arrival, flagged."""
+    port = free_port()
+    now = time.time()
+    real = [{**hostile_record(i), "id": f"{i:024x}", "time": rfc3339_ms(now - 60)}
+            for i in range(3)]
+    as_relay2 = [{**r, "server": {"id": "relay-2"}} for r in real]
+    odd_days = [{**as_relay2[0], "id": f"d{i:023x}", "time": t}
+                for i, t in enumerate(("9999-12-31T00:00:00.000Z", "2026-02-30T00:00:00.000Z",
+                                       rfc3339_ms(now + 3 * 86400), "yesterday"))]
+    relay2 = client_ctx(pki, pki.other_relay_cert, pki.other_relay_key)
+    collector = start_collector(tmp_path, port, pki)
+    try:
+        # Claims relay-1, with its real record ids and with odd days.
+        tls_send(port, relay_frames(real + [{**r, "server": {"id": "relay-1"}}
+                                            for r in odd_days]), relay2)
+        # As itself: the ids relay-1 is about to use, and the odd days.
+        tls_send(port, relay_frames(as_relay2 + odd_days), relay2)
+        tls_send(port, relay_frames(real), client_ctx(pki, pki.client_cert, pki.client_key))
+    finally:
+        collector.stop()
+    root = tmp_path / "collector"
+    today = datetime.fromtimestamp(now, UTC).date().isoformat()
+    assert read_day_dir(root / "relay-1") == real  # every real record, none forged
+    mine = read_day_dir(root / "relay-2")
+    assert [r["id"] for r in mine[:3]] == [r["id"] for r in real]
+    flagged = [r for r in mine if "out_of_window" in r]
+    assert len(flagged) == 4 and all(r["out_of_window"]["received"][:10] == today
+                                     for r in flagged)
+    assert {r["out_of_window"]["reason"] for r in flagged} == {
+        "time more than 24 h in the future", "time is not RFC 3339"}
+    assert set(stored_files(root / "relay-2")) <= {f"{today}.jsonl", f"{real_day(now)}.jsonl"}
+    log = collector.log()
+    assert "(relay-2): closed: 0 records stored, 0 duplicates, 0 other messages, " \
+           "0 unparsable, 7 refused: claimed another relay id" in log
+    assert "(relay-2): closed: 7 records stored" in log and \
+           "4 filed under the receive day (time out of window)" in log
+    assert "(relay-1): closed: 3 records stored, 0 duplicates" in log
+
+
+def real_day(ts: float) -> str:
+    return datetime.fromtimestamp(ts - 60, UTC).date().isoformat()
+
+
+def test_over_quota_records_are_refused_and_the_batch_not_confirmed(
+        tmp_path: Path, pki) -> None:
+    port = free_port()
+    relay = tmp_path / "relay"
+    records = write_records(relay, 20)
+    quota = 5 * len(json.dumps(records[0]))
+    collector = start_collector(tmp_path, port, pki, quota=quota)
+    fwd = start_forwarder(tmp_path, relay, port, pki)
+    stored = tmp_path / "collector" / "relay-1"
+    try:
+        wait_until(lambda: "not confirmed: over the daily quota" in collector.log(),
+                   what="the refusal")
+        status = wait_until(lambda: (st := ship_status(relay))["consecutive_failures"] >= 2
+                            and st, what="the forwarder to see it")
+    finally:
+        fwd.stop()
+        collector.stop()
+    got = read_day_dir(stored)
+    assert 1 <= len(got) < 20 and got == records[:len(got)]
+    assert sum(p.stat().st_size for p in stored.iterdir()) <= quota
+    # Not confirmed: the relay keeps every record and sends them again later.
+    assert status["backlog_records"] == 20 and "not confirmed" in status["last_error"]
+    log = collector.log()
+    assert f"relay-1: over the daily quota of {quota} bytes" in log
+    assert f"{20 - len(got)} refused: over the daily quota" in log
+
+
+def test_plain_syslog_is_refused_unless_accepted(tmp_path: Path, pki) -> None:
+    port = free_port()
+    plain = b"<14>1 2026-11-25T10:00:00.5Z applianceA app 1 ID - hello\n"
+    relay1 = client_ctx(pki, pki.client_cert, pki.client_key)
+    collector = start_collector(tmp_path, port, pki)
+    try:
+        tls_send(port, plain, relay1)
+    finally:
+        collector.stop()
+    assert not (tmp_path / "collector" / "@syslog").exists()
+    assert "1 refused: plain syslog (no --accept-syslog)" in collector.log()
+    # Senders without a certificate only with --accept-syslog, and only plain syslog.
+    collector = start_collector(tmp_path, port, pki, accept_syslog=True,
+                                allow_no_client_cert=True)
+    rec = {**hostile_record(1), "id": "c" * 24, "time": rfc3339_ms(time.time())}
+    try:
+        tls_send(port, plain + relay_frames([rec]), client_ctx(pki))
+    finally:
+        collector.stop()
+    [got] = read_day_dir(tmp_path / "collector" / "@syslog" / "applianceA")
+    assert got["msg"] == "hello" and got["identity"] is None
+    assert read_day_dir(tmp_path / "collector" / "relay-1") == []
+    assert "1 refused: relay records without a relay certificate" in collector.log()
+    out = subprocess.run([sys.executable, "-m", "relay.cli", "collector", "--cert",
+                          str(pki.server_cert), "--key", str(pki.server_key), "--ca",
+                          str(pki.ca), "--listen", f"127.0.0.1:{port}", "--data-dir",
+                          str(tmp_path / "c2"), "--plain-listen", f"127.0.0.1:{free_port()}"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "add --accept-syslog" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# -- the collector's chain and relay collector verify ------------------------------
+
+
+def verify_cli(root: Path) -> tuple[int, dict]:
+    out = subprocess.run([sys.executable, "-m", "relay.cli", "collector", "verify",
+                          "--data-dir", str(root), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+def kinds(report: dict) -> set[tuple[str, str]]:
+    return {(p["kind"], p["file"]) for p in report["problems"]}
+
+
+def chained_store(root: Path) -> Collector:
+    c = Collector(root, keep_days=90, clock=lambda: NOW)
+    counts = Counts()
+    for n in (100, 3, 2, 1, 0):  # day(100) is sent while still in the window
+        clock = NOW - n * 86400 + 3600 if n == 100 else NOW
+        c.clock = c.quota.clock = lambda clock=clock: clock
+        for i in range(3):
+            c.message(s5.format_record(rec_on(n, i), hostname="relay-7"), "p", counts,
+                      "relay-7")
+    c.store.sync()
+    c.clock = c.quota.clock = lambda: NOW - 10 * 86400
+    c.retention_pass()  # compresses (and seals) day(100)
+    c.clock = c.quota.clock = lambda: NOW
+    c.retention_pass()  # deletes day(100) (a link), seals day(3) and day(2)
+    return c
+
+
+def test_verify_passes_an_untouched_store_and_late_records(tmp_path: Path) -> None:
+    c = chained_store(tmp_path)
+    d = tmp_path / "relay-7"
+    assert stored_files(d) == [f"{day(3)}.jsonl.zst", f"{day(2)}.jsonl.zst",
+                               f"{day(1)}.jsonl", f"{day(0)}.jsonl"]
+    links = [json.loads(x) for x in (tmp_path / "@chain" / "relay-7.jsonl").read_text()
+             .splitlines()]
+    assert [(lk["event"], lk["day"]) for lk in links] == [
+        ("close", day(100)), ("delete", day(100)), ("close", day(3)), ("close", day(2))]
+    rc, report = verify_cli(tmp_path)
+    assert rc == 0 and report["ok"], report
+    assert report["checked"]["collector days"] == 4
+    # A late record for a sealed day: pending, then merged and sealed again.
+    counts = Counts()
+    c.message(s5.format_record(rec_on(3, 9), hostname="relay-7"), "p", counts, "relay-7")
+    c.store.sync()
+    rc, report = verify_cli(tmp_path)
+    assert rc == 0 and any("late records" in n for n in report["notes"])
+    c.retention_pass()
+    c.store.close()
+    rc, report = verify_cli(tmp_path)
+    assert rc == 0 and report["ok"] and not any("late" in n for n in report["notes"])
+
+
+def test_verify_reports_tampering(tmp_path: Path) -> None:
+    c = chained_store(tmp_path)
+    c.store.close()
+    d = tmp_path / "relay-7"
+    z3, z2 = d / f"{day(3)}.jsonl.zst", d / f"{day(2)}.jsonl.zst"
+    pack = zstandard.ZstdCompressor().compress
+    original = read_zst(z3)
+    z3.write_bytes(pack(original.replace(b"relay-7", b"relay-X", 1)))
+    rc, report = verify_cli(tmp_path)
+    assert rc == 1 and kinds(report) == {("modified", f"relay-7/{day(3)}")}
+    z3.write_bytes(pack(original[: len(original) // 2]))
+    assert kinds(verify_cli(tmp_path)[1]) == {("truncated", f"relay-7/{day(3)}")}
+    a, b = read_zst(z2), original
+    z3.write_bytes(pack(a))
+    z2.write_bytes(pack(b))
+    assert kinds(verify_cli(tmp_path)[1]) == {("reordered", f"relay-7/{day(3)}"),
+                                              ("reordered", f"relay-7/{day(2)}")}
+    z3.unlink()
+    z2.write_bytes(pack(a))
+    assert kinds(verify_cli(tmp_path)[1]) == {("missing", f"relay-7/{day(3)}")}
+    (d / "2026-02-30.jsonl.zst").write_bytes(pack(b'{"id":"forged"}\n'))
+    assert ("unchained", "relay-7/2026-02-30") in kinds(verify_cli(tmp_path)[1])
+    chain = tmp_path / "@chain" / "relay-7.jsonl"
+    lines = chain.read_bytes().splitlines(keepends=True)
+    chain.write_bytes(b"".join(lines[:1] + lines[2:]))  # a link dropped
+    assert ("broken-chain", "relay-7 chain link 1") in kinds(verify_cli(tmp_path)[1])
+    chain.write_bytes(b"".join(lines[:-1]))  # the chain cut back: day(2) unchained
+    assert ("unchained", f"relay-7/{day(2)}") in kinds(verify_cli(tmp_path)[1])
+
+
+def test_day_window(tmp_path: Path) -> None:
+    c = Collector(tmp_path, keep_days=90, clock=lambda: NOW)  # 2026-06-01T12:00Z
+
+    def filed(time_text: str) -> tuple[str, str | None]:
+        got, flag = c._day({"time": time_text})
+        return got, flag and flag["reason"]
+
+    assert filed("2026-05-31T23:30:00-05:00") == ("2026-06-01", None)  # its UTC day
+    assert filed("2026-06-02T11:00:00.000Z") == ("2026-06-02", None)  # 23 h ahead
+    assert filed("2026-06-02T13:00:00.000Z") == ("2026-06-01", "time more than 24 h in "
+                                                               "the future")
+    assert filed("2026-03-04T00:00:00Z") == ("2026-03-04", None)  # 89 days back
+    assert filed("2026-03-02T00:00:00Z") == ("2026-06-01", "time older than the "
+                                                           "retention of 90 days")
+    for bad in ("2026-06-01T10:00:00", "2026-02-30T00:00:00Z", "", "None"):
+        assert filed(bad) == ("2026-06-01", "time is not RFC 3339"), bad
+
+
+def test_nested_json_is_counted_not_raised(tmp_path: Path) -> None:
+    """Issue 13 item 8: a relay message whose JSON nests 100,000 deep raised
+    RecursionError out of the collector's message handling."""
+    c = Collector(tmp_path, keep_days=90, clock=lambda: NOW)
+    counts = Counts()
+    raw = b'<13>1 - relay-7 relay - - [relay@32473 id="a"] ' + s5.BOM + b"[" * 100_000
+    c.message(raw, "p", counts, "relay-7")
+    assert counts.rejected == 1 and counts.records == 0
+    assert "1 unparsable" in counts.summary()

@@ -18,7 +18,7 @@ from relay.connlog_retention import (
     read_zst,
     run_connlog_retention,
 )
-from relay.forwarder import Position, read_lines
+from relay.forwarder import LogReader, Position
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC).timestamp()
 
@@ -97,11 +97,11 @@ def test_late_lines_for_a_compressed_day_are_merged(tmp_path: Path) -> None:
 def test_forwarder_offsets_stay_valid_across_compression(tmp_path: Path) -> None:
     by_day = fill(tmp_path, range(3, 4))
     d = tmp_path / "connlog"
-    first, pos, _ = read_lines(d, Position(), 1 << 20, NOW)
+    first, pos, _ = LogReader(d).read(Position(), 1 << 20, NOW)
     one_line = first.index(b"\n") + 1
     apply_retention(d, clock=clock)
     assert not (d / f"{day(3)}.jsonl").exists()
-    rest, end, notes = read_lines(d, Position(day(3), one_line), 1 << 20, NOW)
+    rest, end, notes = LogReader(d).read(Position(day(3), one_line), 1 << 20, NOW)
     assert json.loads(rest)["id"] == by_day[day(3)][1]["id"] and notes == []
     assert end == pos
 

@@ -28,7 +28,9 @@ def test_metrics_shipping_reload_and_clean_shutdown(
                                str(pki.ca)], "collector.log")
     wait_for(lambda: "6514" in run(["ss", "-Hltn"], topo.relay_ns).stdout, 20, "the collector")
     topo.start_web()
-    forward = (f'[forward]\ncollector = "localhost:6514"\nca = "{pki.ca}"\nretry_max = "2s"\n')
+    # The relay's client certificate: CN=relay-1, its [server] id.
+    forward = (f'[forward]\ncollector = "localhost:6514"\nca = "{pki.ca}"\n'
+               f'cert = "{pki.client_cert}"\nkey = "{pki.client_key}"\nretry_max = "2s"\n')
     relay = topo.start_relay(data, extra_tables=forward)
     client = topo.connect_openconnect(1, data)
 

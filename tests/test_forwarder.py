@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import os
 import socket
 import ssl
+import struct
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import zstandard
 from shiputil import (
+    WAIT_S,
     Writer,
     free_port,
+    hostile_record,
     rsyslog_global,
     start_collector,
     start_forwarder,
@@ -21,8 +31,18 @@ from shiputil import (
     write_records,
 )
 
+from relay import config, connlog
 from relay import syslog5424 as s5
-from relay.forwarder import CONFIRM_ALPN, Position, load_position, ship_status
+from relay.connlog_retention import apply_retention, read_zst
+from relay.forwarder import (
+    CONFIRM_ALPN,
+    Position,
+    load_position,
+    make_forwarder,
+    run_forwarder,
+    ship_status,
+)
+from relay.shipping import Shipping
 
 
 def test_rsyslog_receives_every_record_field_by_field(tmp_path: Path, pki) -> None:
@@ -151,10 +171,14 @@ def test_collector_name_is_checked(tmp_path: Path, pki) -> None:
 
 
 class FakeReceiver(threading.Thread):
-    """A TLS receiver that reads everything, then closes TCP without close_notify."""
+    """A TLS receiver that reads everything, then closes TCP without close_notify,
+    or with it (a confirmation) when ``confirm`` says so of the messages read."""
 
-    def __init__(self, pki, alpn: bool) -> None:
+    def __init__(self, pki, alpn: bool,
+                 confirm: Callable[[list[bytes]], bool] | None = None) -> None:
         super().__init__(daemon=True)
+        self.confirm = confirm
+        self.confirmed: list[bytes] = []
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(pki.server_cert, pki.server_key)
         if alpn:  # claims to be relay collector, whose close_notify confirms
@@ -177,9 +201,13 @@ class FakeReceiver(threading.Thread):
                     data = b""
                     while chunk := tls.recv(65536):  # b"" at the peer's close_notify
                         data += chunk
-                    self.messages += len(s5.FrameParser().feed(data))
+                    messages = s5.FrameParser(s5.COLLECTOR_MAX_MESSAGE_SIZE).feed(data)
+                    self.messages += len(messages)
                     self.connections += 1
-                    # Leaving the with-block closes the socket: FIN, no close_notify.
+                    if self.confirm is not None and self.confirm(messages):
+                        self.confirmed += messages
+                        tls.unwrap()  # our close_notify: the batch is confirmed
+                    # Else leaving the with-block closes the socket: FIN, no close_notify.
             except (OSError, ssl.SSLError):
                 continue
         self.sock.close()
@@ -221,3 +249,235 @@ def test_status_without_a_running_forwarder(tmp_path: Path) -> None:
     assert status["backlog_bytes"] == sum(
         p.stat().st_size for p in (relay / "connlog").iterdir())
     json.dumps(status)
+
+
+# -- shipping is never stopped by one record (issue 13 item 5) ---------------------
+
+
+def shipped_ids(messages: list[bytes]) -> list[str]:
+    return [s5.relay_record(s5.parse_message(m))["id"] for m in messages]
+
+
+def test_a_record_the_collector_refuses_is_set_aside_and_shipping_goes_on(
+        tmp_path: Path, pki) -> None:
+    relay = tmp_path / "relay"
+    records = write_records(relay, 40)
+    poison = records[13]["id"]
+    receiver = FakeReceiver(pki, alpn=True,
+                            confirm=lambda msgs: poison not in shipped_ids(msgs))
+    receiver.start()
+    fwd = start_forwarder(tmp_path, relay, receiver.port, pki)
+    try:
+        # Every other record, and the audit record of the set-aside after them.
+        wait_until(lambda: {r["id"] for r in records} - {poison}
+                   <= set(shipped_ids(receiver.confirmed)), what="the other records")
+        audit = wait_until(lambda: [m for m in receiver.confirmed
+                                    if b"ship-set-aside" in m], what="the audit record")
+        status = wait_until(lambda: (st := ship_status(relay))["backlog_records"] == 0
+                            and st, what="an empty backlog")
+    finally:
+        fwd.stop()
+        receiver.stop.set()
+        receiver.join()
+    assert poison not in shipped_ids(receiver.confirmed)
+    path = relay / "ship" / "set-aside.jsonl"
+    assert path.stat().st_mode & 0o777 == 0o600
+    [entry] = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert entry["reason"] == "refused-by-collector" and entry["record"] == records[13]
+    [rec] = [s5.relay_record(s5.parse_message(m)) for m in audit]
+    assert rec["count"] == 1 and rec["records"][0]["id"] == poison
+    assert status["set_aside"] == 1
+    assert "sending" in fwd.log() and "at a time to find the record" in fwd.log()
+
+
+def test_a_collector_that_refuses_everything_gets_nothing_set_aside(
+        tmp_path: Path, pki) -> None:
+    relay = tmp_path / "relay"
+    write_records(relay, 6)
+    receiver = FakeReceiver(pki, alpn=True, confirm=lambda msgs: False)
+    receiver.start()
+    fwd = start_forwarder(tmp_path, relay, receiver.port, pki)
+    try:
+        # 6 -> 3 -> 1 records, three refusals each, then the probe of the next one.
+        wait_until(lambda: "refuses everything for now" in fwd.log(), what="the probe")
+    finally:
+        fwd.stop()
+        receiver.stop.set()
+        receiver.join()
+    assert not (relay / "ship" / "set-aside.jsonl").exists()
+    assert load_position(relay) == Position()
+    assert ship_status(relay)["backlog_records"] == 6
+
+
+def test_lines_that_are_not_this_relays_records_are_set_aside(tmp_path: Path, pki) -> None:
+    relay = tmp_path / "relay"
+    records = write_records(relay, 3)
+    [day_file] = (relay / "connlog").iterdir()
+    other = {**records[0], "id": "f" * 24, "server": {"id": "relay-9"}}
+    with open(day_file, "ab") as f:
+        f.write(b"not json\n" + b'{"id":"x","a":' + b"[" * 20 + b"]" * 20 + b"}\n"
+                + json.dumps(other).encode() + b"\n")
+    later = write_records(relay, 2, start=3)
+    receiver = FakeReceiver(pki, alpn=True, confirm=lambda msgs: True)
+    receiver.start()
+    fwd = start_forwarder(tmp_path, relay, receiver.port, pki)
+    try:
+        wait_until(lambda: len(receiver.confirmed) >= 6, what="the records and the audit")
+    finally:
+        fwd.stop()
+        receiver.stop.set()
+        receiver.join()
+    got = [s5.relay_record(s5.parse_message(m)) for m in receiver.confirmed]
+    assert [r["id"] for r in got[:5]] == [r["id"] for r in records + later]
+    assert got[5]["action"] == "ship-set-aside" and got[5]["count"] == 3
+    entries = [json.loads(x) for x in (relay / "ship" / "set-aside.jsonl").read_bytes()
+               .splitlines()]
+    assert [e["reason"] for e in entries] == ["not-a-record", "not-a-record",
+                                              "other-server-id"]
+    assert entries[0]["line"] == "not json" and entries[2]["record"] == other
+    assert "nested deeper" in entries[1]["detail"]
+
+
+# -- no stalls on the event loop (issue 13 item 10) --------------------------------
+
+
+def compressed_backlog(relay: Path, days: int, per_day: int) -> int:
+    """``days`` finished days, compressed as retention leaves them, and today's
+    records; returns how many records wait."""
+    now = time.time()
+    for n in range(days, -1, -1):
+        log = connlog.ConnectionLog(relay, clock=lambda n=n: now - n * 86400)
+        for i in range(per_day):
+            log.append(hostile_record(i))
+        log.close()
+    apply_retention(relay / "connlog", clock=lambda: now, compress_after_days=0)
+    assert len(list((relay / "connlog").glob("*.zst"))) == days
+    return (days + 1) * per_day
+
+
+def test_a_compressed_backlog_is_never_decompressed_on_the_event_loop(
+        tmp_path: Path, pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    relay = tmp_path / "relay"
+    total = compressed_backlog(relay, 3, 200)
+    real = zstandard.ZstdDecompressor
+    threads: list[bool] = []  # per decompressor made: on the loop's thread?
+
+    def spy(*args: object, **kwargs: object) -> zstandard.ZstdDecompressor:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zstandard, "ZstdDecompressor", spy)
+    receiver = FakeReceiver(pki, alpn=True, confirm=lambda msgs: True)
+    receiver.start()
+    cfg = SimpleNamespace(collector=f"localhost:{receiver.port}", ca=str(pki.ca), cert="",
+                          key="")
+    fwd = make_forwarder(cfg, relay, "relay-1", lambda record: None, backoff_max=1.0)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_forwarder(fwd, stop))
+        deadline = time.monotonic() + WAIT_S
+        while len(receiver.confirmed) < total and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        receiver.stop.set()
+        receiver.join()
+    assert len(receiver.confirmed) == total
+    assert threads and not any(threads), "decompressed on the event loop's thread"
+
+
+def test_metrics_read_counters_not_files(tmp_path: Path, pki,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scrape costs O(1): the shipping gauges come from the forwarder's
+    counters, kept as it works, with no file opened or listed."""
+    relay = tmp_path / "relay"
+    total = compressed_backlog(relay, 2, 50)
+    cfg = config.load(None).with_data_dir(relay)
+    cfg = dataclasses.replace(cfg, forward=dataclasses.replace(
+        cfg.forward, collector=f"127.0.0.1:{free_port()}", ca=str(pki.ca)))  # nobody there
+
+    def no_files(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a scrape touched the disk")
+
+    async def main() -> dict[str, float]:
+        shipping = Shipping(cfg, lambda record: None)
+        shipping.start()
+        assert shipping.forwarder is not None
+        deadline = time.monotonic() + WAIT_S
+        while shipping.forwarder.status["backlog_records"] < total \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with monkeypatch.context() as m:
+            for name in ("open", "stat", "scandir", "listdir"):
+                m.setattr(os, name, no_files)
+            m.setattr("builtins.open", no_files)
+            got = {metric.name: metric.samples[0][1] for metric in shipping.metrics()}
+        await shipping.close()
+        return got
+
+    got = asyncio.run(main())
+    assert got["relay_ship_backlog_records"] == total
+    assert got["relay_ship_backlog_bytes"] == sum(
+        len(b) for b in connlog_bytes(relay))
+    assert got["relay_ship_last_success_timestamp_seconds"] == 0
+    assert got["relay_ship_consecutive_failures"] >= 1
+    assert got["relay_ship_set_aside_total"] == 0
+
+
+def connlog_bytes(relay: Path) -> list[bytes]:
+    return [read_zst(p) if p.name.endswith(".zst") else p.read_bytes()
+            for p in (relay / "connlog").iterdir()]
+
+
+class Dropper(threading.Thread):
+    """A TLS receiver that reads a little of each batch, then closes TCP: the
+    forwarder is still writing (a collector refusing a frame does the same)."""
+
+    def __init__(self, pki) -> None:
+        super().__init__(daemon=True)
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(pki.server_cert, pki.server_key)
+        self.ctx.set_alpn_protocols([CONFIRM_ALPN])
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.connections = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1024)
+                    self.connections += 1
+                    tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                   struct.pack("ii", 1, 0))  # RST on close
+            except (OSError, ssl.SSLError):
+                continue
+        self.sock.close()
+
+
+def test_a_connection_dropped_mid_batch_is_a_failure_not_the_end(tmp_path: Path, pki) -> None:
+    relay = tmp_path / "relay"
+    write_records(relay, 3000)
+    receiver = Dropper(pki)
+    receiver.start()
+    fwd = start_forwarder(tmp_path, relay, receiver.port, pki)
+    try:
+        wait_until(lambda: receiver.connections >= 4, what="repeated attempts")
+        assert fwd.p.poll() is None
+    finally:
+        fwd.stop()
+        receiver.stop.set()
+        receiver.join()
+    assert "shipping task failed" not in fwd.log() and "Traceback" not in fwd.log()
+    assert "batch not confirmed" in fwd.log()

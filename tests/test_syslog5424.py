@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
@@ -10,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay import syslog5424 as s5
+from relay.hotpath_py import HOST_MAX, Destination
+from relay.sessions import Session
 
 BASE = {
     "id": "0123456789abcdef01234567",
@@ -263,3 +266,129 @@ def test_any_record_round_trips(rec: dict) -> None:
     assert m.msgid == rec["action"]
     out = s5.relay_record(m)
     assert json.dumps(out, sort_keys=True) == json.dumps(rec, sort_keys=True)
+
+
+# -- every record fits the collector's frame (issue 13 item 5) -------------------
+
+
+def worst_case_disconnect() -> dict:
+    """A disconnect record as relay.server writes it, with every client-declared
+    string at its cap in the widest characters and 256+ destinations of
+    255-character hosts on IPv6 addresses: the largest record a session makes."""
+    wide = "\u2028" * 256  # 1 character, 6 bytes once escaped (JSON and SD)
+    s = Session("A" * 22, b"\x02" * 6, "10.211.0.2", "198.51.100.7", 51515, "SSL-VPN")
+    for i in range(300):
+        host = f"h{i:03d}-" + "x" * (HOST_MAX - 5 - len(".test")) + ".test"
+        assert len(host) == HOST_MAX
+        s.add_destination(Destination(host, f"2001:db8:ffff:ffff:ffff:ffff:ffff:{i:04x}",
+                                      65535, "https"))
+    return {
+        "id": "0123456789abcdef01234567", "time": "2026-11-25T21:05:32.123Z",
+        "action": "disconnect", "session_id": s.id,
+        "server": {"id": "r" * 64, "ip": "2001:db8::1", "hostname": "h" * 255},
+        "client": {"ip": "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", "port": 65535,
+                   "hostname": "c" * 253},
+        "protocol": "SSL-VPN",
+        "client_software": {k: wide for k in ("name", "version", "id", "platform",
+                                              "hostname")},
+        "virtual_ip": s.virtual_ip, "connect_time": "2026-11-25T21:05:32.123Z",
+        **s.counters(), "duration_s": 1e12,
+        "reason": "client-disconnect: " + wide, "error": wide,
+    }
+
+
+def test_worst_case_disconnect_record_fits_the_collector_frame() -> None:
+    rec = worst_case_disconnect()
+    assert len(rec["destinations"]) + rec["destinations_dropped"] == 300
+    assert rec["destinations_dropped"] > 0  # the budget, not the count, bound them
+    assert len(s5.dumps_json(rec).encode()) <= s5.RECORD_JSON_MAX
+    framed = s5.frame(fmt(rec))
+    assert len(framed) <= s5.COLLECTOR_MAX_MESSAGE_SIZE
+    [raw] = s5.FrameParser(s5.COLLECTOR_MAX_MESSAGE_SIZE).feed(framed)
+    assert s5.relay_record(s5.parse_message(raw)) == rec  # whole, not a stub
+
+
+def test_any_record_fits_the_collector_frame() -> None:
+    """The second line of defence: a record no relay writes (a tampered log)
+    still makes a message within the frame, as a stub that names it."""
+    huge = {**BASE, "server": {"id": "relay-1"}, "many": {f"k{i}": "\u2028" * 300
+                                                          for i in range(500)},
+            "list": ["y" * 1000] * 300}
+    raw = fmt(huge, max_size=s5.COLLECTOR_MAX_MESSAGE_SIZE)
+    assert len(s5.frame(raw)) <= s5.COLLECTOR_MAX_MESSAGE_SIZE
+    m = s5.parse_message(raw)
+    assert len(s5.structured_data(huge).encode()) <= s5.SD_MAX_BYTES
+    assert s5.relay_record(m) == {
+        "id": BASE["id"], "time": BASE["time"], "action": "connect",
+        "session_id": BASE["session_id"], "server": {"id": "relay-1"}, "truncated": True,
+        "omitted_bytes": len(s5.dumps_json({**s5._shrunk(huge), "truncated": True}).encode())}
+
+
+def test_a_record_that_fits_is_not_marked_truncated() -> None:
+    rec = {**BASE, "destinations": [{"host": "x" * 255, "ip": "192.0.2.1", "port": 80,
+                                     "scheme": "http"}] * 40}
+    raw = fmt(rec)
+    assert len(raw) > s5.MAX_MESSAGE_SIZE  # above the soft target: nothing to cut
+    assert s5.relay_record(s5.parse_message(raw)) == rec
+
+
+# -- parsers never throw (issue 13 item 8) -----------------------------------------
+
+
+@pytest.mark.parametrize("msg", [b"[" * 100_000, b'{"id":"a","x":' + b"[" * 100_000,
+                                 b'{"id":"a","x":' + b"[" * 9 + b"]" * 9 + b"}"])
+def test_deeply_nested_json_is_a_clean_refusal(msg: bytes) -> None:
+    raw = b'<13>1 - h relay - - [relay@32473 id="a"] ' + s5.BOM + msg
+    with pytest.raises(s5.SyslogError, match=r"not JSON|nested deeper"):
+        s5.relay_record(s5.parse_message(raw))
+
+
+def _consume(stream: bytes, cuts: list[int]) -> None:
+    """Feed ``stream`` in pieces and parse whatever comes out: only SyslogError
+    (FrameError included) may escape, the collector's contract."""
+    parser = s5.FrameParser(s5.COLLECTOR_MAX_MESSAGE_SIZE)
+    pos = 0
+    with contextlib.suppress(s5.FrameError):
+        for size in [*cuts, len(stream)]:
+            for raw in parser.feed(stream[pos:pos + size]):
+                with contextlib.suppress(s5.SyslogError):
+                    s5.relay_record(s5.parse_message(raw))
+            pos += size
+
+
+_TOKENS = [b"<13>1 ", b"- ", b"[", b"]", b'"', b"\\", b"=", b" ", b"\n", b"relay@32473",
+           b'id="a"', b"{", b"}", b"[" * 2000, b'{"id":"a"}', b'"x":' + b"[" * 2000, b",",
+           s5.BOM, b"\xff", b"99 ", b"0 "]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(_TOKENS) | st.binary(max_size=12), max_size=40),
+       st.lists(st.integers(1, 64), max_size=8))
+def test_fuzz_random_streams_raise_only_syslog_errors(parts: list[bytes],
+                                                      cuts: list[int]) -> None:
+    _consume(b"".join(parts), cuts)
+
+
+_SEED = s5.format_record({**BASE, "destinations": [
+    {"host": "a.test", "ip": "192.0.2.1", "port": 80, "scheme": "http"}]},
+    hostname="relay-1", procid="7")
+
+
+# Edits land anywhere, or just after a JSON or SD delimiter, where they change
+# the structure rather than the content of a string.
+_WHERE = st.integers(0, len(_SEED)) | st.sampled_from(
+    [i + 1 for i, c in enumerate(_SEED) if c in b'{[,:="] '])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.tuples(_WHERE, st.integers(0, 16),
+                          st.sampled_from(_TOKENS) | st.binary(max_size=8)), max_size=6),
+       st.booleans(), st.lists(st.integers(1, 64), max_size=8))
+def test_fuzz_mutated_messages_raise_only_syslog_errors(
+        edits: list[tuple[int, int, bytes]], framed_first: bool, cuts: list[int]) -> None:
+    """A relay message edited in place, then framed (a well-framed hostile
+    message), or framed and then edited (a broken stream)."""
+    raw = bytearray(s5.frame(_SEED) if framed_first else _SEED)
+    for at, cut, insert in edits:
+        raw[at:at + cut] = insert
+    _consume(bytes(raw) if framed_first else s5.frame(bytes(raw)), cuts)
