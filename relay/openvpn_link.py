@@ -6,6 +6,13 @@ the protocol-agnostic :class:`relay.server.Relay`.
 ``dev tun`` clients exchange IP packets, wrapped in Ethernet with the session MAC
 like CSTP's; ``dev tap`` clients exchange whole frames, and the relay pushes
 ``lladdr`` so that the client's tap device takes the session MAC.
+
+Over UDP nothing is kept for a peer until it proves it receives at its address:
+its reset gets the stateless cookie answer of :func:`relay.openvpn.reset_reply`, and
+only a packet that echoes the cookie (:func:`relay.openvpn.check_proof`) makes a
+link, and with it the abuse admission, the reverse lookup, the login deadline and a
+handshake slot. A proven handshake from the address of a live session runs beside
+it and takes the address over only when its TLS handshake and login complete.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -21,6 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 from relay import openvpn, rdns
 from relay.config import Config, parse_hostport
 from relay.fsutil import listen_tcp
+from relay.metrics import Metric
 from relay.sessions import Session
 from relay.tap import ETH_HLEN, mac_str
 from relay.tlsconf import ensure_self_signed, server_context
@@ -50,20 +59,25 @@ def client_software(peer_info: dict[str, str]) -> dict[str, Any]:
 
 
 class OpenVPNListener:
-    """TLS settings, peer ids and the UDP address table shared by every link."""
+    """TLS settings, peer ids, the UDP cookie key and address tables shared by every link."""
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.ssl_ctx, self.cert_path = server_context(
             relay.data_dir, relay.cfg.server.cert, relay.cfg.server.key)
-        self.udp_links: dict[tuple[str, int], OpenVPNLink] = {}
-        self.lingering: dict[tuple[str, int], float] = {}  # ended UDP peers -> until
+        self.cookie_key = openvpn.new_cookie_key()
+        self.udp_links: dict[openvpn.Peer, OpenVPNLink] = {}  # the address's session
+        # A proven handshake from the address of a live session, until it completes.
+        self.udp_pending: dict[openvpn.Peer, OpenVPNLink] = {}
+        self.lingering: dict[openvpn.Peer, float] = {}  # ended UDP peers -> until
+        self.counts: Counter[str] = Counter()  # resets answered, proofs
         self.peer_ids: set[int] = set()
         self._next_peer_id = 0
         self.udp: asyncio.DatagramTransport | None = None
         self.tcp: socket.socket | None = None
         self._dropped = 0
         self._last_drop_log = 0.0
+        relay.collectors.append(self.metrics)
 
     async def start(self) -> None:
         host, port = parse_hostport(self.relay.cfg.openvpn.listen)
@@ -92,40 +106,94 @@ class OpenVPNListener:
         link = OpenVPNTcpLink(self.relay, self, peer, sock.getsockname()[0])
         self.relay.spawn(link.start(sock))
 
-    def datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram(self, data: bytes, addr: openvpn.Peer) -> None:
         link = self.udp_links.get(addr)
         if link is not None:
-            sid = openvpn.client_reset_session_id(data)
-            if sid is None or sid == link.proto.remote_session_id:
+            sid = openvpn.control_session_id(data)
+            if sid is None or sid == link.proto.remote_session_id:  # data, or its own
                 link.datagram(data)
                 return
-            # The client restarted (a new session id from the same address).
-            link.terminate("client-restart", "the client started a new session")
-        if openvpn.client_reset_session_id(data) is None:
-            if self.lingering.get(addr, 0.0) < time.monotonic():
-                self._drop(addr, f"{len(data)}-byte datagram that does not start a session")
+            pending = self.udp_pending.get(addr)
+            if pending is not None and sid == pending.proto.remote_session_id:
+                pending.datagram(data)
+                return
+        # Another session id from a live address is a stranger too: a restarted
+        # client, or anyone forging that address.
+        now = time.monotonic()
+        proof = openvpn.check_proof(self.cookie_key, addr, data, now)
+        if proof is not None:
+            self.counts["proofs"] += 1
+            self._start(addr, proof, data)
             return
+        reply = openvpn.reset_reply(self.cookie_key, addr, data, now)
+        if reply is not None:
+            self.counts["resets-answered"] += 1
+            self._sendto(reply, addr)
+        elif self.lingering.get(addr, 0.0) < now:
+            self._drop(addr, f"{len(data)}-byte datagram that is neither a reset nor the "
+                       "answer to the relay's")
+
+    def _start(self, addr: openvpn.Peer, proof: openvpn.Proof, data: bytes) -> None:
+        """The peer proved its address: its link starts."""
         if self.relay.abuse.admit(addr[0]) is not None:
             return
-        link = OpenVPNLink(self.relay, self, addr, _local_ip_towards(addr), tcp=False)
+        link = OpenVPNLink(self.relay, self, addr, _local_ip_towards(addr), tcp=False,
+                           proof=proof)
         link.transport_send = lambda pkt: self._sendto(pkt, addr)
-        self.udp_links[addr] = link
+        if addr not in self.udp_links:
+            self.udp_links[addr] = link
+        else:
+            superseded = self.udp_pending.get(addr)
+            self.udp_pending[addr] = link
+            if superseded is not None:  # the client restarted again meanwhile
+                superseded.end_quietly("client-restart")
         link.begin()
         link.datagram(data)
 
-    def ended(self, addr: tuple[str, int]) -> None:
-        """A UDP link ended: forget it, and ignore its stragglers for a while."""
+    def handshake_complete(self, link: OpenVPNLink) -> None:
+        """A link's login succeeded: if it ran beside a live session of its address,
+        it takes the address over and that session ends."""
+        addr = (link.peer_ip, link.peer_port)
+        if self.udp_pending.get(addr) is not link:
+            return
+        del self.udp_pending[addr]
+        old = self.udp_links[addr]
+        self.udp_links[addr] = link
+        log.info("%s: a new session from the same address replaces the old one", link)
+        old.end_quietly("client-restart")
+
+    def ended(self, addr: openvpn.Peer) -> None:
+        """A UDP link ended: a handshake beside it takes its place; else forget the
+        address, and ignore its stragglers for a while."""
         now = time.monotonic()
+        pending = self.udp_pending.pop(addr, None)
+        if pending is not None:
+            self.udp_links[addr] = pending
+            return
         self.udp_links.pop(addr, None)
         for old in [a for a, until in self.lingering.items() if until < now]:
             del self.lingering[old]
         self.lingering[addr] = now + UDP_LINGER_S
 
-    def _sendto(self, pkt: bytes, addr: tuple[str, int]) -> None:
+    def metrics(self) -> list[Metric]:
+        return [
+            Metric("relay_openvpn_resets_answered_total", "counter",
+                   "OpenVPN UDP resets answered statelessly (a cookie, no state kept).")
+            .add(self.counts["resets-answered"]),
+            Metric("relay_openvpn_proofs_total", "counter",
+                   "OpenVPN UDP peers that echoed a cookie, so their handshake started.")
+            .add(self.counts["proofs"]),
+            Metric("relay_openvpn_udp_peers", "gauge",
+                   "OpenVPN UDP peers with state: sessions and handshakes.")
+            .add(len(self.udp_links) + len(self.udp_pending)),
+        ]
+
+    def _sendto(self, pkt: bytes, addr: openvpn.Peer) -> None:
         if self.udp is not None:
             self.udp.sendto(pkt, addr)
 
-    def _drop(self, addr: tuple[str, int], why: str) -> None:
+    def _drop(self, addr: openvpn.Peer, why: str) -> None:
+        self.relay.stats.dropped["openvpn-unproven"] += 1
         self._dropped += 1
         now = time.monotonic()
         if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
@@ -135,7 +203,7 @@ class OpenVPNListener:
             self._last_drop_log = now
 
 
-def _local_ip_towards(addr: tuple[str, int]) -> str:
+def _local_ip_towards(addr: openvpn.Peer) -> str:
     """The relay address a UDP client talks to when the endpoint listens on a
     wildcard: the source address the kernel picks for replies to it."""
     family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
@@ -159,8 +227,8 @@ class OpenVPNLink:
     """One client, over UDP (driven by the listener's endpoint) or TCP (see
     :class:`OpenVPNTcpLink`), from its first packet to its end."""
 
-    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: tuple[str, int],
-                 local_ip: str, *, tcp: bool) -> None:
+    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: openvpn.Peer,
+                 local_ip: str, *, tcp: bool, proof: openvpn.Proof | None = None) -> None:
         self.relay = relay
         self.listener = listener
         self.loop = asyncio.get_running_loop()
@@ -172,7 +240,7 @@ class OpenVPNLink:
         self.transport_send: Callable[[bytes], None] = lambda pkt: None
         self.proto = openvpn.OpenVPNServer(listener.ssl_ctx, tcp=tcp,
                                            peer_id=listener.allocate_peer_id(),
-                                           now=self.loop.time())
+                                           now=self.loop.time(), proof=proof)
         self.session: Session | None = None
         self.software: dict[str, Any] | None = None
         self.accepted = time.monotonic()
@@ -220,6 +288,8 @@ class OpenVPNLink:
             elif isinstance(ev, openvpn.ClientAuth):
                 if relay.check_login(ev.username, ev.password):
                     self.software = client_software(ev.peer_info)
+                    if not self.tcp:
+                        self.listener.handshake_complete(self)
                 else:
                     log.warning("login refused for %r from %s", ev.username, self)
                     self._handle(self.proto.auth_failed("unknown user or wrong password",
@@ -246,7 +316,7 @@ class OpenVPNLink:
                 self._close()
                 return
             elif isinstance(ev, openvpn.ProtocolError):
-                relay.stats.handshake_failures["protocol-error"] += 1
+                relay.stats.handshake_failures[ev.reason] += 1
                 log.warning("dropped %s: %s", self, ev.message)
                 self._flush()
                 self._end("protocol-error", ev.message)
@@ -331,6 +401,12 @@ class OpenVPNLink:
         self._end(reason, None)
         self._close()
 
+    def end_quietly(self, reason: str) -> None:
+        """End without a word to the address: a newer session of the client's own
+        holds it now, and would take a packet of this one for an error."""
+        self._end(reason, None)
+        self._close()
+
     def _end(self, reason: str, error: str | None, detail: str | None = None) -> None:
         s, self.session = self.session, None
         if s is not None:
@@ -352,8 +428,11 @@ class OpenVPNLink:
             log.warning("%s: dropped packets: %s", self, summary)
         self.listener.peer_ids.discard(self.proto.peer_id)
         addr = (self.peer_ip, self.peer_port)
-        if not self.tcp and self.listener.udp_links.get(addr) is self:
-            self.listener.ended(addr)
+        if not self.tcp:
+            if self.listener.udp_links.get(addr) is self:
+                self.listener.ended(addr)
+            elif self.listener.udp_pending.get(addr) is self:
+                del self.listener.udp_pending[addr]
         self.relay.all_links.discard(self)
         self.relay.abuse.connection_closed(self.peer_ip, time.monotonic() - self.accepted,
                                            self.had_session)
@@ -362,7 +441,7 @@ class OpenVPNLink:
 class OpenVPNTcpLink(OpenVPNLink, asyncio.Protocol):
     """One client TCP connection: 16-bit length framing over the stream."""
 
-    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: tuple[str, int],
+    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: openvpn.Peer,
                  local_ip: str) -> None:
         super().__init__(relay, listener, peer, local_ip, tcp=True)
         self.transport: asyncio.Transport | None = None

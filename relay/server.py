@@ -335,6 +335,9 @@ class Relay:
                    "Connections refused by the abuse defences, by reason."),
             Metric("relay_bans_active", "gauge", "Bans in force.").add(
                 sum(1 for b in self.abuse.bans.values() if b.until > time.time())),
+            Metric("relay_handshakes_in_progress", "gauge",
+                   "Connections admitted and not yet a session ([abuse] handshakes_total "
+                   "counts these).").add(self.abuse.handshakes),
             Metric("relay_data_dir_free_bytes", "gauge",
                    "Free space in the data directory's file system.").add(free),
         ]
