@@ -11,8 +11,10 @@ Over UDP nothing is kept for a peer until it proves it receives at its address:
 its reset gets the stateless cookie answer of :func:`relay.openvpn.reset_reply`, and
 only a packet that echoes the cookie (:func:`relay.openvpn.check_proof`) makes a
 link, and with it the abuse admission, the reverse lookup, the login deadline and a
-handshake slot. A proven handshake from the address of a live session runs beside
-it and takes the address over only when its TLS handshake and login complete.
+handshake slot. A reset with a new session id from the address of a session heard
+from within the last minute gets no answer (the stock client would take the answer
+for a new session); a proven handshake from the address of a session runs beside it
+and takes the address over only when its TLS handshake and login complete.
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ CLIENT_WRITE_HIGH_WATER = 1024 * 1024
 # Datagrams from unknown addresses that are not a client's first packet are
 # dropped; one log line per interval says how many, so a flood cannot fill the log.
 DROP_LOG_INTERVAL_S = 10.0
+# A reset with another session id from the address of a link that heard from its
+# client this recently gets no answer: the stock client takes a server reset with an
+# unknown session id for a new session (ssl.c tls_pre_decrypt, unless
+# --single-session) and moves its tunnel onto it, so a forged reset "from" a live
+# client must not reach it. A client silent for the pushed ping-restart (60 s) has
+# restarted itself, and its address is free again.
+LIVE_ADDRESS_QUIET_S = openvpn.PING_RESTART_S
 # After a UDP session ends, the client's last datagrams (explicit-exit-notify
 # repeats its exit message once a second) are ignored quietly for this long.
 UDP_LINGER_S = 5.0
@@ -117,13 +126,17 @@ class OpenVPNListener:
             if pending is not None and sid == pending.proto.remote_session_id:
                 pending.datagram(data)
                 return
-        # Another session id from a live address is a stranger too: a restarted
+        # Another session id from a link's address is a stranger too: a restarted
         # client, or anyone forging that address.
         now = time.monotonic()
         proof = openvpn.check_proof(self.cookie_key, addr, data, now)
         if proof is not None:
             self.counts["proofs"] += 1
             self._start(addr, proof, data)
+            return
+        if link is not None and link.quiet_s() < LIVE_ADDRESS_QUIET_S:
+            self._drop(addr, f"{len(data)}-byte datagram of another session id from a live "
+                       "session's address")
             return
         reply = openvpn.reset_reply(self.cookie_key, addr, data, now)
         if reply is not None:
@@ -263,6 +276,10 @@ class OpenVPNLink:
 
     def client_hostname(self) -> str | None:
         return rdns.name(self._lookup)
+
+    def quiet_s(self) -> float:
+        """Seconds since the client's last packet that reached this link's session."""
+        return self.loop.time() - self.proto.last_rx
 
     def _login_deadline(self) -> None:
         if self.session is None and not self.closed:
