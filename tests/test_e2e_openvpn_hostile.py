@@ -1,7 +1,8 @@
-"""End to end: forged OpenVPN resets from raw sockets (IP_HDRINCL) at a running
-``relay serve``, with the stock ``openvpn`` 2.6 client beside them. Nothing a peer
-that cannot receive at its address sends may ban it, take a handshake slot, start a
-reverse lookup, draw a reply larger than what it sent, or end a live session."""
+"""End to end: hostile OpenVPN peers at a running ``relay serve``, with the stock
+``openvpn`` 2.6 client beside them. Forged resets come from raw sockets (IP_HDRINCL):
+nothing a peer that cannot receive at its address sends may ban it, take a handshake
+slot, start a reverse lookup, draw a reply larger than what it sent, or end a live
+session."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from relay.config import AbuseConfig, Config
 from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_for
 from relay.openvpn_link import LIVE_ADDRESS_QUIET_S, client_config
 
-SPOOF = str(Path(__file__).with_name("openvpn_spoof.py"))
+HOSTILE = str(Path(__file__).with_name("openvpn_hostile.py"))
 # Forged sources: a part of RFC 2544's block that no test namespace uses, routed
 # from the relay back to client namespace 1, where the packet socket sees the replies.
 FORGED = "198.18.128.0/17"
@@ -42,7 +43,7 @@ def scrape(topo: Topology) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
 
 
 def forge_resets(topo: Topology, src: str, count: int, sources: int = 1) -> dict[str, list]:
-    out = run([sys.executable, SPOOF, "resets", "--dst", f"{relay_ip(1)}:{OPENVPN_PORT}",
+    out = run([sys.executable, HOSTILE, "resets", "--dst", f"{relay_ip(1)}:{OPENVPN_PORT}",
                "--src", src, "--count", str(count), "--sources", str(sources),
                "--quiet", str(QUIET_S)], topo.client_ns(1), timeout=300).stdout
     return json.loads(out)
@@ -75,7 +76,7 @@ def test_forged_resets_get_one_small_answer_and_no_state_ban_or_lookup(
     # every query: a reverse lookup of an address shows as its PTR name there.
     queries = topo.workdir / "dns-queries.txt"
     queries.touch()
-    topo.spawn(topo.internet_ns, [sys.executable, SPOOF, "dns-log", "--bind", INTERNET_IP,
+    topo.spawn(topo.internet_ns, [sys.executable, HOSTILE, "dns-log", "--bind", INTERNET_IP,
                                   "--out", str(queries)], "dns-log.out")
     etc = Path("/etc/netns") / topo.relay_ns  # removed with the namespace
     etc.mkdir(parents=True, exist_ok=True)
@@ -183,3 +184,4 @@ def test_a_client_restarted_on_its_port_replaces_its_session_when_the_handshake_
     assert ended["session_id"] == first["session_id"] and ended["reason"] == "client-restart"
     assert first["client"]["port"] == second["client"]["port"] == 40123
     assert "a new session from the same address replaces the old one" in topo.log("relay.log")
+

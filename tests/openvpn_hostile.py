@@ -1,7 +1,7 @@
-"""Forged OpenVPN traffic for tests/test_e2e_openvpn_spoof.py, run inside a test
-namespace (it needs raw sockets):
+"""Hostile OpenVPN peers for tests/test_e2e_openvpn_hostile.py, run inside a test
+namespace (forging needs raw sockets):
 
-``python openvpn_spoof.py resets --dst IP:PORT --src CIDR|IP:PORT --count N [--sources M]
+``python openvpn_hostile.py resets --dst IP:PORT --src CIDR|IP:PORT --count N [--sources M]
 [--iface eth0] [--interval S] [--quiet S]``
     sends N ``P_CONTROL_HARD_RESET_CLIENT_V2`` datagrams, each with a new random
     session id, from forged sources (IP_HDRINCL): the first M addresses of CIDR (in
@@ -11,7 +11,7 @@ namespace (it needs raw sockets):
     Prints one JSON object: ``requests`` and ``replies``, lists of [ip, port, UDP
     payload bytes, opcode].
 
-``python openvpn_spoof.py dns-log --bind IP --out FILE``
+``python openvpn_hostile.py dns-log --bind IP --out FILE``
     a name server that never answers: writes the name of every query to FILE.
 """
 
