@@ -14,7 +14,8 @@ The exchange, as the stock ``openvpn`` 2.6 client runs it::
                                          <-  HARD_RESET_SERVER_V2 sid=S ack[0] pid=0
                                              UDP: no state, see below
                                          <-  HARD_RESET_SERVER_V2 sid=S=cookie pid=0
-    P_ACK_V1 ack[0] remote sid=S         ->  the proof: OpenVPNServer(proof=...)
+    HARD_RESET_CLIENT_V2 sid=C pid=0
+      ack[0] remote sid=S (or P_ACK_V1)  ->  the proof: OpenVPNServer(proof=...)
                                          <-  P_ACK_V1 ack[0] (the client's reset)
     P_CONTROL_V1 pid=1.. (TLS records)  <->  P_CONTROL_V1 / P_ACK_V1 (relay certificate)
     TLS data: key-method 2 (randoms,
@@ -139,10 +140,11 @@ SCHEDULED_EXIT_S = 5.0
 # message with a full peer-info is ~1.5 KiB (push_peer_info allocates 1536 bytes),
 # user and password at most 4 KiB each (USER_PASS_LEN with auth-token).
 MAX_PLAINTEXT_BYTES = 16 * 1024
-# Largest packet accepted (a TCP frame or a UDP datagram). OpenVPN 2.6 sizes its buffers from
-# --tun-max-mtu (default 1600) plus the crypto overhead, and the relay pushes a
-# smaller tun-mtu; 4 KiB also fits a client configured with a larger MTU, while a
-# stream that is not OpenVPN (whose "length" is two arbitrary bytes) fails fast.
+# Largest packet accepted, a TCP frame or a UDP datagram. OpenVPN 2.6 sizes its
+# buffers from --tun-max-mtu (default 1600) plus the crypto overhead, and the relay
+# pushes a smaller tun-mtu; 4 KiB also fits a client configured with a larger MTU,
+# while a stream that is not OpenVPN (whose "length" is two arbitrary bytes) fails
+# fast.
 MAX_PACKET_BYTES = 4096
 # TCP framing: a 16-bit length before each packet.
 TCP_LENGTH = struct.Struct("!H")

@@ -194,7 +194,8 @@ class OpenVPNListener:
                    "OpenVPN UDP resets answered statelessly (a cookie, no state kept).")
             .add(self.counts["resets-answered"]),
             Metric("relay_openvpn_proofs_total", "counter",
-                   "OpenVPN UDP peers that echoed a cookie, so their handshake started.")
+                   "OpenVPN UDP peers that echoed a cookie (proved their address); the "
+                   "abuse defences admit them or not.")
             .add(self.counts["proofs"]),
             Metric("relay_openvpn_udp_peers", "gauge",
                    "OpenVPN UDP peers with state: sessions and handshakes.")
