@@ -35,6 +35,10 @@ receives there; the session state starts then. The answer acknowledges nothing, 
 it is no larger than the reset it answers (14 bytes each); the ACK of the client's
 reset follows the proof.
 
+With ``tls-crypt`` (optional, a static key the client config carries) every
+control packet is encrypted and authenticated under that key (:class:`TlsCrypt`), so
+a peer without it gets no answer at all.
+
 Each key (key id 0, then 1..7 for renegotiations the client starts with
 P_CONTROL_SOFT_RESET_V1) has its own reliability layer, TLS session and data
 keys, as in OpenVPN's ``key_state``; the previous key keeps decrypting for the
@@ -55,6 +59,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 # --- Wire constants (ssl_pkt.h) ------------------------------------------------------
@@ -76,6 +81,7 @@ OPCODE_SHIFT = 3
 KEY_ID_MASK = 0x07
 SID_SIZE = 8
 PACKET_ID_SIZE = 4
+PACKET_ID_MAX = 0xFFFFFFFF
 KEY_METHOD_2 = 2
 KEY_METHOD_MASK = 0x0F
 # Data channel: P_DATA_V2 header is opcode/key id (1 byte) + peer id (3 bytes).
@@ -170,6 +176,27 @@ COOKIE_DIGEST = "sha256"
 # ((handwindow + 1) / 2); a cookie holds in its own slot and the next, so a client
 # has 30 to 60 s to echo it (it does so within a round trip).
 COOKIE_SLOT_S = HAND_WINDOW_S / 2
+
+
+# --- tls-crypt (tls_crypt.c tls_crypt_wrap / tls_crypt_unwrap) ------------------------
+
+# A wrapped control packet: opcode/key id and session id in clear, the packet id and
+# the time its sequence started (packet_id's long form, 4 + 4 bytes), an HMAC-SHA256
+# tag over all of that and the plaintext, then the rest of the packet in AES-256-CTR
+# with the tag's first 16 bytes as the IV.
+TLS_CRYPT_CLEAR = 1 + SID_SIZE
+TLS_CRYPT_PID = struct.Struct("!II")  # packet id, time
+TLS_CRYPT_TAG_SIZE = 32
+TLS_CRYPT_IV_SIZE = 16
+TLS_CRYPT_HMAC_KEY_SIZE = 32
+TLS_CRYPT_OVERHEAD = TLS_CRYPT_PID.size + TLS_CRYPT_TAG_SIZE
+# The stateless reset reply is packet 1 of the relay's sequence; the session that
+# its proof starts sends from the next.
+TLS_CRYPT_RESET_REPLY_PID = 1
+# The key file: OpenVPN's "Static key V1", the 256 bytes of a struct key2 in hex.
+STATIC_KEY_BEGIN = "-----BEGIN OpenVPN Static key V1-----"
+STATIC_KEY_END = "-----END OpenVPN Static key V1-----"
+STATIC_KEY_HEX_PER_LINE = 32
 
 
 # --- Events --------------------------------------------------------------------------
@@ -324,6 +351,75 @@ def control_session_id(pkt: bytes) -> bytes | None:
     return pkt[1:1 + SID_SIZE]
 
 
+# --- tls-crypt ---------------------------------------------------------------------------
+
+
+def format_static_key(key2: bytes) -> str:
+    """The key file text (what ``openvpn --genkey secret`` writes, without comments)."""
+    hexed = key2.hex()
+    lines = [hexed[i:i + STATIC_KEY_HEX_PER_LINE]
+             for i in range(0, len(hexed), STATIC_KEY_HEX_PER_LINE)]
+    return "\n".join([STATIC_KEY_BEGIN, *lines, STATIC_KEY_END]) + "\n"
+
+
+def parse_static_key(text: str) -> bytes:
+    """The 256 key bytes of a key file; ValueError when it is not one."""
+    body = text.partition(STATIC_KEY_BEGIN)[2].partition(STATIC_KEY_END)
+    if not body[1]:
+        raise ValueError("not an OpenVPN static key (no BEGIN/END lines)")
+    key2 = bytes.fromhex("".join(body[0].split()))
+    if len(key2) != KEY2_SIZE:
+        raise ValueError(f"an OpenVPN static key has {KEY2_SIZE} bytes, this one {len(key2)}")
+    return key2
+
+
+class TlsCrypt:
+    """tls-crypt under one static key, in the server's direction (OpenVPN's
+    KEY_DIRECTION_NORMAL: send with key2.keys[0], receive with keys[1]; each key
+    is cipher[64] then hmac[64], of which AES-256 and HMAC-SHA256 use the start)."""
+
+    def __init__(self, key2: bytes) -> None:
+        if len(key2) != KEY2_SIZE:
+            raise ValueError(f"a tls-crypt key has {KEY2_SIZE} bytes")
+        send, receive = key2[:2 * KEY_HALF], key2[2 * KEY_HALF:]
+        self._send = (send[:AES_256_KEY_SIZE], send[KEY_HALF:KEY_HALF + TLS_CRYPT_HMAC_KEY_SIZE])
+        self._receive = (receive[:AES_256_KEY_SIZE],
+                         receive[KEY_HALF:KEY_HALF + TLS_CRYPT_HMAC_KEY_SIZE])
+
+    def wrap(self, pkt: bytes, pid: int, time: int) -> bytes:
+        cipher_key, hmac_key = self._send
+        clear = pkt[:TLS_CRYPT_CLEAR] + TLS_CRYPT_PID.pack(pid, time)
+        plain = pkt[TLS_CRYPT_CLEAR:]
+        tag = hmac.digest(hmac_key, clear + plain, "sha256")
+        return clear + tag + _aes_ctr(cipher_key, tag[:TLS_CRYPT_IV_SIZE], plain)
+
+    def unwrap(self, pkt: bytes) -> tuple[bytes, int] | None:
+        """The packet as it would be without tls-crypt and its packet id; None when
+        it is too short or does not authenticate."""
+        if len(pkt) < TLS_CRYPT_CLEAR + TLS_CRYPT_OVERHEAD:
+            return None
+        cipher_key, hmac_key = self._receive
+        tag_at = TLS_CRYPT_CLEAR + TLS_CRYPT_PID.size
+        tag = pkt[tag_at:tag_at + TLS_CRYPT_TAG_SIZE]
+        plain = _aes_ctr(cipher_key, tag[:TLS_CRYPT_IV_SIZE], pkt[tag_at + TLS_CRYPT_TAG_SIZE:])
+        if not hmac.compare_digest(hmac.digest(hmac_key, pkt[:tag_at] + plain, "sha256"), tag):
+            return None
+        pid, _ = TLS_CRYPT_PID.unpack_from(pkt, TLS_CRYPT_CLEAR)
+        return pkt[:TLS_CRYPT_CLEAR] + plain, pid
+
+
+def _aes_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
+    ctx = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()  # CTR: the same both ways
+    return ctx.update(data) + ctx.finalize()
+
+
+def _unwrapped(tls_crypt: TlsCrypt | None, pkt: bytes) -> bytes | None:
+    if tls_crypt is None:
+        return pkt
+    opened = tls_crypt.unwrap(pkt)
+    return None if opened is None else opened[0]
+
+
 # --- The UDP cookie ----------------------------------------------------------------------
 
 Peer = tuple[str, int]  # IP address as text, port
@@ -343,16 +439,22 @@ def _slot(now: float) -> int:
     return int(now // COOKIE_SLOT_S)
 
 
-def reset_reply(key: bytes, peer: Peer, pkt: bytes, now: float) -> bytes | None:
+def reset_reply(key: bytes, peer: Peer, pkt: bytes, now: float,
+                tls_crypt: TlsCrypt | None = None) -> bytes | None:
     """The stateless answer to a client's reset from ``peer`` (None when ``pkt`` is
-    not a well-formed P_CONTROL_HARD_RESET_CLIENT_V2): the relay's reset with the
-    cookie as its session id. It acknowledges nothing, so it is no larger than the
-    smallest reset; the client acknowledges it, which is the proof."""
-    sid = client_reset_session_id(pkt)
+    not a well-formed P_CONTROL_HARD_RESET_CLIENT_V2, or not under ``tls_crypt``):
+    the relay's reset with the cookie as its session id. It acknowledges nothing, so
+    it is no larger than the smallest reset; the client acknowledges it, which is the
+    proof. ``now`` is the wall clock (tls-crypt's packet ids carry it)."""
+    plain = _unwrapped(tls_crypt, pkt)
+    sid = None if plain is None else client_reset_session_id(plain)
     if sid is None:
         return None
-    return build_control(Opcode.CONTROL_HARD_RESET_SERVER_V2, 0,
-                         _cookie(key, peer, sid, _slot(now)), [], b"", 0)
+    reply = build_control(Opcode.CONTROL_HARD_RESET_SERVER_V2, 0,
+                          _cookie(key, peer, sid, _slot(now)), [], b"", 0)
+    if tls_crypt is None:
+        return reply
+    return tls_crypt.wrap(reply, TLS_CRYPT_RESET_REPLY_PID, int(now))
 
 
 @dataclass(frozen=True)
@@ -369,13 +471,17 @@ PROOF_PACKETS = frozenset({(Opcode.ACK_V1, None), (Opcode.CONTROL_V1, 1),
                            (Opcode.CONTROL_HARD_RESET_CLIENT_V2, 0)})
 
 
-def check_proof(key: bytes, peer: Peer, pkt: bytes, now: float) -> Proof | None:
+def check_proof(key: bytes, peer: Peer, pkt: bytes, now: float,
+                tls_crypt: TlsCrypt | None = None) -> Proof | None:
     """The proof in a client's control packet for key 0 from ``peer`` that
     acknowledges the relay's reset (packet id 0, nothing else) and echoes the cookie
     :func:`reset_reply` made for ``peer`` and its session id in this slot or the one
     before; None for anything else."""
+    plain = _unwrapped(tls_crypt, pkt)
+    if plain is None:
+        return None
     try:
-        p = parse_control(pkt)
+        p = parse_control(plain)
     except Malformed:
         return None
     if ((p.opcode, p.packet_id) not in PROOF_PACKETS or p.key_id
@@ -648,7 +754,9 @@ class OpenVPNServer:
     ``proof`` that the peer receives at its address (:func:`check_proof`)."""
 
     def __init__(self, ctx: ssl.SSLContext, *, tcp: bool, peer_id: int, now: float,
-                 proof: Proof | None = None) -> None:
+                 proof: Proof | None = None, tls_crypt: TlsCrypt | None = None,
+                 wall: int = 0) -> None:
+        """``wall``: the wall-clock second, which tls-crypt's packet ids carry."""
         if not 0 <= peer_id <= PEER_ID_MAX:
             raise ValueError(f"peer id {peer_id} out of range")
         if tcp == (proof is not None):
@@ -671,6 +779,12 @@ class OpenVPNServer:
         self._stream = bytearray()
         self._out: list[bytes] = []
         self._events: list[Event] = []
+        self.tls_crypt = tls_crypt
+        # Our packet ids go on after the stateless reply's; the client's are checked
+        # against replays (its sequence never restarts within a session).
+        self._wrap_time = wall
+        self._wrap_pid = TLS_CRYPT_RESET_REPLY_PID + 1 if proof is not None else 1
+        self._wrap_replay = ReplayWindow()
         if proof is not None:
             # The resets crossed statelessly: ours (packet id 0) is acknowledged by
             # the proof, the client's (packet id 0) is received and owed an ACK.
@@ -722,6 +836,16 @@ class OpenVPNServer:
         if op == Opcode.DATA_V2 or op == Opcode.DATA_V1:
             self._data(pkt, now)
             return
+        if self.tls_crypt is not None:
+            opened = self.tls_crypt.unwrap(pkt)
+            if opened is None:
+                self._hostile("control packet failed tls-crypt authentication")
+                return
+            pkt, pid = opened
+            if not self._wrap_replay.check(pid):
+                self._drop("replayed tls-crypt packet id")
+                return
+            self._wrap_replay.commit(pid)
         try:
             p = parse_control(pkt)
         except Malformed as exc:
@@ -900,7 +1024,7 @@ class OpenVPNServer:
             return None
         k = ks.keys
         pid = k.send_pid + 1
-        if pid > 0xFFFFFFFF:
+        if pid > PACKET_ID_MAX:
             return None
         k.send_pid = pid
         pid_bytes = pid.to_bytes(4, "big")
@@ -1040,6 +1164,13 @@ class OpenVPNServer:
         return True
 
     def _emit(self, pkt: bytes, now: float) -> None:
+        if self.tls_crypt is not None:
+            if self._wrap_pid > PACKET_ID_MAX:  # tls_crypt_wrap: "packet ID roll over"
+                if not self.closed:
+                    self._fail("tls-crypt packet ids used up")
+                return
+            pkt = self.tls_crypt.wrap(pkt, self._wrap_pid, self._wrap_time)
+            self._wrap_pid += 1
         self._out.append(TCP_LENGTH.pack(len(pkt)) + pkt if self.tcp else pkt)
         self.last_tx = now
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import socket
 import time
 from collections import Counter
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from relay import openvpn, rdns
 from relay.config import Config, parse_hostport
+from relay.errors import RelayError
 from relay.fsutil import listen_tcp
 from relay.metrics import Metric
 from relay.sessions import Session
@@ -56,9 +59,27 @@ DROP_LOG_INTERVAL_S = 10.0
 # client must not reach it. A client silent for the pushed ping-restart (60 s) has
 # restarted itself, and its address is free again.
 LIVE_ADDRESS_QUIET_S = openvpn.PING_RESTART_S
+# The tls-crypt key, made on first use like the self-signed certificate beside it.
+TLS_CRYPT_KEY = "tls/tls-crypt.key"
 # After a UDP session ends, the client's last datagrams (explicit-exit-notify
 # repeats its exit message once a second) are ignored quietly for this long.
 UDP_LINGER_S = 5.0
+
+
+def tls_crypt_key(data_dir: Path) -> str:
+    """The text of the relay's tls-crypt key file (made, 0600, if there is none)."""
+    path = data_dir / TLS_CRYPT_KEY
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(openvpn.format_static_key(secrets.token_bytes(openvpn.KEY2_SIZE)))
+    text = path.read_text()
+    try:
+        openvpn.parse_static_key(text)
+    except ValueError as exc:
+        raise RelayError(f"{path}: {exc}; remove it to have a new key made") from None
+    return text
 
 
 def client_software(peer_info: dict[str, str]) -> dict[str, Any]:
@@ -75,6 +96,8 @@ class OpenVPNListener:
         self.ssl_ctx, self.cert_path = server_context(
             relay.data_dir, relay.cfg.server.cert, relay.cfg.server.key)
         self.cookie_key = openvpn.new_cookie_key()
+        self.tls_crypt = (openvpn.TlsCrypt(openvpn.parse_static_key(tls_crypt_key(
+            relay.data_dir))) if relay.cfg.openvpn.tls_crypt else None)
         self.udp_links: dict[openvpn.Peer, OpenVPNLink] = {}  # the address's session
         # A proven handshake from the address of a live session, until it completes.
         self.udp_pending: dict[openvpn.Peer, OpenVPNLink] = {}
@@ -128,8 +151,8 @@ class OpenVPNListener:
                 return
         # Another session id from a link's address is a stranger too: a restarted
         # client, or anyone forging that address.
-        now = time.monotonic()
-        proof = openvpn.check_proof(self.cookie_key, addr, data, now)
+        now = time.time()
+        proof = openvpn.check_proof(self.cookie_key, addr, data, now, self.tls_crypt)
         if proof is not None:
             self.counts["proofs"] += 1
             self._start(addr, proof, data)
@@ -138,11 +161,11 @@ class OpenVPNListener:
             self._drop(addr, f"{len(data)}-byte datagram of another session id from a live "
                        "session's address")
             return
-        reply = openvpn.reset_reply(self.cookie_key, addr, data, now)
+        reply = openvpn.reset_reply(self.cookie_key, addr, data, now, self.tls_crypt)
         if reply is not None:
             self.counts["resets-answered"] += 1
             self._sendto(reply, addr)
-        elif self.lingering.get(addr, 0.0) < now:
+        elif self.lingering.get(addr, 0.0) < time.monotonic():
             self._drop(addr, f"{len(data)}-byte datagram that is neither a reset nor the "
                        "answer to the relay's")
 
@@ -254,7 +277,8 @@ class OpenVPNLink:
         self.transport_send: Callable[[bytes], None] = lambda pkt: None
         self.proto = openvpn.OpenVPNServer(listener.ssl_ctx, tcp=tcp,
                                            peer_id=listener.allocate_peer_id(),
-                                           now=self.loop.time(), proof=proof)
+                                           now=self.loop.time(), proof=proof,
+                                           tls_crypt=listener.tls_crypt, wall=int(time.time()))
         self.session: Session | None = None
         self.software: dict[str, Any] | None = None
         self.accepted = time.monotonic()
@@ -541,5 +565,7 @@ def client_config(cfg: Config, data_dir: Path, proto: str, dev: str,
         lines.append("auth-user-pass")
     else:  # anonymous relay: any name is accepted, the client just must send one
         lines += ["<auth-user-pass>", "anonymous", "anonymous", "</auth-user-pass>"]
-    lines += ["<ca>", ca, "</ca>", ""]
-    return "\n".join(lines)
+    lines += ["<ca>", ca, "</ca>"]
+    if cfg.openvpn.tls_crypt:
+        lines += ["<tls-crypt>", tls_crypt_key(data_dir).strip(), "</tls-crypt>"]
+    return "\n".join([*lines, ""])

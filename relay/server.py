@@ -269,7 +269,7 @@ class Relay:
              (new.server.cert, new.server.key)),
             ("[tap]", self.cfg.tap, new.tap),
             ("[logs] data_dir", self.cfg.logs.data_dir, new.logs.data_dir),
-            ("[openvpn] listen", self.cfg.openvpn.listen, new.openvpn.listen),
+            ("[openvpn]", self.cfg.openvpn, new.openvpn),
         ) if old != now]
         if fixed:
             # Keep the running values of keys that need a restart, take the rest.

@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay import openvpn as ov
+from relay.errors import RelayError
 from relay.openvpn import Opcode
+from relay.openvpn_link import TLS_CRYPT_KEY, tls_crypt_key
 from relay.tlsconf import server_context
 
 T0 = 1000.0
@@ -26,6 +28,9 @@ PARAMS = ov.PushParams(address="10.211.0.5", netmask="255.255.0.0", gateway="10.
                        mtu=1400)
 COOKIE_KEY = bytes(range(32))
 PEER = ("198.18.1.2", 40000)
+STATIC_KEY = bytes(range(256))
+# The client's side of tls-crypt (KEY_DIRECTION_INVERSE): the server's key halves swapped.
+CLIENT_TLS_CRYPT = ov.TlsCrypt(STATIC_KEY[128:] + STATIC_KEY[:128])
 
 
 # --- a minimal client ------------------------------------------------------------------
@@ -50,9 +55,12 @@ def string(text: str) -> bytes:
 
 
 class Client:
-    def __init__(self, cert: Path, tcp: bool = False, options: str = OPTIONS) -> None:
+    def __init__(self, cert: Path, tcp: bool = False, options: str = OPTIONS,
+                 tls_crypt: bool = False) -> None:
         self.tcp = tcp
         self.options = options
+        self.tls_crypt = CLIENT_TLS_CRYPT if tls_crypt else None
+        self.wrap_pid = 0
         self.sid = os.urandom(8)
         self.remote_sid = b""
         self.keys: dict[int, ClientKey] = {}
@@ -68,12 +76,19 @@ class Client:
         acks, k.acks = k.acks[:4], k.acks[4:]
         pkt = ov.build_control(op, key_id, self.sid, acks, self.remote_sid, k.next_pid, payload)
         k.next_pid += 1
-        return frame(pkt) if self.tcp else pkt
+        return self.send(pkt)
 
     def ack_packet(self, key_id: int = 0) -> bytes:
         k = self.keys[key_id]
         acks, k.acks = k.acks, []
         pkt = ov.build_control(Opcode.ACK_V1, key_id, self.sid, acks, self.remote_sid, None)
+        return self.send(pkt)
+
+    def send(self, pkt: bytes) -> bytes:
+        """A control packet as it goes on the wire: wrapped, framed."""
+        if self.tls_crypt is not None:
+            self.wrap_pid += 1
+            pkt = self.tls_crypt.wrap(pkt, self.wrap_pid, int(T0))
         return frame(pkt) if self.tcp else pkt
 
     def absorb(self, out: list[bytes]) -> list[ov.ControlPacket]:
@@ -83,6 +98,10 @@ class Client:
         for raw in pkts:
             if raw[0] >> 3 in (Opcode.DATA_V2, Opcode.DATA_V1):
                 continue
+            if self.tls_crypt is not None:
+                opened = self.tls_crypt.unwrap(raw)
+                assert opened is not None
+                raw = opened[0]
             p = ov.parse_control(raw)
             seen.append(p)
             self.remote_sid = p.session_id
@@ -216,29 +235,32 @@ def start(tls: tuple[ssl.SSLContext, Path], client: Client,
     answer and the proof the client sends with its reset again (as the stock client
     does). The client has the server's reset and the ACK of its own."""
     ctx, _ = tls
+    tls_crypt = ov.TlsCrypt(STATIC_KEY) if client.tls_crypt else None
     reset = client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)
     if client.tcp:
-        server = ov.OpenVPNServer(ctx, tcp=True, peer_id=7, now=now)
+        server = ov.OpenVPNServer(ctx, tcp=True, peer_id=7, now=now, tls_crypt=tls_crypt,
+                                  wall=int(now))
         assert server.receive_data(reset, now) == []
     else:
-        reply = ov.reset_reply(COOKIE_KEY, PEER, reset, now)
-        assert reply is not None
+        reply = ov.reset_reply(COOKIE_KEY, PEER, reset, now, tls_crypt)
+        assert reply is not None and len(reply) == len(reset)
         client.absorb([reply])
         k = client.keys[0]
         k.next_pid = 0  # the same reset again, now with the ACK
         again = client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)
-        proof = ov.check_proof(COOKIE_KEY, PEER, again, now)
+        proof = ov.check_proof(COOKIE_KEY, PEER, again, now, tls_crypt)
         assert proof is not None
-        server = ov.OpenVPNServer(ctx, tcp=False, peer_id=7, now=now, proof=proof)
+        server = ov.OpenVPNServer(ctx, tcp=False, peer_id=7, now=now, proof=proof,
+                                  tls_crypt=tls_crypt, wall=int(now))
         assert server.receive_datagram(again, now) == []
     client.absorb(server.packets_to_send())
     return server
 
 
-def connect(tls: tuple[ssl.SSLContext, Path], tcp: bool = False,
+def connect(tls: tuple[ssl.SSLContext, Path], tcp: bool = False, tls_crypt: bool = False,
             **km2: str) -> tuple[ov.OpenVPNServer, Client, list[ov.Event]]:
     """Reset, TLS handshake and key-method 2: the server's ClientAuth event."""
-    client = Client(tls[1], tcp=tcp)
+    client = Client(tls[1], tcp=tcp, tls_crypt=tls_crypt)
     server = start(tls, client)
     events = exchange(server, client, client.tls_packets())
     assert client.keys[0].handshake_done and not events
@@ -248,9 +270,9 @@ def connect(tls: tuple[ssl.SSLContext, Path], tcp: bool = False,
     return server, client, events
 
 
-def tunnel(tls: tuple[ssl.SSLContext, Path],
-           tcp: bool = False) -> tuple[ov.OpenVPNServer, Client]:
-    server, client, events = connect(tls, tcp)
+def tunnel(tls: tuple[ssl.SSLContext, Path], tcp: bool = False,
+           tls_crypt: bool = False) -> tuple[ov.OpenVPNServer, Client]:
+    server, client, events = connect(tls, tcp, tls_crypt)
     events = exchange(server, client, client.send_text(b"PUSH_REQUEST\0"))
     assert events == [ov.PushRequest()]
     exchange(server, client, [])
@@ -751,9 +773,78 @@ def test_a_peer_that_never_acknowledges_is_closed_at_the_send_cap(
     assert server.closed and server.receive_datagram(client.data(b"x"), now) == []
 
 
+# --- tls-crypt -----------------------------------------------------------------------------
+
+
+def test_static_key_file_round_trip() -> None:
+    text = ov.format_static_key(STATIC_KEY)
+    assert text.startswith("-----BEGIN OpenVPN Static key V1-----\n")
+    assert len(text.splitlines()) == 2 + 256 * 2 // 32
+    assert ov.parse_static_key("# openvpn --genkey secret\n" + text) == STATIC_KEY
+    for bad in ("", text.replace("V1-----\n", "V1-----\n00", 1), text.replace("0001", "zz", 1)):
+        with pytest.raises(ValueError):
+            ov.parse_static_key(bad)
+
+
+def test_the_relays_tls_crypt_key_is_made_once_private_and_checked(tmp_path: Path) -> None:
+    text = tls_crypt_key(tmp_path)
+    path = tmp_path / TLS_CRYPT_KEY
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert len(ov.parse_static_key(text)) == 256 and tls_crypt_key(tmp_path) == text
+    path.write_text(text[:100])
+    with pytest.raises(RelayError, match="remove it to have a new key made"):
+        tls_crypt_key(tmp_path)
+
+
+def test_tls_crypt_wrap_hides_and_authenticates_the_control_packet() -> None:
+    server = ov.TlsCrypt(STATIC_KEY)
+    pkt = ov.build_control(Opcode.CONTROL_V1, 0, b"C" * 8, [3], b"S" * 8, 4, b"secret TLS")
+    wrapped = CLIENT_TLS_CRYPT.wrap(pkt, 9, 1234)
+    assert len(wrapped) == len(pkt) + ov.TLS_CRYPT_OVERHEAD
+    assert wrapped[:9] == pkt[:9] and b"secret" not in wrapped  # opcode and sid in clear
+    assert wrapped[9:17] == struct.pack("!II", 9, 1234)
+    assert server.unwrap(wrapped) == (pkt, 9)
+    # Every byte counts; the client's own direction does not open it; runts fail.
+    for i in range(len(wrapped)):
+        bad = bytearray(wrapped)
+        bad[i] ^= 1
+        assert server.unwrap(bytes(bad)) is None
+    assert CLIENT_TLS_CRYPT.unwrap(wrapped) is None
+    assert server.unwrap(wrapped[:9 + ov.TLS_CRYPT_OVERHEAD - 1]) is None
+    assert CLIENT_TLS_CRYPT.unwrap(server.wrap(pkt, 1, 1)) == (pkt, 1)
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+def test_tls_crypt_session_from_reset_to_data(tls: tuple[ssl.SSLContext, Path],
+                                              tcp: bool) -> None:
+    server, client = tunnel(tls, tcp, tls_crypt=True)
+    ip = bytes.fromhex("4500001c000000004011") + bytes(10) + b"payload!"
+    assert feed(server, client, [client.data(ip)]) == [ov.Packet(bytearray(ip))]
+    # A control packet replayed, or one that does not authenticate, is not used.
+    ping = client.send_text(b"PUSH_REQUEST\0")
+    feed(server, client, ping + ping)
+    assert server.drops["replayed tls-crypt packet id"] == len(ping)
+    if not tcp:  # over TCP it ends the stream
+        forged = bytearray(client.control(Opcode.CONTROL_V1, b"x"))
+        forged[-1] ^= 1
+        assert server.receive_datagram(bytes(forged), T0) == []
+        assert server.drops["control packet failed tls-crypt authentication"] == 1
+
+
+def test_without_the_tls_crypt_key_a_reset_gets_no_answer() -> None:
+    tls_crypt = ov.TlsCrypt(STATIC_KEY)
+    plain = ov.build_control(Opcode.CONTROL_HARD_RESET_CLIENT_V2, 0, b"C" * 8, [], b"", 0)
+    assert ov.reset_reply(COOKIE_KEY, PEER, plain, T0, tls_crypt) is None
+    stranger = ov.TlsCrypt(bytes(256))
+    assert ov.reset_reply(COOKIE_KEY, PEER, stranger.wrap(plain, 1, 1), T0, tls_crypt) is None
+    wrapped = CLIENT_TLS_CRYPT.wrap(plain, 1, 1)
+    reply = ov.reset_reply(COOKIE_KEY, PEER, wrapped, T0, tls_crypt)
+    assert reply is not None and len(reply) == len(wrapped) == 14 + ov.TLS_CRYPT_OVERHEAD
+
+
 # --- fuzzing: nothing a peer sends makes the server raise ------------------------------
 
-FUZZ_STATES = ("reset", "tls", "key-exchange", "tunnel")
+FUZZ_STATES = ("reset", "tls", "key-exchange", "tunnel", "tls-crypt tunnel")
 # The TLS context fixture is only read, so one per test function is fine.
 FUZZ = settings(max_examples=120, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -777,7 +868,7 @@ def fuzz_session(tls: tuple[ssl.SSLContext, Path], tcp: bool,
     if state == "key-exchange":
         server, client, _ = connect(tls, tcp)
         return server, [*client.send_text(b"PUSH_REQUEST\0"), client.ack_packet()]
-    server, client = tunnel(tls, tcp)
+    server, client = tunnel(tls, tcp, tls_crypt=state == "tls-crypt tunnel")
     samples = [client.data(b"\x45" + bytes(27)), client.data(ov.PING_MAGIC),
                *client.send_text(b"PUSH_REQUEST\0EXIT\0")]
     client.new_key(1)
