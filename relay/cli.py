@@ -543,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "client-config", help="what a stock client needs to use this relay",
-        description="openvpn: a ready .ovpn (the relay's certificate inline as the CA); "
+        description="openvpn: a ready .ovpn (the relay's certificate inline as the CA, "
+                    "and the tls-crypt key with [openvpn] tls_crypt); "
                     "openconnect: the command line, pinned to the relay's certificate.")
     p.add_argument("protocol", choices=("openvpn", "openconnect"))
     _add_data_dir(p)

@@ -146,6 +146,9 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class OpenVPNConfig:
     listen: str = "0.0.0.0:1194"
+    # tls-crypt: every control packet under a static key that client configs carry
+    # (DATA_DIR/tls/tls-crypt.key, made on first use); peers without it get no answer.
+    tls_crypt: bool = False
 
 
 @dataclass(frozen=True)
@@ -389,6 +392,11 @@ def describe() -> str:
         section = getattr(cfg, name)
         for f in fields(section):
             value = getattr(section, f.name)
-            rendered = repr(value).replace("'", '"') if not isinstance(value, list) else str(value)
+            if isinstance(value, bool):
+                rendered = str(value).lower()
+            elif isinstance(value, list):
+                rendered = str(value)
+            else:
+                rendered = repr(value).replace("'", '"')
             lines.append(f"  {f.name} = {rendered}")
     return "\n".join(lines)

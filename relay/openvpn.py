@@ -10,8 +10,13 @@ Time only advances through the ``now`` arguments and :meth:`handle_timeout`;
 The exchange, as the stock ``openvpn`` 2.6 client runs it::
 
     client                                   relay
-    HARD_RESET_CLIENT_V2 sid=C pid=0     ->
+    HARD_RESET_CLIENT_V2 sid=C pid=0     ->  TCP: an OpenVPNServer for the connection
                                          <-  HARD_RESET_SERVER_V2 sid=S ack[0] pid=0
+                                             UDP: no state, see below
+                                         <-  HARD_RESET_SERVER_V2 sid=S=cookie pid=0
+    HARD_RESET_CLIENT_V2 sid=C pid=0
+      ack[0] remote sid=S (or P_ACK_V1)  ->  the proof: OpenVPNServer(proof=...)
+                                         <-  P_ACK_V1 ack[0] (the client's reset)
     P_CONTROL_V1 pid=1.. (TLS records)  <->  P_CONTROL_V1 / P_ACK_V1 (relay certificate)
     TLS data: key-method 2 (randoms,
       options, user/pass, peer-info)     ->  ClientAuth event
@@ -20,6 +25,19 @@ The exchange, as the stock ``openvpn`` 2.6 client runs it::
     TLS data: "PUSH_REQUEST"             ->  PushRequest event
                                          <-  "PUSH_REPLY,ifconfig ...,peer-id N,cipher ..."
     P_DATA_V2 (AES-256-GCM)             <->  Packet events / encrypt()
+
+Over UDP anyone can forge a reset "from" any address, so a reset gets a stateless
+answer (:func:`reset_reply`, as OpenVPN 2.6's ``mudp.c`` does): the relay's session
+id in it is a cookie, an HMAC over the peer's address and port, the client's
+session id and a coarse time slot under a key drawn at start. Only a later packet
+from that address that echoes the cookie (:func:`check_proof`) shows the peer
+receives there; the session state starts then. The answer acknowledges nothing, so
+it is no larger than the reset it answers (14 bytes each); the ACK of the client's
+reset follows the proof.
+
+With ``tls-crypt`` (optional, a static key the client config carries) every
+control packet is encrypted and authenticated under that key (:class:`TlsCrypt`), so
+a peer without it gets no answer at all.
 
 Each key (key id 0, then 1..7 for renegotiations the client starts with
 P_CONTROL_SOFT_RESET_V1) has its own reliability layer, TLS session and data
@@ -41,6 +59,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 # --- Wire constants (ssl_pkt.h) ------------------------------------------------------
@@ -62,6 +81,7 @@ OPCODE_SHIFT = 3
 KEY_ID_MASK = 0x07
 SID_SIZE = 8
 PACKET_ID_SIZE = 4
+PACKET_ID_MAX = 0xFFFFFFFF
 KEY_METHOD_2 = 2
 KEY_METHOD_MASK = 0x0F
 # Data channel: P_DATA_V2 header is opcode/key id (1 byte) + peer id (3 bytes).
@@ -126,13 +146,57 @@ SCHEDULED_EXIT_S = 5.0
 # message with a full peer-info is ~1.5 KiB (push_peer_info allocates 1536 bytes),
 # user and password at most 4 KiB each (USER_PASS_LEN with auth-token).
 MAX_PLAINTEXT_BYTES = 16 * 1024
-# Largest packet accepted from a TCP stream. OpenVPN 2.6 sizes its buffers from
-# --tun-max-mtu (default 1600) plus the crypto overhead, and the relay pushes a
-# smaller tun-mtu; 4 KiB also fits a client configured with a larger MTU, while a
-# stream that is not OpenVPN (whose "length" is two arbitrary bytes) fails fast.
+# Largest packet accepted, a TCP frame or a UDP datagram. OpenVPN 2.6 sizes its
+# buffers from --tun-max-mtu (default 1600) plus the crypto overhead, and the relay
+# pushes a smaller tun-mtu; 4 KiB also fits a client configured with a larger MTU,
+# while a stream that is not OpenVPN (whose "length" is two arbitrary bytes) fails
+# fast.
 MAX_PACKET_BYTES = 4096
 # TCP framing: a 16-bit length before each packet.
 TCP_LENGTH = struct.Struct("!H")
+# Control bytes a key may hold queued and unacknowledged. OpenVPN keeps at most
+# TLS_RELIABLE_N_SEND_BUFFERS (6) packets of --tls-mtu in flight and one control
+# message of TLS_CHANNEL_BUF_SIZE (2048 bytes, common.h) waiting; the relay's largest
+# legitimate backlog is its TLS flight (certificate chain included) plus key-method 2
+# and the push reply. Four of TLS's largest records (2^14 bytes, RFC 8446 section
+# 5.1) hold all of it several times over; past that the client is not acknowledging.
+MAX_SEND_QUEUE_BYTES = 4 * 2**14
+# push.c (sent_push_reply_expiry): once a PUSH_REPLY is sent, repeated PUSH_REQUESTs
+# are ignored this long; the reliability layer retransmits the reply meanwhile.
+PUSH_REPLY_HOLDOFF_S = 30.0
+
+# --- Stateless answer to a UDP reset (mudp.c do_pre_decrypt_check, ssl_pkt.c
+#     calculate_session_id_hmac and check_session_hmac_and_pkt_id) -----------------
+
+# HMAC-SHA256 under a 256-bit key drawn when the relay starts (session_id_hmac_init);
+# a restart only invalidates the handshakes in progress.
+COOKIE_KEY_SIZE = 32
+COOKIE_DIGEST = "sha256"
+# Time is cut into slots of half the hand window, as OpenVPN quantises it
+# ((handwindow + 1) / 2); a cookie holds in its own slot and the next, so a client
+# has 30 to 60 s to echo it (it does so within a round trip).
+COOKIE_SLOT_S = HAND_WINDOW_S / 2
+
+
+# --- tls-crypt (tls_crypt.c tls_crypt_wrap / tls_crypt_unwrap) ------------------------
+
+# A wrapped control packet: opcode/key id and session id in clear, the packet id and
+# the time its sequence started (packet_id's long form, 4 + 4 bytes), an HMAC-SHA256
+# tag over all of that and the plaintext, then the rest of the packet in AES-256-CTR
+# with the tag's first 16 bytes as the IV.
+TLS_CRYPT_CLEAR = 1 + SID_SIZE
+TLS_CRYPT_PID = struct.Struct("!II")  # packet id, time
+TLS_CRYPT_TAG_SIZE = 32
+TLS_CRYPT_IV_SIZE = 16
+TLS_CRYPT_HMAC_KEY_SIZE = 32
+TLS_CRYPT_OVERHEAD = TLS_CRYPT_PID.size + TLS_CRYPT_TAG_SIZE
+# The stateless reset reply is packet 1 of the relay's sequence; the session that
+# its proof starts sends from the next.
+TLS_CRYPT_RESET_REPLY_PID = 1
+# The key file: OpenVPN's "Static key V1", the 256 bytes of a struct key2 in hex.
+STATIC_KEY_BEGIN = "-----BEGIN OpenVPN Static key V1-----"
+STATIC_KEY_END = "-----END OpenVPN Static key V1-----"
+STATIC_KEY_HEX_PER_LINE = 32
 
 
 # --- Events --------------------------------------------------------------------------
@@ -178,6 +242,9 @@ class PeerDead(Event):
 @dataclass
 class ProtocolError(Event):
     message: str
+    # The metric label the relay counts it under (relay_handshake_failures_total):
+    # "protocol-error", or the cap the peer exceeded.
+    reason: str = "protocol-error"
 
 
 @dataclass
@@ -276,6 +343,157 @@ def client_reset_session_id(pkt: bytes) -> bytes | None:
     return p.session_id
 
 
+def control_session_id(pkt: bytes) -> bytes | None:
+    """The sender's session id of a control packet (opcode and key id, then the
+    id), read without parsing the rest; None for data packets and runts."""
+    if len(pkt) < 1 + SID_SIZE or pkt[0] >> OPCODE_SHIFT not in CONTROL_OPCODES:
+        return None
+    return pkt[1:1 + SID_SIZE]
+
+
+# --- tls-crypt ---------------------------------------------------------------------------
+
+
+def format_static_key(key2: bytes) -> str:
+    """The key file text (what ``openvpn --genkey secret`` writes, without comments)."""
+    hexed = key2.hex()
+    lines = [hexed[i:i + STATIC_KEY_HEX_PER_LINE]
+             for i in range(0, len(hexed), STATIC_KEY_HEX_PER_LINE)]
+    return "\n".join([STATIC_KEY_BEGIN, *lines, STATIC_KEY_END]) + "\n"
+
+
+def parse_static_key(text: str) -> bytes:
+    """The 256 key bytes of a key file; ValueError when it is not one."""
+    body = text.partition(STATIC_KEY_BEGIN)[2].partition(STATIC_KEY_END)
+    if not body[1]:
+        raise ValueError("not an OpenVPN static key (no BEGIN/END lines)")
+    key2 = bytes.fromhex("".join(body[0].split()))
+    if len(key2) != KEY2_SIZE:
+        raise ValueError(f"an OpenVPN static key has {KEY2_SIZE} bytes, this one {len(key2)}")
+    return key2
+
+
+class TlsCrypt:
+    """tls-crypt under one static key, in the server's direction (OpenVPN's
+    KEY_DIRECTION_NORMAL: send with key2.keys[0], receive with keys[1]; each key
+    is cipher[64] then hmac[64], of which AES-256 and HMAC-SHA256 use the start)."""
+
+    def __init__(self, key2: bytes) -> None:
+        if len(key2) != KEY2_SIZE:
+            raise ValueError(f"a tls-crypt key has {KEY2_SIZE} bytes")
+        send, receive = key2[:2 * KEY_HALF], key2[2 * KEY_HALF:]
+        self._send = (send[:AES_256_KEY_SIZE], send[KEY_HALF:KEY_HALF + TLS_CRYPT_HMAC_KEY_SIZE])
+        self._receive = (receive[:AES_256_KEY_SIZE],
+                         receive[KEY_HALF:KEY_HALF + TLS_CRYPT_HMAC_KEY_SIZE])
+
+    def wrap(self, pkt: bytes, pid: int, time: int) -> bytes:
+        cipher_key, hmac_key = self._send
+        clear = pkt[:TLS_CRYPT_CLEAR] + TLS_CRYPT_PID.pack(pid, time)
+        plain = pkt[TLS_CRYPT_CLEAR:]
+        tag = hmac.digest(hmac_key, clear + plain, "sha256")
+        return clear + tag + _aes_ctr(cipher_key, tag[:TLS_CRYPT_IV_SIZE], plain)
+
+    def unwrap(self, pkt: bytes) -> tuple[bytes, int] | None:
+        """The packet as it would be without tls-crypt and its packet id; None when
+        it is too short or does not authenticate."""
+        if len(pkt) < TLS_CRYPT_CLEAR + TLS_CRYPT_OVERHEAD:
+            return None
+        cipher_key, hmac_key = self._receive
+        tag_at = TLS_CRYPT_CLEAR + TLS_CRYPT_PID.size
+        tag = pkt[tag_at:tag_at + TLS_CRYPT_TAG_SIZE]
+        plain = _aes_ctr(cipher_key, tag[:TLS_CRYPT_IV_SIZE], pkt[tag_at + TLS_CRYPT_TAG_SIZE:])
+        if not hmac.compare_digest(hmac.digest(hmac_key, pkt[:tag_at] + plain, "sha256"), tag):
+            return None
+        pid, _ = TLS_CRYPT_PID.unpack_from(pkt, TLS_CRYPT_CLEAR)
+        return pkt[:TLS_CRYPT_CLEAR] + plain, pid
+
+
+def _aes_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
+    ctx = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()  # CTR: the same both ways
+    return ctx.update(data) + ctx.finalize()
+
+
+def _unwrapped(tls_crypt: TlsCrypt | None, pkt: bytes) -> bytes | None:
+    if tls_crypt is None:
+        return pkt
+    opened = tls_crypt.unwrap(pkt)
+    return None if opened is None else opened[0]
+
+
+# --- The UDP cookie ----------------------------------------------------------------------
+
+Peer = tuple[str, int]  # IP address as text, port
+
+
+def new_cookie_key() -> bytes:
+    return secrets.token_bytes(COOKIE_KEY_SIZE)
+
+
+def _cookie(key: bytes, peer: Peer, client_sid: bytes, slot: int) -> bytes:
+    ip, port = peer
+    msg = struct.pack("!qH", slot, port) + client_sid + ip.encode()
+    return hmac.digest(key, msg, COOKIE_DIGEST)[:SID_SIZE]
+
+
+def _slot(now: float) -> int:
+    return int(now // COOKIE_SLOT_S)
+
+
+def reset_reply(key: bytes, peer: Peer, pkt: bytes, now: float,
+                tls_crypt: TlsCrypt | None = None) -> bytes | None:
+    """The stateless answer to a client's reset from ``peer`` (None when ``pkt`` is
+    not a well-formed P_CONTROL_HARD_RESET_CLIENT_V2, or not under ``tls_crypt``):
+    the relay's reset with the cookie as its session id. It acknowledges nothing, so
+    it is no larger than the smallest reset; the client acknowledges it, which is the
+    proof. ``now`` is the wall clock (tls-crypt's packet ids carry it)."""
+    plain = _unwrapped(tls_crypt, pkt)
+    sid = None if plain is None else client_reset_session_id(plain)
+    if sid is None:
+        return None
+    reply = build_control(Opcode.CONTROL_HARD_RESET_SERVER_V2, 0,
+                          _cookie(key, peer, sid, _slot(now)), [], b"", 0)
+    if tls_crypt is None:
+        return reply
+    return tls_crypt.wrap(reply, TLS_CRYPT_RESET_REPLY_PID, int(now))
+
+
+@dataclass(frozen=True)
+class Proof:
+    """A peer showed it receives at its address: the session ids both sides use."""
+
+    client_session_id: bytes
+    server_session_id: bytes
+
+
+# What may carry the proof, with its packet id: the client's ACK, its first TLS
+# packet, or (what the stock 2.6 client sends first) its reset again with the ACK.
+PROOF_PACKETS = frozenset({(Opcode.ACK_V1, None), (Opcode.CONTROL_V1, 1),
+                           (Opcode.CONTROL_HARD_RESET_CLIENT_V2, 0)})
+
+
+def check_proof(key: bytes, peer: Peer, pkt: bytes, now: float,
+                tls_crypt: TlsCrypt | None = None) -> Proof | None:
+    """The proof in a client's control packet for key 0 from ``peer`` that
+    acknowledges the relay's reset (packet id 0, nothing else) and echoes the cookie
+    :func:`reset_reply` made for ``peer`` and its session id in this slot or the one
+    before; None for anything else."""
+    plain = _unwrapped(tls_crypt, pkt)
+    if plain is None:
+        return None
+    try:
+        p = parse_control(plain)
+    except Malformed:
+        return None
+    if ((p.opcode, p.packet_id) not in PROOF_PACKETS or p.key_id
+            or p.remote_session_id is None or any(p.acks)):
+        return None
+    slot = _slot(now)
+    for s in (slot, slot - 1):
+        if hmac.compare_digest(_cookie(key, peer, p.session_id, s), p.remote_session_id):
+            return Proof(p.session_id, p.remote_session_id)
+    return None
+
+
 # --- Key derivation (ssl.c openvpn_PRF, crypto_openssl.c ssl_tls1_PRF) ----------------
 
 
@@ -364,20 +582,26 @@ class ReliableSend:
 
     def __init__(self) -> None:
         self.next_id = 0
+        self.base = 0  # the lowest id not acknowledged (next_id when all are)
         self.unacked: dict[int, _Outgoing] = {}
+        self.queued_bytes = 0
 
     def queue(self, opcode: Opcode, payload: bytes) -> None:
         self.unacked[self.next_id] = _Outgoing(opcode, payload)
         self.next_id += 1
+        self.queued_bytes += len(payload)
 
     def ack(self, pid: int) -> None:
-        self.unacked.pop(pid, None)
+        e = self.unacked.pop(pid, None)
+        if e is None:
+            return
+        self.queued_bytes -= len(e.payload)
+        while self.base < self.next_id and self.base not in self.unacked:
+            self.base += 1
 
     def _window(self) -> list[int]:
-        if not self.unacked:
-            return []
-        base = min(self.unacked)
-        return [pid for pid in sorted(self.unacked) if pid < base + SEND_WINDOW]
+        end = min(self.base + SEND_WINDOW, self.next_id)
+        return [pid for pid in range(self.base, end) if pid in self.unacked]
 
     def due(self, now: float) -> list[tuple[int, _Outgoing]]:
         out = []
@@ -526,11 +750,17 @@ class KeyState:
 
 
 class OpenVPNServer:
-    """One client session, TCP or UDP."""
+    """One client session: over TCP from the client's reset, over UDP from the
+    ``proof`` that the peer receives at its address (:func:`check_proof`)."""
 
-    def __init__(self, ctx: ssl.SSLContext, *, tcp: bool, peer_id: int, now: float) -> None:
+    def __init__(self, ctx: ssl.SSLContext, *, tcp: bool, peer_id: int, now: float,
+                 proof: Proof | None = None, tls_crypt: TlsCrypt | None = None,
+                 wall: int = 0) -> None:
+        """``wall``: the wall-clock second, which tls-crypt's packet ids carry."""
         if not 0 <= peer_id <= PEER_ID_MAX:
             raise ValueError(f"peer id {peer_id} out of range")
+        if tcp == (proof is not None):
+            raise ValueError("a UDP session starts from a proof, a TCP one from a reset")
         self.ctx = ctx
         self.tcp = tcp
         self.peer_id = peer_id
@@ -540,6 +770,7 @@ class OpenVPNServer:
         self.active: KeyState | None = None  # newest key with data keys
         self.dev_type = "tun"
         self.push_reply_text: str | None = None
+        self.push_repeat_after = 0.0  # PUSH_REQUESTs before this are not answered again
         self.closing_at: float | None = None  # AUTH_FAILED queued: close when acked
         self.closed = False
         self.last_rx = now
@@ -548,6 +779,21 @@ class OpenVPNServer:
         self._stream = bytearray()
         self._out: list[bytes] = []
         self._events: list[Event] = []
+        self.tls_crypt = tls_crypt
+        # Our packet ids go on after the stateless reply's; the client's are checked
+        # against replays (its sequence never restarts within a session).
+        self._wrap_time = wall
+        self._wrap_pid = TLS_CRYPT_RESET_REPLY_PID + 1 if proof is not None else 1
+        self._wrap_replay = ReplayWindow()
+        if proof is not None:
+            # The resets crossed statelessly: ours (packet id 0) is acknowledged by
+            # the proof, the client's (packet id 0) is received and owed an ACK.
+            self.session_id = proof.server_session_id
+            self.remote_session_id = proof.client_session_id
+            ks = self.keys[0] = KeyState(0, ctx, now)
+            ks.send.next_id = ks.send.base = 1
+            ks.recv.next_id = 1
+            ks.recv.acks.append(0)
 
     # -- input ----------------------------------------------------------------------------
 
@@ -559,7 +805,8 @@ class OpenVPNServer:
         while len(buf) - pos >= TCP_LENGTH.size and not self.closed:
             (n,) = TCP_LENGTH.unpack_from(buf, pos)
             if not 0 < n <= MAX_PACKET_BYTES:
-                self._fail(f"{n}-byte packet in the TCP stream (at most {MAX_PACKET_BYTES})")
+                self._fail(f"{n}-byte packet in the TCP stream (at most {MAX_PACKET_BYTES})",
+                           "packet-too-large" if n else "protocol-error")
                 break
             first = pos + TCP_LENGTH.size
             if (self.remote_session_id is None and len(buf) > first
@@ -575,7 +822,9 @@ class OpenVPNServer:
         return self._finish(now)
 
     def receive_datagram(self, pkt: bytes, now: float) -> list[Event]:
-        if not self.closed:
+        if len(pkt) > MAX_PACKET_BYTES:
+            self._drop(f"datagram larger than {MAX_PACKET_BYTES} bytes")
+        elif not self.closed:
             self._packet(pkt, now)
         return self._finish(now)
 
@@ -587,12 +836,22 @@ class OpenVPNServer:
         if op == Opcode.DATA_V2 or op == Opcode.DATA_V1:
             self._data(pkt, now)
             return
+        if self.tls_crypt is not None:
+            opened = self.tls_crypt.unwrap(pkt)
+            if opened is None:
+                self._hostile("control packet failed tls-crypt authentication")
+                return
+            pkt, pid = opened
+            if not self._wrap_replay.check(pid):
+                self._drop("replayed tls-crypt packet id")
+                return
+            self._wrap_replay.commit(pid)
         try:
             p = parse_control(pkt)
         except Malformed as exc:
             self._hostile(str(exc))
             return
-        if self.remote_session_id is None:
+        if self.remote_session_id is None:  # TCP: the stream's first packet
             if p.opcode is not Opcode.CONTROL_HARD_RESET_CLIENT_V2 or p.key_id:
                 self._hostile(f"{p.opcode.name} before P_CONTROL_HARD_RESET_CLIENT_V2")
                 return
@@ -651,7 +910,7 @@ class OpenVPNServer:
                 ks.plaintext += chunk
                 if len(ks.plaintext) > MAX_PLAINTEXT_BYTES:
                     self._fail(f"more than {MAX_PLAINTEXT_BYTES} bytes of control text "
-                               "without a complete message")
+                               "without a complete message", "control-text-too-long")
                     return
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             pass
@@ -679,7 +938,7 @@ class OpenVPNServer:
             self._key_exchange(ks, km2, now)
         while b"\0" in ks.plaintext and not self.closed:
             raw, _, ks.plaintext = ks.plaintext.partition(b"\0")
-            self._control_message(raw.decode("utf-8", "replace"))
+            self._control_message(raw.decode("utf-8", "replace"), now)
 
     def _key_exchange(self, ks: KeyState, km2: KeyMethod2, now: float) -> None:
         assert self.remote_session_id is not None
@@ -705,12 +964,14 @@ class OpenVPNServer:
         return (f"V4,dev-type {self.dev_type},link-mtu 1550,tun-mtu 1500,proto {proto},"
                 f"cipher {CIPHER},auth [null-digest],keysize 256,key-method 2,tls-server")
 
-    def _control_message(self, text: str) -> None:
+    def _control_message(self, text: str, now: float) -> None:
         if text == "PUSH_REQUEST":
-            if self.push_reply_text is not None:
-                self._send_text(self.push_reply_text)  # our reply was slow or lost
-            elif self.closing_at is None:
-                self._events.append(PushRequest())
+            if self.push_reply_text is None:
+                if self.closing_at is None:
+                    self._events.append(PushRequest())
+            elif now >= self.push_repeat_after:  # the client lost what we sent
+                self._send_text(self.push_reply_text)
+                self.push_repeat_after = now + PUSH_REPLY_HOLDOFF_S
         elif text == "EXIT" or text.startswith("EXIT,"):
             self._events.append(PeerExit("exit notification (control channel)"))
             self.closed = True
@@ -735,6 +996,7 @@ class OpenVPNServer:
         items += [f"tun-mtu {params.mtu}", f"peer-id {self.peer_id}", f"cipher {CIPHER}"]
         self.push_reply_text = ",".join(items)
         self._send_text(self.push_reply_text)
+        self.push_repeat_after = now + PUSH_REPLY_HOLDOFF_S
         return self._finish(now)
 
     def auth_failed(self, message: str, now: float, *, temporary: bool = False) -> list[Event]:
@@ -762,7 +1024,7 @@ class OpenVPNServer:
             return None
         k = ks.keys
         pid = k.send_pid + 1
-        if pid > 0xFFFFFFFF:
+        if pid > PACKET_ID_MAX:
             return None
         k.send_pid = pid
         pid_bytes = pid.to_bytes(4, "big")
@@ -853,6 +1115,7 @@ class OpenVPNServer:
                 ping = self.encrypt(PING_MAGIC)
                 if ping is not None:
                     self._out.append(ping)
+                    self.last_tx = now
         return self._finish(now)
 
     # -- output ---------------------------------------------------------------------------
@@ -868,7 +1131,8 @@ class OpenVPNServer:
 
     def _finish(self, now: float) -> list[Event]:
         for ks in self.keys.values():
-            self._flush_key(ks, now)
+            if not self._flush_key(ks, now):
+                break
         if (self.closing_at is not None and not self.closed
                 and all(not ks.send.unacked for ks in self.keys.values())):
             self._events.append(Closed())
@@ -876,8 +1140,13 @@ class OpenVPNServer:
         events, self._events = self._events, []
         return events
 
-    def _flush_key(self, ks: KeyState, now: float) -> None:
+    def _flush_key(self, ks: KeyState, now: float) -> bool:
+        """Send what is due on one key; False when the peer exceeded the send cap."""
         pending = ks.outgoing.read()
+        if ks.send.queued_bytes + len(pending) > MAX_SEND_QUEUE_BYTES:
+            self._fail(f"more than {MAX_SEND_QUEUE_BYTES} bytes of control packets "
+                       "unacknowledged", "send-queue-full")
+            return False
         while pending:
             ks.send.queue(Opcode.CONTROL_V1, pending[:TLS_PAYLOAD_MAX])
             pending = pending[TLS_PAYLOAD_MAX:]
@@ -892,8 +1161,16 @@ class OpenVPNServer:
             self._emit(build_control(Opcode.ACK_V1, ks.key_id, self.session_id, carried,
                                      remote, None), now)
         ks.recv.acks = []
+        return True
 
     def _emit(self, pkt: bytes, now: float) -> None:
+        if self.tls_crypt is not None:
+            if self._wrap_pid > PACKET_ID_MAX:  # tls_crypt_wrap: "packet ID roll over"
+                if not self.closed:
+                    self._fail("tls-crypt packet ids used up")
+                return
+            pkt = self.tls_crypt.wrap(pkt, self._wrap_pid, self._wrap_time)
+            self._wrap_pid += 1
         self._out.append(TCP_LENGTH.pack(len(pkt)) + pkt if self.tcp else pkt)
         self.last_tx = now
 
@@ -910,7 +1187,7 @@ class OpenVPNServer:
         else:
             self._drop(why)
 
-    def _fail(self, message: str) -> None:
-        self._events.append(ProtocolError(message))
+    def _fail(self, message: str, reason: str = "protocol-error") -> None:
+        self._events.append(ProtocolError(message, reason))
         self.closed = True
 

@@ -6,21 +6,35 @@ the protocol-agnostic :class:`relay.server.Relay`.
 ``dev tun`` clients exchange IP packets, wrapped in Ethernet with the session MAC
 like CSTP's; ``dev tap`` clients exchange whole frames, and the relay pushes
 ``lladdr`` so that the client's tap device takes the session MAC.
+
+Over UDP nothing is kept for a peer until it proves it receives at its address:
+its reset gets the stateless cookie answer of :func:`relay.openvpn.reset_reply`, and
+only a packet that echoes the cookie (:func:`relay.openvpn.check_proof`) makes a
+link, and with it the abuse admission, the reverse lookup, the login deadline and a
+handshake slot. A reset with a new session id from the address of a session heard
+from within the last minute gets no answer (the stock client would take the answer
+for a new session); a proven handshake from the address of a session runs beside it
+and takes the address over only when its TLS handshake and login complete.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from relay import openvpn, rdns
 from relay.config import Config, parse_hostport
+from relay.errors import RelayError
 from relay.fsutil import listen_tcp
+from relay.metrics import Metric
 from relay.sessions import Session, SessionRefused
 from relay.tap import ETH_HLEN, mac_str
 from relay.tlsconf import ensure_self_signed, server_context
@@ -38,9 +52,34 @@ CLIENT_WRITE_HIGH_WATER = 1024 * 1024
 # Datagrams from unknown addresses that are not a client's first packet are
 # dropped; one log line per interval says how many, so a flood cannot fill the log.
 DROP_LOG_INTERVAL_S = 10.0
+# A reset with another session id from the address of a link that heard from its
+# client this recently gets no answer: the stock client takes a server reset with an
+# unknown session id for a new session (ssl.c tls_pre_decrypt, unless
+# --single-session) and moves its tunnel onto it, so a forged reset "from" a live
+# client must not reach it. A client silent for the pushed ping-restart (60 s) has
+# restarted itself, and its address is free again.
+LIVE_ADDRESS_QUIET_S = openvpn.PING_RESTART_S
+# The tls-crypt key, made on first use like the self-signed certificate beside it.
+TLS_CRYPT_KEY = "tls/tls-crypt.key"
 # After a UDP session ends, the client's last datagrams (explicit-exit-notify
 # repeats its exit message once a second) are ignored quietly for this long.
 UDP_LINGER_S = 5.0
+
+
+def tls_crypt_key(data_dir: Path) -> str:
+    """The text of the relay's tls-crypt key file (made, 0600, if there is none)."""
+    path = data_dir / TLS_CRYPT_KEY
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(openvpn.format_static_key(secrets.token_bytes(openvpn.KEY2_SIZE)))
+    text = path.read_text()
+    try:
+        openvpn.parse_static_key(text)
+    except ValueError as exc:
+        raise RelayError(f"{path}: {exc}; remove it to have a new key made") from None
+    return text
 
 
 def client_software(peer_info: dict[str, str]) -> dict[str, Any]:
@@ -50,20 +89,27 @@ def client_software(peer_info: dict[str, str]) -> dict[str, Any]:
 
 
 class OpenVPNListener:
-    """TLS settings, peer ids and the UDP address table shared by every link."""
+    """TLS settings, peer ids, the UDP cookie key and address tables shared by every link."""
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.ssl_ctx, self.cert_path = server_context(
             relay.data_dir, relay.cfg.server.cert, relay.cfg.server.key)
-        self.udp_links: dict[tuple[str, int], OpenVPNLink] = {}
-        self.lingering: dict[tuple[str, int], float] = {}  # ended UDP peers -> until
+        self.cookie_key = openvpn.new_cookie_key()
+        self.tls_crypt = (openvpn.TlsCrypt(openvpn.parse_static_key(tls_crypt_key(
+            relay.data_dir))) if relay.cfg.openvpn.tls_crypt else None)
+        self.udp_links: dict[openvpn.Peer, OpenVPNLink] = {}  # the address's session
+        # A proven handshake from the address of a live session, until it completes.
+        self.udp_pending: dict[openvpn.Peer, OpenVPNLink] = {}
+        self.lingering: dict[openvpn.Peer, float] = {}  # ended UDP peers -> until
+        self.counts: Counter[str] = Counter()  # resets answered, proofs
         self.peer_ids: set[int] = set()
         self._next_peer_id = 0
         self.udp: asyncio.DatagramTransport | None = None
         self.tcp: socket.socket | None = None
         self._dropped = 0
         self._last_drop_log = 0.0
+        relay.collectors.append(self.metrics)
 
     async def start(self) -> None:
         host, port = parse_hostport(self.relay.cfg.openvpn.listen)
@@ -92,40 +138,99 @@ class OpenVPNListener:
         link = OpenVPNTcpLink(self.relay, self, peer, sock.getsockname()[0])
         self.relay.spawn(link.start(sock))
 
-    def datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram(self, data: bytes, addr: openvpn.Peer) -> None:
         link = self.udp_links.get(addr)
         if link is not None:
-            sid = openvpn.client_reset_session_id(data)
-            if sid is None or sid == link.proto.remote_session_id:
+            sid = openvpn.control_session_id(data)
+            if sid is None or sid == link.proto.remote_session_id:  # data, or its own
                 link.datagram(data)
                 return
-            # The client restarted (a new session id from the same address).
-            link.terminate("client-restart", "the client started a new session")
-        if openvpn.client_reset_session_id(data) is None:
-            if self.lingering.get(addr, 0.0) < time.monotonic():
-                self._drop(addr, f"{len(data)}-byte datagram that does not start a session")
+            pending = self.udp_pending.get(addr)
+            if pending is not None and sid == pending.proto.remote_session_id:
+                pending.datagram(data)
+                return
+        # Another session id from a link's address is a stranger too: a restarted
+        # client, or anyone forging that address.
+        now = time.time()
+        proof = openvpn.check_proof(self.cookie_key, addr, data, now, self.tls_crypt)
+        if proof is not None:
+            self.counts["proofs"] += 1
+            self._start(addr, proof, data)
             return
+        if link is not None and link.quiet_s() < LIVE_ADDRESS_QUIET_S:
+            self._drop(addr, f"{len(data)}-byte datagram of another session id from a live "
+                       "session's address")
+            return
+        reply = openvpn.reset_reply(self.cookie_key, addr, data, now, self.tls_crypt)
+        if reply is not None:
+            self.counts["resets-answered"] += 1
+            self._sendto(reply, addr)
+        elif self.lingering.get(addr, 0.0) < time.monotonic():
+            self._drop(addr, f"{len(data)}-byte datagram that is neither a reset nor the "
+                       "answer to the relay's")
+
+    def _start(self, addr: openvpn.Peer, proof: openvpn.Proof, data: bytes) -> None:
+        """The peer proved its address: its link starts."""
         if self.relay.abuse.admit(addr[0]) is not None:
             return
-        link = OpenVPNLink(self.relay, self, addr, _local_ip_towards(addr), tcp=False)
+        link = OpenVPNLink(self.relay, self, addr, _local_ip_towards(addr), tcp=False,
+                           proof=proof)
         link.transport_send = lambda pkt: self._sendto(pkt, addr)
-        self.udp_links[addr] = link
+        if addr not in self.udp_links:
+            self.udp_links[addr] = link
+        else:
+            superseded = self.udp_pending.get(addr)
+            self.udp_pending[addr] = link
+            if superseded is not None:  # the client restarted again meanwhile
+                superseded.end_quietly("client-restart")
         link.begin()
         link.datagram(data)
 
-    def ended(self, addr: tuple[str, int]) -> None:
-        """A UDP link ended: forget it, and ignore its stragglers for a while."""
+    def handshake_complete(self, link: OpenVPNLink) -> None:
+        """A link's login succeeded: if it ran beside a live session of its address,
+        it takes the address over and that session ends."""
+        addr = (link.peer_ip, link.peer_port)
+        if self.udp_pending.get(addr) is not link:
+            return
+        del self.udp_pending[addr]
+        old = self.udp_links[addr]
+        self.udp_links[addr] = link
+        log.info("%s: a new session from the same address replaces the old one", link)
+        old.end_quietly("client-restart")
+
+    def ended(self, addr: openvpn.Peer) -> None:
+        """A UDP link ended: a handshake beside it takes its place; else forget the
+        address, and ignore its stragglers for a while."""
         now = time.monotonic()
+        pending = self.udp_pending.pop(addr, None)
+        if pending is not None:
+            self.udp_links[addr] = pending
+            return
         self.udp_links.pop(addr, None)
         for old in [a for a, until in self.lingering.items() if until < now]:
             del self.lingering[old]
         self.lingering[addr] = now + UDP_LINGER_S
 
-    def _sendto(self, pkt: bytes, addr: tuple[str, int]) -> None:
+    def metrics(self) -> list[Metric]:
+        return [
+            Metric("relay_openvpn_resets_answered_total", "counter",
+                   "OpenVPN UDP resets answered statelessly (a cookie, no state kept).")
+            .add(self.counts["resets-answered"]),
+            Metric("relay_openvpn_proofs_total", "counter",
+                   "OpenVPN UDP peers that echoed a cookie (proved their address); the "
+                   "abuse defences admit them or not.")
+            .add(self.counts["proofs"]),
+            Metric("relay_openvpn_udp_peers", "gauge",
+                   "OpenVPN UDP peers with state: sessions and handshakes.")
+            .add(len(self.udp_links) + len(self.udp_pending)),
+        ]
+
+    def _sendto(self, pkt: bytes, addr: openvpn.Peer) -> None:
         if self.udp is not None:
             self.udp.sendto(pkt, addr)
 
-    def _drop(self, addr: tuple[str, int], why: str) -> None:
+    def _drop(self, addr: openvpn.Peer, why: str) -> None:
+        self.relay.stats.dropped["openvpn-unproven"] += 1
         self._dropped += 1
         now = time.monotonic()
         if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
@@ -135,7 +240,7 @@ class OpenVPNListener:
             self._last_drop_log = now
 
 
-def _local_ip_towards(addr: tuple[str, int]) -> str:
+def _local_ip_towards(addr: openvpn.Peer) -> str:
     """The relay address a UDP client talks to when the endpoint listens on a
     wildcard: the source address the kernel picks for replies to it."""
     family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
@@ -159,8 +264,8 @@ class OpenVPNLink:
     """One client, over UDP (driven by the listener's endpoint) or TCP (see
     :class:`OpenVPNTcpLink`), from its first packet to its end."""
 
-    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: tuple[str, int],
-                 local_ip: str, *, tcp: bool) -> None:
+    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: openvpn.Peer,
+                 local_ip: str, *, tcp: bool, proof: openvpn.Proof | None = None) -> None:
         self.relay = relay
         self.listener = listener
         self.loop = asyncio.get_running_loop()
@@ -172,7 +277,8 @@ class OpenVPNLink:
         self.transport_send: Callable[[bytes], None] = lambda pkt: None
         self.proto = openvpn.OpenVPNServer(listener.ssl_ctx, tcp=tcp,
                                            peer_id=listener.allocate_peer_id(),
-                                           now=self.loop.time())
+                                           now=self.loop.time(), proof=proof,
+                                           tls_crypt=listener.tls_crypt, wall=int(time.time()))
         self.session: Session | None = None
         self.software: dict[str, Any] | None = None
         self.accepted = time.monotonic()
@@ -195,6 +301,10 @@ class OpenVPNLink:
 
     def client_hostname(self) -> str | None:
         return rdns.name(self._lookup)
+
+    def quiet_s(self) -> float:
+        """Seconds since the client's last packet that reached this link's session."""
+        return self.loop.time() - self.proto.last_rx
 
     def _login_deadline(self) -> None:
         if self.session is None and not self.closed:
@@ -220,6 +330,8 @@ class OpenVPNLink:
             elif isinstance(ev, openvpn.ClientAuth):
                 if relay.check_login(self, ev.username, ev.password):
                     self.software = client_software(ev.peer_info)
+                    if not self.tcp:
+                        self.listener.handshake_complete(self)
                 else:
                     self._handle(self.proto.auth_failed("unknown user or wrong password",
                                                         self.loop.time()))
@@ -245,7 +357,7 @@ class OpenVPNLink:
                 self._close()
                 return
             elif isinstance(ev, openvpn.ProtocolError):
-                relay.stats.handshake_failures["protocol-error"] += 1
+                relay.stats.handshake_failures[ev.reason] += 1
                 log.warning("dropped %s: %s", self, ev.message)
                 self._flush()
                 self._end("protocol-error", ev.message)
@@ -338,6 +450,12 @@ class OpenVPNLink:
         self._end(reason, None)
         self._close()
 
+    def end_quietly(self, reason: str) -> None:
+        """End without a word to the address: a newer session of the client's own
+        holds it now, and would take a packet of this one for an error."""
+        self._end(reason, None)
+        self._close()
+
     def _end(self, reason: str, error: str | None, detail: str | None = None) -> None:
         s, self.session = self.session, None
         if s is not None:
@@ -359,8 +477,11 @@ class OpenVPNLink:
             log.warning("%s: dropped packets: %s", self, summary)
         self.listener.peer_ids.discard(self.proto.peer_id)
         addr = (self.peer_ip, self.peer_port)
-        if not self.tcp and self.listener.udp_links.get(addr) is self:
-            self.listener.ended(addr)
+        if not self.tcp:
+            if self.listener.udp_links.get(addr) is self:
+                self.listener.ended(addr)
+            elif self.listener.udp_pending.get(addr) is self:
+                del self.listener.udp_pending[addr]
         self.relay.all_links.discard(self)
         self.relay.abuse.connection_closed(self.peer_ip, time.monotonic() - self.accepted,
                                            self.had_session)
@@ -369,7 +490,7 @@ class OpenVPNLink:
 class OpenVPNTcpLink(OpenVPNLink, asyncio.Protocol):
     """One client TCP connection: 16-bit length framing over the stream."""
 
-    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: tuple[str, int],
+    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: openvpn.Peer,
                  local_ip: str) -> None:
         super().__init__(relay, listener, peer, local_ip, tcp=True)
         self.transport: asyncio.Transport | None = None
@@ -451,5 +572,7 @@ def client_config(cfg: Config, data_dir: Path, proto: str, dev: str,
         lines.append("auth-user-pass")
     else:  # anonymous relay: any name is accepted, the client just must send one
         lines += ["<auth-user-pass>", "anonymous", "anonymous", "</auth-user-pass>"]
-    lines += ["<ca>", ca, "</ca>", ""]
-    return "\n".join(lines)
+    lines += ["<ca>", ca, "</ca>"]
+    if cfg.openvpn.tls_crypt:
+        lines += ["<tls-crypt>", tls_crypt_key(data_dir).strip(), "</tls-crypt>"]
+    return "\n".join([*lines, ""])

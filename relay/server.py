@@ -291,7 +291,7 @@ class Relay:
              (new.server.cert, new.server.key)),
             ("[tap]", self.cfg.tap, new.tap),
             ("[logs] data_dir", self.cfg.logs.data_dir, new.logs.data_dir),
-            ("[openvpn] listen", self.cfg.openvpn.listen, new.openvpn.listen),
+            ("[openvpn]", self.cfg.openvpn, new.openvpn),
             # Live connections are counted under their key: it must not change.
             ("[abuse] ipv6_prefix", self.cfg.abuse.ipv6_prefix, new.abuse.ipv6_prefix),
         ) if old != now]
@@ -366,6 +366,9 @@ class Relay:
                    "Free space in the data directory's file system.").add(free),
             Metric("relay_peer_closed_total", "counter",
                    "Connections closed because the peer exceeded a cap, by the cap."),
+            Metric("relay_handshakes_in_progress", "gauge",
+                   "Connections admitted and not yet a session ([abuse] handshakes_total "
+                   "counts these).").add(self.abuse.handshakes),
         ]
         for reason, n in sorted(st.peer_closed.items()):
             out[11].add(n, reason=reason)

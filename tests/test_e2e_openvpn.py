@@ -16,7 +16,7 @@ import pytest
 from conftest import records
 
 from relay import packetlog
-from relay.config import Config
+from relay.config import Config, OpenVPNConfig
 from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_for
 from relay.openvpn_link import client_config
 
@@ -31,11 +31,11 @@ def openvpn_version() -> str:
 
 
 def start_openvpn(topo: Topology, data: Path, proto: str, dev: str, i: int = 1,
-                  extra: str = "") -> subprocess.Popen[bytes]:
-    """The stock client with the config ``relay client-config openvpn`` writes
-    (plus ``extra`` lines); waits until it reports the tunnel up."""
+                  extra: str = "", cfg: Config | None = None) -> subprocess.Popen[bytes]:
+    """The stock client with the config ``relay client-config openvpn`` writes for
+    ``cfg`` (plus ``extra`` lines); waits until it reports the tunnel up."""
     conf = topo.workdir / f"client-{i}-{proto}-{dev}.ovpn"
-    conf.write_text(client_config(Config().with_data_dir(data), data, proto, dev,
+    conf.write_text(client_config((cfg or Config()).with_data_dir(data), data, proto, dev,
                                   remote=relay_ip(i)) + extra)
     log_name = f"openvpn-{i}.log"
     proc = topo.spawn(topo.client_ns(i), ["openvpn", "--config", str(conf)], log_name)
@@ -138,6 +138,34 @@ def test_client_renegotiation_keeps_the_session(make_topology: Callable[..., Top
     assert "hello" in topo.curl(1, "/")
     assert len(records(data, "connect")) == 1 and records(data, "disconnect") == []
     assert "TLS Error" not in topo.log("openvpn-1.log")
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_tls_crypt_with_the_key_from_the_client_config(make_topology: Callable[..., Topology],
+                                                       proto: str) -> None:
+    openvpn_version()
+    topo = make_topology(1)
+    data = topo.workdir / "data"
+    topo.start_web()
+    topo.start_relay(data, extra_tables="[openvpn]\ntls_crypt = true\n")
+    cfg = Config(openvpn=OpenVPNConfig(tls_crypt=True))
+    assert "<tls-crypt>" in client_config(cfg.with_data_dir(data), data, proto, "tun")
+    key = data / "tls" / "tls-crypt.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    # A reset without the key gets no answer at all.
+    forged = run([sys.executable, str(Path(__file__).with_name("openvpn_hostile.py")),
+                  "resets", "--dst", f"{relay_ip(1)}:{OPENVPN_PORT}", "--src",
+                  f"{client_ip(1)}:40999", "--count", "5", "--quiet", "3"],
+                 topo.client_ns(1)).stdout
+    assert '"replies": []' in forged and forged.count("40999") == 5
+    # The stock client with the key connects: every control packet it sends is wrapped.
+    start_openvpn(topo, data, proto, "tun", cfg=cfg, extra="reneg-sec 3\n")
+    assert "hello" in topo.curl(1, "/")
+    wait_for(lambda: topo.log("openvpn-1.log").count("TLS: soft reset") >= 2, 20,
+             "two renegotiations under tls-crypt")
+    assert "hello" in topo.curl(1, "/")
+    assert "tls-crypt unwrap error" not in topo.log("openvpn-1.log")
+    assert len(records(data, "connect")) == 1 and records(data, "disconnect") == []
 
 
 HOSTILE = r"""

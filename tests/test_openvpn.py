@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from relay import openvpn as ov
+from relay.errors import RelayError
 from relay.openvpn import Opcode
+from relay.openvpn_link import TLS_CRYPT_KEY, tls_crypt_key
 from relay.tlsconf import server_context
 
 T0 = 1000.0
@@ -22,6 +26,11 @@ PEER_INFO = ("IV_VER=2.6.14\nIV_PLAT=linux\nIV_TCPNL=1\nIV_MTU=1600\nIV_NCP=2\n"
 OPTIONS = "V4,dev-type tun,link-mtu 1559,tun-mtu 1500,proto UDPv4,cipher AES-256-GCM,tls-client"
 PARAMS = ov.PushParams(address="10.211.0.5", netmask="255.255.0.0", gateway="10.211.0.1",
                        mtu=1400)
+COOKIE_KEY = bytes(range(32))
+PEER = ("198.18.1.2", 40000)
+STATIC_KEY = bytes(range(256))
+# The client's side of tls-crypt (KEY_DIRECTION_INVERSE): the server's key halves swapped.
+CLIENT_TLS_CRYPT = ov.TlsCrypt(STATIC_KEY[128:] + STATIC_KEY[:128])
 
 
 # --- a minimal client ------------------------------------------------------------------
@@ -46,9 +55,12 @@ def string(text: str) -> bytes:
 
 
 class Client:
-    def __init__(self, cert: Path, tcp: bool = False, options: str = OPTIONS) -> None:
+    def __init__(self, cert: Path, tcp: bool = False, options: str = OPTIONS,
+                 tls_crypt: bool = False) -> None:
         self.tcp = tcp
         self.options = options
+        self.tls_crypt = CLIENT_TLS_CRYPT if tls_crypt else None
+        self.wrap_pid = 0
         self.sid = os.urandom(8)
         self.remote_sid = b""
         self.keys: dict[int, ClientKey] = {}
@@ -64,12 +76,19 @@ class Client:
         acks, k.acks = k.acks[:4], k.acks[4:]
         pkt = ov.build_control(op, key_id, self.sid, acks, self.remote_sid, k.next_pid, payload)
         k.next_pid += 1
-        return frame(pkt) if self.tcp else pkt
+        return self.send(pkt)
 
     def ack_packet(self, key_id: int = 0) -> bytes:
         k = self.keys[key_id]
         acks, k.acks = k.acks, []
         pkt = ov.build_control(Opcode.ACK_V1, key_id, self.sid, acks, self.remote_sid, None)
+        return self.send(pkt)
+
+    def send(self, pkt: bytes) -> bytes:
+        """A control packet as it goes on the wire: wrapped, framed."""
+        if self.tls_crypt is not None:
+            self.wrap_pid += 1
+            pkt = self.tls_crypt.wrap(pkt, self.wrap_pid, int(T0))
         return frame(pkt) if self.tcp else pkt
 
     def absorb(self, out: list[bytes]) -> list[ov.ControlPacket]:
@@ -79,6 +98,10 @@ class Client:
         for raw in pkts:
             if raw[0] >> 3 in (Opcode.DATA_V2, Opcode.DATA_V1):
                 continue
+            if self.tls_crypt is not None:
+                opened = self.tls_crypt.unwrap(raw)
+                assert opened is not None
+                raw = opened[0]
             p = ov.parse_control(raw)
             seen.append(p)
             self.remote_sid = p.session_id
@@ -206,13 +229,40 @@ def exchange(server: ov.OpenVPNServer, client: Client, pkts: list[bytes], now: f
     return events
 
 
-def connect(tls: tuple[ssl.SSLContext, Path], tcp: bool = False,
+def start(tls: tuple[ssl.SSLContext, Path], client: Client,
+          now: float = T0) -> ov.OpenVPNServer:
+    """The resets: over TCP the stream's first packet; over UDP the stateless
+    answer and the proof the client sends with its reset again (as the stock client
+    does). The client has the server's reset and the ACK of its own."""
+    ctx, _ = tls
+    tls_crypt = ov.TlsCrypt(STATIC_KEY) if client.tls_crypt else None
+    reset = client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)
+    if client.tcp:
+        server = ov.OpenVPNServer(ctx, tcp=True, peer_id=7, now=now, tls_crypt=tls_crypt,
+                                  wall=int(now))
+        assert server.receive_data(reset, now) == []
+    else:
+        reply = ov.reset_reply(COOKIE_KEY, PEER, reset, now, tls_crypt)
+        assert reply is not None and len(reply) == len(reset)
+        client.absorb([reply])
+        k = client.keys[0]
+        k.next_pid = 0  # the same reset again, now with the ACK
+        again = client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)
+        proof = ov.check_proof(COOKIE_KEY, PEER, again, now, tls_crypt)
+        assert proof is not None
+        server = ov.OpenVPNServer(ctx, tcp=False, peer_id=7, now=now, proof=proof,
+                                  tls_crypt=tls_crypt, wall=int(now))
+        assert server.receive_datagram(again, now) == []
+    client.absorb(server.packets_to_send())
+    return server
+
+
+def connect(tls: tuple[ssl.SSLContext, Path], tcp: bool = False, tls_crypt: bool = False,
             **km2: str) -> tuple[ov.OpenVPNServer, Client, list[ov.Event]]:
     """Reset, TLS handshake and key-method 2: the server's ClientAuth event."""
-    ctx, cert = tls
-    server = ov.OpenVPNServer(ctx, tcp=tcp, peer_id=7, now=T0)
-    client = Client(cert, tcp=tcp)
-    events = exchange(server, client, [client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)])
+    client = Client(tls[1], tcp=tcp, tls_crypt=tls_crypt)
+    server = start(tls, client)
+    events = exchange(server, client, client.tls_packets())
     assert client.keys[0].handshake_done and not events
     events = exchange(server, client, client.send_text(client.key_method_2(**km2)))
     if client.keys[0].plaintext:  # the server answered with its key-method 2
@@ -220,9 +270,9 @@ def connect(tls: tuple[ssl.SSLContext, Path], tcp: bool = False,
     return server, client, events
 
 
-def tunnel(tls: tuple[ssl.SSLContext, Path],
-           tcp: bool = False) -> tuple[ov.OpenVPNServer, Client]:
-    server, client, events = connect(tls, tcp)
+def tunnel(tls: tuple[ssl.SSLContext, Path], tcp: bool = False,
+           tls_crypt: bool = False) -> tuple[ov.OpenVPNServer, Client]:
+    server, client, events = connect(tls, tcp, tls_crypt)
     events = exchange(server, client, client.send_text(b"PUSH_REQUEST\0"))
     assert events == [ov.PushRequest()]
     exchange(server, client, [])
@@ -316,10 +366,9 @@ def test_handshake_push_and_data_both_ways(tls: tuple[ssl.SSLContext, Path], tcp
 
 
 def test_tap_client_gets_lladdr_and_no_topology(tls: tuple[ssl.SSLContext, Path]) -> None:
-    ctx, cert = tls
-    server = ov.OpenVPNServer(ctx, tcp=False, peer_id=1, now=T0)
-    client = Client(cert, options=OPTIONS.replace("dev-type tun", "dev-type tap"))
-    exchange(server, client, [client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)])
+    client = Client(tls[1], options=OPTIONS.replace("dev-type tun", "dev-type tap"))
+    server = start(tls, client)
+    exchange(server, client, client.tls_packets())
     [auth] = exchange(server, client, client.send_text(client.key_method_2()))
     assert isinstance(auth, ov.ClientAuth) and auth.dev_type == "tap"
     client.derive()
@@ -360,14 +409,14 @@ def test_auth_failed_closes_after_the_exit_interval_without_ack(
 def test_unacknowledged_reset_is_retransmitted_with_back_off(
         tls: tuple[ssl.SSLContext, Path]) -> None:
     ctx, cert = tls
-    server = ov.OpenVPNServer(ctx, tcp=False, peer_id=1, now=T0)
-    client = Client(cert)
-    server.receive_datagram(client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2), T0)
-    [first] = server.packets_to_send()
+    server = ov.OpenVPNServer(ctx, tcp=True, peer_id=1, now=T0)
+    client = Client(cert, tcp=True)
+    server.receive_data(client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2), T0)
+    [first] = unframe(b"".join(server.packets_to_send()))
     assert server.next_timeout() == T0 + ov.TLS_TIMEOUT_S
     assert server.handle_timeout(T0 + 1) == [] and server.packets_to_send() == []
     server.handle_timeout(T0 + 2)
-    [again] = server.packets_to_send()
+    [again] = unframe(b"".join(server.packets_to_send()))
     p, q = ov.parse_control(first), ov.parse_control(again)
     assert (q.opcode, q.packet_id, q.session_id) == (p.opcode, 0, p.session_id)
     assert p.acks == (0,)  # the first copy ACKed the client's reset
@@ -376,20 +425,19 @@ def test_unacknowledged_reset_is_retransmitted_with_back_off(
     assert len(server.packets_to_send()) == 1
     assert server.next_timeout() == T0 + 6 + 4 * ov.TLS_TIMEOUT_S
     # Once acknowledged, nothing more is sent.
-    client.absorb([first])
-    server.receive_datagram(client.ack_packet(), T0 + 7)
+    client.absorb([ov.TCP_LENGTH.pack(len(first)) + first])
+    server.receive_data(client.ack_packet(), T0 + 7)
     server.handle_timeout(T0 + 100)
     assert server.packets_to_send() == []
 
 
 def test_duplicated_control_packets_are_acked_again_but_used_once(
         tls: tuple[ssl.SSLContext, Path]) -> None:
-    ctx, cert = tls
-    server = ov.OpenVPNServer(ctx, tcp=False, peer_id=1, now=T0)
-    client = Client(cert)
-    reset = client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)
-    exchange(server, client, [reset])
+    client = Client(tls[1])
+    server = start(tls, client)
+    exchange(server, client, client.tls_packets())
     assert client.keys[0].handshake_done
+    reset = ov.build_control(Opcode.CONTROL_HARD_RESET_CLIENT_V2, 0, client.sid, [], b"", 0)
     # The client's reset again (our ACK was lost): ACKed again, no new session.
     server.receive_datagram(reset, T0 + 1)
     [ack] = [ov.parse_control(p) for p in server.packets_to_send()]
@@ -403,10 +451,9 @@ def test_duplicated_control_packets_are_acked_again_but_used_once(
 
 
 def test_reordered_and_lost_control_packets(tls: tuple[ssl.SSLContext, Path]) -> None:
-    ctx, cert = tls
-    server = ov.OpenVPNServer(ctx, tcp=False, peer_id=1, now=T0)
-    client = Client(cert)
-    exchange(server, client, [client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)])
+    client = Client(tls[1])
+    server = start(tls, client)
+    exchange(server, client, client.tls_packets())
     # The key-method 2 message split over three control packets, delivered 3, 1
     # and (after "losing" it) 2.
     k = client.keys[0]
@@ -425,10 +472,9 @@ def test_reordered_and_lost_control_packets(tls: tuple[ssl.SSLContext, Path]) ->
 
 def test_packets_beyond_the_receive_window_are_not_acked(
         tls: tuple[ssl.SSLContext, Path]) -> None:
-    ctx, cert = tls
-    server = ov.OpenVPNServer(ctx, tcp=False, peer_id=1, now=T0)
-    client = Client(cert)
-    exchange(server, client, [client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)])
+    client = Client(tls[1])
+    server = start(tls, client)
+    exchange(server, client, client.tls_packets())
     far = ov.build_control(Opcode.CONTROL_V1, 0, client.sid, [], b"",
                            client.keys[0].next_pid + ov.RECEIVE_WINDOW, b"x")
     server.receive_datagram(far, T0)
@@ -443,6 +489,13 @@ def test_send_window_holds_back_packets_until_acked() -> None:
     send.ack(0)
     send.ack(1)
     assert [pid for pid, _ in send.due(T0)] == [ov.SEND_WINDOW, ov.SEND_WINDOW + 1]
+    # An ACK out of order does not move the window; the missing one does.
+    send.ack(3)
+    assert send.base == 2 and send.due(T0) == []
+    send.ack(2)
+    assert send.base == 4
+    assert [pid for pid, _ in send.due(T0)] == [ov.SEND_WINDOW + 2]
+    assert send.queued_bytes == ov.SEND_WINDOW + 3 - 4
 
 
 def test_control_packets_of_another_session_are_ignored(
@@ -488,7 +541,7 @@ def test_replayed_packet_id_is_rejected(tls: tuple[ssl.SSLContext, Path]) -> Non
 
 def test_data_before_keys_and_truncated_data_are_dropped(
         tls: tuple[ssl.SSLContext, Path]) -> None:
-    server = ov.OpenVPNServer(tls[0], tcp=False, peer_id=1, now=T0)
+    server = start(tls, Client(tls[1]))
     assert server.receive_datagram(bytes([Opcode.DATA_V2 << 3]) + bytes(40), T0) == []
     server, client = tunnel(tls)
     assert server.receive_datagram(client.data(b"x")[:20], T0) == []
@@ -502,6 +555,10 @@ def test_keepalive_ping_and_dead_peer(tls: tuple[ssl.SSLContext, Path]) -> None:
     server.handle_timeout(T0 + ov.PING_INTERVAL_S)
     [ping] = server.packets_to_send()
     assert client.open_data(ping) == ov.PING_MAGIC
+    # One ping per interval: the next is due an interval later, not at once again.
+    assert server.next_timeout() == T0 + 2 * ov.PING_INTERVAL_S
+    assert server.handle_timeout(T0 + ov.PING_INTERVAL_S) == []
+    assert server.packets_to_send() == []
     [dead] = server.handle_timeout(T0 + ov.SERVER_PING_RESTART_S)
     assert isinstance(dead, ov.PeerDead)
 
@@ -516,12 +573,7 @@ def test_explicit_exit_notify(tls: tuple[ssl.SSLContext, Path]) -> None:
 
 
 def test_handshake_must_finish_within_the_hand_window(tls: tuple[ssl.SSLContext, Path]) -> None:
-    ctx, cert = tls
-    server = ov.OpenVPNServer(ctx, tcp=False, peer_id=1, now=T0)
-    client = Client(cert)
-    server.receive_datagram(client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2), T0)
-    client.absorb(server.packets_to_send())
-    server.receive_datagram(client.ack_packet(), T0)
+    server = start(tls, Client(tls[1]))
     assert server.next_timeout() == T0 + ov.HAND_WINDOW_S
     [dead] = server.handle_timeout(T0 + ov.HAND_WINDOW_S)
     assert isinstance(dead, ov.PeerDead) and "60 s" in dead.reason
@@ -574,14 +626,13 @@ def test_tcp_framing_split_anywhere(tls: tuple[ssl.SSLContext, Path]) -> None:
 
 
 def test_udp_garbage_and_a_tls_error(tls: tuple[ssl.SSLContext, Path]) -> None:
-    ctx, cert = tls
-    server = ov.OpenVPNServer(ctx, tcp=False, peer_id=1, now=T0)
+    client = Client(tls[1])
+    server = start(tls, client)
     assert server.receive_datagram(os.urandom(3), T0) == []
     assert server.receive_datagram(b"", T0) == []
     assert server.receive_datagram(bytes([Opcode.CONTROL_V1 << 3]) + bytes(13), T0) == []
-    assert sum(server.drops.values()) == 3
-    client = Client(cert)
-    exchange(server, client, [client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)])
+    assert server.receive_datagram(bytes(ov.MAX_PACKET_BYTES + 1), T0) == []
+    assert sum(server.drops.values()) == 4 and not server.closed
     [err] = server.receive_datagram(client.control(Opcode.CONTROL_V1, b"not TLS at all"), T0)
     assert isinstance(err, ov.ProtocolError) and "TLS" in err.message
 
@@ -592,3 +643,287 @@ def test_client_reset_session_id() -> None:
     assert ov.client_reset_session_id(reset[:5]) is None
     v3 = bytes([Opcode.CONTROL_HARD_RESET_CLIENT_V3 << 3]) + reset[1:]
     assert ov.client_reset_session_id(v3) is None  # tls-crypt-v2 is not offered
+
+
+# --- the UDP cookie (stateless answer to a reset) --------------------------------------
+
+
+def test_a_udp_reset_gets_a_stateless_cookie_answer_no_larger_than_the_reset() -> None:
+    reset = ov.build_control(Opcode.CONTROL_HARD_RESET_CLIENT_V2, 0, b"C" * 8, [], b"", 0)
+    reply = ov.reset_reply(COOKIE_KEY, PEER, reset, T0)
+    assert reply is not None and len(reply) == len(reset) == 14
+    p = ov.parse_control(reply)
+    assert (p.opcode, p.key_id, p.acks, p.packet_id, p.payload) == (
+        Opcode.CONTROL_HARD_RESET_SERVER_V2, 0, (), 0, b"")
+    # The session id is the cookie: the same inputs give the same answer (no state),
+    # and each of key, address, port, client session id and time slot changes it.
+    assert ov.reset_reply(COOKIE_KEY, PEER, reset, T0 + 1) == reply
+    other_sid = ov.build_control(Opcode.CONTROL_HARD_RESET_CLIENT_V2, 0, b"D" * 8, [], b"", 0)
+    variants = [ov.reset_reply(bytes(32), PEER, reset, T0),
+                ov.reset_reply(COOKIE_KEY, ("198.18.1.3", PEER[1]), reset, T0),
+                ov.reset_reply(COOKIE_KEY, (PEER[0], PEER[1] + 1), reset, T0),
+                ov.reset_reply(COOKIE_KEY, PEER, other_sid, T0),
+                ov.reset_reply(COOKIE_KEY, PEER, reset, T0 + ov.COOKIE_SLOT_S)]
+    assert len({reply, *variants}) == 6
+    # Only a client's reset for key 0 with packet id 0 is answered.
+    for other in (reset[:13], bytes([Opcode.CONTROL_HARD_RESET_CLIENT_V2 << 3 | 1]) + reset[1:],
+                  ov.build_control(Opcode.CONTROL_V1, 0, b"C" * 8, [], b"", 0),
+                  ov.build_control(Opcode.CONTROL_HARD_RESET_CLIENT_V2, 0, b"C" * 8, [], b"", 1),
+                  b"", os.urandom(14)[:1] + bytes(13)):
+        if ov.client_reset_session_id(other) is None:
+            assert ov.reset_reply(COOKIE_KEY, PEER, other, T0) is None
+
+
+def test_the_proof_must_echo_the_cookie_of_that_address_and_session_in_time() -> None:
+    sid = b"C" * 8
+    reset = ov.build_control(Opcode.CONTROL_HARD_RESET_CLIENT_V2, 0, sid, [], b"", 0)
+    reply = ov.reset_reply(COOKIE_KEY, PEER, reset, T0)
+    assert reply is not None
+    cookie = ov.parse_control(reply).session_id
+
+    def ack(remote: bytes = cookie, acks: tuple[int, ...] = (0,), op: Opcode = Opcode.ACK_V1,
+            pid: int | None = None, key_id: int = 0, own: bytes = sid) -> bytes:
+        return ov.build_control(op, key_id, own, list(acks), remote, pid)
+
+    good = ov.check_proof(COOKIE_KEY, PEER, ack(), T0)
+    assert good == ov.Proof(client_session_id=sid, server_session_id=cookie)
+    # The stock client's reset again with the ACK, or its first TLS packet, prove it too.
+    for pkt in (ack(op=Opcode.CONTROL_HARD_RESET_CLIENT_V2, pid=0),
+                ack(op=Opcode.CONTROL_V1, pid=1)):
+        assert ov.check_proof(COOKIE_KEY, PEER, pkt, T0) == good
+    # Good until the end of the slot after the one it was made in.
+    slot_end = (T0 // ov.COOKIE_SLOT_S + 2) * ov.COOKIE_SLOT_S
+    assert ov.check_proof(COOKIE_KEY, PEER, ack(), slot_end - 0.001) == good
+    refused = [
+        ov.check_proof(COOKIE_KEY, PEER, ack(), slot_end),  # too late
+        ov.check_proof(COOKIE_KEY, ("198.18.1.3", PEER[1]), ack(), T0),  # another address
+        ov.check_proof(COOKIE_KEY, (PEER[0], PEER[1] + 1), ack(), T0),  # another port
+        ov.check_proof(bytes(32), PEER, ack(), T0),  # after a restart (a new key)
+        ov.check_proof(COOKIE_KEY, PEER, ack(own=b"D" * 8), T0),  # another session
+        ov.check_proof(COOKIE_KEY, PEER, ack(remote=bytes(8)), T0),  # a guessed cookie
+        ov.check_proof(COOKIE_KEY, PEER, ack(acks=(1,)), T0),  # ACKs what was never sent
+        ov.check_proof(COOKIE_KEY, PEER, ack(acks=(0, 5)), T0),
+        ov.check_proof(COOKIE_KEY, PEER, ack(key_id=1), T0),
+        ov.check_proof(COOKIE_KEY, PEER, ack(op=Opcode.CONTROL_V1, pid=7), T0),
+        ov.check_proof(COOKIE_KEY, PEER, ack(op=Opcode.CONTROL_SOFT_RESET_V1, pid=1), T0),
+        ov.check_proof(COOKIE_KEY, PEER, reset, T0),  # no ACK: nothing echoed
+        ov.check_proof(COOKIE_KEY, PEER, ack()[:-1], T0),
+    ]
+    assert refused == [None] * len(refused)
+
+
+def test_a_udp_session_starts_from_a_proof_and_a_tcp_one_from_a_reset(
+        tls: tuple[ssl.SSLContext, Path]) -> None:
+    proof = ov.Proof(b"C" * 8, b"S" * 8)
+    with pytest.raises(ValueError):
+        ov.OpenVPNServer(tls[0], tcp=False, peer_id=1, now=T0)
+    with pytest.raises(ValueError):
+        ov.OpenVPNServer(tls[0], tcp=True, peer_id=1, now=T0, proof=proof)
+    # From the proof on, the server ACKs the client's reset and speaks as the cookie.
+    server = ov.OpenVPNServer(tls[0], tcp=False, peer_id=1, now=T0, proof=proof)
+    ack = ov.build_control(Opcode.ACK_V1, 0, b"C" * 8, [0], b"S" * 8, None)
+    assert server.receive_datagram(ack, T0) == []
+    [out] = [ov.parse_control(p) for p in server.packets_to_send()]
+    assert (out.opcode, out.session_id, out.acks, out.remote_session_id) == (
+        Opcode.ACK_V1, b"S" * 8, (0,), b"C" * 8)
+
+
+# --- bounded memory ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+def test_repeated_push_requests_do_not_queue_replies(tls: tuple[ssl.SSLContext, Path],
+                                                      tcp: bool) -> None:
+    server, client = tunnel(tls, tcp)
+    assert server.active is not None and not server.active.send.unacked
+    flood = [p for _ in range(1000) for p in client.send_text(b"PUSH_REQUEST\0")]
+    assert feed(server, client, flood, T0 + 1) == []
+    # Only ACKs went out: the reply was acknowledged and the holdoff is running.
+    assert not server.active.send.unacked
+    assert all(ov.parse_control(p).opcode is Opcode.ACK_V1
+               for chunk in server.packets_to_send()
+               for p in (unframe(chunk) if tcp else [chunk]))
+    # After the holdoff a client that still asks gets the reply again, once.
+    later = T0 + ov.PUSH_REPLY_HOLDOFF_S
+    feed(server, client, [p for _ in range(100) for p in client.send_text(b"PUSH_REQUEST\0")],
+         later)
+    assert len(server.active.send.unacked) == 1
+    client.absorb(server.packets_to_send())
+    client.tls_packets()
+    assert client.keys[0].plaintext.count(b"PUSH_REPLY,") == 2
+
+
+def test_a_peer_that_never_acknowledges_is_closed_at_the_send_cap(
+        tls: tuple[ssl.SSLContext, Path]) -> None:
+    server, client = tunnel(tls)
+    now = T0
+    events: list[ov.Event] = []
+    assert server.push_reply_text is not None
+    # Each round queues the push reply again; the cap must end it within this many.
+    for _ in range(ov.MAX_SEND_QUEUE_BYTES // len(server.push_reply_text) + 1):
+        now += ov.PUSH_REPLY_HOLDOFF_S
+        events = feed(server, client, client.send_text(b"PUSH_REQUEST\0"), now)
+        server.packets_to_send()  # the client never acknowledges any of it
+        assert server.active is not None
+        assert server.active.send.queued_bytes <= ov.MAX_SEND_QUEUE_BYTES
+        if events:
+            break
+    [err] = events
+    assert isinstance(err, ov.ProtocolError) and err.reason == "send-queue-full"
+    assert server.closed and server.receive_datagram(client.data(b"x"), now) == []
+
+
+# --- tls-crypt -----------------------------------------------------------------------------
+
+
+def test_static_key_file_round_trip() -> None:
+    text = ov.format_static_key(STATIC_KEY)
+    assert text.startswith("-----BEGIN OpenVPN Static key V1-----\n")
+    assert len(text.splitlines()) == 2 + 256 * 2 // 32
+    assert ov.parse_static_key("# openvpn --genkey secret\n" + text) == STATIC_KEY
+    for bad in ("", text.replace("V1-----\n", "V1-----\n00", 1), text.replace("0001", "zz", 1)):
+        with pytest.raises(ValueError):
+            ov.parse_static_key(bad)
+
+
+def test_the_relays_tls_crypt_key_is_made_once_private_and_checked(tmp_path: Path) -> None:
+    text = tls_crypt_key(tmp_path)
+    path = tmp_path / TLS_CRYPT_KEY
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert len(ov.parse_static_key(text)) == 256 and tls_crypt_key(tmp_path) == text
+    path.write_text(text[:100])
+    with pytest.raises(RelayError, match="remove it to have a new key made"):
+        tls_crypt_key(tmp_path)
+
+
+def test_tls_crypt_wrap_hides_and_authenticates_the_control_packet() -> None:
+    server = ov.TlsCrypt(STATIC_KEY)
+    pkt = ov.build_control(Opcode.CONTROL_V1, 0, b"C" * 8, [3], b"S" * 8, 4, b"secret TLS")
+    wrapped = CLIENT_TLS_CRYPT.wrap(pkt, 9, 1234)
+    assert len(wrapped) == len(pkt) + ov.TLS_CRYPT_OVERHEAD
+    assert wrapped[:9] == pkt[:9] and b"secret" not in wrapped  # opcode and sid in clear
+    assert wrapped[9:17] == struct.pack("!II", 9, 1234)
+    assert server.unwrap(wrapped) == (pkt, 9)
+    # Every byte counts; the client's own direction does not open it; runts fail.
+    for i in range(len(wrapped)):
+        bad = bytearray(wrapped)
+        bad[i] ^= 1
+        assert server.unwrap(bytes(bad)) is None
+    assert CLIENT_TLS_CRYPT.unwrap(wrapped) is None
+    assert server.unwrap(wrapped[:9 + ov.TLS_CRYPT_OVERHEAD - 1]) is None
+    assert CLIENT_TLS_CRYPT.unwrap(server.wrap(pkt, 1, 1)) == (pkt, 1)
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+def test_tls_crypt_session_from_reset_to_data(tls: tuple[ssl.SSLContext, Path],
+                                              tcp: bool) -> None:
+    server, client = tunnel(tls, tcp, tls_crypt=True)
+    ip = bytes.fromhex("4500001c000000004011") + bytes(10) + b"payload!"
+    assert feed(server, client, [client.data(ip)]) == [ov.Packet(bytearray(ip))]
+    # A control packet replayed, or one that does not authenticate, is not used.
+    ping = client.send_text(b"PUSH_REQUEST\0")
+    feed(server, client, ping + ping)
+    assert server.drops["replayed tls-crypt packet id"] == len(ping)
+    if not tcp:  # over TCP it ends the stream
+        forged = bytearray(client.control(Opcode.CONTROL_V1, b"x"))
+        forged[-1] ^= 1
+        assert server.receive_datagram(bytes(forged), T0) == []
+        assert server.drops["control packet failed tls-crypt authentication"] == 1
+
+
+def test_without_the_tls_crypt_key_a_reset_gets_no_answer() -> None:
+    tls_crypt = ov.TlsCrypt(STATIC_KEY)
+    plain = ov.build_control(Opcode.CONTROL_HARD_RESET_CLIENT_V2, 0, b"C" * 8, [], b"", 0)
+    assert ov.reset_reply(COOKIE_KEY, PEER, plain, T0, tls_crypt) is None
+    stranger = ov.TlsCrypt(bytes(256))
+    assert ov.reset_reply(COOKIE_KEY, PEER, stranger.wrap(plain, 1, 1), T0, tls_crypt) is None
+    wrapped = CLIENT_TLS_CRYPT.wrap(plain, 1, 1)
+    reply = ov.reset_reply(COOKIE_KEY, PEER, wrapped, T0, tls_crypt)
+    assert reply is not None and len(reply) == len(wrapped) == 14 + ov.TLS_CRYPT_OVERHEAD
+
+
+# --- fuzzing: nothing a peer sends makes the server raise ------------------------------
+
+FUZZ_STATES = ("reset", "tls", "key-exchange", "tunnel", "tls-crypt tunnel")
+# The TLS context fixture is only read, so one per test function is fine.
+FUZZ = settings(max_examples=120, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def fuzz_session(tls: tuple[ssl.SSLContext, Path], tcp: bool,
+                 state: str) -> tuple[ov.OpenVPNServer, list[bytes]]:
+    """A server in ``state`` and genuine packets of that moment to mutate (framed
+    for TCP)."""
+    client = Client(tls[1], tcp=tcp)
+    if state == "reset":
+        if tcp:
+            server = ov.OpenVPNServer(tls[0], tcp=True, peer_id=1, now=T0)
+            return server, [client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)]
+        server = start(tls, client)
+        return server, client.tls_packets()
+    if state == "tls":
+        server = start(tls, client)
+        exchange(server, client, client.tls_packets())
+        return server, [*client.send_text(client.key_method_2()), client.ack_packet()]
+    if state == "key-exchange":
+        server, client, _ = connect(tls, tcp)
+        return server, [*client.send_text(b"PUSH_REQUEST\0"), client.ack_packet()]
+    server, client = tunnel(tls, tcp, tls_crypt=state == "tls-crypt tunnel")
+    samples = [client.data(b"\x45" + bytes(27)), client.data(ov.PING_MAGIC),
+               *client.send_text(b"PUSH_REQUEST\0EXIT\0")]
+    client.new_key(1)
+    return server, [*samples, client.control(Opcode.CONTROL_SOFT_RESET_V1, key_id=1),
+                    *client.tls_packets(1)]
+
+
+def mutated(data: st.DataObject, samples: list[bytes]) -> bytes:
+    """A random packet, or a genuine one with bytes changed, cut or added."""
+    if not samples or data.draw(st.integers(0, 4)) == 0:
+        return data.draw(st.binary(max_size=120))
+    pkt = bytearray(data.draw(st.sampled_from(samples)))
+    for _ in range(data.draw(st.integers(0, 4))):
+        if pkt:
+            pkt[data.draw(st.integers(0, len(pkt) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(pkt)))
+    return bytes(pkt[:cut] + data.draw(st.binary(max_size=8)) + pkt[cut:]) \
+        if data.draw(st.booleans()) else bytes(pkt[:cut])
+
+
+@pytest.mark.parametrize("state", FUZZ_STATES)
+@pytest.mark.parametrize("tcp", [False, True])
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_input_never_raises(tls: tuple[ssl.SSLContext, Path], tcp: bool, state: str,
+                                   data: st.DataObject) -> None:
+    server, samples = fuzz_session(tls, tcp, state)
+    now = T0
+    stream = b""
+    for _ in range(data.draw(st.integers(1, 6))):
+        pkt = mutated(data, samples)
+        now += data.draw(st.sampled_from([0.0, 0.5, ov.TLS_TIMEOUT_S, ov.PING_INTERVAL_S,
+                                          ov.PUSH_REPLY_HOLDOFF_S, ov.HAND_WINDOW_S]))
+        if tcp:  # the stream cut anywhere, as TCP may deliver it
+            stream += pkt
+            cut = data.draw(st.integers(0, len(stream)))
+            chunk, stream = stream[:cut], stream[cut:]
+            events = server.receive_data(chunk, now)
+        else:
+            events = server.receive_datagram(pkt, now)
+        events += server.handle_timeout(now)
+        server.packets_to_send()
+        assert all(isinstance(e, ov.Event) for e in events)
+        if any(isinstance(e, ov.ProtocolError) for e in events):
+            assert server.closed
+        # What is due has been done: the next deadline is not in the past, or a
+        # caller's timer would fire again at once.
+        when = server.next_timeout()
+        assert when is None or when > now
+
+
+@settings(max_examples=2000, deadline=None)
+@given(pkt=st.binary(max_size=64), now=st.floats(0, 1e9))
+def test_the_stateless_udp_path_never_raises(pkt: bytes, now: float) -> None:
+    reply = ov.reset_reply(COOKIE_KEY, PEER, pkt, now)
+    assert reply is None or len(reply) <= len(pkt)
+    ov.check_proof(COOKIE_KEY, PEER, pkt, now)
+    ov.control_session_id(pkt)
