@@ -1,5 +1,5 @@
 """Bans at scale: what a ban list of 5,000 and 100,000 entries costs each new
-connection (relay.abuse.Abuse.admit) and each new ban, against the design it
+connection (relay.serve.abuse.Abuse.admit) and each new ban, against the design it
 replaced, reimplemented here as the baseline: a linear scan that tests every ban
 (``ip in ipaddress.ip_network(ban.network)``) per connection, and a ban list
 rewritten whole (JSON, write + fsync + rename) per ban.
@@ -29,10 +29,10 @@ from pathlib import Path
 
 from bench import common
 from bench.common import Row
-from relay.abuse import Abuse, Ban, BanIndex, BanJournal
 from relay.config import AbuseConfig
 from relay.fsutil import write_atomic
 from relay.netaddr import Address
+from relay.serve.abuse import Abuse, Ban, BanIndex, BanJournal
 
 NAME = "bans"
 SIZES = (5_000, 100_000)

@@ -5,8 +5,8 @@ Every run gets a network namespace and a TAP device of its own. bench/tapgen.c
 (compiled here with gcc) writes TCP/IPv4 frames from a few sessions' MACs into
 the TAP at a target rate for a fixed time, and counts what it wrote. Variants:
 
-- ``relay``: relay.capture.Capture (tc ingress eBPF, ring buffer) drained into a
-  relay.packetlog.PacketLogWriter by a separate process running an asyncio loop
+- ``relay``: relay.packetlog.capture.Capture (tc ingress eBPF, ring buffer) drained into a
+  relay.packetlog.segments.PacketLogWriter by a separate process running an asyncio loop
   (uvloop, as ``relay serve`` does): records on disk vs frames written = loss;
 - ``tcpdump``: ``tcpdump -s 96 -w FILE`` (default buffer): packets in the pcap vs
   frames written = loss (its "dropped by kernel" is kept too);
@@ -109,8 +109,8 @@ def drain_child(ns: str, dev: str, data: str) -> None:
     report). Prints ``ready`` then one JSON line."""
     import uvloop
 
-    from relay.capture import Capture
-    from relay.packetlog import PacketLogWriter
+    from relay.packetlog.capture import Capture
+    from relay.packetlog.segments import PacketLogWriter
 
     writer = PacketLogWriter(data)
     writer.open()
@@ -212,14 +212,14 @@ def one_run(variant: str, rate: int, seconds: int, tapgen: Path, tmp: Path) -> d
 
 
 def relay_figures(data: Path, stats: dict[str, Any]) -> dict[str, float]:
-    from relay import packetlog
+    from relay.packetlog import segments
 
-    segments = packetlog.segment_files(data, archives=False)
-    indexes = [packetlog.segment_index(p) for p in segments]
+    segs = segments.segment_files(data, archives=False)
+    indexes = [segments.segment_index(p) for p in segments]
     if any(ix is None for ix in indexes):
         raise RuntimeError(f"a segment without an index in {data}")
     records = sum(ix["records"] for ix in indexes if ix)
-    size = sum(p.stat().st_size for p in segments)
+    size = sum(p.stat().st_size for p in segs)
     return {"captured": records, "cpu_seconds": stats["cpu_seconds"],
             "kernel_drops": stats["drops"], "bytes_per_record": size / max(records, 1)}
 

@@ -27,10 +27,10 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from packetlog_synth import make_records, to_c  # noqa: E402
 
 from bench.common import Row  # noqa: E402
-from relay import packetlog  # noqa: E402
-from relay.capture import Capture  # noqa: E402
 from relay.cext import lib  # noqa: E402
-from relay.packetlog import BLOCK_RECORDS  # noqa: E402
+from relay.packetlog import segments  # noqa: E402
+from relay.packetlog.capture import Capture  # noqa: E402
+from relay.packetlog.segments import BLOCK_RECORDS  # noqa: E402
 
 BPF_PROG_TEST_RUN = 10
 NR_BPF = 321  # x86_64
@@ -60,7 +60,7 @@ def drain_rate() -> dict[str, float]:
     ns = f"relaybench-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     with tempfile.TemporaryDirectory() as d:
-        writer = packetlog.PacketLogWriter(d)
+        writer = segments.PacketLogWriter(d)
         writer.open()
         cap = Capture("lo", writer, netns=ns, ring_bytes=RING_BYTES)
         cap.start()
@@ -98,15 +98,15 @@ def drain_rate() -> dict[str, float]:
 def sizes() -> dict[str, float]:
     recs = make_records(SIZE_RECORDS, sessions=16)
     with tempfile.TemporaryDirectory() as d:
-        w = packetlog.PacketLogWriter(d, clock=lambda: recs[0]["time_ns"] / 1e9)
+        w = segments.PacketLogWriter(d, clock=lambda: recs[0]["time_ns"] / 1e9)
         w.open()
         w.write(to_c(recs), len(recs))
         w.close()
-        seg = next(packetlog.packets_dir(d).iterdir())
+        seg = next(segments.packets_dir(d).iterdir())
         hot = seg.stat().st_size
-        _, archived = packetlog.archive_segment(seg, seg.with_suffix(".rpa"))
+        _, archived = segments.archive_segment(seg, seg.with_suffix(".rpa"))
         csv = sum(len(",".join(str(v) for v in r.values())) + 1
-                  for r in packetlog.iter_records(d, archives=False))
+                  for r in segments.iter_records(d, archives=False))
     # pcap: 24-byte header, 16 per packet, the frame up to the snaplen (Ethernet
     # 14 + IPv4 20 + TCP with timestamps 32 + payload).
     pcap = 24 + sum(16 + min(PCAP_SNAPLEN, 66 + r["payload_len"]) for r in recs)

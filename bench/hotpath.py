@@ -1,5 +1,5 @@
-"""Packets per second of the C hot path (relay.hotpath) against its pure-Python twin
-(relay.hotpath_py) on a realistic client->internet mix: mostly non-HTTP TCP (TLS
+"""Packets per second of the C hot path (relay.serve.hotpath) against its pure-Python twin
+(relay.serve.hotpath_py) on a realistic client->internet mix: mostly non-HTTP TCP (TLS
 application data, pure ACKs, other binary protocols), some HTTP requests (some
 pipelined), some TLS ClientHellos; IPv4 and IPv6.
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the packet builders shared with the t
 from hotpath_packets import TAG, client_hello, extension, http_request, ipv4, ipv6  # noqa: E402
 
 from bench.common import RESULTS, Row  # noqa: E402
-from relay import hotpath, hotpath_py  # noqa: E402
+from relay.serve import hotpath, hotpath_py  # noqa: E402
 
 BATCH = 64  # packets per receive buffer in batch mode
 FULL_PACKETS, FULL_ROUNDS = 20000, 7
@@ -151,7 +151,8 @@ def plot(results: list[dict], path: Path) -> str:
         return "matplotlib is not importable: no PNG written"
     fig, ax = plt.subplots(figsize=(9, 4.5))
     xs = range(len(results))
-    ax.bar([x - 0.2 for x in xs], [r["c_pps"] for r in results], 0.4, label="C (relay.hotpath)")
+    ax.bar([x - 0.2 for x in xs], [r["c_pps"] for r in results], 0.4,
+           label="C (relay.serve.hotpath)")
     ax.bar([x + 0.2 for x in xs], [r["py_pps"] for r in results], 0.4, label="Python twin")
     for x, r in zip(xs, results, strict=True):
         ax.annotate(f"{r['ratio']:.1f}x", (x, r["c_pps"]), ha="center", va="bottom")

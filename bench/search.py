@@ -36,8 +36,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from packetlog_synth import make_records, to_c  # noqa: E402
 
 from bench.common import Row  # noqa: E402
-from relay import investigate, packetlog  # noqa: E402
 from relay.cext import ffi  # noqa: E402
+from relay.investigate import search  # noqa: E402
+from relay.packetlog import segments  # noqa: E402
 
 DAYS = 14  # the issue: fully searchable for 14 days
 HOURS = DAYS * 24
@@ -61,7 +62,7 @@ def templates(block: int) -> list[tuple[object, list[str]]]:
         arr = to_c(recs)
         tails = []
         for i in range(block):
-            d = packetlog.record_dict(arr[i])
+            d = segments.record_dict(arr[i])
             tails.append(",".join(str(d[c]) for c in (
                 "session_id", "client_ip", "client_port", "direction", "src_ip", "src_port",
                 "dst_ip", "dst_port", "seq", "ack")) + f",{d['flags'].replace(',', '|')},"
@@ -79,11 +80,11 @@ def times_view(arr: object, n: int) -> np.ndarray:
 
 def generate(data: Path, csv_dir: Path, total: int) -> dict[str, object]:
     """Packet log (hourly segments), connection log and CSV.gz of the same records."""
-    block = packetlog.BLOCK_RECORDS
+    block = segments.BLOCK_RECORDS
     per_hour = -(-total // HOURS // block) * block  # rounded up: at least total
     temps = templates(block)
     clock = [START]
-    w = packetlog.PacketLogWriter(data, clock=lambda: clock[0])
+    w = segments.PacketLogWriter(data, clock=lambda: clock[0])
     w.open()
     conn_dir = data / "connlog"
     conn_dir.mkdir(parents=True, exist_ok=True)
@@ -118,10 +119,10 @@ def generate(data: Path, csv_dir: Path, total: int) -> dict[str, object]:
                              zip(secs, fracs, tails, strict=True)))
         written += per_hour // block * block
         for i in range(block):
-            sessions.add(packetlog.session_str(bytes(arr[i].session_id)))
+            sessions.add(segments.session_str(bytes(arr[i].session_id)))
         _connlog_hour(conn_dir, day, t0, sessions, arr)
         if hour == TARGET_HOUR:
-            target = {"hour": t0, "day": day, "dst": packetlog.addr_str(
+            target = {"hour": t0, "day": day, "dst": segments.addr_str(
                 arr[0].family, bytes(arr[0].dst_ip)), "port": arr[0].dst_port}
         clock[0] = t0 + 3600
         w.tick()
@@ -135,7 +136,7 @@ def _connlog_hour(conn_dir: Path, day: str, t0: float, sessions: set[str],
                   arr: object) -> None:
     """Each template session connects at the hour's start and leaves at its end
     (written directly: ConnectionLog's per-record fsync would dominate)."""
-    from relay.connlog import rfc3339_ms
+    from relay.connlog.daylog import rfc3339_ms
 
     with open(conn_dir / f"{day}.jsonl", "a") as f:
         for i, sid in enumerate(sorted(sessions)):
@@ -153,13 +154,13 @@ def _connlog_hour(conn_dir: Path, day: str, t0: float, sessions: set[str],
 
 
 def bench_relay(data: Path, info: dict) -> tuple[float, int, int]:
-    q = investigate.Query(lo=info["hour"], hi=info["hour"] + 3600, dst_ip=info["dst"],
+    q = search.Query(lo=info["hour"], hi=info["hour"] + 3600, dst_ip=info["dst"],
                           dst_port=info["port"])
     best = float("inf")
     packets = sessions = 0
     for _ in range(ROUNDS):
         t = time.perf_counter()
-        rows, _ = investigate.search(data, q, on_error=lambda p, r: None)
+        rows, _ = search.search(data, q, on_error=lambda p, r: None)
         best = min(best, time.perf_counter() - t)
         packets, sessions = sum(r.packets for r in rows), len(rows)
     return best, packets, sessions

@@ -47,7 +47,7 @@ from shiputil import (
 )
 
 from bench.common import Row
-from relay import syslog5424 as s5
+from relay.protocols import syslog5424 as s5
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shipping.json"
 # Long enough that start-up (a Python process, the first handshake) is a few
@@ -157,8 +157,8 @@ def write_backlog(data_dir: Path, days: int, per_day: int) -> None:
     """``days`` finished days as .jsonl.zst (as retention leaves them) and today's."""
     import zstandard
 
-    from relay.connlog import SUBDIR, ensure_dir, new_record_id
-    from relay.connlog_retention import ZSTD_LEVEL
+    from relay.connlog.daylog import SUBDIR, ensure_dir, new_record_id
+    from relay.connlog.retention import ZSTD_LEVEL
 
     d = ensure_dir(data_dir / SUBDIR)
     today = time.time() // 86400 * 86400
@@ -177,7 +177,7 @@ def write_backlog(data_dir: Path, days: int, per_day: int) -> None:
 
 def loop_cost(root: Path, days: int, per_day: int) -> dict[str, float]:
     """Scrape time (median) and the longest loop stall while the forwarder of
-    ``relay serve`` (relay.shipping) faces an unreachable collector."""
+    ``relay serve`` (relay.connlog.shipping) faces an unreachable collector."""
     import asyncio
     import dataclasses
     import statistics
@@ -185,7 +185,7 @@ def loop_cost(root: Path, days: int, per_day: int) -> dict[str, float]:
     import uvloop
 
     from relay import config
-    from relay.shipping import Shipping
+    from relay.connlog.shipping import Shipping
 
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"stall-{days}-"))
     write_backlog(tmp / "data", days, per_day)

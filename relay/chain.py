@@ -1,5 +1,5 @@
 """Hash chains over closed log files: the append side (the verify side is
-relay/evidence.py).
+relay/investigate/evidence.py).
 
 ``DATA_DIR/chain/packets.jsonl`` and ``DATA_DIR/chain/connlog.jsonl`` hold one JSON
 object per line, a *link*, appended whenever a packet-log segment closes, is
@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from relay.connlog import rfc3339_ms
+from relay.connlog.daylog import rfc3339_ms
 
 CHAIN_DIR = "chain"
 PACKETS_CHAIN = "packets.jsonl"

@@ -34,7 +34,7 @@ def _config(args: argparse.Namespace) -> configmod.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.server import serve
+    from relay.serve.core import serve
 
     if args.listen:
         try:
@@ -66,14 +66,14 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_logs_connections(args: argparse.Namespace) -> int:
-    from relay import connlog
+    from relay.connlog import daylog
 
     def warn(msg: str) -> None:
         print(f"relay: warning: {escape_text(msg)}", file=sys.stderr)
 
     cfg = _config(args)
     out = sys.stdout
-    for rec in connlog.iter_records(cfg.data_dir, on_error=warn):
+    for rec in daylog.iter_records(cfg.data_dir, on_error=warn):
         if args.json:
             out.write(json_text(rec) + "\n")
         else:
@@ -84,15 +84,15 @@ def cmd_logs_connections(args: argparse.Namespace) -> int:
 def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
     """The session(s) whose tag ends a stamped User-Agent (a value shorter than the
     tag carries the tag's first characters, so it can match several)."""
-    from relay import connlog
-    from relay.sessions import TAG_LEN
+    from relay.connlog import daylog
+    from relay.serve.sessions import TAG_LEN
 
     tail = args.user_agent.strip()[-TAG_LEN:]
     if not tail:
         raise RelayError("empty User-Agent")
     cfg = _config(args)
     sessions: dict[str, dict] = {}
-    for rec in connlog.iter_records(cfg.data_dir):
+    for rec in daylog.iter_records(cfg.data_dir):
         sid = rec.get("session_id")
         if not isinstance(sid, str) or rec.get("action") not in ("connect", "disconnect"):
             continue
@@ -122,20 +122,20 @@ def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
 
 
 def cmd_logs_packets(args: argparse.Namespace) -> int:
-    from relay import packetlog
+    from relay.packetlog import segments
 
     def warn(path: str, reason: str) -> None:
         print(f"relay: warning: {escape_text(path)}: {escape_text(reason)}", file=sys.stderr)
 
     cfg = _config(args)
     try:
-        start = packetlog.parse_time(args.start) if args.start else None
-        end = packetlog.parse_time(args.end) if args.end else None
+        start = segments.parse_time(args.start) if args.start else None
+        end = segments.parse_time(args.end) if args.end else None
     except ValueError as exc:
         raise RelayError(f"--from/--to: {exc} (use RFC 3339, e.g. 2026-11-25T21:00:00Z)") \
             from None
     out = sys.stdout
-    for r in packetlog.iter_records(cfg.data_dir, session=args.session, start=start, end=end,
+    for r in segments.iter_records(cfg.data_dir, session=args.session, start=start, end=end,
                                     on_error=warn):
         if args.json:
             out.write(json.dumps(r) + "\n")
@@ -149,7 +149,8 @@ def cmd_logs_packets(args: argparse.Namespace) -> int:
 
 
 def cmd_logging(args: argparse.Namespace) -> int:
-    from relay import control, logging_ctl
+    from relay import control
+    from relay.packetlog import logging_ctl
 
     cfg = _config(args)
     dev = args.dev or cfg.tap.name
@@ -210,8 +211,9 @@ def cmd_ban(args: argparse.Namespace) -> int:
     relay runs on this data directory (it then finds the change at its start)."""
     import time
 
-    from relay import connlog, control
-    from relay.abuse import Abuse, parse_network
+    from relay import control
+    from relay.connlog import daylog
+    from relay.serve.abuse import Abuse, parse_network
 
     cfg = _config(args)
     # A clear error before anything is sent; and the canonical network, so a ban
@@ -226,7 +228,7 @@ def cmd_ban(args: argparse.Namespace) -> int:
     try:
         response = control.request(cfg.data_dir, request)
     except control.NotRunning:
-        log = connlog.ConnectionLog(cfg.data_dir)
+        log = daylog.ConnectionLog(cfg.data_dir)
 
         def audit(record: dict) -> None:
             log.append({**record, "server": {"id": cfg.server.id}})
@@ -246,9 +248,9 @@ def cmd_ban(args: argparse.Namespace) -> int:
     bans = response.get("bans") or ([response["ban"]] if "ban" in response else [])
     for ban in bans:
         if args.json:
-            print(json.dumps({**ban, "until": connlog.rfc3339_ms(ban["until"])}))
+            print(json.dumps({**ban, "until": daylog.rfc3339_ms(ban["until"])}))
         else:
-            print(f"{ban['network']:<20} until {connlog.rfc3339_ms(ban['until'])}  "
+            print(f"{ban['network']:<20} until {daylog.rfc3339_ms(ban['until'])}  "
                   f"offences {ban['offences']}  {ban['reason']}")
     if args.ban_command == "remove":
         print(f"removed the ban on {target}")
@@ -256,7 +258,7 @@ def cmd_ban(args: argparse.Namespace) -> int:
 
 
 def cmd_ship_status(args: argparse.Namespace) -> int:
-    from relay.forwarder import ship_status
+    from relay.connlog.forwarder import ship_status
 
     cfg = _config(args)
     st = ship_status(cfg.data_dir)
@@ -275,7 +277,7 @@ def cmd_ship_status(args: argparse.Namespace) -> int:
 def cmd_collector(args: argparse.Namespace) -> int:
     import uvloop
 
-    from relay.collector import run_collector
+    from relay.central.collector import run_collector
 
     if args.collector_command == "verify":
         return cmd_collector_verify(args)
@@ -302,7 +304,7 @@ def cmd_collector(args: argparse.Namespace) -> int:
 
 
 def cmd_collector_verify(args: argparse.Namespace) -> int:
-    from relay.collector import verify
+    from relay.central.collector import verify
 
     report = verify(Path(args.verify_data_dir))
     sys.stdout.write(json.dumps(report.to_dict()) + "\n" if args.json else report.text())
@@ -345,7 +347,7 @@ def cmd_client_config(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.protocol == "openvpn":
-        from relay.openvpn_link import client_config
+        from relay.serve.openvpn_link import client_config
 
         text = client_config(cfg, cfg.data_dir, args.proto, args.dev, args.remote)
     else:
@@ -460,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_logs_ua_lookup)
 
-    from relay.investigate_cli import add_parsers as add_investigation_parsers
+    from relay.investigate.cli import add_parsers as add_investigation_parsers
 
     add_investigation_parsers(logs, _add_data_dir, lambda args: _config(args).data_dir)
 
@@ -471,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_ship_status)
 
-    from relay.collector import DEFAULT_QUOTA_BYTES_PER_DAY
+    from relay.central.collector import DEFAULT_QUOTA_BYTES_PER_DAY
 
     p = sub.add_parser(
         "collector", help="the central log server: RFC 5425 (syslog over TLS) receiver",

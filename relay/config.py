@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from relay import syslog5424
 from relay.errors import RelayError
+from relay.protocols import syslog5424
 
 DEFAULT_DATA_DIR = Path("/var/lib/relay")
 # [server] id: a name in every record, a directory name at the collector and the CN
@@ -153,7 +153,7 @@ class OpenVPNConfig:
 
 @dataclass(frozen=True)
 class AbuseConfig:
-    """Listener defences (relay.abuse): every threshold of the ``[abuse]`` table."""
+    """Listener defences (relay.serve.abuse): every threshold of the ``[abuse]`` table."""
 
     # Per source: 5 new connections/s sustained, bursts of 20. An openconnect
     # client makes 1-2 connections per session and reconnects at most every 10 s.
@@ -195,7 +195,7 @@ IPV6_PREFIX_MIN = 32
 
 @dataclass(frozen=True)
 class EgressConfig:
-    """Adjustments to the egress policy's default block (relay.egress): lists of
+    """Adjustments to the egress policy's default block (relay.serve.egress): lists of
     networks (CIDR) or addresses, IPv4 or IPv6."""
 
     # Exempt from the default block: e.g. a resolver or proxy on the volunteer's LAN.

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import time
 
-from relay import connlog, packetlog
+from relay.connlog import daylog
 from relay.errors import RelayError
 from relay.netns import INTERNET_IP, Topology, relay_ip, wait_for
+from relay.packetlog import segments
 
 # Packet records printed: enough to show a handshake and a request.
 DEMO_PACKET_LINES = 6
@@ -54,14 +55,14 @@ def run_demo(keep_going: bool = False) -> int:
         _say("disconnecting the client and stopping the relay")
         client.send_signal(signal.SIGINT)
         client.wait(15)
-        wait_for(lambda: sum(1 for r in connlog.iter_records(data)
+        wait_for(lambda: sum(1 for r in daylog.iter_records(data)
                              if r.get("action") == "disconnect") >= 1, 15, "the disconnect record")
         os.killpg(relay.pid, signal.SIGTERM)
         relay.wait(15)
         _say("connection log (relay logs connections --json)")
-        for rec in connlog.iter_records(data):
+        for rec in daylog.iter_records(data):
             print(json.dumps(rec, indent=2))
-        records = list(packetlog.iter_records(data))
+        records = list(segments.iter_records(data))
         _say(f"packet log: {len(records)} TCP header records; the first "
              f"{min(len(records), DEMO_PACKET_LINES)} (relay logs packets --json)")
         for rec in records[:DEMO_PACKET_LINES]:

@@ -24,11 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay import control, nat
+from relay import control
 from relay.config import Config, parse_hostport
-from relay.egress import Policy, describe
 from relay.errors import RelayError
-from relay.retention import MIN_FREE_BYTES, REFUSE_FREE_BYTES
+from relay.packetlog.retention import MIN_FREE_BYTES, REFUSE_FREE_BYTES
+from relay.serve import nat
+from relay.serve.egress import Policy, describe
 from relay.service import nofile_needed
 
 # Capability bits (linux/capability.h) the relay uses.

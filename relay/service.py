@@ -26,7 +26,7 @@ CAPABILITIES = "CAP_NET_ADMIN CAP_NET_BIND_SERVICE CAP_BPF CAP_PERFMON CAP_SYS_A
 # relay holds about 40 (measured: the TAP device, netlink sockets, BPF maps and
 # ring buffer, the three listeners, control and metrics servers, log files,
 # uvloop's epoll, eventfd and signal pipe); the rest covers reverse lookups in
-# flight (relay.rdns.MAX_PENDING_LOOKUPS), control and metrics clients, the
+# flight (relay.serve.rdns.MAX_PENDING_LOOKUPS), control and metrics clients, the
 # forwarder's connection and packet-log rotation and retention.
 FD_RESERVE = 256
 

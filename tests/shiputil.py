@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from relay import connlog
-from relay.connlog_retention import read_zst
+from relay.connlog import daylog
+from relay.connlog.retention import read_zst
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
 GTLS_MODULE = "/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so"
@@ -174,7 +174,7 @@ class Proc:
 
 _COLLECTOR = """
 import asyncio, logging, signal, sys, uvloop
-from relay.collector import run_collector
+from relay.central.collector import run_collector
 logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                     format="relay: %(levelname)s: %(message)s")
 a = {args!r}
@@ -187,8 +187,8 @@ uvloop.run(main())
 
 _FORWARDER = """
 import asyncio, logging, signal, sys, types, uvloop
-from relay.connlog import ConnectionLog
-from relay.forwarder import make_forwarder, run_forwarder
+from relay.connlog.daylog import ConnectionLog
+from relay.connlog.forwarder import make_forwarder, run_forwarder
 logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                     format="relay: %(levelname)s: %(message)s")
 cfg = types.SimpleNamespace(**{cfg!r})
@@ -303,7 +303,7 @@ def hostile_record(i: int) -> dict[str, Any]:
 
 
 def write_records(data_dir: Path, n: int, start: int = 0) -> list[dict[str, Any]]:
-    log = connlog.ConnectionLog(data_dir)
+    log = daylog.ConnectionLog(data_dir)
     try:
         return [log.append(hostile_record(start + i)) for i in range(n)]
     finally:

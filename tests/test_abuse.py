@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from relay import abuse, config
-from relay.abuse import Abuse, parse_network
+from relay import config
 from relay.config import AbuseConfig
 from relay.errors import RelayError
+from relay.serve import abuse
+from relay.serve.abuse import Abuse, parse_network
 
 
 class Clock:
@@ -413,14 +414,14 @@ def test_ipv6_prefix_needs_a_restart(tmp_path: Path) -> None:
     """Live connections are counted under their key; a reload must not re-key them."""
     import asyncio
 
-    from relay import connlog
-    from relay.server import Relay
+    from relay.connlog import daylog
+    from relay.serve.core import Relay
 
     base = config.Config().with_data_dir(tmp_path)
     relay = Relay(base, lambda: config.from_dict(
         {"logs": {"data_dir": str(tmp_path)}, "abuse": {"ipv6_prefix": 48, "strikes": 7}}))
-    connlog.ensure_dir(tmp_path)
-    relay.connlog = connlog.ConnectionLog(tmp_path)
+    daylog.ensure_dir(tmp_path)
+    relay.connlog = daylog.ConnectionLog(tmp_path)
     relay.abuse = Abuse(base.abuse, tmp_path, relay.audit, Clock())
     assert relay.abuse.admit("2001:db8:1:2::1") is None
     message = asyncio.run(relay.reload())
@@ -434,7 +435,8 @@ def test_ipv6_prefix_needs_a_restart(tmp_path: Path) -> None:
 def test_ban_cli_on_the_files_takes_any_spelling(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """relay ban add|list|remove with no relay running works on the journal."""
-    from relay import cli, connlog
+    from relay import cli
+    from relay.connlog import daylog
 
     data = ["--data-dir", str(tmp_path)]
     assert cli.main(["ban", "add", "::ffff:198.51.100.7", "--for", "1h", *data]) == 0
@@ -447,5 +449,5 @@ def test_ban_cli_on_the_files_takes_any_spelling(tmp_path: Path,
     assert "removed the ban on 198.51.100.7/32" in capsys.readouterr().out
     assert cli.main(["ban", "remove", "::ffff:198.51.100.7", *data]) == 1
     assert "no ban on 198.51.100.7/32" in capsys.readouterr().err
-    assert [r["action"] for r in connlog.iter_records(tmp_path)] == ["ban", "ban", "unban"]
+    assert [r["action"] for r in daylog.iter_records(tmp_path)] == ["ban", "ban", "unban"]
     assert stat.S_IMODE((tmp_path / "bans.jsonl").stat().st_mode) == 0o600

@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-from relay import packetlog, tcfilter
-from relay.capture import Capture, FilterWatcher, wait_for
 from relay.errors import RelayError
-from relay.packetlog import PacketLogWriter
+from relay.packetlog import segments, tcfilter
+from relay.packetlog.capture import Capture, FilterWatcher, wait_for
+from relay.packetlog.segments import PacketLogWriter
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -162,7 +162,7 @@ def make_traffic() -> list[tuple[str, bytes, dict[str, Any]]]:
                 "session_id": sid, "client_ip": cip, "client_port": cport,
                 "direction": direction, "src_ip": src, "dst_ip": dst, "src_port": sport,
                 "dst_port": dport, "seq": seq, "ack": ack,
-                "flags": packetlog.flags_str(flags), "window": window, "len": len(payload)}))
+                "flags": segments.flags_str(flags), "window": window, "len": len(payload)}))
     return out
 
 
@@ -183,7 +183,7 @@ def drain_all(cap: Capture, expect: int, timeout: float = 5.0) -> None:
 
 def records(env: dict[str, Any]) -> list[dict[str, Any]]:
     errors: list[tuple[str, str]] = []
-    recs = list(packetlog.iter_records(env["data"], on_error=lambda p, r: errors.append((p, r))))
+    recs = list(segments.iter_records(env["data"], on_error=lambda p, r: errors.append((p, r))))
     assert not errors
     return recs
 
@@ -234,7 +234,7 @@ def test_every_field_and_attribution(tapns: dict[str, Any]) -> None:
         for _, _, want in traffic:
             rec = by_key[(want["session_id"], want["direction"], want["seq"], want["flags"])]
             assert {k: rec[k] for k in want} == want
-            ns = packetlog.parse_time(rec["time"]).timestamp() * 1e9
+            ns = segments.parse_time(rec["time"]).timestamp() * 1e9
             assert t0 - 1e9 < ns < t1 + 1e9  # wall clock (µs precision of datetime)
         stray = [r for r in got if r["session_id"] == ""]
         assert len(stray) == 1 and stray[0]["src_ip"] == "10.211.0.9"
@@ -254,14 +254,14 @@ def test_every_field_and_attribution(tapns: dict[str, Any]) -> None:
 
 
 def _ctl(env: dict[str, Any], fn: str) -> Any:
-    """relay.logging_ctl in a separate process, as `relay logging` runs."""
+    """relay.packetlog.logging_ctl in a separate process, as `relay logging` runs."""
     args = [repr(env["dev"])]
     if fn != "logging_off":  # the pins of the Capture this test runs in its own process
         args.append(f"Path({str(tcfilter.pin_dir(env['dev']))!r})")
     args.append(f"netns={env['ns']!r}")
     if fn == "logging_status":
         args += [f"data_dir={str(env['data'])!r}", "sample_seconds=0.2"]
-    code = ("import json; from pathlib import Path; import relay.logging_ctl as l; "
+    code = ("import json; from pathlib import Path; import relay.packetlog.logging_ctl as l; "
             f"r = l.{fn}({', '.join(args)}); print(json.dumps(r.to_dict() if r else None))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False, cwd=REPO)
@@ -355,7 +355,7 @@ def test_flush_timer_survives_an_exception(caplog: pytest.LogCaptureFixture) -> 
     # The drain of a real (empty) ring, without bcc or a device: only the timer runs.
     cap._ring_fd = lib.relay_bpf_ringbuf_create(cap.ring_bytes)
     assert cap._ring_fd >= 0, "BPF ring buffer: needs root"
-    cap._drain = lib.relay_drain_open(cap._ring_fd, cap.ring_bytes, packetlog.BLOCK_RECORDS)
+    cap._drain = lib.relay_drain_open(cap._ring_fd, cap.ring_bytes, segments.BLOCK_RECORDS)
 
     async def run() -> None:
         cap.start_drain(asyncio.get_running_loop())
@@ -365,7 +365,7 @@ def test_flush_timer_survives_an_exception(caplog: pytest.LogCaptureFixture) -> 
         cap.stop_drain()
 
     try:
-        with caplog.at_level("ERROR", logger="relay.capture"):
+        with caplog.at_level("ERROR", logger="relay.packetlog.capture"):
             asyncio.run(run())
     finally:
         cap.close()
@@ -381,7 +381,7 @@ def test_bpffs_mounted_where_there_is_none(tmp_path: Path) -> None:
     error saying what to do. Run in a mount namespace of its own, as `ip netns exec`
     gives the relay."""
     target = tmp_path / "bpffs"
-    code = ("from pathlib import Path; from relay import tcfilter; "
+    code = ("from pathlib import Path; from relay.packetlog import tcfilter; "
             f"p = Path({str(target)!r}); "
             "print(tcfilter.is_bpffs(p), tcfilter.ensure_bpffs(p), tcfilter.is_bpffs(p), "
             "tcfilter.ensure_bpffs(p))")

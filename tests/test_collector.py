@@ -29,11 +29,11 @@ from shiputil import (
     write_records,
 )
 
-from relay import syslog5424 as s5
-from relay.collector import Collector, Counts
-from relay.connlog import rfc3339_ms
-from relay.connlog_retention import read_zst
-from relay.forwarder import ship_status
+from relay.central.collector import Collector, Counts
+from relay.connlog.daylog import rfc3339_ms
+from relay.connlog.forwarder import ship_status
+from relay.connlog.retention import read_zst
+from relay.protocols import syslog5424 as s5
 
 
 def today() -> str:

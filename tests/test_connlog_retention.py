@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from relay import connlog
-from relay.connlog_retention import (
+from relay.connlog import daylog
+from relay.connlog.forwarder import LogReader, Position
+from relay.connlog.retention import (
     MIN_KEEP_DAYS,
     apply_retention,
     check_keep_days,
     read_zst,
     run_connlog_retention,
 )
-from relay.forwarder import LogReader, Position
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC).timestamp()
 
@@ -37,7 +37,7 @@ def fill(data_dir: Path, ages: range) -> dict[str, list[dict]]:
     by_day: dict[str, list[dict]] = {}
     for age in ages:
         t = NOW - age * 86400
-        log = connlog.ConnectionLog(data_dir, clock=lambda t=t: t)
+        log = daylog.ConnectionLog(data_dir, clock=lambda t=t: t)
         by_day[day(age)] = [log.append({"action": "connect", "n": i}) for i in range(2)]
         log.close()
     return by_day
@@ -61,7 +61,7 @@ def test_compress_and_delete_by_age(tmp_path: Path) -> None:
     assert len(compressed) == 89 and all(a["bytes_out"] > 0 for a in compressed)
     # Every kept record still reads back, in order, from plain and .zst days.
     kept = [r for age in range(90, -1, -1) for r in by_day[day(age)]]
-    assert list(connlog.iter_records(tmp_path)) == kept
+    assert list(daylog.iter_records(tmp_path)) == kept
     for p in (tmp_path / "connlog").iterdir():
         assert p.stat().st_mode & 0o777 == 0o600
     # A second pass has nothing to do.
@@ -108,7 +108,7 @@ def test_forwarder_offsets_stay_valid_across_compression(tmp_path: Path) -> None
 
 def test_leftover_tmp_and_foreign_files_are_ignored(tmp_path: Path) -> None:
     d = tmp_path / "connlog"
-    connlog.ensure_dir(d)
+    daylog.ensure_dir(d)
     (d / "README").write_text("not a day")
     (d / "2020-13-45.jsonl").write_text("bad date\n")
     (d / f"{day(10)}.jsonl.zst.tmp").write_bytes(b"half")

@@ -1,4 +1,4 @@
-"""The protocol-agnostic core (relay.server.Relay) without devices: logins with
+"""The protocol-agnostic core (relay.serve.core.Relay) without devices: logins with
 any text, sessions refused when the relay is full (counted, audited), tasks that
 fail end their connection, client text cleaned for every protocol, and a metrics
 scrape that does not walk the sessions. The TAP device is a stand-in: these are
@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 from conftest import records
 
-from relay import config, connlog, cstp
-from relay.abuse import Abuse
+from relay import config
+from relay.connlog import daylog
 from relay.errors import RelayError
-from relay.openvpn_link import client_software
-from relay.server import Relay
-from relay.sessions import AddressPool, Journal, SessionRefused, SessionTable
+from relay.protocols import cstp
+from relay.serve.abuse import Abuse
+from relay.serve.core import Relay
+from relay.serve.openvpn_link import client_software
+from relay.serve.sessions import AddressPool, Journal, SessionRefused, SessionTable
 
 
 class FakeTap:
@@ -74,8 +76,8 @@ def make_relay(data: Path, users: Path | None = None, **server: Any) -> Relay:
     cfg = config.from_dict({"server": server, "logs": {"data_dir": str(data)},
                             "tap": {"pool": "10.211.0.0/29"}})
     relay = Relay(cfg)
-    connlog.ensure_dir(data)
-    relay.connlog = connlog.ConnectionLog(data)
+    daylog.ensure_dir(data)
+    relay.connlog = daylog.ConnectionLog(data)
     relay.journal = Journal(data)
     relay.abuse = Abuse(cfg.abuse, data, relay.audit, time.time)
     relay.sessions = SessionTable(AddressPool(cfg.pool), set())

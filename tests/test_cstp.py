@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay import cstp
-from relay.cstp import (
+from relay.protocols import cstp
+from relay.protocols.cstp import (
     Credentials,
     CstpServer,
     Packets,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from relay import cstp
-from relay.cstp import (
+from relay.protocols import cstp
+from relay.protocols.cstp import (
     Credentials,
     CstpServer,
     Packets,

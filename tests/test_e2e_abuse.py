@@ -12,8 +12,9 @@ from pathlib import Path
 
 from conftest import records, wait_records
 
-from relay import connlog, packetlog
+from relay.connlog import daylog
 from relay.netns import Topology, client_ip, relay_ip, run, wait_for
+from relay.packetlog import segments
 
 FLOOD = str(Path(__file__).with_name("flood_client.py"))
 
@@ -30,7 +31,7 @@ def test_connect_flood_is_banned_while_an_honest_session_keeps_working(
     topo.start_web()
     topo.start_relay(data, "", abuse_keys='summary_interval = "2s"\nstrikes = 20\n')
     honest = topo.connect_openconnect(2, data)
-    [connect] = [r for r in connlog.iter_records(data) if r["action"] == "connect"]
+    [connect] = [r for r in daylog.iter_records(data) if r["action"] == "connect"]
 
     flood = subprocess.Popen(
         ["ip", "netns", "exec", topo.client_ns(1), sys.executable, FLOOD, "cycles", "1000",
@@ -131,8 +132,8 @@ def test_dual_stack_listener_knows_ipv4_clients_by_their_ipv4_address(
     assert connect["client"]["ip"] == client_ip(1)
     assert connect["server"]["ip"] == relay_ip(1)
     topo.curl(1, "/")
-    wait_for(lambda: any(True for _ in packetlog.iter_records(data)), 20, "packet records")
-    assert {r["client_ip"] for r in packetlog.iter_records(data)} == {client_ip(1)}
+    wait_for(lambda: any(True for _ in segments.iter_records(data)), 20, "packet records")
+    assert {r["client_ip"] for r in segments.iter_records(data)} == {client_ip(1)}
     found = relay_cli("logs", "search", "--json", "--client-ip", f"::ffff:{client_ip(1)}",
                       "--data-dir", str(data))
     assert found.returncode == 0, found.stderr

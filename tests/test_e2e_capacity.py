@@ -13,7 +13,7 @@ from conftest import records, scrape, wait_records
 
 from relay.config import Config
 from relay.netns import Topology, client_ip, relay_ip, wait_for
-from relay.openvpn_link import client_config
+from relay.serve.openvpn_link import client_config
 
 FULL = "the relay is full; try again later or another relay"
 

@@ -14,8 +14,9 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from relay import connlog, packetlog
+from relay.connlog import daylog
 from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_for
+from relay.packetlog import segments
 
 SCRIPTED = (
     "import socket\n"
@@ -54,12 +55,12 @@ def tshark_packets(pcap: Path) -> list[Key]:
     for line in out.splitlines():
         src, sport, dst, dport, seq, ack, flags, length = line.split(",")
         rows.append((src, int(sport), dst, int(dport), int(seq), int(ack),
-                     packetlog.flags_str(int(flags, 16)), int(length)))
+                     segments.flags_str(int(flags, 16)), int(length)))
     return rows
 
 
 def logged(data: Path) -> list[dict]:
-    return list(packetlog.iter_records(data))
+    return list(segments.iter_records(data))
 
 
 def key(r: dict) -> Key:
@@ -69,7 +70,7 @@ def key(r: dict) -> Key:
 
 def sessions(data: Path) -> dict[str, dict]:
     """virtual IP -> connect record."""
-    return {r["virtual_ip"]: r for r in connlog.iter_records(data) if r["action"] == "connect"}
+    return {r["virtual_ip"]: r for r in daylog.iter_records(data) if r["action"] == "connect"}
 
 
 def test_packet_log_matches_tshark_with_two_sessions(
@@ -125,7 +126,7 @@ def relay_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def audits(data: Path) -> list[str]:
-    return [r["action"] for r in connlog.iter_records(data)
+    return [r["action"] for r in daylog.iter_records(data)
             if r["action"] in ("logging-on", "logging-off")]
 
 
@@ -208,13 +209,13 @@ def test_restart_within_the_period_then_crash_keeps_every_record(
     relay.wait(30)
     client.wait(30)
     first = Counter(key(r) for r in logged(data))
-    assert [p.suffix for p in packetlog.segment_files(data)] == [".rpl"]
+    assert [p.suffix for p in segments.segment_files(data)] == [".rpl"]
 
     relay = topo.start_relay(data, name="relay-2", logs_keys=same_period)
     client = topo.connect_openconnect(1, data, name="openconnect-2.log")
     topo.curl(1, "/?second-run")
     wait_for(lambda: len(logged(data)) > sum(first.values()), 20, "records of the second run")
-    time.sleep(packetlog.FLUSH_INTERVAL * 2)  # the second run's blocks reach the file
+    time.sleep(segments.FLUSH_INTERVAL * 2)  # the second run's blocks reach the file
     both = Counter(key(r) for r in logged(data))
     os.killpg(relay.pid, signal.SIGKILL)
     relay.wait(5)
@@ -222,13 +223,13 @@ def test_restart_within_the_period_then_crash_keeps_every_record(
     client.wait(5)
 
     relay = topo.start_relay(data, name="relay-3", logs_keys=same_period)
-    wait_for(lambda: any(r["action"] == "packetlog-recover" for r in connlog.iter_records(data)),
+    wait_for(lambda: any(r["action"] == "packetlog-recover" for r in daylog.iter_records(data)),
              30, "the recovery audit record")
     relay.send_signal(signal.SIGTERM)
     relay.wait(30)
     after = Counter(key(r) for r in logged(data))
     # Nothing lost (a late packet may have been recorded after `both` was read).
     assert not both - after and not first - after, (both - after, first - after)
-    assert len(packetlog.segment_files(data)) == 2, packetlog.segment_files(data)
+    assert len(segments.segment_files(data)) == 2, segments.segment_files(data)
     verify = relay_cli("logs", "verify", "--data-dir", str(data))
     assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from conftest import records
 
-from relay import packetlog
 from relay.config import Config, OpenVPNConfig
 from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_for
-from relay.openvpn_link import client_config
+from relay.packetlog import segments
+from relay.serve.openvpn_link import client_config
 
 OPENVPN_PORT = 1194
 
@@ -90,7 +90,7 @@ def test_stock_openvpn_client_fetches_a_page_with_records_and_stamp(
 
     # Packet records carry the session and the client's physical address.
     def ours() -> list[dict[str, Any]]:
-        return [r for r in packetlog.iter_records(data)
+        return [r for r in segments.iter_records(data)
                 if r["session_id"] == connect["session_id"] and r["dst_port"] == 80]
 
     wait_for(ours, 20, "packet records of the session")

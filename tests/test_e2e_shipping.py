@@ -15,9 +15,9 @@ from typing import Any
 from conftest import records, wait_records
 from shiputil import make_pki, read_day_dir
 
-from relay import syslog5424 as s5
-from relay.hotpath_py import HOST_MAX
 from relay.netns import INTERNET_IP, Topology, run, wait_for
+from relay.protocols import syslog5424 as s5
+from relay.serve.hotpath_py import HOST_MAX
 
 HOSTS = 256
 # One keep-alive connection, one request per distinct Host, each answered before

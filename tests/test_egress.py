@@ -12,9 +12,10 @@ import sys
 
 import pytest
 
-from relay import config, nat
-from relay.egress import BLOCKED, REASONS, Policy, describe
+from relay import config
 from relay.metrics import render
+from relay.serve import nat
+from relay.serve.egress import BLOCKED, REASONS, Policy, describe
 
 POOL = "10.211.0.0/16"
 ADJUSTED = {"tap": {"dns": ["10.211.0.1", "2001:db8::53"]},
@@ -105,8 +106,9 @@ def test_the_kernel_accepts_the_table(data: dict | None, uplink: str) -> None:
 
 LIFECYCLE = r"""
 import json
-from relay import config, nat
-from relay.egress import Policy
+from relay import config
+from relay.serve import nat
+from relay.serve.egress import Policy
 
 def forwarding():
     return open(nat.FORWARD_SYSCTL).read().strip()

@@ -31,10 +31,9 @@ from shiputil import (
     write_records,
 )
 
-from relay import config, connlog
-from relay import syslog5424 as s5
-from relay.connlog_retention import apply_retention, read_zst
-from relay.forwarder import (
+from relay import config
+from relay.connlog import daylog
+from relay.connlog.forwarder import (
     CONFIRM_ALPN,
     Position,
     load_position,
@@ -42,7 +41,9 @@ from relay.forwarder import (
     run_forwarder,
     ship_status,
 )
-from relay.shipping import Shipping
+from relay.connlog.retention import apply_retention, read_zst
+from relay.connlog.shipping import Shipping
+from relay.protocols import syslog5424 as s5
 
 
 def test_rsyslog_receives_every_record_field_by_field(tmp_path: Path, pki) -> None:
@@ -346,7 +347,7 @@ def compressed_backlog(relay: Path, days: int, per_day: int) -> int:
     records; returns how many records wait."""
     now = time.time()
     for n in range(days, -1, -1):
-        log = connlog.ConnectionLog(relay, clock=lambda n=n: now - n * 86400)
+        log = daylog.ConnectionLog(relay, clock=lambda n=n: now - n * 86400)
         for i in range(per_day):
             log.append(hostile_record(i))
         log.close()

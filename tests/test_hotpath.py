@@ -1,4 +1,4 @@
-"""The hot path (relay.hotpath, C) and its twin (relay.hotpath_py): unit tests of
+"""The hot path (relay.serve.hotpath, C) and its twin (relay.serve.hotpath_py): unit tests of
 every rule on both, and hypothesis differential tests C vs Python on random and
 crafted packets (same bytes, same results), checksums checked from scratch."""
 
@@ -29,8 +29,8 @@ from hotpath_packets import (
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from relay import hotpath, hotpath_py
-from relay.hotpath import PLAIN, SKIPPED, Destination, Inspection
+from relay.serve import hotpath, hotpath_py
+from relay.serve.hotpath import PLAIN, SKIPPED, Destination, Inspection
 
 IMPLS = [hotpath, hotpath_py]
 

@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 from packetlog_synth import to_c
 
-from relay import chain, cli, connlog, connlog_retention, packetlog
-from relay.packetlog import session_raw
-from relay.pcapng import tcp_flags
+from relay import chain, cli
+from relay.connlog import daylog, retention
+from relay.investigate.pcapng import tcp_flags
+from relay.packetlog import segments
+from relay.packetlog.segments import session_raw
 
 
 def ts(text: str) -> float:
@@ -92,7 +94,7 @@ def build(data: Path, sessions: dict[str, dict[str, Any]] = SESSIONS,
     A session without "disconnect" is still open; one without "connect" has
     packets only (its connection-log days lost)."""
     now = [0.0]
-    log = connlog.ConnectionLog(data, clock=lambda: now[0])
+    log = daylog.ConnectionLog(data, clock=lambda: now[0])
     events = []
     for name, s in sessions.items():
         for action in ("connect", "disconnect"):
@@ -110,7 +112,7 @@ def build(data: Path, sessions: dict[str, dict[str, Any]] = SESSIONS,
             "client_software": {"name": s["software"][0], "version": s["software"][1]},
             "virtual_ip": s["vip"]}
         if action == "disconnect":
-            rec["connect_time"] = connlog.rfc3339_ms(ts(s["connect"]))
+            rec["connect_time"] = daylog.rfc3339_ms(ts(s["connect"]))
             rec["destinations"] = [{"host": h, "ip": "203.0.113.50", "port": 443,
                                     "scheme": "https"} for h in s["hosts"]]
         log.append(rec)
@@ -119,14 +121,14 @@ def build(data: Path, sessions: dict[str, dict[str, Any]] = SESSIONS,
     flows = sorted((when, name, dst, port) for name, s in sessions.items()
                    for when, dst, port in s["flows"])
     clock = [0.0]
-    w = packetlog.PacketLogWriter(data, clock=lambda: clock[0])
+    w = segments.PacketLogWriter(data, clock=lambda: clock[0])
     w.open()
     for when, name, dst, port in flows:
         recs = flow(sessions[name], sids[name], when, dst, port)
         clock[0] = ts(when) + 1
         w.write(to_c(recs), len(recs))
     w.close()
-    connlog_retention.seal_days(data / connlog.SUBDIR,
+    retention.seal_days(data / daylog.SUBDIR,
                                 chain.chain_path(data, chain.CONNLOG_CHAIN),
                                 clock=lambda: ts("2026-04-01 00:00:00"))
 
@@ -403,7 +405,7 @@ def test_at_export_and_disclose_only_named_sessions(capsys: pytest.CaptureFixtur
 def test_out_of_window_segments_are_never_opened(capsys: pytest.CaptureFixture[str],
                                                   data: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    segs = sorted(packetlog.packets_dir(data).glob("*.rpl"))
+    segs = sorted(segments.packets_dir(data).glob("*.rpl"))
     late = [p for p in segs if p.name >= "seg-20260329T050000Z"]
     assert len(late) == 3
     # Overwrite D's segments with garbage of the same size (the chain link's size
@@ -454,7 +456,7 @@ def test_export_pcap_matches_records(capsys: pytest.CaptureFixture[str], data: P
                        "2026-03-29 00:00", "--to", "2026-03-29 03:00", "--dst",
                        "203.0.113.7:443", "-o", str(pcap))
     assert code == 0, err
-    expect = [r for r in packetlog.iter_records(data)
+    expect = [r for r in segments.iter_records(data)
               if r["session_id"] in (SID["A"], SID["B"])
               and "203.0.113.7" in (r["src_ip"], r["dst_ip"])]
     assert len(expect) == 2 * PACKETS_PER_FLOW
@@ -511,8 +513,8 @@ def test_verify_clean_copy(data: Path) -> None:
 
 
 def test_verify_detects_tampering(capsys: pytest.CaptureFixture[str], data: Path) -> None:
-    segs = sorted(packetlog.packets_dir(data).glob("*.rpl"))
-    day = data / connlog.SUBDIR / "2026-03-29.jsonl"
+    segs = sorted(segments.packets_dir(data).glob("*.rpl"))
+    day = data / daylog.SUBDIR / "2026-03-29.jsonl"
     flip(segs[1], 100)
     flip(day, 50)
     segs[2].unlink()
@@ -544,7 +546,7 @@ def test_verify_detects_chain_edits(capsys: pytest.CaptureFixture[str], data: Pa
     code, report = verify(capsys, data)
     assert code == 1 and {p["kind"] for p in report["problems"]} == {"unchained"}
     # ... and a head recorded by the connection log (shipped off the relay) is gone.
-    log = connlog.ConnectionLog(data, clock=lambda: ts("2026-03-29 09:00:00"))
+    log = daylog.ConnectionLog(data, clock=lambda: ts("2026-03-29 09:00:00"))
     log.append({"action": "packetlog-rotate", "chain_link":
                 chain.line_digest(lines[6])})
     log.close()
@@ -554,23 +556,23 @@ def test_verify_detects_chain_edits(capsys: pytest.CaptureFixture[str], data: Pa
 
 def test_archives_and_compression_stay_verifiable(capsys: pytest.CaptureFixture[str],
                                                   data: Path) -> None:
-    from relay.retention import Retention
+    from relay.packetlog.retention import Retention
 
     audit: list[dict] = []
     later = ts("2026-04-20 00:00:00")
     done = Retention(data, audit=audit.append, clock=lambda: later,
                      disk_free=lambda: 1 << 40).run()
     assert len([a for a in done if a["action"] == "packetlog-archive"]) == 7
-    connlog_retention.apply_retention(data / connlog.SUBDIR, clock=lambda: later,
+    retention.apply_retention(data / daylog.SUBDIR, clock=lambda: later,
                                       chain_file=chain.chain_path(data, chain.CONNLOG_CHAIN))
-    assert sorted(p.name for p in (data / connlog.SUBDIR).iterdir()) == \
+    assert sorted(p.name for p in (data / daylog.SUBDIR).iterdir()) == \
         ["2026-03-28.jsonl.zst", "2026-03-29.jsonl.zst"]
     code, report = verify(capsys, data)
     assert code == 0, report
     rows = search(capsys, data, "--at", "2026-03-29 09:45", "--tz", "Asia/Tokyo",
                   "--dst", "203.0.113.7:443")
     assert names(rows) == ["A"] and rows[0]["packets"] == PACKETS_PER_FLOW
-    arch = sorted(packetlog.packets_dir(data).glob("*.rpa"))
+    arch = sorted(segments.packets_dir(data).glob("*.rpa"))
     flip(arch[0], 60)
     code, report = verify(capsys, data)
     assert code == 1 and kinds(report) == {("modified", arch[0].name)}
@@ -613,7 +615,7 @@ def test_disclose_and_verify_bundle(capsys: pytest.CaptureFixture[str], data: Pa
     assert len(rows) == 7 and all(SID["A"] in r[1] for r in rows)
     assert {p["session_id"] for p in packets} == {SID["A"]}
     # The data directory changed since the disclosure: the bundle no longer matches it.
-    flip(data / connlog.SUBDIR / "2026-03-29.jsonl", 200)
+    flip(data / daylog.SUBDIR / "2026-03-29.jsonl", 200)
     code, out, _ = run(capsys, "logs", "verify-bundle", str(bundle), "--data-dir", str(data))
     assert code == 1 and "connlog 2026-03-29" in out
     # A member edited after the fact.
@@ -630,7 +632,7 @@ def test_verify_reports_a_deleted_or_replaced_segment(capsys: pytest.CaptureFixt
                                                       data: Path) -> None:
     """Issue 13 item 7: a chained segment that is gone, or whose content is not the
     chained content any more, is reported with the link that chains it."""
-    segs = sorted(packetlog.packets_dir(data).glob("*.rpl"))
+    segs = sorted(segments.packets_dir(data).glob("*.rpl"))
     segs[0].unlink()
     segs[1].write_bytes(segs[6].read_bytes()[:100] + segs[1].read_bytes()[100:])
     code, report = verify(capsys, data)
@@ -647,12 +649,12 @@ def test_verify_reports_a_segment_renamed_over_a_chained_one(
     """What recovery did before it learnt not to: a second segment closed under the
     name of a chained one, its own link appended. Every file then matches its
     newest link; verify must still see that the first segment was lost."""
-    first = sorted(packetlog.packets_dir(data).glob("*.rpl"))[0]
+    first = sorted(segments.packets_dir(data).glob("*.rpl"))[0]
     link0 = chain.read_links(chain.chain_path(data, chain.PACKETS_CHAIN))[0][1]
     assert link0 is not None and link0["file"] == first.name
     # The old close: a new segment of the same period, renamed over the first.
     clock = [ts("2026-03-29 09:00:00")]
-    w = packetlog.PacketLogWriter(data, clock=lambda: clock[0])
+    w = segments.PacketLogWriter(data, clock=lambda: clock[0])
     recs = flow(SESSIONS["D"], SID["D"], "2026-03-29 09:00:00", "203.0.113.7", 443)
     w.write(to_c(recs), len(recs))
     seg = w._seg
@@ -660,7 +662,7 @@ def test_verify_reports_a_segment_renamed_over_a_chained_one(
     w._seg = None
     seg.finish()
     os.rename(seg.path, first)
-    packetlog.link_closed(seg, first, lambda: clock[0])
+    segments.link_closed(seg, first, lambda: clock[0])
     code, report = verify(capsys, data)
     assert code == 1 and kinds(report) == {("replaced", first.name)}
     [problem] = report["problems"]
@@ -674,7 +676,7 @@ def test_torn_chain_line_is_reported_once_and_appends_go_on(
     line that verify reports."""
     clock = [ts("2026-03-29 00:00:00")]
     for seed in (1, 2):
-        w = packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0])
+        w = segments.PacketLogWriter(tmp_path, clock=lambda: clock[0])
         recs = flow(SESSIONS["A"], SID["A"], "2026-03-29 00:45:00", "203.0.113.7", 443 + seed)
         w.write(to_c(recs), len(recs))
         w.close()
@@ -684,7 +686,7 @@ def test_torn_chain_line_is_reported_once_and_appends_go_on(
     torn = good.splitlines(keepends=True)[-1][:40]
     path.write_bytes(good + torn)  # the third link's first 40 bytes, no newline
 
-    w = packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0])
+    w = segments.PacketLogWriter(tmp_path, clock=lambda: clock[0])
     recs = flow(SESSIONS["B"], SID["B"], "2026-03-29 02:00:00", "203.0.113.7", 443)
     w.write(to_c(recs), len(recs))
     w.close()

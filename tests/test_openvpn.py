@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import openvpn as ov
 from relay.errors import RelayError
-from relay.openvpn import Opcode
-from relay.openvpn_link import TLS_CRYPT_KEY, tls_crypt_key
+from relay.protocols import openvpn as ov
+from relay.protocols.openvpn import Opcode
+from relay.serve.openvpn_link import TLS_CRYPT_KEY, tls_crypt_key
 from relay.tlsconf import server_context
 
 T0 = 1000.0

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from packetlog_synth import make_records, to_c
 
-from relay import packetlog
-from relay.blockcodec_py import decode_block
 from relay.cext import ffi, lib
+from relay.packetlog import segments
+from relay.packetlog.blockcodec_py import decode_block
 
 T0 = 1_700_000_000.0  # an hour boundary (UTC 22:13:20 is not; see rotation test)
 HOUR = 3600
@@ -73,8 +73,8 @@ def test_codec_any_records(recs: list[dict[str, Any]]) -> None:
 
 
 def _write(data: Path, recs: list[dict[str, Any]], clock: list[float],
-           audit: list[dict[str, Any]] | None = None) -> packetlog.PacketLogWriter:
-    w = packetlog.PacketLogWriter(data, clock=lambda: clock[0],
+           audit: list[dict[str, Any]] | None = None) -> segments.PacketLogWriter:
+    w = segments.PacketLogWriter(data, clock=lambda: clock[0],
                                   audit=(audit.append if audit is not None else None))
     w.open()
     arr = to_c(recs)
@@ -87,22 +87,22 @@ def test_write_read_filters_and_modes(tmp_path: Path) -> None:
     recs = make_records(20000, sessions=4, start_ns=int(T0 * 1e9))
     w = _write(tmp_path, recs, clock)
     w.close()
-    d = packetlog.packets_dir(tmp_path)
+    d = segments.packets_dir(tmp_path)
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     files = list(d.iterdir())
     assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
-    got = list(packetlog.iter_records(tmp_path))
+    got = list(segments.iter_records(tmp_path))
     assert len(got) == len(recs)
     assert got[0]["time"].endswith("Z") and got[0]["flags"] == "SYN"
-    sid = packetlog.session_str(recs[0]["session_id"])
+    sid = segments.session_str(recs[0]["session_id"])
     mine = [r for r in got if r["session_id"] == sid]
-    assert list(packetlog.iter_records(tmp_path, session=sid)) == mine
+    assert list(segments.iter_records(tmp_path, session=sid)) == mine
     mid = recs[10000]["time_ns"] / 1e9
-    later = list(packetlog.iter_records(tmp_path, start=mid))
-    assert later and all(packetlog.parse_time(r["time"]).timestamp() >= mid - 1e-6
+    later = list(segments.iter_records(tmp_path, start=mid))
+    assert later and all(segments.parse_time(r["time"]).timestamp() >= mid - 1e-6
                          for r in later)
-    assert len(later) + len(list(packetlog.iter_records(tmp_path, end=mid))) == len(recs)
-    idx = packetlog.segment_index(files[0])
+    assert len(later) + len(list(segments.iter_records(tmp_path, end=mid))) == len(recs)
+    idx = segments.segment_index(files[0])
     assert idx and sid in idx["sessions"] and "198.18.1.2" in idx["client_ips"]
 
 
@@ -110,35 +110,35 @@ def test_index_skips_segments_without_decompressing(tmp_path: Path) -> None:
     clock = [T0]
     w = _write(tmp_path, make_records(3000, sessions=2, seed=1), clock)
     w.close()
-    first = next(packetlog.packets_dir(tmp_path).iterdir())
+    first = next(segments.packets_dir(tmp_path).iterdir())
     clock[0] += HOUR
     w = _write(tmp_path, make_records(3000, sessions=2, seed=2), clock)
     w.close()
     # Break the first segment's blocks but not its index: a query its index rules
     # out must not touch them, one it allows must report them.
     data = bytearray(first.read_bytes())
-    data[packetlog.FILE_HEADER.size + packetlog.BLOCK_FRAME_LEN + 10] ^= 0xFF
+    data[segments.FILE_HEADER.size + segments.BLOCK_FRAME_LEN + 10] ^= 0xFF
     first.write_bytes(bytes(data))
-    other = packetlog.session_str(make_records(10, sessions=2, seed=2)[0]["session_id"])
+    other = segments.session_str(make_records(10, sessions=2, seed=2)[0]["session_id"])
     errors: list[tuple[str, str]] = []
-    got = list(packetlog.iter_records(tmp_path, session=other,
+    got = list(segments.iter_records(tmp_path, session=other,
                                       on_error=lambda p, r: errors.append((p, r))))
     assert got and not errors
-    list(packetlog.iter_records(tmp_path, on_error=lambda p, r: errors.append((p, r))))
+    list(segments.iter_records(tmp_path, on_error=lambda p, r: errors.append((p, r))))
     assert errors and "checksum" in errors[0][1]
 
 
 def test_hourly_rotation(tmp_path: Path) -> None:
     clock = [float(int(T0) // HOUR * HOUR)]
     audit: list[dict[str, Any]] = []
-    w = packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0], audit=audit.append)
+    w = segments.PacketLogWriter(tmp_path, clock=lambda: clock[0], audit=audit.append)
     w.open()
     recs = make_records(100)
     for _ in range(3):
         w.write(to_c(recs), len(recs))
         clock[0] += HOUR
         w.tick()
-    names = sorted(p.name for p in packetlog.packets_dir(tmp_path).iterdir())
+    names = sorted(p.name for p in segments.packets_dir(tmp_path).iterdir())
     assert len(names) == 3 and all(n.endswith(".rpl") for n in names)
     assert [a["action"] for a in audit] == ["packetlog-rotate"] * 3
 
@@ -154,29 +154,29 @@ def test_crash_loses_only_unsynced_tail_and_is_recovered(tmp_path: Path) -> None
     os.close(w._seg.fd)  # the process dies: no close, no index
     # A torn third block: its header and half its payload reached the disk.
     with open(path, "ab") as f:
-        f.write(packetlog.BLOCK_HEADER.pack(packetlog.BLOCK_MAGIC, 5, 0, 0, 9, 100, 0)
+        f.write(segments.BLOCK_HEADER.pack(segments.BLOCK_MAGIC, 5, 0, 0, 9, 100, 0)
                 + b"\0\0\0\0" + b"x" * 50)
     # Meanwhile the open segment reads fine (torn tail of a live file is normal).
     errors: list[tuple[str, str]] = []
-    assert len(list(packetlog.iter_records(tmp_path, on_error=lambda p, r: errors.append(
+    assert len(list(segments.iter_records(tmp_path, on_error=lambda p, r: errors.append(
         (p, r))))) == 9000 and not errors
     audit: list[dict[str, Any]] = []
-    w2 = packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0], audit=audit.append)
+    w2 = segments.PacketLogWriter(tmp_path, clock=lambda: clock[0], audit=audit.append)
     recovered = w2.open()
     assert recovered == audit
     assert recovered[0]["action"] == "packetlog-recover" and recovered[0]["records"] == 9000
-    assert recovered[0]["truncated_bytes"] == packetlog.BLOCK_FRAME_LEN + 50
-    got = list(packetlog.iter_records(tmp_path, on_error=lambda p, r: errors.append((p, r))))
+    assert recovered[0]["truncated_bytes"] == segments.BLOCK_FRAME_LEN + 50
+    got = list(segments.iter_records(tmp_path, on_error=lambda p, r: errors.append((p, r))))
     assert len(got) == 9000 and not errors
-    assert not list(packetlog.packets_dir(tmp_path).glob("*.open"))
+    assert not list(segments.packets_dir(tmp_path).glob("*.open"))
 
 
 def test_unrecoverable_open_segment_is_set_aside(tmp_path: Path) -> None:
-    d = packetlog.packets_dir(tmp_path)
+    d = segments.packets_dir(tmp_path)
     d.mkdir(parents=True)
     (d / "seg-20240101T000000Z.rpl.open").write_bytes(b"garbage")
     audit: list[dict[str, Any]] = []
-    packetlog.PacketLogWriter(tmp_path, audit=audit.append).open()
+    segments.PacketLogWriter(tmp_path, audit=audit.append).open()
     assert audit[0]["action"] == "packetlog-corrupt"
     assert (d / "seg-20240101T000000Z.rpl.open.corrupt").exists()
 
@@ -187,18 +187,18 @@ def test_reader_reports_corrupt_and_truncated_segments_and_carries_on(tmp_path: 
     for seed in (1, 2, 3):
         w = _write(tmp_path, make_records(9000, seed=seed), clock)
         w.close()
-        paths = sorted(packetlog.packets_dir(tmp_path).iterdir())
+        paths = sorted(segments.packets_dir(tmp_path).iterdir())
         clock[0] += HOUR
     # Segment 1: a flipped byte in its second block; segment 2: cut mid-block.
     data = bytearray(paths[0].read_bytes())
-    second_block = packetlog.segment_index(paths[0])["blocks"][1][0]
-    data[second_block + packetlog.BLOCK_FRAME_LEN + 5] ^= 0x55
+    second_block = segments.segment_index(paths[0])["blocks"][1][0]
+    data[second_block + segments.BLOCK_FRAME_LEN + 5] ^= 0x55
     paths[0].write_bytes(bytes(data))
     size = paths[1].stat().st_size
     with open(paths[1], "r+b") as f:
         f.truncate(size // 2)
     errors: list[tuple[str, str]] = []
-    got = list(packetlog.iter_records(tmp_path, on_error=lambda p, r: errors.append((p, r))))
+    got = list(segments.iter_records(tmp_path, on_error=lambda p, r: errors.append((p, r))))
     reported = {p for p, _ in errors}
     assert str(paths[0]) in reported and str(paths[1]) in reported
     # Segment 1's first block, segment 2's intact blocks, all of segment 3.
@@ -210,7 +210,7 @@ def test_bytes_per_record_vs_pcap(tmp_path: Path) -> None:
     recs = make_records(50000, sessions=8)
     w = _write(tmp_path, recs, clock)
     w.close()
-    disk = packetlog.disk_use(tmp_path)
+    disk = segments.disk_use(tmp_path)
     # pcap: 24-byte file header, 16 bytes per packet, the frame cut at 96 bytes
     # (Ethernet 14 + IPv4 20 + TCP with timestamps 32 + payload).
     pcap = 24 + sum(16 + min(96, 14 + 20 + 32 + r["payload_len"]) for r in recs)
@@ -218,11 +218,11 @@ def test_bytes_per_record_vs_pcap(tmp_path: Path) -> None:
 
 
 def _keys(data: Path) -> list[tuple[str, int, int]]:
-    return sorted((r["time"], r["seq"], r["src_port"]) for r in packetlog.iter_records(data))
+    return sorted((r["time"], r["seq"], r["src_port"]) for r in segments.iter_records(data))
 
 
 def _expected(*runs: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
-    return sorted((packetlog.rfc3339_ns(r["time_ns"]), r["seq"], r["src_port"])
+    return sorted((segments.rfc3339_ns(r["time_ns"]), r["seq"], r["src_port"])
                   for recs in runs for r in recs)
 
 
@@ -234,24 +234,24 @@ def test_restart_within_the_hour_then_crash_loses_nothing(tmp_path: Path) -> Non
     first = make_records(1000, seed=1, start_ns=int(clock[0] * 1e9))
     w = _write(tmp_path, first, clock)
     w.close()
-    [closed] = packetlog.segment_files(tmp_path)
+    [closed] = segments.segment_files(tmp_path)
     digest = closed.read_bytes()
 
     clock[0] += 600  # the same hour
     second = make_records(3000, seed=2, start_ns=int(clock[0] * 1e9))
     w = _write(tmp_path, second, clock)
-    clock[0] += packetlog.FLUSH_INTERVAL
+    clock[0] += segments.FLUSH_INTERVAL
     w.tick()
     assert w.current_path is not None and w.current_path.name != closed.name + ".open"
     del w  # the crash: no close, no index
 
     audit: list[dict[str, Any]] = []
-    packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0], audit=audit.append).open()
+    segments.PacketLogWriter(tmp_path, clock=lambda: clock[0], audit=audit.append).open()
     assert [a["action"] for a in audit] == ["packetlog-recover"]
     assert audit[0]["records"] == 3000
     assert closed.read_bytes() == digest
     assert _keys(tmp_path) == _expected(first, second)
-    names = [p.name for p in packetlog.segment_files(tmp_path)]
+    names = [p.name for p in segments.segment_files(tmp_path)]
     # Named by the period, then by the restart's own start: in time order.
     assert names == ["seg-20231114T220000Z.rpl", "seg-20231114T221100Z.rpl"]
 
@@ -263,7 +263,7 @@ def test_recovery_never_renames_over_a_closed_segment(tmp_path: Path) -> None:
     first = make_records(1000, seed=1, start_ns=int(clock[0] * 1e9))
     w = _write(tmp_path, first, clock)
     w.close()
-    [closed] = packetlog.segment_files(tmp_path)
+    [closed] = segments.segment_files(tmp_path)
     clock[0] += 300
     second = make_records(2000, seed=2, start_ns=int(clock[0] * 1e9))
     w = _write(tmp_path, second, clock)
@@ -274,11 +274,11 @@ def test_recovery_never_renames_over_a_closed_segment(tmp_path: Path) -> None:
     del w
 
     audit: list[dict[str, Any]] = []
-    packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0], audit=audit.append).open()
+    segments.PacketLogWriter(tmp_path, clock=lambda: clock[0], audit=audit.append).open()
     assert audit[0]["from"] == str(legacy) and audit[0]["file"] != str(closed)
     assert _keys(tmp_path) == _expected(first, second)
     # The chain holds both segments' own links, and verify finds nothing wrong.
-    from relay import evidence
+    from relay.investigate import evidence
 
     report = evidence.verify(tmp_path)
     assert report.ok, report.problems
@@ -292,19 +292,19 @@ def test_interrupted_link_fallback_is_finished_not_duplicated(tmp_path: Path) ->
     recs = make_records(500)
     w = _write(tmp_path, recs, clock)
     w.close()
-    [closed] = packetlog.segment_files(tmp_path)
+    [closed] = segments.segment_files(tmp_path)
     os.link(closed, closed.with_name(closed.name + ".open"))
-    packetlog.PacketLogWriter(tmp_path, clock=lambda: clock[0]).open()
-    assert [p.name for p in packetlog.segment_files(tmp_path)] == [closed.name]
+    segments.PacketLogWriter(tmp_path, clock=lambda: clock[0]).open()
+    assert [p.name for p in segments.segment_files(tmp_path)] == [closed.name]
     assert len(_keys(tmp_path)) == 500
 
 
 def test_corrupt_leftover_never_replaces_an_earlier_one(tmp_path: Path) -> None:
-    d = packetlog.packets_dir(tmp_path)
+    d = segments.packets_dir(tmp_path)
     d.mkdir(parents=True)
     (d / "seg-20240101T000000Z.rpl.open.corrupt").write_bytes(b"first")
     (d / "seg-20240101T000000Z.rpl.open").write_bytes(b"second")
-    packetlog.PacketLogWriter(tmp_path).open()
+    segments.PacketLogWriter(tmp_path).open()
     assert (d / "seg-20240101T000000Z.rpl.open.corrupt").read_bytes() == b"first"
     assert (d / "seg-20240101T000000Z.rpl.open.1.corrupt").read_bytes() == b"second"
 
@@ -314,8 +314,8 @@ def test_metrics_read_cached_disk_use_without_listing(tmp_path: Path,
     """Issue 13 item 10: a /metrics scrape lists no directory; the counts follow the
     writer's closes at once and retention's archives after its pass."""
     from relay.config import Config
-    from relay.recording import Recording
-    from relay.retention import Retention
+    from relay.packetlog.recording import Recording
+    from relay.packetlog.retention import Retention
 
     rec = Recording(Config().with_data_dir(tmp_path), "relay0", audit=lambda r: None)
     clock = [float(int(T0) // HOUR * HOUR)]
@@ -343,7 +343,7 @@ def test_metrics_read_cached_disk_use_without_listing(tmp_path: Path,
         for obj, name in ((os, "scandir"), (os, "listdir"), (Path, "iterdir"), (Path, "glob")):
             m.setattr(obj, name, no_listing)
         got = gauges()
-    assert got == {"relay_packetlog_bytes": packetlog.disk_use(tmp_path),
+    assert got == {"relay_packetlog_bytes": segments.disk_use(tmp_path),
                    "relay_packetlog_segments": 4}
 
     # Retention archives the three closed ones in its worker thread, then recounts.
@@ -352,6 +352,6 @@ def test_metrics_read_cached_disk_use_without_listing(tmp_path: Path,
     rec.retention = Retention(tmp_path, audit=lambda r: None, clock=lambda: clock[0],
                               disk_free=lambda: 1 << 40)
     rec._retention_pass()
-    assert len(list(packetlog.packets_dir(tmp_path).glob("*.rpa"))) == 4
-    assert gauges() == {"relay_packetlog_bytes": packetlog.disk_use(tmp_path),
+    assert len(list(segments.packets_dir(tmp_path).glob("*.rpa"))) == 4
+    assert gauges() == {"relay_packetlog_bytes": segments.disk_use(tmp_path),
                         "relay_packetlog_segments": 4}

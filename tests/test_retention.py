@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from packetlog_synth import make_records, to_c
 
-from relay import packetlog
-from relay.retention import DAY, SEARCHABLE_SECONDS, Retention
+from relay.packetlog import segments
+from relay.packetlog.retention import DAY, SEARCHABLE_SECONDS, Retention
 
 START = 1_700_006_400.0  # a UTC midnight + 6 h multiple
 SEGMENT = 6 * 3600       # rotation under test every 6 h: 60 segments in 15 days
@@ -21,7 +21,7 @@ def _simulate(tmp_path: Path, retention_kw: dict[str, Any]) -> tuple[
         list[dict[str, Any]], list[float], Retention, int]:
     clock = [START]
     audit: list[dict[str, Any]] = []
-    w = packetlog.PacketLogWriter(tmp_path, segment_seconds=SEGMENT,
+    w = segments.PacketLogWriter(tmp_path, segment_seconds=SEGMENT,
                                   clock=lambda: clock[0], audit=audit.append)
     w.open()
     ret = Retention(tmp_path, audit=audit.append, clock=lambda: clock[0], **retention_kw)
@@ -35,9 +35,9 @@ def _simulate(tmp_path: Path, retention_kw: dict[str, Any]) -> tuple[
         ret.run()
         # Invariant at every step: nothing with records younger than 14 days is
         # archived or deleted.
-        for p in packetlog.packets_dir(tmp_path).iterdir():
-            if p.name.endswith(packetlog.ARCHIVE_SUFFIX):
-                assert clock[0] - packetlog.segment_index(p)["t_max"] / 1e9 >= SEARCHABLE_SECONDS
+        for p in segments.packets_dir(tmp_path).iterdir():
+            if p.name.endswith(segments.ARCHIVE_SUFFIX):
+                assert clock[0] - segments.segment_index(p)["t_max"] / 1e9 >= SEARCHABLE_SECONDS
     w.close()
     return audit, clock, ret, total
 
@@ -50,13 +50,13 @@ def test_archive_after_14_days_and_still_readable(tmp_path: Path) -> None:
     for a in archives:
         assert a["records"] == PER_SEGMENT and Path(a["archive"]).exists()
         assert not Path(a["file"]).exists()
-    d = packetlog.packets_dir(tmp_path)
-    segs = list(d.glob("*" + packetlog.SEGMENT_SUFFIX))
+    d = segments.packets_dir(tmp_path)
+    segs = list(d.glob("*" + segments.SEGMENT_SUFFIX))
     assert len(segs) + len(archives) == 60
-    assert all(clock[0] - packetlog.segment_index(p)["t_max"] / 1e9 < SEARCHABLE_SECONDS
+    assert all(clock[0] - segments.segment_index(p)["t_max"] / 1e9 < SEARCHABLE_SECONDS
                for p in segs)
     # Archives are in the same format: every record is still there.
-    assert sum(1 for _ in packetlog.iter_records(tmp_path)) == total
+    assert sum(1 for _ in segments.iter_records(tmp_path)) == total
     assert not [a for a in audit if a["action"] == "packetlog-delete"]
     assert ret.disk_too_full() is False
 
@@ -74,9 +74,9 @@ def test_delete_after_configured_age(tmp_path: Path) -> None:
 def test_disk_guard_deletes_oldest_archives_only(tmp_path: Path) -> None:
     free = [10 << 30]
     _, _, ret, _ = _simulate(tmp_path, {"disk_free": lambda: free[0]})
-    d = packetlog.packets_dir(tmp_path)
-    archives = sorted(d.glob("*" + packetlog.ARCHIVE_SUFFIX))
-    segments = sorted(d.glob("*" + packetlog.SEGMENT_SUFFIX))
+    d = segments.packets_dir(tmp_path)
+    archives = sorted(d.glob("*" + segments.ARCHIVE_SUFFIX))
+    segs = sorted(d.glob("*" + segments.SEGMENT_SUFFIX))
     assert len(archives) >= 3
     # The disk fills up: each deletion frees the file's size.
     free[0] = ret.min_free_bytes - archives[0].stat().st_size - 1
@@ -90,10 +90,10 @@ def test_disk_guard_deletes_oldest_archives_only(tmp_path: Path) -> None:
     done = ret.run()
     assert [a["file"] for a in done] == [str(p) for p in archives[:2]]
     assert all(a["reason"] == "disk guard" for a in done)
-    assert all(p.exists() for p in segments)  # younger than 14 days: never touched
+    assert all(p.exists() for p in segs)  # younger than 14 days: never touched
     # With no archive left to delete the guard stops, and sessions are refused.
     ret.disk_free = lambda: 1 << 20
     ret.run()
-    assert not list(d.glob("*" + packetlog.ARCHIVE_SUFFIX))
-    assert all(p.exists() for p in segments)
+    assert not list(d.glob("*" + segments.ARCHIVE_SUFFIX))
+    assert all(p.exists() for p in segs)
     assert ret.disk_too_full() is True and "refusing new sessions" in ret.why_refused()

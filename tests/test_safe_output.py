@@ -407,7 +407,11 @@ def test_verify_bundle_malformed_manifest(capsys: pytest.CaptureFixture[str],
 
 def test_verify_bundle_not_a_bundle(capsys: pytest.CaptureFixture[str],
                                     members: dict[str, bytes], tmp_path: Path) -> None:
-    from relay.evidence import MAX_BUNDLE_ENTRIES, MAX_MANIFEST_BYTES, MAX_TAR_HEADER_BYTES
+    from relay.investigate.evidence import (
+        MAX_BUNDLE_ENTRIES,
+        MAX_MANIFEST_BYTES,
+        MAX_TAR_HEADER_BYTES,
+    )
 
     good = list(members.items())
     cases: dict[str, tuple[list[Entry], str]] = {
@@ -518,7 +522,8 @@ def test_verify_bundle_memory_is_flat(members: dict[str, bytes], tmp_path: Path)
     assert bundle.stat().st_blocks * 512 < (1 << 20)  # sparse: the test costs no disk
     probe = (
         "import resource, sys, json\n"
-        "from relay import cli, evidence  # imports before the measure\n"
+        "from relay import cli\n"
+        "from relay.investigate import evidence  # imports before the measure\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "code = cli.main(['logs', 'verify-bundle', '--json', sys.argv[1]])\n"
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import syslog5424 as s5
-from relay.hotpath_py import HOST_MAX, Destination
-from relay.sessions import Session
+from relay.protocols import syslog5424 as s5
+from relay.serve.hotpath_py import HOST_MAX, Destination
+from relay.serve.sessions import Session
 
 BASE = {
     "id": "0123456789abcdef01234567",
@@ -272,7 +272,7 @@ def test_any_record_round_trips(rec: dict) -> None:
 
 
 def worst_case_disconnect() -> dict:
-    """A disconnect record as relay.server writes it, with every client-declared
+    """A disconnect record as relay.serve.core writes it, with every client-declared
     string at its cap in the widest characters and 256+ destinations of
     255-character hosts on IPv6 addresses: the largest record a session makes."""
     wide = "\u2028" * 256  # 1 character, 6 bytes once escaped (JSON and SD)

@@ -1,6 +1,6 @@
 """The connection log's way off the host, as ``relay serve`` runs it: the RFC 5425
-forwarder (relay.forwarder) and the local retention of the log
-(relay.connlog_retention), each an asyncio task with its own stop event so that a
+forwarder (relay.connlog.forwarder) and the local retention of the log
+(relay.connlog.retention), each an asyncio task with its own stop event so that a
 reload can restart the forwarder towards a new collector without touching the rest.
 """
 
@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from relay.config import Config, parse_duration
-from relay.connlog_retention import run_connlog_retention
+from relay.connlog.forwarder import Forwarder, make_forwarder, run_forwarder
+from relay.connlog.retention import run_connlog_retention
 from relay.errors import RelayError
-from relay.forwarder import Forwarder, make_forwarder, run_forwarder
 from relay.metrics import Metric
 
 log = logging.getLogger("relay")

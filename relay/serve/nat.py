@@ -1,4 +1,4 @@
-"""The relay's own nftables table ``inet relay``: the egress policy (relay.egress),
+"""The relay's own nftables table ``inet relay``: the egress policy (relay.serve.egress),
 the masquerade towards ``[server] uplink`` when one is set, and IPv4 forwarding.
 
 The table holds only the relay's rules, so installing it replaces a leftover from
@@ -17,9 +17,9 @@ import json
 import logging
 import subprocess
 
-from relay.egress import REASONS, Policy, table_body
 from relay.errors import RelayError
 from relay.metrics import Metric
+from relay.serve.egress import REASONS, Policy, table_body
 
 log = logging.getLogger("relay")
 

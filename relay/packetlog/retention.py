@@ -7,7 +7,7 @@ Time comes from the injected ``clock``, free space from the injected
 
 - Closed segments stay as they are (fully searchable, fast) until their newest
   record is ``compress_after`` old (14 days by default, the issue's minimum), then
-  are re-encoded into an archive (relay.packetlog.archive_segment) and removed.
+  are re-encoded into an archive (relay.packetlog.segments.archive_segment) and removed.
 - With ``delete_after`` set, archives and segments whose newest record is older
   are deleted.
 - When free space falls under ``min_free_bytes``, the oldest archives are deleted
@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from relay import chain, packetlog
+from relay import chain
+from relay.packetlog import segments
 
 DAY = 86400
 # The issue: fully searchable for at least 14 days.
@@ -59,7 +60,7 @@ class Retention:
                  disk_free: Callable[[], int] | None = None) -> None:
         if delete_after is not None and delete_after < SEARCHABLE_SECONDS:
             raise ValueError("delete_after must be at least 14 days")
-        self.dir = packetlog.packets_dir(data_dir)
+        self.dir = segments.packets_dir(data_dir)
         self.chain = chain.chain_path(data_dir, chain.PACKETS_CHAIN)
         self.audit = audit
         self.clock = clock
@@ -71,7 +72,7 @@ class Retention:
 
     def _newest(self, path: Path) -> float:
         """Wall-clock seconds of the file's newest record (mtime without index)."""
-        index = packetlog.segment_index(path)
+        index = segments.segment_index(path)
         if index and index["t_max"] is not None:
             return float(index["t_max"]) / 1e9
         return path.stat().st_mtime
@@ -92,18 +93,18 @@ class Retention:
             self.audit(rec)
 
         now = self.clock()
-        for newest, seg in self._files(packetlog.SEGMENT_SUFFIX):
+        for newest, seg in self._files(segments.SEGMENT_SUFFIX):
             if now - newest < self.compress_after:
                 continue
-            dst = seg.with_name(seg.name.removesuffix(packetlog.SEGMENT_SUFFIX)
-                                + packetlog.ARCHIVE_SUFFIX)
+            dst = seg.with_name(seg.name.removesuffix(segments.SEGMENT_SUFFIX)
+                                + segments.ARCHIVE_SUFFIX)
             before = seg.stat().st_size
             try:
                 # The source's digest as archived: verify compares it with the
                 # segment's own link, so a segment altered before archiving shows.
                 source_sha, _ = chain.file_digest(seg)
-                records, after = packetlog.archive_segment(seg, dst)
-                index = packetlog.segment_index(dst) or {}
+                records, after = segments.archive_segment(seg, dst)
+                index = segments.segment_index(dst) or {}
                 sha, _ = chain.file_digest(dst)
             except (OSError, ValueError) as exc:
                 report({"action": "packetlog-archive-failed", "file": str(seg),
@@ -118,7 +119,7 @@ class Retention:
                     "records": records, "bytes_before": before, "bytes_after": after,
                     "chain_link": link["digest"]})
         if self.delete_after is not None:
-            for suffix in (packetlog.ARCHIVE_SUFFIX, packetlog.SEGMENT_SUFFIX):
+            for suffix in (segments.ARCHIVE_SUFFIX, segments.SEGMENT_SUFFIX):
                 for newest, path in self._files(suffix):
                     if now - newest >= self.delete_after:
                         size = path.stat().st_size
@@ -127,7 +128,7 @@ class Retention:
                                 "bytes": size, "reason": "older than delete_after"})
         free = self.disk_free()
         if free < self.min_free_bytes:
-            for newest, path in self._files(packetlog.ARCHIVE_SUFFIX):
+            for newest, path in self._files(segments.ARCHIVE_SUFFIX):
                 if free >= self.min_free_bytes or now - newest < SEARCHABLE_SECONDS:
                     break
                 size = path.stat().st_size

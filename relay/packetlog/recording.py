@@ -1,14 +1,14 @@
 """The packet-log duty of ``relay serve``: capture, packet log, retention, and the
 audit of capture being switched off and on.
 
-Bundles relay.capture (eBPF on the TAP device, C drain), relay.packetlog (the
-segments) and relay.retention (archive, delete, disk guard) behind the few calls
+Bundles relay.packetlog.capture (eBPF on the TAP device, C drain), relay.packetlog.segments (the
+segments) and relay.packetlog.retention (archive, delete, disk guard) behind the few calls
 the relay core makes: start, add/remove a session, why new sessions must be
 refused, metrics, reload, close.
 
 Threads: pyroute2's synchronous API cannot run inside the running (uv)loop, and
 bcc's compile takes most of a second, so start, close and retention passes run
-in a worker thread; the drain runs on the loop (relay.capture). Audit records
+in a worker thread; the drain runs on the loop (relay.packetlog.capture). Audit records
 raised in a worker thread are handed to the loop thread, the only writer of the
 connection log.
 """
@@ -20,12 +20,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from relay import packetlog
-from relay.capture import Capture, FilterWatcher
 from relay.config import Config, parse_duration
 from relay.metrics import Metric
-from relay.packetlog import PacketLogWriter
-from relay.retention import RUN_INTERVAL, Retention
+from relay.packetlog import segments
+from relay.packetlog.capture import Capture, FilterWatcher
+from relay.packetlog.retention import RUN_INTERVAL, Retention
+from relay.packetlog.segments import PacketLogWriter
 
 log = logging.getLogger("relay")
 
@@ -68,7 +68,7 @@ class Recording:
         await loop.run_in_executor(None, self.watcher.start)
         self._task = asyncio.create_task(self._retention_loop())
         log.info("capture attached to %s (tc clsact ingress and egress), packet log in %s",
-                 self.dev, packetlog.packets_dir(self.data_dir))
+                 self.dev, segments.packets_dir(self.data_dir))
 
     def _on_filter_change(self, attached: bool) -> None:
         action = "logging-on" if attached else "logging-off"
@@ -110,10 +110,10 @@ class Recording:
     def metrics(self) -> list[Metric]:
         st = self.capture.stats()
         # Counts kept by the writer and the retention pass: a scrape lists no directory.
-        seg_bytes, segments = self.writer.usage.totals()
+        seg_bytes, files = self.writer.usage.totals()
         if self.writer.current_path is not None:
             seg_bytes += self.writer.current_size
-            segments += 1
+            files += 1
         drops = Metric("relay_capture_drops_total", "counter",
                        "Capture records lost because the ring buffer was full, by CPU.")
         for cpu, n in enumerate(st["drops_per_cpu"]):
@@ -137,7 +137,7 @@ class Recording:
             Metric("relay_packetlog_bytes", "gauge",
                    "Bytes of packet-log segments and archives on disk.").add(seg_bytes),
             Metric("relay_packetlog_segments", "gauge",
-                   "Packet-log segment and archive files on disk.").add(segments),
+                   "Packet-log segment and archive files on disk.").add(files),
         ]
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ Files
   appended if that is taken too (two starts within a second). A name once used
   by a segment, its archive or its corrupt remains is never used again, and no
   segment is ever renamed over another file;
-- ``seg-YYYYMMDDTHHMMSSZ.rpa`` archives (relay/retention.py): the same format,
+- ``seg-YYYYMMDDTHHMMSSZ.rpa`` archives (relay/packetlog/retention.py): the same format,
   re-encoded in larger blocks at a higher zstd level once a segment is 14 days old;
 - ``*.corrupt`` a segment that could not be recovered, kept for inspection.
 
@@ -39,7 +39,7 @@ time ranges to skip blocks; a segment without a valid trailer is scanned frame b
 frame, and a frame whose CRC fails ends the scan with a report.
 
 Encoded block (before zstd; cext/drain.c writes it, relay_block_decode and
-relay/blockcodec_py.py read it). Varints are LEB128, signed values zigzag::
+relay/packetlog/blockcodec_py.py read it). Varints are LEB128, signed values zigzag::
 
     u8 layout version (1), varint record count n
     varint sessions, each: 16 B session ID, u8 record flags, u8 client family (4/6,
@@ -92,11 +92,11 @@ from typing import Any
 import zstandard
 
 from relay import chain
-from relay.blockcodec_py import BlockError, read_tables
 from relay.cext import ffi, lib
 from relay.fsutil import fsync_dir
+from relay.packetlog.blockcodec_py import BlockError, read_tables
 
-log = logging.getLogger("relay.packetlog")
+log = logging.getLogger("relay.packetlog.segments")
 
 PACKETS_DIR = "packets"
 SEGMENT_SUFFIX = ".rpl"

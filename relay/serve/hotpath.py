@@ -3,7 +3,7 @@ session stamp and destination extraction, in one bounded pass.
 
 :func:`inspect` takes one IP packet (IPv4 or IPv6, no Ethernet header) as a writable
 buffer and the session's 8-character tag, may modify the packet in place, and
-returns an :class:`Inspection`. relay.hotpath_py is its pure-Python twin, with the
+returns an :class:`Inspection`. relay.serve.hotpath_py is its pure-Python twin, with the
 same results, byte for byte.
 
 Rules
@@ -64,7 +64,7 @@ from functools import partial
 from typing import Any
 
 from relay.cext import ffi, lib
-from relay.hotpath_py import (
+from relay.serve.hotpath_py import (
     PLAIN,
     SEEN_LOAD,
     SEEN_SLOTS,

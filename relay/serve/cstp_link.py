@@ -1,6 +1,6 @@
 """The CSTP side of ``relay serve``: the TLS listener and one asyncio protocol per
-client connection, feeding the sans-IO :class:`relay.cstp.CstpServer` and acting
-on its events through the protocol-agnostic :class:`relay.server.Relay`.
+client connection, feeding the sans-IO :class:`relay.protocols.cstp.CstpServer` and acting
+on its events through the protocol-agnostic :class:`relay.serve.core.Relay`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from relay import cstp, rdns
-from relay.sessions import Session, SessionRefused
-from relay.tap import ETH_HLEN
+from relay.protocols import cstp
+from relay.serve import rdns
+from relay.serve.sessions import Session, SessionRefused
+from relay.serve.tap import ETH_HLEN
 from relay.tlsconf import server_context
 
 if TYPE_CHECKING:
-    from relay.server import Relay
+    from relay.serve.core import Relay
 
 log = logging.getLogger("relay")
 

@@ -1,15 +1,15 @@
 """The OpenVPN side of ``relay serve``: a TCP listener and a UDP endpoint on the
 ``[openvpn] listen`` address, one :class:`OpenVPNLink` per client feeding the
-sans-IO :class:`relay.openvpn.OpenVPNServer` and acting on its events through
-the protocol-agnostic :class:`relay.server.Relay`.
+sans-IO :class:`relay.protocols.openvpn.OpenVPNServer` and acting on its events through
+the protocol-agnostic :class:`relay.serve.core.Relay`.
 
 ``dev tun`` clients exchange IP packets, wrapped in Ethernet with the session MAC
 like CSTP's; ``dev tap`` clients exchange whole frames, and the relay pushes
 ``lladdr`` so that the client's tap device takes the session MAC.
 
 Over UDP nothing is kept for a peer until it proves it receives at its address:
-its reset gets the stateless cookie answer of :func:`relay.openvpn.reset_reply`, and
-only a packet that echoes the cookie (:func:`relay.openvpn.check_proof`) makes a
+its reset gets the stateless cookie answer of :func:`relay.protocols.openvpn.reset_reply`, and
+only a packet that echoes the cookie (:func:`relay.protocols.openvpn.check_proof`) makes a
 link, and with it the abuse admission, the reverse lookup, the login deadline and a
 handshake slot. A reset with a new session id from the address of a session heard
 from within the last minute gets no answer (the stock client would take the answer
@@ -30,24 +30,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from relay import openvpn, rdns
 from relay.config import Config, parse_hostport
 from relay.errors import RelayError
 from relay.fsutil import listen_tcp
 from relay.metrics import Metric
-from relay.sessions import Session, SessionRefused
-from relay.tap import ETH_HLEN, mac_str
+from relay.protocols import openvpn
+from relay.serve import rdns
+from relay.serve.sessions import Session, SessionRefused
+from relay.serve.tap import ETH_HLEN, mac_str
 from relay.tlsconf import ensure_self_signed, server_context
 
 if TYPE_CHECKING:
-    from relay.server import Relay
+    from relay.serve.core import Relay
 
 log = logging.getLogger("relay")
 
 PROTOCOL = "OpenVPN"
 ETHERTYPE_IPV4 = b"\x08\x00"
 # Bytes queued towards a slow TCP client before packets to it are dropped
-# (the same router-like queue as CSTP's, see relay.cstp_link).
+# (the same router-like queue as CSTP's, see relay.serve.cstp_link).
 CLIENT_WRITE_HIGH_WATER = 1024 * 1024
 # Datagrams from unknown addresses that are not a client's first packet are
 # dropped; one log line per interval says how many, so a flood cannot fill the log.

@@ -24,7 +24,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any, BinaryIO
 
-from relay.investigate import time_ns
+from relay.investigate.search import time_ns
 
 BT_SHB = 0x0A0D0D0A
 BT_IDB = 0x00000001

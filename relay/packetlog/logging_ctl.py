@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from relay import control, packetlog, tcfilter
+from relay import control
+from relay.packetlog import segments, tcfilter
 
 # status samples the counters over this long to give a rate: one second is what
 # an operator expects "records/s" to mean.
@@ -113,5 +114,5 @@ def logging_status(dev: str, pins: Path | None, *, netns: str | None = None,
         rate = (records - sum(first.records)) / elapsed
         drops = sum(last.drops)
         per_cpu = last.drops
-    disk = packetlog.disk_use(data_dir) if data_dir is not None else None
+    disk = segments.disk_use(data_dir) if data_dir is not None else None
     return Status(dev, ingress and egress, ingress, egress, records, rate, drops, per_cpu, disk)

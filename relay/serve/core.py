@@ -2,7 +2,7 @@
 
 One :class:`Relay` owns the TAP device, the session table, the connection log and
 the listener. Each TCP connection gets a :class:`CstpLink` (an asyncio protocol)
-that feeds the sans-IO :class:`relay.cstp.CstpServer` and acts on its events.
+that feeds the sans-IO :class:`relay.protocols.cstp.CstpServer` and acts on its events.
 Frames the kernel sends into the TAP are routed to a link by destination MAC.
 """
 
@@ -26,22 +26,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from relay import connlog, control, hotpath
-from relay.abuse import Abuse
+from relay import control
 from relay.clienttext import clean
 from relay.config import Config, ConfigError, parse_duration, parse_hostport
-from relay.cstp_link import CstpListener
-from relay.egress import Policy
+from relay.connlog import daylog
+from relay.connlog.shipping import Shipping
 from relay.errors import RelayError
 from relay.fsutil import listen_tcp
 from relay.metrics import Collector, Metric, MetricsServer
-from relay.nat import RelayTable
 from relay.netaddr import canonical_address, canonical_ip
-from relay.openvpn_link import OpenVPNListener
-from relay.rdns import ReverseLookups
-from relay.recording import Recording
-from relay.service import nofile_needed, raise_nofile
-from relay.sessions import (
+from relay.packetlog.recording import Recording
+from relay.serve import hotpath
+from relay.serve.abuse import Abuse
+from relay.serve.cstp_link import CstpListener
+from relay.serve.egress import Policy
+from relay.serve.nat import RelayTable
+from relay.serve.openvpn_link import OpenVPNListener
+from relay.serve.rdns import ReverseLookups
+from relay.serve.sessions import (
     CHECKPOINT_INTERVAL_S,
     AddressPool,
     Journal,
@@ -50,8 +52,8 @@ from relay.sessions import (
     SessionTable,
     tags_in_log,
 )
-from relay.shipping import Shipping
-from relay.tap import ETH_HLEN, Tap
+from relay.serve.tap import ETH_HLEN, Tap
+from relay.service import nofile_needed, raise_nofile
 
 log = logging.getLogger("relay")
 
@@ -122,7 +124,7 @@ class Relay:
         self.nat: RelayTable | None = None
         self.listener: socket.socket | None = None
         self.openvpn: OpenVPNListener | None = None
-        self.connlog: connlog.ConnectionLog | None = None
+        self.connlog: daylog.ConnectionLog | None = None
         self.control: asyncio.AbstractServer | None = None
         self.metrics: MetricsServer | None = None
         self.recording: Recording | None = None
@@ -136,8 +138,8 @@ class Relay:
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        connlog.ensure_dir(self.data_dir)
-        self.connlog = connlog.ConnectionLog(self.data_dir)
+        daylog.ensure_dir(self.data_dir)
+        self.connlog = daylog.ConnectionLog(self.data_dir)
         self.journal = Journal(self.data_dir)
         self.abuse = Abuse(self.cfg.abuse, self.data_dir, self.audit, time.time)
         self._close_leftover_sessions()
@@ -234,7 +236,7 @@ class Relay:
             {**record, "server": {"id": self.cfg.server.id, "hostname": self.hostname}})
         if record["action"] == "ban":
             log.warning("banned %s until %s: %s", record["network"],
-                        connlog.rfc3339_ms(record["until"]), record["reason"])
+                        daylog.rfc3339_ms(record["until"]), record["reason"])
             network = ipaddress.ip_network(record["network"])
             for link in list(self.all_links):
                 if canonical_address(link.peer_ip) in network:
@@ -420,7 +422,7 @@ class Relay:
                 path.unlink(missing_ok=True)
                 continue
             connect = entry["connect"]
-            started = connlog.parse_rfc3339(connect.get("time", connlog.rfc3339_ms(time.time())))
+            started = daylog.parse_rfc3339(connect.get("time", daylog.rfc3339_ms(time.time())))
             record = _disconnect_fields(connect)
             record.update(
                 {key: entry.get(key)
@@ -532,7 +534,7 @@ class Relay:
             "client_software": {key: clean(value) for key, value in software.items()},
             "virtual_ip": s.virtual_ip,
         })
-        s.started = connlog.parse_rfc3339(s.connect_record["time"])
+        s.started = daylog.parse_rfc3339(s.connect_record["time"])
         self.journal.write(s)
         self.links[s.mac] = link
         self.stats.sessions_total[protocol] += 1

@@ -1,7 +1,7 @@
 """The capture's tc filters and pinned BPF objects: attach, detach, look up.
 
-Shared by the relay (relay/capture.py) and the separate ``relay logging`` command
-(relay/logging_ctl.py): both name the same pinned programs under
+Shared by the relay (relay/packetlog/capture.py) and the separate ``relay logging`` command
+(relay/packetlog/logging_ctl.py): both name the same pinned programs under
 ``/sys/fs/bpf/relay/<dev>/`` and the same two filters, so either can remove or
 restore what the other made. Operators see the filters with
 ``tc filter show dev relay0 ingress`` (and ``egress``) as ``relay_capture_in`` /
@@ -12,7 +12,7 @@ fresh /sys, where /sys/fs/bpf is an empty sysfs directory, not the host's bpffs;
 a bpffs mounted there is a new instance that no other ``ip netns exec`` sees.
 So the relay mounts a bpffs of its own wherever the configured path has none
 (:func:`ensure_bpffs`), and ``relay logging`` reaches the pins through the
-relay's own view of the file system, ``/proc/PID/root`` (relay/logging_ctl.py).
+relay's own view of the file system, ``/proc/PID/root`` (relay/packetlog/logging_ctl.py).
 """
 
 from __future__ import annotations

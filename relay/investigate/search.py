@@ -26,10 +26,12 @@ from typing import Any, TextIO
 
 import zstandard
 
-from relay import chain, connlog, packetlog
-from relay.blockcodec_py import BlockError
+from relay import chain
+from relay.connlog import daylog
 from relay.errors import RelayError
 from relay.netaddr import AddressError, canonical_ip
+from relay.packetlog import segments
+from relay.packetlog.blockcodec_py import BlockError
 from relay.timeparse import format_in, format_utc
 
 # A full session ID (secrets.token_urlsafe(16)); shorter values are prefixes, as
@@ -187,7 +189,7 @@ def normalize_ip(text: str | None, what: str) -> str | None:
 
 def _day_range(path: Path) -> date | None:
     try:
-        return date.fromisoformat(connlog.day_of(path))
+        return date.fromisoformat(daylog.day_of(path))
     except ValueError:
         return None
 
@@ -218,7 +220,7 @@ def find_sessions(data_dir: Path, q: Query, on_error: Callable[[str], None] | No
     # known here, matching or not (search must not mistake it for one the log lost).
     _, hi = q.packet_window
     hi_day = datetime.fromtimestamp(hi, UTC).date() if hi is not None else None
-    for path in connlog.day_files(data_dir):
+    for path in daylog.day_files(data_dir):
         day = _day_range(path)
         after = hi_day is not None and day is not None and day > hi_day
         if after and all(r.disconnect for r in rows.values()):
@@ -242,7 +244,7 @@ def find_sessions(data_dir: Path, q: Query, on_error: Callable[[str], None] | No
 def _session_records(path: Path,
                      on_error: Callable[[str], None] | None) -> Iterator[dict[str, Any]]:
     try:
-        f = connlog.open_day(path)
+        f = daylog.open_day(path)
     except (OSError, zstandard.ZstdError) as exc:
         if on_error:
             on_error(f"{path}: {exc}")
@@ -307,7 +309,7 @@ def segments_in_window(data_dir: Path, lo_ns: int | None,
     cat = _catalogue(data_dir)
     keep: list[Path] = []
     skipped = 0
-    for path in packetlog.segment_files(data_dir):
+    for path in segments.segment_files(data_dir):
         link = cat.get(path.name)
         if link is not None and link.get("size") == _size(path):
             t_min, t_max = link.get("t_min"), link.get("t_max")
@@ -371,13 +373,13 @@ def scan_packets(data_dir: Path, q: Query, *, sessions: set[str] | None = None,
         progress.total = len(paths)
     full_session = q.session if q.session and len(q.session) == SESSION_ID_LEN else None
     # packetlog's per-segment reader, so that this module picks the segments.
-    dec = packetlog._Decoder()
+    dec = segments._Decoder()
     for i, path in enumerate(paths):
         if progress is not None:
             progress.step(i)
         try:
-            recs = packetlog._iter_segment(
-                path, dec, packetlog.session_raw(full_session) if full_session else None,
+            recs = segments._iter_segment(
+                path, dec, segments.session_raw(full_session) if full_session else None,
                 full_session, lo, hi, q.client_ip, q.dst_ip, on_error)
             for rec in recs:
                 sid = rec["session_id"]

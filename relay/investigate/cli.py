@@ -51,10 +51,11 @@ def _filters(p: argparse.ArgumentParser) -> None:
 
 def query_of(args: argparse.Namespace) -> tuple[Any, Any]:
     """(investigate.Query, tzinfo) from the filter options."""
-    from relay import investigate, timeparse
+    from relay import timeparse
+    from relay.investigate import search
 
     tz = timeparse.parse_zone(args.tz)
-    q = investigate.Query()
+    q = search.Query()
     if args.at and (args.start or args.end):
         raise RelayError("give --at or --from/--to, not both")
     if not (math.isfinite(args.slack) and args.slack >= 0):
@@ -70,10 +71,10 @@ def query_of(args: argparse.Namespace) -> tuple[Any, Any]:
         q.hi = timeparse.parse_time(args.end, tz, "--to").timestamp()
     if q.lo is not None and q.hi is not None and q.hi <= q.lo:
         raise RelayError("the window is empty: --to must be after --from")
-    q.server_ip = investigate.normalize_ip(args.server_ip, "--server-ip")
-    q.client_ip = investigate.normalize_ip(args.client_ip, "--client-ip")
+    q.server_ip = search.normalize_ip(args.server_ip, "--server-ip")
+    q.client_ip = search.normalize_ip(args.client_ip, "--client-ip")
     if args.dst:
-        q.dst_ip, q.dst_port = investigate.parse_dst(args.dst)
+        q.dst_ip, q.dst_port = search.parse_dst(args.dst)
     q.host = args.host.lower().rstrip(".") if args.host else None
     q.session = args.session
     return q, tz
@@ -90,19 +91,19 @@ def _output(path: str | None, binary: bool = False) -> Iterator[IO[Any]]:
 
 
 def cmd_search(args: argparse.Namespace, data_dir: Path) -> int:
-    from relay import investigate
+    from relay.investigate import search
 
     q, tz = query_of(args)
     fmt = "json" if args.json else args.format
-    rows, _ = investigate.search(data_dir, q, on_error=_warn,
-                                 progress=investigate.Progress(0))
-    dicts = [investigate.row_dict(r, tz) for r in rows]
+    rows, _ = search.search(data_dir, q, on_error=_warn,
+                                 progress=search.Progress(0))
+    dicts = [search.row_dict(r, tz) for r in rows]
     with _output(args.output) as out:
         if fmt == "json":
             for d in dicts:
                 out.write(json_text(d) + "\n")
         elif fmt == "csv":
-            fields = list(investigate.row_dict(investigate.SessionRow(""), tz))
+            fields = list(search.row_dict(search.SessionRow(""), tz))
             w = csv.writer(out)
             w.writerow(fields)
             w.writerows([csv_cell(d[f]) for f in fields] for d in dicts)
@@ -126,13 +127,13 @@ def _table(out: IO[str], dicts: list[dict[str, Any]]) -> None:
 
 
 def cmd_export_pcap(args: argparse.Namespace, data_dir: Path) -> int:
-    from relay import investigate, pcapng
+    from relay.investigate import pcapng, search
 
     q, _ = query_of(args)
     if not args.output:
         raise RelayError("export-pcap needs -o FILE (pcapng)")
-    rows, kept = investigate.search(data_dir, q, on_error=_warn,
-                                    progress=investigate.Progress(0), keep_packets=True)
+    rows, kept = search.search(data_dir, q, on_error=_warn,
+                                    progress=search.Progress(0), keep_packets=True)
     with _output(args.output, binary=True) as out:
         n = pcapng.write(out, (rec for _, rec in kept), app="relay logs export-pcap")
     print(f"{n} packets of {len(rows)} sessions written to {args.output}", file=sys.stderr)
@@ -140,7 +141,7 @@ def cmd_export_pcap(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, data_dir: Path) -> int:
-    from relay import evidence
+    from relay.investigate import evidence
 
     report = evidence.verify(data_dir)
     with _output(args.output) as out:
@@ -152,7 +153,7 @@ def cmd_verify(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def cmd_disclose(args: argparse.Namespace, data_dir: Path) -> int:
-    from relay import evidence
+    from relay.investigate import evidence
 
     q, tz = query_of(args)
     if not args.output:
@@ -165,7 +166,7 @@ def cmd_disclose(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def cmd_verify_bundle(args: argparse.Namespace, data_dir: Path | None) -> int:
-    from relay import evidence
+    from relay.investigate import evidence
 
     report = evidence.verify_bundle(Path(args.bundle), data_dir)
     with _output(args.output) as out:

@@ -1,7 +1,7 @@
 """The egress policy: clients reach the public internet and nothing else.
 
 Every packet a client sends enters the kernel through the TAP device. The relay's
-own nftables table (relay.nat) checks it at the forward hook (towards other hosts)
+own nftables table (relay.serve.nat) checks it at the forward hook (towards other hosts)
 and at the input hook (towards this host), and the first rule that matches decides:
 
 1. ``[egress] deny``: dropped (reason ``deny``). Deny always wins.
@@ -24,7 +24,7 @@ own connections to clients get no answers either, and a relay without NAT does n
 pay conntrack on every forwarded packet.
 The precedent is VPN Gate: its relays ship the same block list (private ranges,
 link-local, multicast, CGNAT) with DNS allowed. Nothing here runs anything: this
-module renders rules; relay.nat puts them into the kernel.
+module renders rules; relay.serve.nat puts them into the kernel.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Packet capture on the TAP device: the eBPF programs, the session map, the drain.
 
 ``Capture`` compiles ebpf/capture.c with bcc, attaches it at tc clsact ingress and
-egress of the device (relay/tcfilter.py), pins programs and maps under
+egress of the device (relay/packetlog/tcfilter.py), pins programs and maps under
 ``/sys/fs/bpf/relay/<dev>/`` for ``relay logging on|off|status`` (mounting a bpffs
 there first when there is none, as under ``ip netns exec``), keeps the
 kernel's session map in step with the relay's sessions, and drains the ring
-buffer in C (cext/drain.c) into a :class:`relay.packetlog.PacketLogWriter`.
+buffer in C (cext/drain.c) into a :class:`relay.packetlog.segments.PacketLogWriter`.
 
 Threads: every method runs on the caller's thread; :meth:`start_drain` hooks the
 drain into an asyncio loop (``add_reader`` on the ring buffer's fd, woken by the
@@ -29,14 +29,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from relay import tcfilter
 from relay.cext import ffi, lib
 from relay.errors import RelayError
-from relay.packetlog import BLOCK_RECORDS, PacketLogWriter, session_raw
+from relay.packetlog import tcfilter
+from relay.packetlog.segments import BLOCK_RECORDS, PacketLogWriter, session_raw
 
-log = logging.getLogger("relay.capture")
+log = logging.getLogger("relay.packetlog.capture")
 
-EBPF_DIR = Path(__file__).resolve().parent.parent / "ebpf"
+EBPF_DIR = Path(__file__).resolve().parents[2] / "ebpf"
 CAPTURE_SOURCE = EBPF_DIR / "capture.c"
 
 # 16 MiB of ring = 149k records of 112 bytes (104 + the ring's 8-byte header):

@@ -17,7 +17,7 @@ Layout under COLLECTOR_DIR (directories 0700, files 0600):
 Identity comes from certificates, never from what a message claims. A sender
 presents a client certificate from ``--ca`` (required unless
 ``--allow-no-client-cert``); its subject CN, when it follows the [server] id
-rule, is the relay id it speaks for (relay.forwarder.identity_of_names). Its
+rule, is the relay id it speaks for (relay.connlog.forwarder.identity_of_names). Its
 records are filed under that id only: a record whose ``server.id`` is another
 is refused (stored under neither), so a sender can only ever write, and
 de-duplicate against, its own store. A record's day is its own ``time`` unless
@@ -32,12 +32,12 @@ records) is refused unless ``--accept-syslog``.
 Delivery confirmation: a relay closes each batch with TLS close_notify; the
 collector answers with its own close_notify only after every line of that
 connection is written and fdatasync'ed, so an answered close means the batch
-is on disk. The collector selects the ALPN id relay.forwarder.CONFIRM_ALPN to
-tell the forwarder that it keeps this promise (see relay.forwarder).
+is on disk. The collector selects the ALPN id relay.connlog.forwarder.CONFIRM_ALPN to
+tell the forwarder that it keeps this promise (see relay.connlog.forwarder).
 
 Duplicate removal keeps, per relay and day, the set of ids already stored,
 rebuilt from the day file when the day is first touched after a start.
-Retention (relay.connlog_retention) compresses days older than a day and
+Retention (relay.connlog.retention) compresses days older than a day and
 deletes days older than ``keep_days`` (at least 90). It runs on the event
 loop's thread, between messages, so that no write can race a compression.
 
@@ -64,10 +64,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from relay import chain, syslog5424
+from relay import chain
 from relay.config import parse_hostport
-from relay.connlog import DIR_MODE, FILE_MODE, SUFFIX, ZST_SUFFIX, ensure_dir, rfc3339_ms
-from relay.connlog_retention import (
+from relay.connlog.daylog import DIR_MODE, FILE_MODE, SUFFIX, ZST_SUFFIX, ensure_dir, rfc3339_ms
+from relay.connlog.forwarder import CONFIRM_ALPN, identity_of_names
+from relay.connlog.retention import (
     DEFAULT_COMPRESS_AFTER_DAYS,
     RETENTION_INTERVAL_S,
     apply_retention,
@@ -75,11 +76,11 @@ from relay.connlog_retention import (
     read_zst,
 )
 from relay.errors import RelayError
-from relay.evidence import Report, _compare, check_links
-from relay.forwarder import CONFIRM_ALPN, identity_of_names
 from relay.fsutil import listen_tcp
+from relay.investigate.evidence import Report, _compare, check_links
+from relay.protocols import syslog5424
 
-log = logging.getLogger("relay.collector")
+log = logging.getLogger("relay.central.collector")
 
 OTHER_SENDERS_DIR = "@syslog"
 CHAIN_DIR = "@chain"

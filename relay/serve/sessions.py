@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay import connlog, hotpath, syslog5424
+from relay.connlog import daylog
 from relay.errors import RelayError
 from relay.fsutil import write_atomic
-from relay.hotpath import Destination
-from relay.tap import random_mac
+from relay.protocols import syslog5424
+from relay.serve import hotpath
+from relay.serve.hotpath import Destination
+from relay.serve.tap import random_mac
 
 TAG_LEN = 8
 JOURNAL_DIR = "sessions"
@@ -39,7 +41,7 @@ MAX_DESTINATIONS = 256
 # would be 80 kB, past its 64 KiB frame). The JSON budget of a record
 # (syslog5424.RECORD_JSON_MAX) less room for every other field of a disconnect
 # record: about 25 values, the client-declared ones at most 256 characters
-# (relay.cstp), at most 6 bytes per character once escaped in JSON.
+# (relay.protocols.cstp), at most 6 bytes per character once escaped in JSON.
 DISCONNECT_OTHER_FIELDS_MAX = 16 << 10
 DESTINATIONS_MAX_BYTES = syslog5424.RECORD_JSON_MAX - DISCONNECT_OTHER_FIELDS_MAX
 # How stale the counters of a killed relay's sessions may be in their
@@ -65,8 +67,8 @@ def tags_in_log(data_dir: Path) -> set[str]:
     """Tags of every session in the retained connection log (a byte scan:
     startup must stay fast with 90 days of records)."""
     tags: set[str] = set()
-    for path in connlog.day_files(data_dir):
-        with connlog.open_day(path) as f:
+    for path in daylog.day_files(data_dir):
+        with daylog.open_day(path) as f:
             tags.update(m.decode() for m in _TAG_IN_LOG.findall(f.read()))
     return tags
 
@@ -196,7 +198,7 @@ class Journal:
     """Open sessions on disk, so a killed relay's sessions still get closed."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.dir = connlog.ensure_dir(Path(data_dir) / JOURNAL_DIR)
+        self.dir = daylog.ensure_dir(Path(data_dir) / JOURNAL_DIR)
 
     def write(self, s: Session) -> None:
         write_atomic(self.dir / f"{s.id}.json",

@@ -1,6 +1,6 @@
 """Pure-Python twin of the C hot path (cext/hotpath.c).
 
-Same signature and byte-identical results as :func:`relay.hotpath.inspect`, whose
+Same signature and byte-identical results as :func:`relay.serve.hotpath.inspect`, whose
 docstring states the rules. It is the reference for the differential tests and the
 baseline of bench/hotpath.py; the datapath uses the C version. Keep the two in
 step: every rule and limit here has its counterpart, with the same name, in C.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 TAG_LEN = 8  # the stamp is the first 8 characters of the session ID
 # A session's remembered destinations (see inspect_batch's ``seen``): room for the
-# 256 a disconnect record lists (relay.sessions.MAX_DESTINATIONS) at the C
+# 256 a disconnect record lists (relay.serve.sessions.MAX_DESTINATIONS) at the C
 # table's 3/4 load bound, 512 * 3 / 4 = 384.
 SEEN_SLOTS = 512
 SEEN_LOAD = SEEN_SLOTS * 3 // 4
@@ -271,7 +271,7 @@ def _ipv6_tcp(p: bytearray, end: int) -> int:
 
 
 def inspect(packet: bytearray, tag: bytes) -> Inspection:
-    """See relay.hotpath.inspect."""
+    """See relay.serve.hotpath.inspect."""
     check_tag(tag)
     p, n = packet, len(packet)
     if n >= IPV4_MIN_HDR and p[0] >> 4 == 4:
@@ -326,7 +326,7 @@ def new_seen() -> set[Destination]:
 
 def inspect_batch(buf: bytearray, spans: array[int], tag: bytes,
                   seen: set[Destination] | None = None) -> BatchInspection:
-    """See relay.hotpath.inspect_batch."""
+    """See relay.serve.hotpath.inspect_batch."""
     check_tag(tag)
     skipped = stamped = ua_missed = 0
     destinations = []

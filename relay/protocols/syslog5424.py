@@ -90,7 +90,7 @@ HEADER_MAX_BYTES = (len("<191>1 ") + TIMESTAMP_MAX + 1 + HOSTNAME_MAX + 1 + len(
 # A record whose JSON is at most this long always travels whole within
 # COLLECTOR_MAX_MESSAGE_SIZE: the frame limit minus the largest header, SD, the
 # space before MSG and the BOM. Producers size what they put in a record by it
-# (relay.sessions: the destinations of a disconnect record).
+# (relay.serve.sessions: the destinations of a disconnect record).
 RECORD_JSON_MAX = COLLECTOR_MAX_MESSAGE_SIZE - HEADER_MAX_BYTES - SD_MAX_BYTES - 1 - len(BOM)
 # If a record is still too big, its JSON strings are cut to this many
 # characters and the record gains "truncated": true (the relay's local log keeps

@@ -3,7 +3,7 @@
 Used by the packet-log writer to read a block's session and address tables (the
 segment index) without a Python pass over its records, and by the tests to check
 the C codec against an independent reading of the layout documented in
-relay/packetlog.py.
+relay/packetlog/segments.py.
 """
 
 from __future__ import annotations

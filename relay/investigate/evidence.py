@@ -33,9 +33,12 @@ from datetime import tzinfo
 from pathlib import Path
 from typing import IO, Any
 
-from relay import chain, connlog, investigate, packetlog, pcapng
-from relay.connlog_retention import day_content
+from relay import chain
+from relay.connlog import daylog
+from relay.connlog.retention import day_content
 from relay.errors import RelayError
+from relay.investigate import pcapng, search
+from relay.packetlog import segments
 from relay.safeout import escape_text, json_text, private_file
 
 BUNDLE_FORMAT = "relay-disclosure-1"
@@ -177,9 +180,9 @@ def verify_packets(data_dir: Path, report: Report) -> None:
     check_links(links, "packets chain", report)
     expected = _packet_state(links, report)
     by_digest = {str(lk.get("sha256")): name for name, lk in expected.items()}
-    on_disk = {p.name: p for p in packetlog.segment_files(data_dir)}
+    on_disk = {p.name: p for p in segments.segment_files(data_dir)}
     for name, p in sorted(on_disk.items()):
-        if name.endswith(packetlog.OPEN_SUFFIX):
+        if name.endswith(segments.OPEN_SUFFIX):
             report.notes.append(f"{name}: being written, chained when it closes")
             continue
         got = chain.file_digest(p)
@@ -200,9 +203,9 @@ def verify_packets(data_dir: Path, report: Report) -> None:
 
 def _day_files(data_dir: Path) -> dict[str, dict[str, Path]]:
     days: dict[str, dict[str, Path]] = {}
-    for p in connlog.day_files(data_dir):
-        kind = "zst" if p.name.endswith(connlog.ZST_SUFFIX) else "plain"
-        days.setdefault(connlog.day_of(p), {})[kind] = p
+    for p in daylog.day_files(data_dir):
+        kind = "zst" if p.name.endswith(daylog.ZST_SUFFIX) else "plain"
+        days.setdefault(daylog.day_of(p), {})[kind] = p
     return days
 
 
@@ -241,7 +244,7 @@ def verify_anchors(data_dir: Path, report: Report) -> None:
     known = {chain.line_digest(line)
              for name in (chain.PACKETS_CHAIN, chain.CONNLOG_CHAIN)
              for line, _ in chain.read_links(chain.chain_path(data_dir, name))}
-    for rec in connlog.iter_records(data_dir):
+    for rec in daylog.iter_records(data_dir):
         head = rec.get("chain_link")
         if isinstance(head, str):
             report.checked["anchors"] += 1
@@ -282,15 +285,15 @@ def _source_links(data_dir: Path, name: str, key: str,
     return out
 
 
-def disclose(data_dir: Path, q: investigate.Query, tz: tzinfo, out: Path, *,
-             on_error: investigate.ErrorReport, argv: list[str]) -> dict[str, Any]:
-    rows, kept = investigate.search(data_dir, q, on_error=on_error, keep_packets=True)
+def disclose(data_dir: Path, q: search.Query, tz: tzinfo, out: Path, *,
+             on_error: search.ErrorReport, argv: list[str]) -> dict[str, Any]:
+    rows, kept = search.search(data_dir, q, on_error=on_error, keep_packets=True)
     packets = [{**rec, "segment": path.name} for path, rec in kept]
     records = [rec for r in rows for rec in (r.connect, r.disconnect) if rec]
     pcap = io.BytesIO()
     pcapng.write(pcap, packets, app="relay logs disclose")
     members = {
-        "sessions.json": json_text([investigate.row_dict(r, tz) for r in rows],
+        "sessions.json": json_text([search.row_dict(r, tz) for r in rows],
                                    indent=1).encode(),
         "connlog.jsonl": b"".join(json_text(r).encode() + b"\n" for r in records),
         "packets.jsonl": b"".join(json.dumps(p).encode() + b"\n" for p in packets),
@@ -304,7 +307,7 @@ def disclose(data_dir: Path, q: investigate.Query, tz: tzinfo, out: Path, *,
         sorted({str(r["time"])[:10] for r in records} - set(day_links))
     manifest = {
         "format": BUNDLE_FORMAT,
-        "created": connlog.rfc3339_ms(time.time()),
+        "created": daylog.rfc3339_ms(time.time()),
         "command": ["relay", *argv],
         "query": {k: v for k, v in vars(q).items() if v is not None},
         "members": {n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)}
@@ -605,10 +608,10 @@ def _against_data_dir(data_dir: Path,
         if "/" in seg or seg in ("", ".", ".."):
             report.problem("unsafe-path", seg, "a segment name that is a path: not looked up")
             continue
-        path = packetlog.packets_dir(data_dir) / seg
+        path = segments.packets_dir(data_dir) / seg
         if not path.exists():  # archived since: the archive link names it as source
-            path = path.with_name(seg.removesuffix(packetlog.SEGMENT_SUFFIX)
-                                  + packetlog.ARCHIVE_SUFFIX)
+            path = path.with_name(seg.removesuffix(segments.SEGMENT_SUFFIX)
+                                  + segments.ARCHIVE_SUFFIX)
         if path.name in bad_files or not path.exists():
             report.problem("missing", seg, "source segment absent or failing verify")
             continue
@@ -634,8 +637,8 @@ def _against_data_dir(data_dir: Path,
 
 def _segment_records(path: Path) -> Counter[str]:
     held: Counter[str] = Counter()
-    dec = packetlog._Decoder()
-    for rec in packetlog._iter_segment(path, dec, None, None, None, None, None, None,
+    dec = segments._Decoder()
+    for rec in segments._iter_segment(path, dec, None, None, None, None, None, None,
                                        lambda p, r: None):
         held[json.dumps(rec, sort_keys=True)] += 1
     return held

@@ -35,7 +35,7 @@ forwarder, selected only by ``relay collector``):
 Connection failures back off exponentially with jitter.
 
 Shipping is never stopped by one record. Every record fits the collector's
-frame by construction (relay.syslog5424.format_record); a line that is not a
+frame by construction (relay.protocols.syslog5424.format_record); a line that is not a
 record of this relay (not a JSON object, another ``server.id``, too long,
 unreadable) and a record the collector keeps refusing are *set aside*: written
 to ``DATA_DIR/ship/set-aside.jsonl`` (0600) with an audit record
@@ -74,13 +74,13 @@ import zstandard
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from relay import syslog5424
 from relay.config import SERVER_ID_RULE, parse_hostport
-from relay.connlog import SUBDIR, SUFFIX, ZST_SUFFIX, rfc3339_ms
+from relay.connlog.daylog import SUBDIR, SUFFIX, ZST_SUFFIX, rfc3339_ms
 from relay.errors import RelayError
 from relay.fsutil import write_atomic
+from relay.protocols import syslog5424
 
-log = logging.getLogger("relay.forwarder")
+log = logging.getLogger("relay.connlog.forwarder")
 
 SHIP_SUBDIR = "ship"
 POSITION_FILE = "position"

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import zstandard
 
 from relay import chain
-from relay.connlog import FILE_MODE, SUBDIR, SUFFIX, ZST_SUFFIX
+from relay.connlog.daylog import FILE_MODE, SUBDIR, SUFFIX, ZST_SUFFIX
 from relay.fsutil import fsync_dir, write_atomic
 
 # The floor: the connection log is kept at least 90 days.

@@ -1,6 +1,6 @@
 """OpenVPN 2.x server protocol (``--mode server``, TLS, no tls-auth), sans-IO.
 
-As :mod:`relay.cstp` does for AnyConnect, :class:`OpenVPNServer` takes bytes
+As :mod:`relay.protocols.cstp` does for AnyConnect, :class:`OpenVPNServer` takes bytes
 (:meth:`~OpenVPNServer.receive_data` for a TCP stream,
 :meth:`~OpenVPNServer.receive_datagram` for UDP) and a ``now`` from the caller,
 returns events, and queues the packets it wants sent (:meth:`~OpenVPNServer.packets_to_send`).

@@ -1,0 +1,1 @@
+"""The connection log: its day files, retention, and shipping to the collector."""
