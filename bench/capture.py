@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import signal
 import statistics
 import struct
@@ -109,6 +108,7 @@ def drain_child(ns: str, dev: str, data: str) -> None:
     report). Prints ``ready`` then one JSON line."""
     import uvloop
 
+    from relay import sessionid
     from relay.packetlog.capture import Capture
     from relay.packetlog.segments import PacketLogWriter
 
@@ -117,7 +117,7 @@ def drain_child(ns: str, dev: str, data: str) -> None:
     cap = Capture(dev, writer, netns=ns)
     cap.start()
     for i in range(1, SESSIONS + 1):
-        cap.add_session(session_mac(i), secrets.token_urlsafe(16), f"198.18.{i}.2", 40000 + i)
+        cap.add_session(session_mac(i), sessionid.new(), f"198.18.{i}.2", 40000 + i)
 
     async def serve() -> dict[str, Any]:
         loop = asyncio.get_running_loop()

@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from packetlog_synth import make_records, to_c  # noqa: E402
 
 from bench.common import Row  # noqa: E402
+from relay import sessionid  # noqa: E402
 from relay.cext import ffi  # noqa: E402
 from relay.investigate import search  # noqa: E402
 from relay.packetlog import segments  # noqa: E402
@@ -119,7 +120,7 @@ def generate(data: Path, csv_dir: Path, total: int) -> dict[str, object]:
                              zip(secs, fracs, tails, strict=True)))
         written += per_hour // block * block
         for i in range(block):
-            sessions.add(segments.session_str(bytes(arr[i].session_id)))
+            sessions.add(sessionid.to_text(bytes(arr[i].session_id)))
         _connlog_hour(conn_dir, day, t0, sessions, arr)
         if hour == TARGET_HOUR:
             target = {"hour": t0, "day": day, "dst": segments.addr_str(

@@ -319,14 +319,15 @@ long relay_block_bound(uint32_t n)
 /* Session identity of a record: all fields that the session map supplied. */
 static int same_session(const struct relay_record *a, const struct relay_record *b)
 {
-	return !memcmp(a->session_id, b->session_id, 16) && !memcmp(a->client_ip, b->client_ip, 16)
+	return !memcmp(a->session_id, b->session_id, RELAY_SESSION_ID_LEN)
+		&& !memcmp(a->client_ip, b->client_ip, 16)
 		&& a->client_port == b->client_port && a->client_family == b->client_family
 		&& a->rflags == b->rflags;
 }
 
 static uint64_t session_hash(const struct relay_record *r)
 {
-	uint64_t h = fnv(r->session_id, 16, FNV0);
+	uint64_t h = fnv(r->session_id, RELAY_SESSION_ID_LEN, FNV0);
 	h = fnv(r->client_ip, 16, h);
 	return fnv(&r->client_port, 2, h) ^ r->client_family ^ ((uint64_t)r->rflags << 8);
 }
@@ -396,8 +397,8 @@ long relay_block_encode(const struct relay_record *recs, uint32_t n, uint8_t *ou
 	p = put_varint(p, nsess);
 	for (uint32_t k = 0; k < nsess; k++) {
 		const struct relay_record *r = &recs[sess_rep[k]];
-		memcpy(p, r->session_id, 16);
-		p += 16;
+		memcpy(p, r->session_id, RELAY_SESSION_ID_LEN);
+		p += RELAY_SESSION_ID_LEN;
 		*p++ = r->rflags;
 		*p++ = r->client_family;
 		int al = addr_len(r->client_family);
@@ -541,13 +542,14 @@ long relay_block_decode(const uint8_t *in, size_t len, struct relay_record *out,
 	if (!sess)
 		goto out;
 	for (uint64_t k = 0; k < nsess; k++) {
-		const uint8_t *b = get_bytes(&r, 18);
+		/* session ID, record flags, client family */
+		const uint8_t *b = get_bytes(&r, RELAY_SESSION_ID_LEN + 2);
 		if (!b)
 			goto out;
-		memcpy(sess[k].session_id, b, 16);
-		sess[k].rflags = b[16];
-		sess[k].client_family = b[17];
-		if (get_addr(&r, b[17], sess[k].client_ip) < 0)
+		memcpy(sess[k].session_id, b, RELAY_SESSION_ID_LEN);
+		sess[k].rflags = b[RELAY_SESSION_ID_LEN];
+		sess[k].client_family = b[RELAY_SESSION_ID_LEN + 1];
+		if (get_addr(&r, sess[k].client_family, sess[k].client_ip) < 0)
 			goto out;
 		const uint8_t *pt = get_bytes(&r, 2);
 		if (!pt)
@@ -605,7 +607,7 @@ long relay_block_decode(const uint8_t *in, size_t len, struct relay_record *out,
 		const struct flow_key *f = &flows[fl[i]];
 		const struct relay_record *s = &sess[f->sess];
 		struct relay_record *o = &out[i];
-		memcpy(o->session_id, s->session_id, 16);
+		memcpy(o->session_id, s->session_id, RELAY_SESSION_ID_LEN);
 		memcpy(o->client_ip, s->client_ip, 16);
 		o->client_port = s->client_port;
 		o->client_family = s->client_family;

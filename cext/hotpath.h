@@ -1,20 +1,22 @@
 /* Hot path of every client->internet packet: User-Agent session stamp and
  * destination (HTTP Host / TLS SNI) extraction, in one bounded pass.
- * The rules are documented in relay/hotpath.py; relay/hotpath_py.py is the
- * pure-Python twin that must give byte-identical results. */
+ * The rules are documented in relay/serve/hotpath.py; relay/serve/hotpath_py.py
+ * is the pure-Python twin that must give byte-identical results. */
 #ifndef RELAY_HOTPATH_H
 #define RELAY_HOTPATH_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-/* The stamp is the first 8 characters of the session ID. */
+/* The stamp is the session ID's tag, its first 8 characters: the one C
+ * definition, equal to relay.sessionid.TAG_LEN (relay/cext.py refuses a build
+ * where they differ). */
 #define RELAY_HP_TAG_LEN 8
 /* Longest hostname kept: a DNS name is at most 255 octets (RFC 1035 2.3.4). */
 #define RELAY_HP_HOST_MAX 255
 
 /* Return codes of relay_hp_inspect. */
-#define RELAY_HP_BADTAG (-1)  /* tag is not 8 URL-safe base64 characters */
+#define RELAY_HP_BADTAG (-1)  /* tag is not RELAY_HP_TAG_LEN URL-safe base64 characters */
 #define RELAY_HP_SKIPPED 0    /* not a well-formed TCP segment: untouched */
 #define RELAY_HP_PLAIN 1      /* TCP, but neither an HTTP request nor a ClientHello */
 /* >= RELAY_HP_FOUND: an HTTP request or ClientHello; the value is the number of

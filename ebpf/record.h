@@ -11,8 +11,8 @@
 /* The uapi fixed-width types: the same header on both sides. */
 #include <linux/types.h>
 
-/* Length of a session ID in raw bytes: secrets.token_urlsafe(16) on the Python
- * side is these 16 bytes in base64url. */
+/* Length of a session ID in raw bytes: relay.sessionid.RAW_LEN, whose text form
+ * is these bytes in base64url (relay/cext.py refuses a build where they differ). */
 #define RELAY_SESSION_ID_LEN 16
 /* Room for an IPv6 address; IPv4 addresses take the first 4 bytes, rest zero. */
 #define RELAY_ADDR_LEN 16

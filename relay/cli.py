@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from relay import config as configmod
+from relay import sessionid
 from relay.errors import RelayError
 from relay.safeout import escape_text, json_text
 
@@ -85,9 +86,8 @@ def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
     """The session(s) whose tag ends a stamped User-Agent (a value shorter than the
     tag carries the tag's first characters, so it can match several)."""
     from relay.connlog import daylog
-    from relay.serve.sessions import TAG_LEN
 
-    tail = args.user_agent.strip()[-TAG_LEN:]
+    tail = args.user_agent.strip()[-sessionid.TAG_LEN:]
     if not tail:
         raise RelayError("empty User-Agent")
     cfg = _config(args)
@@ -96,7 +96,7 @@ def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
         sid = rec.get("session_id")
         if not isinstance(sid, str) or rec.get("action") not in ("connect", "disconnect"):
             continue
-        if sid[:TAG_LEN] != tail if len(tail) == TAG_LEN else not sid.startswith(tail):
+        if not sessionid.tag(sid).startswith(tail):
             continue
         row = sessions.setdefault(sid, {"session_id": sid, "relay": None, "connect_time": None,
                                         "disconnect_time": None, "client_ip": None,
@@ -128,6 +128,8 @@ def cmd_logs_packets(args: argparse.Namespace) -> int:
         print(f"relay: warning: {escape_text(path)}: {escape_text(reason)}", file=sys.stderr)
 
     cfg = _config(args)
+    if args.session:
+        sessionid.check(args.session, "--session")
     try:
         start = segments.parse_time(args.start) if args.start else None
         end = segments.parse_time(args.end) if args.end else None
@@ -140,7 +142,7 @@ def cmd_logs_packets(args: argparse.Namespace) -> int:
         if args.json:
             out.write(json.dumps(r) + "\n")
         else:
-            out.write(f"{r['time']}  {r['session_id'] or '-':<22}  "
+            out.write(f"{r['time']}  {r['session_id'] or '-':<{sessionid.TEXT_LEN}}  "
                       f"{r['client_ip']}:{r['client_port']}  {r['direction']:<3}  "
                       f"{r['src_ip']}:{r['src_port']} > {r['dst_ip']}:{r['dst_port']}  "
                       f"[{r['flags']}] seq {r['seq']} ack {r['ack']} win {r['window']} "
@@ -454,9 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = logs.add_parser(
         "ua-lookup", help="which session a stamped User-Agent points to",
-        description="Find the session(s) whose 8-character tag ends the given User-Agent "
-                    "(as a web server logged it) and print session ID, relay, client "
-                    "address and connect/disconnect times.")
+        description=f"Find the session(s) whose {sessionid.TAG_LEN}-character tag ends the "
+                    "given User-Agent (as a web server logged it) and print session ID, "
+                    "relay, client address and connect/disconnect times.")
     _add_data_dir(p)
     p.add_argument("user_agent", metavar="USER-AGENT")
     p.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import secrets
 from typing import Any
 
+from relay import sessionid
 from relay.cext import ffi
 
 SYN, ACK, FIN, PSH = 0x02, 0x10, 0x01, 0x08
@@ -26,8 +26,8 @@ def make_records(count: int, sessions: int = 4, seed: int = 1,
     sess = []
     for i in range(sessions):
         fam, cip = _addr(f"198.18.{i + 1}.2" if i % 2 == 0 else f"2001:db8:{i}::2")
-        sess.append({"session_id": rnd.randbytes(16), "client_family": fam, "client_ip": cip,
-                     "client_port": 40000 + i, "virtual": f"10.211.0.{i + 2}"})
+        sess.append({"session_id": rnd.randbytes(sessionid.RAW_LEN), "client_family": fam,
+                     "client_ip": cip, "client_port": 40000 + i, "virtual": f"10.211.0.{i + 2}"})
     out: list[dict[str, Any]] = []
     t = start_ns
     while len(out) < count:
@@ -77,7 +77,3 @@ def to_c(records: list[dict[str, Any]]) -> Any:
         for k, v in r.items():
             setattr(c, k, v)
     return arr
-
-
-def random_session_id() -> str:
-    return secrets.token_urlsafe(16)

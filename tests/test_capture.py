@@ -12,7 +12,6 @@ import fcntl
 import ipaddress
 import json
 import os
-import secrets
 import socket
 import struct
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from relay import sessionid
 from relay.errors import RelayError
 from relay.packetlog import segments, tcfilter
 from relay.packetlog.capture import Capture, FilterWatcher, wait_for
@@ -42,8 +42,8 @@ MAC_A = bytes.fromhex("02aa00000001")
 MAC_B = bytes.fromhex("02bb00000002")
 MAC_UNKNOWN = bytes.fromhex("02cc00000003")
 ROUTER_MAC = bytes.fromhex("02ee000000ee")
-SID_A = secrets.token_urlsafe(16)
-SID_B = secrets.token_urlsafe(16)
+SID_A = sessionid.new()
+SID_B = sessionid.new()
 
 
 def _in_netns(ns: str, fn: Callable[[], Any]) -> Any:

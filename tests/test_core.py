@@ -23,6 +23,7 @@ from relay import config
 from relay.connlog import daylog
 from relay.errors import RelayError
 from relay.protocols import cstp
+from relay.serve import hotpath
 from relay.serve.abuse import Abuse
 from relay.serve.core import Relay
 from relay.serve.openvpn_link import client_software
@@ -236,3 +237,92 @@ def test_metrics_scrape_keeps_totals_without_walking_sessions(
     assert metrics["relay_packets_total"] == [({"direction": "in"}, 5), ({"direction": "out"}, 0)]
     assert metrics["relay_bytes_total"] == [({"direction": "in"}, 428),
                                             ({"direction": "out"}, 0)]
+
+
+class NamedLink(FakeLink):
+    """A link whose reverse lookup answers only after the connect record."""
+
+    hostname: str | None = None
+
+    def client_hostname(self) -> str | None:
+        return self.hostname
+
+
+def _log_lines(data: Path, sid: str) -> list[bytes]:
+    """The connection log's lines, the random session ID made a placeholder."""
+    [day] = daylog.day_files(data)
+    return day.read_bytes().replace(sid.encode(), b"<SID>").splitlines()
+
+
+# The records are a format that the collector, searches and operators' own tools
+# parse: these are their exact bytes, field order included.
+GOLDEN_CONNECT = (
+    b'{"id":"rec-1","time":"2026-11-25T21:05:32.123Z","action":"connect",'
+    b'"session_id":"<SID>","server":{"id":"relay-1","ip":"192.0.2.1","hostname":"relay.test"},'
+    b'"client":{"ip":"198.51.100.7","port":40000,"hostname":null},"protocol":"SSL-VPN",'
+    b'"client_software":{"name":"Evil Client","version":"v6.6","id":null},'
+    b'"virtual_ip":"10.211.0.2"}')
+GOLDEN_DISCONNECT = (
+    b'{"id":"rec-2","time":"2026-11-25T21:05:42.123Z","action":"disconnect",'
+    b'"session_id":"<SID>","server":{"id":"relay-1","ip":"192.0.2.1","hostname":"relay.test"},'
+    b'"client":{"ip":"198.51.100.7","port":40000,"hostname":"later.example"},'
+    b'"protocol":"SSL-VPN","client_software":{"name":"Evil Client","version":"v6.6","id":null},'
+    b'"virtual_ip":"10.211.0.2","connect_time":"2026-11-25T21:05:32.123Z",'
+    b'"packets":{"in":3,"out":4},"bytes":{"in":300,"out":400},'
+    b'"destinations":[{"host":"example.com","ip":"93.184.216.34","port":80,"scheme":"http"}],'
+    b'"destinations_dropped":0,"duration_s":9.877,"reason":"client-disconnect: bye[2J",'
+    b'"error":null}')
+GOLDEN_RESTART = (
+    b'{"id":"rec-2","time":"2026-11-25T21:05:42.123Z","action":"disconnect",'
+    b'"session_id":"<SID>","server":{"id":"relay-1","ip":"192.0.2.1","hostname":"relay.test"},'
+    b'"client":{"ip":"198.51.100.7","port":40000,"hostname":null},'
+    b'"protocol":"SSL-VPN","client_software":{"name":"Evil Client","version":"v6.6","id":null},'
+    b'"virtual_ip":"10.211.0.2","connect_time":"2026-11-25T21:05:32.123Z",'
+    b'"packets":{"in":3,"out":4},"bytes":{"in":300,"out":400},'
+    b'"destinations":[{"host":"example.com","ip":"93.184.216.34","port":80,"scheme":"http"}],'
+    b'"destinations_dropped":0,"duration_s":9.877,"reason":"relay-restart",'
+    b'"error":"the relay stopped without closing this session (killed or crashed); '
+    b'counters are from its last checkpoint and the end time is the restart"}')
+
+
+@pytest.fixture
+def pinned_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record IDs counted, and the end of every session at one fixed time."""
+    ids = iter(range(1, 100))
+    monkeypatch.setattr(daylog, "new_record_id", lambda: f"rec-{next(ids)}")
+    monkeypatch.setattr(time, "time", lambda: 1795640742.0)  # 21:05:42Z
+
+
+def _session_with_traffic(relay: Relay, link: FakeLink,
+                          loop: asyncio.AbstractEventLoop) -> Any:
+    relay.hostname = "relay.test"
+    assert relay.connlog is not None
+    relay.connlog.clock = lambda: 1795640732.123  # 2026-11-25T21:05:32.123Z
+    s = loop.run_until_complete(relay.open_session(
+        link, "SSL-VPN", {"name": "Evil\tClient\x1b", "version": "v6.6", "id": None}))
+    relay.connlog.clock = lambda: 1795640742.123
+    s.packets_in, s.packets_out, s.bytes_in, s.bytes_out = 3, 4, 300, 400
+    s.add_destination(hotpath.Destination("example.com", "93.184.216.34", 80, "http"))
+    return s
+
+
+def test_connect_and_disconnect_records_are_byte_for_byte_the_format(
+        tmp_path: Path, loop: asyncio.AbstractEventLoop, pinned_records: None) -> None:
+    relay = make_relay(tmp_path)
+    link = NamedLink()
+    s = _session_with_traffic(relay, link, loop)
+    link.hostname = "later.example"  # the lookup answered meanwhile
+    relay.close_session(link, s, "client-disconnect: bye\x1b[2J", None)
+    assert _log_lines(tmp_path, s.id) == [GOLDEN_CONNECT, GOLDEN_DISCONNECT]
+
+
+def test_a_killed_relays_session_is_closed_at_restart_byte_for_byte(
+        tmp_path: Path, loop: asyncio.AbstractEventLoop, pinned_records: None) -> None:
+    relay = make_relay(tmp_path)
+    s = _session_with_traffic(relay, NamedLink(), loop)
+    relay.journal.write(s)  # the last checkpoint; then the relay is killed
+    restarted = make_relay(tmp_path)
+    restarted.connlog.clock = lambda: 1795640742.123  # type: ignore[union-attr]
+    restarted._close_leftover_sessions()
+    assert _log_lines(tmp_path, s.id) == [GOLDEN_CONNECT, GOLDEN_RESTART]
+    assert list(restarted.journal.dir.iterdir()) == []

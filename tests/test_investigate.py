@@ -20,11 +20,10 @@ from typing import Any
 import pytest
 from packetlog_synth import to_c
 
-from relay import chain, cli
+from relay import chain, cli, sessionid
 from relay.connlog import daylog, retention
 from relay.investigate.pcapng import tcp_flags
 from relay.packetlog import segments
-from relay.packetlog.segments import session_raw
 
 
 def ts(text: str) -> float:
@@ -71,7 +70,7 @@ def _addr(text: str) -> bytes:
 def flow(s: dict[str, Any], sid: str, when: str, dst: str, port: int) -> list[dict[str, Any]]:
     t = int(ts(when) * 1e9)
     cip, cport = s["client"]
-    base = {"session_id": session_raw(sid), "rflags": 0, "client_family": 4,
+    base = {"session_id": sessionid.to_raw(sid), "rflags": 0, "client_family": 4,
             "client_ip": _addr(cip), "client_port": cport, "family": 4}
     out_, in_ = (_addr(s["vip"]), _addr(dst), 50000, port), (_addr(dst), _addr(s["vip"]), port,
                                                             50000)
@@ -256,6 +255,28 @@ def test_search_formats(capsys: pytest.CaptureFixture[str], data: Path) -> None:
     target = data / "out.json"
     code, out, _ = run(capsys, *base, "--json", "-o", str(target))
     assert code == 0 and out == "" and len(target.read_text().splitlines()) == 2
+
+
+def test_a_session_filter_that_names_no_session_is_a_one_line_error(
+        capsys: pytest.CaptureFixture[str], data: Path) -> None:
+    """--session takes an ID or its start (search) or a whole ID (logs packets):
+    anything else is said in one line, not answered with nothing or a traceback."""
+    # Not URL-safe base64; past 22 characters; 22 characters that spell no ID (the
+    # last one's unused bits set: it would decode to session A's bytes).
+    for bad in ("A B", SID["A"] + "A", SID["A"][:-1] + "B"):
+        code, out, err = run(capsys, "logs", "search", "--data-dir", str(data),
+                             "--session", bad)
+        assert code == 1 and out == "" and "Traceback" not in err
+        assert err.startswith("relay: error: --session") and err.count("\n") == 1, err
+    # logs packets filters by a whole ID: a tag is refused, the whole ID answers.
+    code, out, err = run(capsys, "logs", "packets", "--data-dir", str(data),
+                         "--session", SID["A"][:8])
+    assert code == 1 and out == "" and err.count("\n") == 1 and "--session" in err, err
+    code, out, err = run(capsys, "logs", "packets", "--data-dir", str(data), "--json",
+                         "--session", SID["A"])
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(rows) == 2 * PACKETS_PER_FLOW
+    assert {r["session_id"] for r in rows} == {SID["A"]}
 
 
 # ------------------------------------------------------------------ --at: exact answers

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from packetlog_synth import make_records, to_c
 
+from relay import sessionid
 from relay.cext import ffi, lib
 from relay.packetlog import segments
 from relay.packetlog.blockcodec_py import decode_block
@@ -94,7 +95,7 @@ def test_write_read_filters_and_modes(tmp_path: Path) -> None:
     got = list(segments.iter_records(tmp_path))
     assert len(got) == len(recs)
     assert got[0]["time"].endswith("Z") and got[0]["flags"] == "SYN"
-    sid = segments.session_str(recs[0]["session_id"])
+    sid = sessionid.to_text(recs[0]["session_id"])
     mine = [r for r in got if r["session_id"] == sid]
     assert list(segments.iter_records(tmp_path, session=sid)) == mine
     mid = recs[10000]["time_ns"] / 1e9
@@ -119,7 +120,7 @@ def test_index_skips_segments_without_decompressing(tmp_path: Path) -> None:
     data = bytearray(first.read_bytes())
     data[segments.FILE_HEADER.size + segments.BLOCK_FRAME_LEN + 10] ^= 0xFF
     first.write_bytes(bytes(data))
-    other = segments.session_str(make_records(10, sessions=2, seed=2)[0]["session_id"])
+    other = sessionid.to_text(make_records(10, sessions=2, seed=2)[0]["session_id"])
     errors: list[tuple[str, str]] = []
     got = list(segments.iter_records(tmp_path, session=other,
                                       on_error=lambda p, r: errors.append((p, r))))

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from relay import sessionid
 from relay.errors import RelayError
 from relay.safeout import csv_cell, escape_text, json_text, private_file
 
@@ -76,7 +77,8 @@ def query_of(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.dst:
         q.dst_ip, q.dst_port = search.parse_dst(args.dst)
     q.host = args.host.lower().rstrip(".") if args.host else None
-    q.session = args.session
+    if args.session:
+        q.session = sessionid.check(args.session, "--session", prefix=True)
     return q, tz
 
 

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import zstandard
 
-from relay import chain
+from relay import chain, sessionid
 from relay.connlog import daylog
 from relay.errors import RelayError
 from relay.netaddr import AddressError, canonical_ip
@@ -34,9 +34,6 @@ from relay.packetlog import segments
 from relay.packetlog.blockcodec_py import BlockError
 from relay.timeparse import format_in, format_utc
 
-# A full session ID (secrets.token_urlsafe(16)); shorter values are prefixes, as
-# the 8-character User-Agent tag is.
-SESSION_ID_LEN = 22
 # The progress bar appears only when a scan outlives this: a quick answer should
 # not flash a bar.
 PROGRESS_AFTER_S = 1.0
@@ -371,7 +368,9 @@ def scan_packets(data_dir: Path, q: Query, *, sessions: set[str] | None = None,
     paths, _ = segments_in_window(data_dir, lo, hi)
     if progress is not None:
         progress.total = len(paths)
-    full_session = q.session if q.session and len(q.session) == SESSION_ID_LEN else None
+    # A whole session ID lets the segment index rule segments out; a shorter
+    # --session (a tag, ...) is a prefix, matched record by record.
+    full_session = q.session if q.session and sessionid.is_valid(q.session) else None
     # packetlog's per-segment reader, so that this module picks the segments.
     dec = segments._Decoder()
     for i, path in enumerate(paths):
@@ -379,7 +378,7 @@ def scan_packets(data_dir: Path, q: Query, *, sessions: set[str] | None = None,
             progress.step(i)
         try:
             recs = segments._iter_segment(
-                path, dec, segments.session_raw(full_session) if full_session else None,
+                path, dec, sessionid.to_raw(full_session) if full_session else None,
                 full_session, lo, hi, q.client_ip, q.dst_ip, on_error)
             for rec in recs:
                 sid = rec["session_id"]

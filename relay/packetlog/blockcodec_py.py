@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from relay.sessionid import RAW_LEN
+
 LAYOUT_VERSION = 1
 FAMILY_V4 = 4
 FAMILY_V6 = 6
@@ -80,9 +82,10 @@ def _tables(r: _Reader) -> Tables:
         raise BlockError("unknown block layout version")
     t = Tables(count=r.varint())
     for _ in range(r.varint()):
-        head = r.take(18)
-        family = head[17]
-        t.sessions.append(Session(head[:16], head[16], family, r.addr(family), r.u16()))
+        head = r.take(RAW_LEN + 2)  # session ID, record flags, client family
+        family = head[RAW_LEN + 1]
+        t.sessions.append(Session(head[:RAW_LEN], head[RAW_LEN], family, r.addr(family),
+                                  r.u16()))
     for _ in range(r.varint()):
         family = r.take(1)[0]
         t.addresses.append((family, r.addr(family)))

@@ -29,10 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from relay import sessionid
 from relay.cext import ffi, lib
 from relay.errors import RelayError
 from relay.packetlog import tcfilter
-from relay.packetlog.segments import BLOCK_RECORDS, PacketLogWriter, session_raw
+from relay.packetlog.segments import BLOCK_RECORDS, PacketLogWriter
 
 log = logging.getLogger("relay.packetlog.capture")
 
@@ -74,7 +75,7 @@ def mac_key(mac: bytes) -> int:
 def _session_value(session_id: str, client_ip: str, client_port: int) -> Any:
     ip = ipaddress.ip_address(client_ip)
     v = ffi.new("struct relay_session *")
-    v.session_id = session_raw(session_id)
+    v.session_id = sessionid.to_raw(session_id)
     packed = ip.packed
     ffi.memmove(v.client_ip, packed, len(packed))
     v.client_port = client_port

@@ -69,7 +69,6 @@ writes the index and closes it under the first free name by the rule above
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import ctypes
 import errno
@@ -91,7 +90,7 @@ from typing import Any
 
 import zstandard
 
-from relay import chain
+from relay import chain, sessionid
 from relay.cext import ffi, lib
 from relay.fsutil import fsync_dir
 from relay.packetlog.blockcodec_py import BlockError, read_tables
@@ -213,18 +212,6 @@ def _publish_segment(path: Path, created_ns: int) -> Path:
     raise AssertionError("unreachable: _free_stems never ends")
 
 
-def session_str(raw: bytes) -> str:
-    """The session ID as the relay prints it (secrets.token_urlsafe(16))."""
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def session_raw(text: str) -> bytes:
-    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    if len(raw) != 16:
-        raise ValueError(f"not a session ID: {text!r}")
-    return raw
-
-
 def addr_str(family: int, raw: bytes) -> str:
     if family == 4:
         return socket.inet_ntop(socket.AF_INET, bytes(raw[:4]))
@@ -288,7 +275,7 @@ class _Index:
         tables = read_tables(raw)
         for s in tables.sessions:
             if not s.rflags & RF_UNATTRIBUTED:
-                self.sessions.add(session_str(s.session_id))
+                self.sessions.add(sessionid.to_text(s.session_id))
                 self.client_ips.add(addr_str(s.client_family, s.client_ip))
         for family, a in tables.addresses:
             self.addresses.add(addr_str(family, a))
@@ -717,7 +704,7 @@ def record_dict(r: Any) -> dict[str, Any]:
     unattributed = r.rflags & RF_UNATTRIBUTED
     return {
         "time": rfc3339_ns(r.time_ns),
-        "session_id": "" if unattributed else session_str(bytes(r.session_id)),
+        "session_id": "" if unattributed else sessionid.to_text(bytes(r.session_id)),
         "client_ip": addr_str(r.client_family, bytes(r.client_ip)),
         "client_port": r.client_port,
         "direction": "in" if r.direction == 0 else "out",
@@ -743,7 +730,7 @@ def iter_records(data_dir: str | os.PathLike[str], session: str | None = None,
     rules them out are not decompressed. A corrupt or truncated segment is
     reported through ``on_error(path, reason)`` and the reading carries on."""
     lo, hi = _to_ns(start), _to_ns(end)
-    want_session = session_raw(session) if session else None
+    want_session = sessionid.to_raw(session) if session else None
     dec = _Decoder()
     for path in segment_files(data_dir, archives):
         try:

@@ -50,6 +50,8 @@ from relay.serve.sessions import (
     Session,
     SessionRefused,
     SessionTable,
+    connect_record,
+    disconnect_record,
     tags_in_log,
 )
 from relay.serve.tap import ETH_HLEN, Tap
@@ -422,17 +424,10 @@ class Relay:
                 path.unlink(missing_ok=True)
                 continue
             connect = entry["connect"]
-            started = daylog.parse_rfc3339(connect.get("time", daylog.rfc3339_ms(time.time())))
-            record = _disconnect_fields(connect)
-            record.update(
-                {key: entry.get(key)
-                 for key in ("packets", "bytes", "destinations", "destinations_dropped")},
-                duration_s=round(time.time() - started, 3),
-                reason="relay-restart",
+            self.connlog.append(disconnect_record(
+                connect, entry, end_time=time.time(), reason="relay-restart",
                 error="the relay stopped without closing this session (killed or crashed); "
-                      "counters are from its last checkpoint and the end time is the restart",
-            )
-            self.connlog.append(record)
+                      "counters are from its last checkpoint and the end time is the restart"))
             path.unlink(missing_ok=True)
             log.warning("closed session %s left open by a previous run", connect.get("session_id"))
 
@@ -522,19 +517,10 @@ class Relay:
             self.sessions.close(s)
             self.spawn(self._forget_address(s.virtual_ip))
             raise
-        s.connect_record = self.connlog.append({
-            "action": "connect",
-            "session_id": s.id,
-            "server": {"id": self.cfg.server.id, "ip": canonical_ip(link.local_ip),
-                       "hostname": self.hostname},
-            "client": {"ip": client_ip, "port": link.peer_port,
-                       "hostname": link.client_hostname()},
-            "protocol": s.protocol,
-            # Client-declared text, cleaned the same way for every protocol.
-            "client_software": {key: clean(value) for key, value in software.items()},
-            "virtual_ip": s.virtual_ip,
-        })
-        s.started = daylog.parse_rfc3339(s.connect_record["time"])
+        s.connect_record = self.connlog.append(connect_record(
+            s, server_id=self.cfg.server.id, server_ip=canonical_ip(link.local_ip),
+            server_hostname=self.hostname, client_hostname=link.client_hostname(),
+            software=software))
         self.journal.write(s)
         self.links[s.mac] = link
         self.stats.sessions_total[protocol] += 1
@@ -551,11 +537,9 @@ class Relay:
         self.links.pop(s.mac, None)
         if self.recording is not None:
             self.recording.remove_session(s.mac)
-        record = _disconnect_fields(s.connect_record)
-        record["client"]["hostname"] = link.client_hostname()
-        record.update(s.counters(), duration_s=round(time.time() - s.started, 3),
-                      reason=reason, error=error)
-        self.connlog.append(record)
+        self.connlog.append(disconnect_record(
+            s.connect_record, s.counters(), end_time=time.time(), reason=reason, error=error,
+            client_hostname=link.client_hostname()))
         self.journal.remove(s)
         self.sessions.close(s)
         self.stats.sessions_active[s.protocol] -= 1
@@ -653,16 +637,6 @@ class Relay:
         if self.tap.fd >= 0:
             await self.tap.remove_neighbour(ip)
         self.sessions.pool.release(ip)
-
-
-def _disconnect_fields(connect: dict[str, Any]) -> dict[str, Any]:
-    keep = ("session_id", "server", "client", "protocol", "client_software", "virtual_ip")
-    record: dict[str, Any] = {"action": "disconnect"}
-    for key in keep:
-        value = connect.get(key)
-        record[key] = dict(value) if isinstance(value, dict) else value
-    record["connect_time"] = connect.get("time")
-    return record
 
 
 def _load_users(path: str) -> dict[str, str] | None:

@@ -2,7 +2,7 @@
 session stamp and destination extraction, in one bounded pass.
 
 :func:`inspect` takes one IP packet (IPv4 or IPv6, no Ethernet header) as a writable
-buffer and the session's 8-character tag, may modify the packet in place, and
+buffer and the session's tag (relay.sessionid), may modify the packet in place, and
 returns an :class:`Inspection`. relay.serve.hotpath_py is its pure-Python twin, with the
 same results, byte for byte.
 
@@ -49,8 +49,9 @@ Every TLS length is checked and clipped to the segment, so a ClientHello spannin
 segments still yields its SNI when the extension is in the first one. IP and port
 are the packet's destination.
 
-Tags must be 8 URL-safe base64 characters (ValueError otherwise), so that a stamp
-can never inject bytes that change the meaning of a header.
+Tags must be ``relay.sessionid.TAG_LEN`` URL-safe base64 characters (``is_tag``;
+ValueError otherwise), so that a stamp can never inject bytes that change the
+meaning of a header.
 
 Thread safety: the C side keeps its result in a per-thread buffer.
 """
@@ -69,7 +70,6 @@ from relay.serve.hotpath_py import (
     SEEN_LOAD,
     SEEN_SLOTS,
     SKIPPED,
-    TAG_LEN,
     BatchInspection,
     Destination,
     Inspection,
@@ -80,7 +80,6 @@ __all__ = [
     "PLAIN",
     "SEEN_LOAD",
     "SKIPPED",
-    "TAG_LEN",
     "BatchInspection",
     "Destination",
     "Inspection",

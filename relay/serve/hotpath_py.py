@@ -13,7 +13,9 @@ import socket
 from array import array
 from dataclasses import dataclass
 
-TAG_LEN = 8  # the stamp is the first 8 characters of the session ID
+# TAG_LEN is RELAY_HP_TAG_LEN in C; relay.cext checks that the two agree.
+from relay.sessionid import TAG_LEN, is_tag
+
 # A session's remembered destinations (see inspect_batch's ``seen``): room for the
 # 256 a disconnect record lists (relay.serve.sessions.MAX_DESTINATIONS) at the C
 # table's 3/4 load bound, 512 * 3 / 4 = 384.
@@ -39,7 +41,6 @@ TLS_EXT_SERVER_NAME = 0
 TLS_SNI_HOST_NAME = 0
 UA_COLON = b"user-agent:"
 
-_TAG = re.compile(rb"[A-Za-z0-9_-]{8}")
 _REQUEST_LINE = re.compile(rb"[A-Z_-]{1,%d} [\x21-\x7e]+ HTTP/1\.[0-9]\r\n" % METHOD_MAX)
 _METHOD_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
 _NAME = re.compile(rb"[a-z0-9._-]+")
@@ -87,7 +88,7 @@ PLAIN = Inspection(True)  # TCP, but neither an HTTP request nor a ClientHello
 
 
 def check_tag(tag: bytes) -> None:
-    if len(tag) != TAG_LEN or not _TAG.fullmatch(tag):
+    if not is_tag(tag):
         raise ValueError(f"session tag must be {TAG_LEN} URL-safe base64 characters: {tag!r}")
 
 

@@ -1,8 +1,9 @@
-"""Sessions: identity, addresses, counters, and the journal of open sessions.
+"""Sessions: addresses, counters, their connect and disconnect records, and the
+journal of open sessions.
 
-A session ID is 128 random bits, URL-safe base64 (22 characters). Its first 8
-characters are the *tag* that the User-Agent stamp carries; tags are kept unique
-among the sessions of the retained connection log, so a stamp names one session.
+A session's ID and its *tag* (what the User-Agent stamp carries) are defined in
+relay.sessionid; tags are kept unique among the sessions of the retained
+connection log, so a stamp names one session.
 
 Every open session has a journal file ``DATA_DIR/sessions/<id>.json`` holding its
 connect record and last counters (refreshed every ``CHECKPOINT_INTERVAL_S``).
@@ -12,16 +13,17 @@ disconnect record, so no session is left without one.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import json
 import re
-import secrets
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relay import sessionid
+from relay.clienttext import clean
 from relay.connlog import daylog
 from relay.errors import RelayError
 from relay.fsutil import write_atomic
@@ -30,7 +32,6 @@ from relay.serve import hotpath
 from relay.serve.hotpath import Destination
 from relay.serve.tap import random_mac
 
-TAG_LEN = 8
 JOURNAL_DIR = "sessions"
 # Distinct destinations kept per session for its disconnect record; past this
 # they are counted, not listed (a scanner touching every host would otherwise
@@ -48,19 +49,27 @@ DESTINATIONS_MAX_BYTES = syslog5424.RECORD_JSON_MAX - DISCONNECT_OTHER_FIELDS_MA
 # disconnect record. A minute keeps the journal's write load negligible.
 CHECKPOINT_INTERVAL_S = 60.0
 
-_TAG_IN_LOG = re.compile(rb'"session_id":"([A-Za-z0-9_-]{8})')
+# What a disconnect record repeats of its connect record, in record order.
+_CONNECT_FIELDS = ("session_id", "server", "client", "protocol", "client_software",
+                   "virtual_ip")
+# The counters that a disconnect record and the journal carry (Session.counters),
+# in record order.
+COUNTER_KEYS = ("packets", "bytes", "destinations", "destinations_dropped")
+
+_TAG_IN_LOG = re.compile(rb'"session_id":"(%s)' % sessionid.TAG_PATTERN)
+
+
+class _Unchanged(enum.Enum):
+    CONNECT = "as in the connect record"
+
+
+# disconnect_record's client hostname when no better answer is known.
+AS_CONNECTED = _Unchanged.CONNECT
 
 
 class SessionRefused(RelayError):
     """No session can be opened now (the relay is full, ...); the message is for
     the client."""
-
-
-def new_session_id(taken_tags: set[str]) -> str:
-    while True:
-        sid = secrets.token_urlsafe(16)
-        if sid[:TAG_LEN] not in taken_tags:
-            return sid
 
 
 def tags_in_log(data_dir: Path) -> set[str]:
@@ -86,8 +95,6 @@ class Session:
     client_ip: str
     client_port: int
     protocol: str
-    started: float = field(default_factory=time.time)
-    started_mono: float = field(default_factory=time.monotonic)
     packets_in: int = 0  # client -> relay
     packets_out: int = 0  # relay -> client
     bytes_in: int = 0
@@ -102,7 +109,7 @@ class Session:
 
     def __post_init__(self) -> None:
         self.vip_bytes = ipaddress.IPv4Address(self.virtual_ip).packed
-        self.tag_bytes = self.id[:TAG_LEN].encode()
+        self.tag_bytes = sessionid.tag(self.id).encode()
         self.seen = hotpath.new_seen()
 
     def add_destination(self, d: Destination) -> None:
@@ -117,10 +124,6 @@ class Session:
         else:
             self.destinations_dropped += 1
 
-    @property
-    def tag(self) -> str:
-        return self.id[:TAG_LEN]
-
     def counters(self) -> dict[str, Any]:
         """The disconnect record's (and the journal's) counters and destinations."""
         return {
@@ -132,6 +135,47 @@ class Session:
             ],
             "destinations_dropped": self.destinations_dropped,
         }
+
+
+def connect_record(s: Session, *, server_id: str, server_ip: str,
+                   server_hostname: str | None, client_hostname: str | None,
+                   software: Mapping[str, object]) -> dict[str, Any]:
+    """The connect record of ``s`` (the connection log stamps its ``id`` and
+    ``time``). ``software`` is what the client declared about itself: cleaned here,
+    the same way for every protocol."""
+    return {
+        "action": "connect",
+        "session_id": s.id,
+        "server": {"id": server_id, "ip": server_ip, "hostname": server_hostname},
+        "client": {"ip": s.client_ip, "port": s.client_port, "hostname": client_hostname},
+        "protocol": s.protocol,
+        "client_software": {key: clean(value) for key, value in software.items()},
+        "virtual_ip": s.virtual_ip,
+    }
+
+
+def disconnect_record(connect: Mapping[str, Any], counters: Mapping[str, Any], *,
+                      reason: str, error: str | None, end_time: float,
+                      client_hostname: str | _Unchanged | None = AS_CONNECTED
+                      ) -> dict[str, Any]:
+    """The disconnect record of the session whose connect record (as logged) is
+    ``connect``, ending at ``end_time`` (epoch seconds). ``counters`` is the
+    session's :meth:`Session.counters` or its journal entry (a value the entry
+    lacks is null). ``client_hostname`` is the reverse lookup's answer at the end,
+    or AS_CONNECTED (a session closed after a restart: the lookup died with the
+    relay). The connect record may come from a journal on disk: any value is
+    copied, none is trusted to be a dict."""
+    record: dict[str, Any] = {"action": "disconnect"}
+    for key in _CONNECT_FIELDS:
+        value = connect.get(key)
+        record[key] = dict(value) if isinstance(value, dict) else value
+    if client_hostname is not AS_CONNECTED:
+        record["client"]["hostname"] = client_hostname
+    record["connect_time"] = connect.get("time")
+    record.update({key: counters.get(key) for key in COUNTER_KEYS})
+    started = daylog.parse_rfc3339(connect["time"]) if "time" in connect else end_time
+    record.update(duration_s=round(end_time - started, 3), reason=reason, error=error)
+    return record
 
 
 class AddressPool:
@@ -174,8 +218,8 @@ class SessionTable:
 
     def open(self, client_ip: str, client_port: int, protocol: str,
              mac: bytes | None = None) -> Session:
-        sid = new_session_id(self.taken_tags)
-        self.taken_tags.add(sid[:TAG_LEN])
+        sid = sessionid.new(self.taken_tags)
+        self.taken_tags.add(sessionid.tag(sid))
         while mac is None or mac in self.by_mac:
             mac = random_mac()
         s = Session(sid, mac, self.pool.allocate(), client_ip, client_port, protocol)
