@@ -311,6 +311,79 @@ def cmd_collector_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_ERROR
 
 
+def _directory_config(args: argparse.Namespace) -> configmod.Config:
+    """What relay directory shares with a relay, as a relay config: its id in the
+    records, the access log's directory and retention, shipping, metrics, abuse."""
+    forward = {key: value for key, value in (
+        ("collector", args.forward_collector), ("ca", args.forward_ca),
+        ("cert", args.forward_cert), ("key", args.forward_key)) if value}
+    try:
+        return configmod.from_dict({
+            "server": {"id": args.id},
+            "logs": {"data_dir": args.data_dir, "connlog_keep": f"{args.keep}d"},
+            "forward": forward,
+            "metrics": {"listen": args.metrics_listen},
+            # A list download is one short request: short connections are the
+            # normal case here, not an abuse signal; refusals still strike.
+            "abuse": {"rate_per_ip": args.rate_per_ip, "burst_per_ip": args.burst_per_ip,
+                      "short_session": "0s"},
+        })
+    except configmod.ConfigError as exc:
+        raise RelayError(f"directory: {exc}") from None
+
+
+def cmd_directory(args: argparse.Namespace) -> int:
+    import time
+
+    import uvloop
+
+    from relay.central.directory import run_directory
+    from relay.serve.abuse import Abuse
+
+    if args.directory_command == "list":
+        return cmd_directory_list(args)
+    if not (args.cert and args.key and args.ca):
+        raise RelayError("directory: --cert, --key and --ca are required (see relay "
+                         "directory --help)")
+    cfg = _directory_config(args)
+    window = float(configmod.parse_duration_arg(args.window))
+    if window < 1 or args.partial < 0:
+        raise RelayError("directory: --window must be at least 1s and --partial >= 0")
+
+    async def main() -> None:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_directory(cfg, args.listen, args.ca, args.cert, args.key,
+                            lambda audit: Abuse(cfg.abuse, cfg.data_dir, audit, time.time),
+                            window_s=window, partial_n=args.partial, stop_event=stop)
+
+    uvloop.run(main())
+    return 0
+
+
+def cmd_directory_list(args: argparse.Namespace) -> int:
+    from relay.central.directory import read_snapshot
+
+    snap = read_snapshot(Path(args.list_data_dir))
+    if args.json:
+        for row in snap["relays"]:
+            print(json_text(row))
+        return 0
+    print(f"{len(snap['relays'])} relays at {snap.get('time')} (window {snap.get('window_s')}s)")
+    columns = ("id", "address", "ports", "score", "ping_ms", "sessions_active", "uptime_s",
+               "last_heartbeat", "age_s", "operator")
+    rows = [columns] + [tuple(escape_text(row.get(c, "")) for c in columns)
+                        for row in snap["relays"] if isinstance(row, dict)]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(columns))]
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from relay.doctor import render, run_checks
 
@@ -522,6 +595,56 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="DIR", help="the collector's directory (default "
                                        "/var/lib/relay-collector)")
     q.add_argument("--json", action="store_true", help="the report as one JSON object")
+
+    p = sub.add_parser(
+        "directory", help="the relay directory: registrations and the public server list",
+        description="Serves the public list of relays over HTTPS (VPN Gate CSV at "
+                    "/api/iphone/, JSON at /api/servers.json) and takes relays' "
+                    "registrations (POST /api/register) over mutual TLS: a relay's id is "
+                    "its client certificate's subject CN. A relay without a heartbeat for "
+                    "--window drops out. Every list request is a record in the access log "
+                    "(DIR/connlog/, kept and shipped like a relay's connection log; "
+                    "'relay logs access' searches it).")
+    p.add_argument("--listen", default="0.0.0.0:443", metavar="HOST:PORT",
+                   help="HTTPS listener (default 0.0.0.0:443)")
+    p.add_argument("--data-dir", default="/var/lib/relay-directory", metavar="DIR",
+                   help="access log and state (default /var/lib/relay-directory)")
+    p.add_argument("--cert", help="the directory's certificate (PEM; required)")
+    p.add_argument("--key", help="its key (PEM; required)")
+    p.add_argument("--ca", help="CA of the relays' client certificates (required)")
+    p.add_argument("--id", default="directory", metavar="ID",
+                   help="the directory's id in its records (default directory; with "
+                        "--forward-collector, its certificate's CN)")
+    p.add_argument("--window", default="180s", metavar="DURATION",
+                   help="a relay without a heartbeat this long drops out (default 180s: "
+                        "three missed beats of 60s)")
+    p.add_argument("--partial", type=int, default=0, metavar="N",
+                   help="give each requester network (/24, /48) only N relays, a subset "
+                        "fixed per network and UTC day (default 0: the whole list)")
+    p.add_argument("--keep", type=int, default=90, metavar="DAYS",
+                   help="days of access log kept (default and minimum 90)")
+    p.add_argument("--metrics-listen", default="127.0.0.1:9811", metavar="HOST:PORT",
+                   help="Prometheus metrics (default 127.0.0.1:9811; empty = off)")
+    p.add_argument("--rate-per-ip", type=float, default=5.0, metavar="N",
+                   help="new connections per second per source (default 5)")
+    p.add_argument("--burst-per-ip", type=int, default=20, metavar="N",
+                   help="burst of new connections per source (default 20)")
+    for key, text in (("collector", "HOST:PORT of the RFC 5425 collector to ship the access "
+                                    "log to (default: kept local)"),
+                      ("ca", "CA of the collector's certificate"),
+                      ("cert", "client certificate for the collector (CN = --id)"),
+                      ("key", "its key")):
+        p.add_argument(f"--forward-{key}", metavar="FILE" if key != "collector" else
+                       "HOST:PORT", help=text)
+    p.set_defaults(func=cmd_directory, directory_command=None)
+    directory_sub = p.add_subparsers(dest="directory_command", metavar="[list]")
+    q = directory_sub.add_parser(
+        "list", help="the registered relays and their last heartbeat",
+        description="Reads the running directory's snapshot (DIR/relays.json, refreshed "
+                    "every second).")
+    q.add_argument("--data-dir", dest="list_data_dir", default="/var/lib/relay-directory",
+                   metavar="DIR", help="the directory's data directory")
+    q.add_argument("--json", action="store_true", help="one JSON object per relay")
 
     p = sub.add_parser(
         "doctor", help="check what the relay needs on this host, with the fix for each failure",
