@@ -81,6 +81,47 @@ def cmd_logs_connections(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs_access(args: argparse.Namespace) -> int:
+    from relay import timeparse
+    from relay.investigate.access import DEFAULT_AT_SLACK_S, record_time, row, search_access
+
+    def warn(msg: str) -> None:
+        print(f"relay: warning: {escape_text(msg)}", file=sys.stderr)
+
+    tz = timeparse.parse_zone(args.tz)
+    if args.at and (args.start or args.end):
+        raise RelayError("give --at or --from/--to, not both")
+    lo = hi = None
+    if args.at:
+        at = timeparse.parse_time(args.at, tz, "--at").timestamp()
+        slack = DEFAULT_AT_SLACK_S if args.slack is None else args.slack
+        if not 0 <= slack < float("inf"):
+            raise RelayError(f"--slack {args.slack}: give a number of seconds >= 0")
+        lo, hi = at - slack, at + slack + 0.001
+    if args.start:
+        lo = timeparse.parse_time(args.start, tz, "--from").timestamp()
+    if args.end:
+        hi = timeparse.parse_time(args.end, tz, "--to").timestamp()
+    client_ip = None
+    if args.client_ip:
+        from relay.investigate.search import normalize_ip
+
+        client_ip = normalize_ip(args.client_ip, "--client-ip")
+    found = 0
+    for rec in search_access(_config(args).data_dir, lo=lo, hi=hi, client_ip=client_ip,
+                             on_error=warn):
+        found += 1
+        if args.json:
+            print(json_text(rec))
+        else:
+            r = row(rec)
+            r["time"] = timeparse.format_in(record_time(rec), tz)
+            print("  ".join(escape_text(v) for v in r.values()))
+    if not found:
+        print("relay: no matching access record", file=sys.stderr)
+    return 0
+
+
 def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
     """The session(s) whose tag ends a stamped User-Agent (a value shorter than the
     tag carries the tag's first characters, so it can match several)."""
@@ -495,6 +536,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_logs_connections)
+
+    p = logs.add_parser(
+        "access", help="search a relay directory's access log (list downloads, registrations)",
+        description="The records of relay directory (list-download, relay-register, "
+                    "relay-refused, relay-expire) by time and client address; --data-dir is "
+                    "the directory's data directory (or a copy).")
+    _add_data_dir(p)
+    p.add_argument("--at", metavar="TIME", help="records within --slack of TIME (ISO 8601 or "
+                   "'YYYY-MM-DD HH:MM[:SS]')")
+    p.add_argument("--slack", type=float, metavar="SECONDS",
+                   help="with --at: how far from TIME (default 60)")
+    p.add_argument("--from", dest="start", metavar="TIME", help="window start, inclusive")
+    p.add_argument("--to", dest="end", metavar="TIME", help="window end, exclusive")
+    p.add_argument("--tz", metavar="ZONE", default="UTC",
+                   help="zone of times without one, and of the output (default UTC)")
+    p.add_argument("--client-ip", metavar="IP", help="the client's address")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_logs_access)
 
     ban = sub.add_parser(
         "ban", help="list, add or remove bans (works while the relay runs)").add_subparsers(
