@@ -202,7 +202,10 @@ class Registration:
                 self.results["ok"] += 1
                 self.listed, self.failures, self.last_success = True, 0, self.clock()
                 delay = interval * random.uniform(1 - JITTER, 1 + JITTER)
-            await asyncio.to_thread(self._write_status)
+            try:
+                await asyncio.to_thread(self._write_status)
+            except OSError as exc:  # a full disk must not end the registration
+                log.warning("cannot write %s: %s", STATUS_FILE, exc.strerror)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 
