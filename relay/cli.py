@@ -83,7 +83,13 @@ def cmd_logs_connections(args: argparse.Namespace) -> int:
 
 def cmd_logs_access(args: argparse.Namespace) -> int:
     from relay import timeparse
-    from relay.investigate.access import DEFAULT_AT_SLACK_S, record_time, row, search_access
+    from relay.investigate.access import (
+        COLUMNS,
+        DEFAULT_AT_SLACK_S,
+        record_time,
+        row,
+        search_access,
+    )
 
     def warn(msg: str) -> None:
         print(f"relay: warning: {escape_text(msg)}", file=sys.stderr)
@@ -108,6 +114,8 @@ def cmd_logs_access(args: argparse.Namespace) -> int:
 
         client_ip = normalize_ip(args.client_ip, "--client-ip")
     found = 0
+    if not args.json:
+        print("  ".join(COLUMNS))
     for rec in search_access(_config(args).data_dir, lo=lo, hi=hi, client_ip=client_ip,
                              on_error=warn):
         found += 1
@@ -116,7 +124,7 @@ def cmd_logs_access(args: argparse.Namespace) -> int:
         else:
             r = row(rec)
             r["time"] = timeparse.format_in(record_time(rec), tz)
-            print("  ".join(escape_text(v) for v in r.values()))
+            print("  ".join(escape_text(v) if v != "" else "-" for v in r.values()))
     if not found:
         print("relay: no matching access record", file=sys.stderr)
     return 0
@@ -417,7 +425,13 @@ def cmd_directory_list(args: argparse.Namespace) -> int:
     print(f"{len(snap['relays'])} relays at {snap.get('time')} (window {snap.get('window_s')}s)")
     columns = ("id", "address", "ports", "score", "ping_ms", "sessions_active", "uptime_s",
                "last_heartbeat", "age_s", "operator")
-    rows = [columns] + [tuple(escape_text(row.get(c, "")) for c in columns)
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column, "")
+        if isinstance(value, dict):  # ports: "cstp:443 openvpn-udp:1194 ..."
+            value = " ".join(f"{k}:{v}" for k, v in value.items())
+        return escape_text(value)
+
+    rows = [columns] + [tuple(cell(row, c) for c in columns)
                         for row in snap["relays"] if isinstance(row, dict)]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(columns))]
     for r in rows:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -257,3 +258,53 @@ def test_snapshot_has_no_ovpn_and_escapes_nothing_away(tmp_path: Path) -> None:
     snap = json.loads(directory.snapshot())
     assert snap["relays"][0]["id"] == "relay-1" and "ovpn" not in snap["relays"][0]
     assert snap["relays"][0]["age_s"] == 0
+
+
+# --- [directory] config and relay logs access ---------------------------------------------
+
+
+def test_directory_config_errors_are_one_line_naming_the_key() -> None:
+    from relay import config as configmod
+
+    good = {"url": "https://dir.example.org:8443", "cert": "c.pem", "key": "c.key"}
+    assert configmod.from_dict({"directory": good}).directory.heartbeat == "60s"
+    for over, key in (({"url": "http://dir.example.org"}, "[directory] url"),
+                      ({"url": "https://dir/path"}, "[directory] url"),
+                      ({"heartbeat": "0s"}, "[directory] heartbeat"),
+                      ({"heartbeat": "soon"}, "[directory] heartbeat"),
+                      ({"cert": ""}, "[directory] cert"),
+                      ({"address": "a b"}, "[directory] address"),
+                      ({"country": "Japan"}, "[directory] country"),
+                      ({"operator": "x\n"}, "[directory] operator"),
+                      ({"message": "m" * 257}, "[directory] message")):
+        with pytest.raises(configmod.ConfigError) as exc:
+            configmod.from_dict({"directory": {**good, **over}})
+        assert str(exc.value).startswith(key) and "\n" not in str(exc.value)
+
+
+def test_access_search_by_time_and_address(tmp_path: Path) -> None:
+    from relay.connlog import daylog
+    from relay.investigate.access import search_access
+
+    clock = Clock()
+    log = daylog.ConnectionLog(tmp_path, clock=clock)
+    directory = d.Directory(tmp_path, "dir-1", clock=clock)
+    for i, ip in enumerate(("203.0.113.8", "::ffff:203.0.113.9", "203.0.113.8")):
+        clock.now = 1_800_000_000.0 + 3600 * i
+        served = directory.handle(get(d.CSV_PATH, f"agent-{i}"), ip, 1000 + i, None, None)
+        assert served.record is not None
+        log.append(served.record)
+    log.append({"action": "connect", "client": {"ip": "203.0.113.8", "port": 1}})  # not access
+    log.close()
+    errors: list[str] = []
+    at = 1_800_000_000.0 + 3600 * 2
+
+    def found(**kw: Any) -> list[str | None]:
+        return [r.get("user_agent") for r in search_access(tmp_path, on_error=errors.append,
+                                                           **kw)]
+
+    assert found(lo=None, hi=None, client_ip="203.0.113.8") == ["agent-0", "agent-2"]
+    assert found(lo=at - 60, hi=at + 60, client_ip="203.0.113.8") == ["agent-2"]
+    assert found(lo=None, hi=None, client_ip="203.0.113.9") == ["agent-1"]
+    assert found(lo=at + 61, hi=None, client_ip=None) == []
+    assert errors == []

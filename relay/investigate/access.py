@@ -85,8 +85,11 @@ def _client_ip(rec: dict[str, Any]) -> str | None:
         return None
 
 
+COLUMNS = ("time", "action", "client", "status", "format", "relays", "user_agent", "reason")
+
+
 def row(rec: dict[str, Any]) -> dict[str, Any]:
-    """The table's columns of one record (absent fields empty)."""
+    """The table's :data:`COLUMNS` of one record (absent fields empty)."""
     client = rec.get("client") if isinstance(rec.get("client"), dict) else {}
     served = rec.get("served") if isinstance(rec.get("served"), dict) else {}
     relay = rec.get("relay") if isinstance(rec.get("relay"), dict) else {}

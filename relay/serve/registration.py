@@ -124,9 +124,11 @@ class Registration:
         self._ctx: ssl.SSLContext | None = None
 
     def reload(self, cfg: Config) -> None:
-        """New settings take effect at the next beat."""
+        """New settings take effect at the next beat; an emptied url pauses the
+        heartbeats (the directory drops the relay after its window)."""
         if cfg.directory != self.cfg.directory or cfg.server.id != self.cfg.server.id:
-            self.host, self.port = parse_directory_url(cfg.directory.url)
+            if cfg.directory.url:
+                self.host, self.port = parse_directory_url(cfg.directory.url)
             self._static = self._ctx = None
         self.cfg = cfg
 
@@ -189,6 +191,11 @@ class Registration:
                  self.cfg.server.id)
         while not stop.is_set():
             interval = float(parse_duration(self.cfg.directory.heartbeat))
+            if not self.cfg.directory.url:
+                self.listed = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+                continue
             try:
                 await self.beat()
             except Refused as exc:
