@@ -105,13 +105,14 @@ def run(quick: bool) -> list[Row]:
         # Each relay's self-signed certificate is its own CA.
         ca = work / "relays-ca.pem"
         ca.write_text("".join(c.read_text() for c, _ in relay_certs))
-        dport, nport = _free_port(), _free_port()
+        dport, nport, mport = _free_port(), _free_port(), _free_port()
         try:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "relay.cli", "directory", "--listen",
                  f"127.0.0.1:{dport}", "--data-dir", str(work / "data"), "--cert", str(cert),
-                 "--key", str(key), "--ca", str(ca), "--metrics-listen", "",
-                 "--rate-per-ip", UNLIMITED_RATE, "--burst-per-ip", UNLIMITED_RATE],
+                 "--key", str(key), "--ca", str(ca), "--metrics-listen", f"127.0.0.1:{mport}",
+                 "--rate-per-ip", UNLIMITED_RATE, "--burst-per-ip", UNLIMITED_RATE,
+                 "--rate-total", UNLIMITED_RATE, "--burst-total", UNLIMITED_RATE],
                 stdout=subprocess.DEVNULL, stderr=open(work / "directory.log", "wb")))  # noqa: SIM115
             _wait_port(dport, procs[-1], "relay directory")
             for i, (c, k) in enumerate(relay_certs, 1):
@@ -158,9 +159,14 @@ http {{
                 "nginx": lambda: _wrk(f"https://127.0.0.1:{nport}/iphone.csv", seconds),
                 "directory": lambda: _wrk(f"https://127.0.0.1:{dport}/api/iphone/", seconds),
             }, repeats)
-            records = sum(1 for p in (work / "data" / "connlog").iterdir()
-                          for line in p.read_bytes().splitlines()
-                          if b'"list-download"' in line)
+            log = b"".join(p.read_bytes() for p in (work / "data" / "connlog").iterdir())
+            records = log.count(b'"list-download"')
+            metrics = http.client.HTTPConnection("127.0.0.1", mport, timeout=10)
+            metrics.request("GET", "/metrics")
+            refused = re.findall(r"^relay_directory_refusals_total\S* ([\d.]+)$",
+                                 metrics.getresponse().read().decode(), re.M)
+            if any(float(n) for n in refused):
+                raise RuntimeError("the abuse defences refused connections: not a fair run")
         finally:
             for proc in procs:
                 proc.terminate()

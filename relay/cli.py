@@ -375,6 +375,7 @@ def _directory_config(args: argparse.Namespace) -> configmod.Config:
             # A list download is one short request: short connections are the
             # normal case here, not an abuse signal; refusals still strike.
             "abuse": {"rate_per_ip": args.rate_per_ip, "burst_per_ip": args.burst_per_ip,
+                      "rate_total": args.rate_total, "burst_total": args.burst_total,
                       "short_session": "0s"},
         })
     except configmod.ConfigError as exc:
@@ -702,6 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new connections per second per source (default 5)")
     p.add_argument("--burst-per-ip", type=int, default=20, metavar="N",
                    help="burst of new connections per source (default 20)")
+    p.add_argument("--rate-total", type=float, default=200.0, metavar="N",
+                   help="new connections per second overall (default 200)")
+    p.add_argument("--burst-total", type=int, default=400, metavar="N",
+                   help="burst of new connections overall (default 400)")
     for key, text in (("collector", "HOST:PORT of the RFC 5425 collector to ship the access "
                                     "log to (default: kept local)"),
                       ("ca", "CA of the collector's certificate"),

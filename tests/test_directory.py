@@ -308,3 +308,21 @@ def test_access_search_by_time_and_address(tmp_path: Path) -> None:
     assert found(lo=None, hi=None, client_ip="203.0.113.9") == ["agent-1"]
     assert found(lo=at + 61, hi=None, client_ip=None) == []
     assert errors == []
+
+
+def test_the_rendered_list_follows_every_change(tmp_path: Path) -> None:
+    directory, clock = make(tmp_path, window_s=30)
+
+    def csv_rows() -> list[str]:
+        body = directory.handle(get(d.CSV_PATH), "203.0.113.8", 1, None, None).payload
+        return body.partition(b"\r\n\r\n")[2].decode().split("\r\n")[2:-2]
+
+    assert csv_rows() == []
+    directory.handle(post(registration(sessions_active=1)), "198.51.100.7", 1, "relay-1", 5)
+    assert csv_rows()[0].split(",")[7] == "1"
+    assert csv_rows() is not None and directory.version == 1  # served from the cache
+    directory.handle(post(registration(sessions_active=9)), "198.51.100.7", 1, "relay-1", 5)
+    assert csv_rows()[0].split(",")[7] == "9"
+    clock.now += 31
+    directory.expire()
+    assert csv_rows() == []

@@ -454,7 +454,11 @@ class Directory:
         self.relays: dict[str, RelayEntry] = {}
         self.stats = Stats()
         self.secret = _partial_secret(self.data_dir) if partial_n else b""
-        self.dirty = True
+        self.dirty = True  # the snapshot for relay directory list is out of date
+        # The whole list's bodies, rendered once per change of the relays (a JSON
+        # list of a thousand relays costs tens of ms to render: not per request).
+        self.version = 0
+        self._rendered: dict[str, tuple[int, list[RelayEntry], bytes]] = {}
 
     def handle(self, req: Request | HttpError, client_ip: str, client_port: int,
                identity: str | None, rtt_ms: int | None) -> Served:
@@ -483,7 +487,7 @@ class Directory:
         entry.last_heartbeat = now
         self.relays[entry.id] = entry
         self.stats.heartbeats += 1
-        self.dirty = True
+        self._changed()
         record = None
         if old is None:
             self.stats.registrations["new"] += 1
@@ -521,9 +525,7 @@ class Directory:
             elif req.method not in ("GET", "HEAD"):
                 status, reason, body = 405, "method", _error_body("use GET")
             else:
-                entries = self.listed(client["ip"])
-                now = self.clock()
-                body = render_csv(entries) if fmt == "csv" else render_json(entries, now)
+                entries, body = self._body(fmt, client["ip"])
                 status, reason = 200, None
                 record["served"] = {"count": len(entries), "relays": [e.id for e in entries],
                                     "bytes": len(body)}
@@ -535,6 +537,23 @@ class Directory:
         self.stats.downloads[(record["format"] or "none", str(status))] += 1
         record.update(status=status, reason=reason)
         return Served(response(status, body), record)
+
+    def _changed(self) -> None:
+        self.dirty = True
+        self.version += 1
+
+    def _body(self, fmt: str, requester_ip: str) -> tuple[list[RelayEntry], bytes]:
+        def render(entries: list[RelayEntry]) -> bytes:
+            return render_csv(entries) if fmt == "csv" else render_json(entries, self.clock())
+
+        if self.partial_n and len(self.relays) > self.partial_n:
+            entries = self.listed(requester_ip)
+            return entries, render(entries)
+        cached = self._rendered.get(fmt)
+        if cached is None or cached[0] != self.version:
+            entries = self.listed(requester_ip)
+            cached = self._rendered[fmt] = (self.version, entries, render(entries))
+        return cached[1], cached[2]
 
     def listed(self, requester_ip: str) -> list[RelayEntry]:
         entries = list(self.relays.values())
@@ -551,7 +570,7 @@ class Directory:
         for e in gone:
             del self.relays[e.id]
             self.stats.expired += 1
-            self.dirty = True
+            self._changed()
             log.info("relay %s dropped out: no heartbeat for %.0fs", e.id,
                      now - e.last_heartbeat)
             records.append({"action": "relay-expire", "relay": {"id": e.id,
