@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shiputil import Pki, free_port
+from shiputil import Pki, free_port, read_day_dir, start_collector
 
 from relay import config as configmod
 from relay.central import directory as d
@@ -38,10 +38,11 @@ def relay_config(pki: Pki, data: Path, port: int, cert: Path, key: Path,
 
 
 @contextlib.asynccontextmanager
-async def directory(pki: Pki, data: Path, **abuse: Any) -> AsyncIterator[int]:
+async def directory(pki: Pki, data: Path, server_id: str = "dir-1",
+                    forward: dict[str, str] | None = None, **abuse: Any) -> AsyncIterator[int]:
     port = free_port()
-    cfg = configmod.from_dict({"server": {"id": "dir-1"}, "logs": {"data_dir": str(data)},
-                               "metrics": {"listen": ""},
+    cfg = configmod.from_dict({"server": {"id": server_id}, "logs": {"data_dir": str(data)},
+                               "metrics": {"listen": ""}, "forward": forward or {},
                                "abuse": {"short_session": "0s", "summary_interval": "1s",
                                          **abuse}})
     stop = asyncio.Event()
@@ -179,3 +180,36 @@ def test_a_flood_is_reset_summarised_and_banned(pki: Pki, tmp_path: Path) -> Non
         assert ban["network"] == "127.0.0.1/32" and ban["server"]["id"] == "dir-1"
 
     asyncio.run(main())
+
+
+def test_the_access_log_is_shipped_like_a_connection_log(pki: Pki, tmp_path: Path) -> None:
+    """--forward-* ships the access records to relay collector, under the
+    directory's id (its certificate's CN: here the test PKI's relay-1)."""
+    cport = free_port()
+    collector = start_collector(tmp_path, cport, pki)
+    forward = {"collector": f"localhost:{cport}", "ca": str(pki.ca),
+               "cert": str(pki.client_cert), "key": str(pki.client_key)}
+
+    async def main() -> None:
+        async with directory(pki, tmp_path / "dir", server_id="relay-1",
+                             forward=forward) as port:
+            def download() -> int:
+                ctx = ssl.create_default_context(cafile=str(pki.ca))
+                with socket.create_connection(("127.0.0.1", port)) as raw, \
+                        ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(b"GET /api/iphone/ HTTP/1.1\r\nUser-Agent: shipped/1\r\n\r\n")
+                    return len(tls.recv(65536))
+
+            assert await asyncio.to_thread(download) > 0
+            for _ in range(200):
+                stored = read_day_dir(tmp_path / "collector" / "relay-1")
+                if any(r.get("user_agent") == "shipped/1" for r in stored):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"not shipped: {collector.log()[-2000:]}")
+
+    try:
+        asyncio.run(main())
+    finally:
+        collector.stop()
