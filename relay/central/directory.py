@@ -97,8 +97,10 @@ log = logging.getLogger("relay.central.directory")
 
 # --- Limits and timeouts (each bounds what a hostile peer can hold) -----------------
 
-# Request head and body caps: relay.protocols.cstp's (h11 and node.js allow 16 KiB
-# of head; ocserv's 64 KiB body cap). A registration is ~4 KiB with its .ovpn.
+# Request head, header count and body caps are relay.protocols.cstp's, imported
+# above (h11 and node.js allow 16 KiB of head, Apache 100 fields, ocserv a 64 KiB
+# body). A registration is ~4 KiB with its .ovpn.
+
 # A TLS handshake that takes longer is a stalled or hostile client: relay
 # collector's deadline.
 HANDSHAKE_TIMEOUT_S = 15.0
