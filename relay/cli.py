@@ -82,6 +82,55 @@ def cmd_logs_connections(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs_access(args: argparse.Namespace) -> int:
+    from relay import timeparse
+    from relay.investigate.access import (
+        COLUMNS,
+        DEFAULT_AT_SLACK_S,
+        record_time,
+        row,
+        search_access,
+    )
+
+    def warn(msg: str) -> None:
+        print(f"relay: warning: {escape_text(msg)}", file=sys.stderr)
+
+    tz = timeparse.parse_zone(args.tz)
+    if args.at and (args.start or args.end):
+        raise RelayError("give --at or --from/--to, not both")
+    lo = hi = None
+    if args.at:
+        at = timeparse.parse_time(args.at, tz, "--at").timestamp()
+        slack = DEFAULT_AT_SLACK_S if args.slack is None else args.slack
+        if not 0 <= slack < float("inf"):
+            raise RelayError(f"--slack {args.slack}: give a number of seconds >= 0")
+        lo, hi = at - slack, at + slack + 0.001
+    if args.start:
+        lo = timeparse.parse_time(args.start, tz, "--from").timestamp()
+    if args.end:
+        hi = timeparse.parse_time(args.end, tz, "--to").timestamp()
+    client_ip = None
+    if args.client_ip:
+        from relay.investigate.search import normalize_ip
+
+        client_ip = normalize_ip(args.client_ip, "--client-ip")
+    found = 0
+    if not args.json:
+        print("  ".join(COLUMNS))
+    for rec in search_access(_config(args).data_dir, lo=lo, hi=hi, client_ip=client_ip,
+                             on_error=warn):
+        found += 1
+        if args.json:
+            print(json_text(rec))
+        else:
+            r = row(rec)
+            r["time"] = timeparse.format_in(record_time(rec), tz)
+            print("  ".join(escape_text(v) if v != "" else "-" for v in r.values()))
+    if not found:
+        print("relay: no matching access record", file=sys.stderr)
+    return 0
+
+
 def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
     """The session(s) whose tag ends a stamped User-Agent (a value shorter than the
     tag carries the tag's first characters, so it can match several)."""
@@ -313,6 +362,86 @@ def cmd_collector_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_ERROR
 
 
+def _directory_config(args: argparse.Namespace) -> configmod.Config:
+    """What relay directory shares with a relay, as a relay config: its id in the
+    records, the access log's directory and retention, shipping, metrics, abuse."""
+    forward = {key: value for key, value in (
+        ("collector", args.forward_collector), ("ca", args.forward_ca),
+        ("cert", args.forward_cert), ("key", args.forward_key)) if value}
+    try:
+        return configmod.from_dict({
+            "server": {"id": args.id},
+            "logs": {"data_dir": args.data_dir, "connlog_keep": f"{args.keep}d"},
+            "forward": forward,
+            "metrics": {"listen": args.metrics_listen},
+            # A list download is one short request: short connections are the
+            # normal case here, not an abuse signal; refusals still strike.
+            "abuse": {"rate_per_ip": args.rate_per_ip, "burst_per_ip": args.burst_per_ip,
+                      "rate_total": args.rate_total, "burst_total": args.burst_total,
+                      "short_session": "0s"},
+        })
+    except configmod.ConfigError as exc:
+        raise RelayError(f"directory: {exc}") from None
+
+
+def cmd_directory(args: argparse.Namespace) -> int:
+    import time
+
+    import uvloop
+
+    from relay.central.directory import run_directory
+    from relay.serve.abuse import Abuse
+
+    if args.directory_command == "list":
+        return cmd_directory_list(args)
+    if not (args.cert and args.key and args.ca):
+        raise RelayError("directory: --cert, --key and --ca are required (see relay "
+                         "directory --help)")
+    cfg = _directory_config(args)
+    window = float(configmod.parse_duration_arg(args.window))
+    if window < 1 or args.partial < 0:
+        raise RelayError("directory: --window must be at least 1s and --partial >= 0")
+
+    async def main() -> None:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_directory(cfg, args.listen, args.ca, args.cert, args.key,
+                            lambda audit: Abuse(cfg.abuse, cfg.data_dir, audit, time.time),
+                            window_s=window, partial_n=args.partial, stop_event=stop)
+
+    uvloop.run(main())
+    return 0
+
+
+def cmd_directory_list(args: argparse.Namespace) -> int:
+    from relay.central.directory import read_snapshot
+
+    snap = read_snapshot(Path(args.list_data_dir))
+    if args.json:
+        for row in snap["relays"]:
+            print(json_text(row))
+        return 0
+    print(f"{len(snap['relays'])} relays at {snap.get('time')} (window {snap.get('window_s')}s)")
+    columns = ("id", "address", "ports", "score", "ping_ms", "sessions_active", "uptime_s",
+               "last_heartbeat", "age_s", "operator")
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column, "")
+        if isinstance(value, dict):  # ports: "cstp:443 openvpn-udp:1194 ..."
+            value = " ".join(f"{k}:{v}" for k, v in value.items())
+        return escape_text(value)
+
+    rows = [columns] + [tuple(cell(row, c) for c in columns)
+                        for row in snap["relays"] if isinstance(row, dict)]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(columns))]
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from relay.doctor import render, run_checks
 
@@ -425,6 +554,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_logs_connections)
 
+    p = logs.add_parser(
+        "access", help="search a relay directory's access log (list downloads, registrations)",
+        description="The records of relay directory (list-download, relay-register, "
+                    "relay-refused, relay-expire) by time and client address; --data-dir is "
+                    "the directory's data directory (or a copy).")
+    _add_data_dir(p)
+    p.add_argument("--at", metavar="TIME", help="records within --slack of TIME (ISO 8601 or "
+                   "'YYYY-MM-DD HH:MM[:SS]')")
+    p.add_argument("--slack", type=float, metavar="SECONDS",
+                   help="with --at: how far from TIME (default 60)")
+    p.add_argument("--from", dest="start", metavar="TIME", help="window start, inclusive")
+    p.add_argument("--to", dest="end", metavar="TIME", help="window end, exclusive")
+    p.add_argument("--tz", metavar="ZONE", default="UTC",
+                   help="zone of times without one, and of the output (default UTC)")
+    p.add_argument("--client-ip", metavar="IP", help="the client's address")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_logs_access)
+
     ban = sub.add_parser(
         "ban", help="list, add or remove bans (works while the relay runs)").add_subparsers(
         dest="ban_command", metavar="ACTION", required=True)
@@ -524,6 +671,60 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="DIR", help="the collector's directory (default "
                                        "/var/lib/relay-collector)")
     q.add_argument("--json", action="store_true", help="the report as one JSON object")
+
+    p = sub.add_parser(
+        "directory", help="the relay directory: registrations and the public server list",
+        description="Serves the public list of relays over HTTPS (VPN Gate CSV at "
+                    "/api/iphone/, JSON at /api/servers.json) and takes relays' "
+                    "registrations (POST /api/register) over mutual TLS: a relay's id is "
+                    "its client certificate's subject CN. A relay without a heartbeat for "
+                    "--window drops out. Every list request is a record in the access log "
+                    "(DIR/connlog/, kept and shipped like a relay's connection log; "
+                    "'relay logs access' searches it).")
+    p.add_argument("--listen", default="0.0.0.0:443", metavar="HOST:PORT",
+                   help="HTTPS listener (default 0.0.0.0:443)")
+    p.add_argument("--data-dir", default="/var/lib/relay-directory", metavar="DIR",
+                   help="access log and state (default /var/lib/relay-directory)")
+    p.add_argument("--cert", help="the directory's certificate (PEM; required)")
+    p.add_argument("--key", help="its key (PEM; required)")
+    p.add_argument("--ca", help="CA of the relays' client certificates (required)")
+    p.add_argument("--id", default="directory", metavar="ID",
+                   help="the directory's id in its records (default directory; with "
+                        "--forward-collector, its certificate's CN)")
+    p.add_argument("--window", default="180s", metavar="DURATION",
+                   help="a relay without a heartbeat this long drops out (default 180s: "
+                        "three missed beats of 60s)")
+    p.add_argument("--partial", type=int, default=0, metavar="N",
+                   help="give each requester network (/24, /48) only N relays, a subset "
+                        "fixed per network and UTC day (default 0: the whole list)")
+    p.add_argument("--keep", type=int, default=90, metavar="DAYS",
+                   help="days of access log kept (default and minimum 90)")
+    p.add_argument("--metrics-listen", default="127.0.0.1:9811", metavar="HOST:PORT",
+                   help="Prometheus metrics (default 127.0.0.1:9811; empty = off)")
+    p.add_argument("--rate-per-ip", type=float, default=5.0, metavar="N",
+                   help="new connections per second per source (default 5)")
+    p.add_argument("--burst-per-ip", type=int, default=20, metavar="N",
+                   help="burst of new connections per source (default 20)")
+    p.add_argument("--rate-total", type=float, default=200.0, metavar="N",
+                   help="new connections per second overall (default 200)")
+    p.add_argument("--burst-total", type=int, default=400, metavar="N",
+                   help="burst of new connections overall (default 400)")
+    for key, text in (("collector", "HOST:PORT of the RFC 5425 collector to ship the access "
+                                    "log to (default: kept local)"),
+                      ("ca", "CA of the collector's certificate"),
+                      ("cert", "client certificate for the collector (CN = --id)"),
+                      ("key", "its key")):
+        p.add_argument(f"--forward-{key}", metavar="FILE" if key != "collector" else
+                       "HOST:PORT", help=text)
+    p.set_defaults(func=cmd_directory, directory_command=None)
+    directory_sub = p.add_subparsers(dest="directory_command", metavar="[list]")
+    q = directory_sub.add_parser(
+        "list", help="the registered relays and their last heartbeat",
+        description="Reads the running directory's snapshot (DIR/relays.json, refreshed "
+                    "every second).")
+    q.add_argument("--data-dir", dest="list_data_dir", default="/var/lib/relay-directory",
+                   metavar="DIR", help="the directory's data directory")
+    q.add_argument("--json", action="store_true", help="one JSON object per relay")
 
     p = sub.add_parser(
         "doctor", help="check what the relay needs on this host, with the fix for each failure",

@@ -205,6 +205,31 @@ class EgressConfig:
 
 
 @dataclass(frozen=True)
+class DirectoryConfig:
+    """Registration with a relay directory (relay.serve.registration)."""
+
+    # https://HOST[:PORT] of `relay directory`; empty = not listed anywhere.
+    url: str = ""
+    # CA the directory's certificate must chain to (empty = the system store).
+    ca: str = ""
+    # Client certificate whose subject CN is [server] id (as for the collector).
+    cert: str = ""
+    key: str = ""
+    # Shown in the public list (Operator and Message columns).
+    operator: str = ""
+    message: str = ""
+    # The address clients use (IP or host name); empty = the [server] listen
+    # address, or this host's name when that is a wildcard.
+    address: str = ""
+    # ISO 3166-1 alpha-2 code and name shown in the list (CountryShort/Long).
+    country: str = ""
+    country_name: str = ""
+    # Heartbeat interval (with +-10% jitter). VPN Gate's relays report every
+    # minute or so; the directory drops a relay after its own window (default 3).
+    heartbeat: str = "60s"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tap: TapConfig = field(default_factory=TapConfig)
@@ -215,6 +240,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     abuse: AbuseConfig = field(default_factory=AbuseConfig)
     egress: EgressConfig = field(default_factory=EgressConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -249,6 +275,7 @@ _SECTION_TYPES = {
     "metrics": MetricsConfig,
     "abuse": AbuseConfig,
     "egress": EgressConfig,
+    "directory": DirectoryConfig,
 }
 
 
@@ -343,6 +370,51 @@ def _validate(cfg: Config) -> None:
                               "this CA; it is required with a collector")
     if bool(cfg.forward.cert) != bool(cfg.forward.key):
         raise ConfigError("[forward] cert: cert and key must be given together (or neither)")
+    _validate_directory(cfg.directory)
+
+
+# Longest operator name and message a relay may publish: the directory keeps
+# relay.clienttext's 256 characters of any text it did not write itself.
+DIRECTORY_TEXT_MAX = 256
+
+
+def parse_directory_url(text: str) -> tuple[str, int]:
+    """``https://HOST[:PORT]`` (no path) -> (host, port); port 443 by default."""
+    m = re.fullmatch(r"https://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(?::(\d{1,5}))?/?", text)
+    if not m:
+        raise ValueError(f"expected https://HOST[:PORT], got {text!r}")
+    port = int(m.group(2) or 443)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {text!r}")
+    return m.group(1).strip("[]"), port
+
+
+def _validate_directory(d: DirectoryConfig) -> None:
+    if not d.url:
+        return
+    try:
+        parse_directory_url(d.url)
+    except ValueError as exc:
+        raise ConfigError(f"[directory] url: {exc}") from None
+    try:
+        heartbeat = parse_duration(d.heartbeat)
+    except ValueError as exc:
+        raise ConfigError(f"[directory] heartbeat: {exc}") from None
+    if heartbeat < 1:
+        raise ConfigError("[directory] heartbeat: at least 1s")
+    if not (d.cert and d.key):
+        raise ConfigError("[directory] cert: a client certificate (and key) whose subject CN "
+                          "is [server] id is required with a directory url")
+    if d.address and not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", d.address):
+        raise ConfigError(f"[directory] address: not an IP address or host name: {d.address!r}")
+    if d.country and not re.fullmatch(r"[A-Z]{2}", d.country):
+        raise ConfigError(f"[directory] country: expected an ISO 3166 code like JP, "
+                          f"got {d.country!r}")
+    for key in ("operator", "message", "country_name"):
+        value = getattr(d, key)
+        if len(value) > DIRECTORY_TEXT_MAX or not value.isprintable():
+            raise ConfigError(f"[directory] {key}: at most {DIRECTORY_TEXT_MAX} printable "
+                              "characters")
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -317,12 +317,32 @@ def check_collector(cfg: Config) -> Check:
     return _ok(name, f"{host}:{port} reachable, {version}, certificate verified")
 
 
+def check_directory(cfg: Config) -> Check:
+    """The registration's last outcome (relay.serve.registration's status file)."""
+    from relay.serve.registration import read_status
+
+    name = "directory"
+    if not cfg.directory.url:
+        return _ok(name, "none configured: this relay is not listed")
+    status = read_status(cfg.data_dir)
+    if status is None or status.get("url") != cfg.directory.url:
+        return Check(name, "warn", f"{cfg.directory.url}: no heartbeat sent yet",
+                     "start relay serve; it registers once it listens")
+    if status.get("listed"):
+        return _ok(name, f"{cfg.directory.url}: listed as {status.get('id')}, last heartbeat "
+                         f"{status.get('last_success')}")
+    return _fail(name, f"{cfg.directory.url}: not listed: {status.get('last_error')}",
+                 "check [directory] url, ca, cert and key (the certificate's CN must be "
+                 "[server] id), and that the directory runs and is reachable")
+
+
 def run_checks(cfg: Config) -> list[Check]:
     checks: list[Check] = [check_privileges()]
     steps: list[Callable[[], Check | list[Check]]] = [
         check_bpf_ringbuf, check_tun_and_clsact, check_bcc, check_nftables,
         lambda: check_egress(cfg), lambda: check_ports(cfg), lambda: check_data_dir(cfg),
-        lambda: check_nofile(cfg), check_clock, lambda: check_collector(cfg)]
+        lambda: check_nofile(cfg), check_clock, lambda: check_collector(cfg),
+        lambda: check_directory(cfg)]
     for step in steps:
         try:
             result = step()

@@ -1,5 +1,7 @@
-"""TLS for the listener: TLS 1.2 or newer only, a self-signed certificate
-generated into the data directory when none is configured."""
+"""TLS for the listeners: TLS 1.2 or newer only, a self-signed certificate
+generated into the data directory when none is configured, and the relay id a
+client certificate proves (relay collector and relay directory believe
+certificates, not claims)."""
 
 from __future__ import annotations
 
@@ -7,15 +9,18 @@ import base64
 import datetime
 import hashlib
 import os
+import re
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from relay.config import SERVER_ID_RULE
 from relay.errors import RelayError
 
 SELF_SIGNED_CERT = "tls/cert.pem"
@@ -76,3 +81,23 @@ def server_context(data_dir: Path, cert: str, key: str) -> tuple[ssl.SSLContext,
     except (OSError, ssl.SSLError) as exc:
         raise RelayError(f"[server] cert: cannot load {cert_path} / {key_path}: {exc}") from None
     return ctx, cert_path
+
+
+def identity_of_names(common_names: list[str]) -> str | None:
+    """The relay id a client certificate proves: its subject's single CN, when
+    that CN follows the [server] id rule; None otherwise. relay collector files a
+    sender's records under it and refuses records that claim another id; relay
+    directory lists a relay only under it."""
+    if len(common_names) == 1 and re.fullmatch(SERVER_ID_RULE, common_names[0]) \
+            and common_names[0] not in (".", ".."):
+        return common_names[0]
+    return None
+
+
+def peer_identity(cert: dict[str, Any] | None) -> str | None:
+    """The relay id of a verified client certificate (ssl's decoded form)."""
+    if not cert:
+        return None
+    names = [value for rdn in cert.get("subject", ()) for key, value in rdn
+             if key == "commonName"]
+    return identity_of_names(names)

@@ -90,4 +90,16 @@ else
   echo "$digest" > "$stamp"
   echo "built"
 fi
+step "a published VPN Gate list parser for the tests (npm vpn-gate, in $ROOT/.node)"
+# tests/test_e2e_directory.py runs it against relay directory's CSV list.
+VPNGATE_NPM="vpn-gate@2.1.2"
+if [ -f "$ROOT/.node/node_modules/vpn-gate/lib/csvLoader.js" ]; then
+  echo "present"
+else
+  command -v npm >/dev/null || { export DEBIAN_FRONTEND=noninteractive; apt-get update -q; \
+    apt-get install -y -q --no-install-recommends nodejs npm; }
+  npm install --no-audit --no-fund --silent --prefix "$ROOT/.node" "$VPNGATE_NPM" \
+    || die "npm install $VPNGATE_NPM failed"
+  echo "installed $VPNGATE_NPM"
+fi
 step "ready: $VENV/bin/relay"

@@ -85,12 +85,12 @@ def _ca(d: Path, cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey,
 
 
 def _leaf(d: Path, stem: str, cn: str, ca: x509.Certificate,
-          ca_key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+          ca_key: ec.EllipticCurvePrivateKey, ips: tuple[str, ...] = ()) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     san = x509.SubjectAlternativeName([
         x509.DNSName(cn), x509.DNSName("localhost"),
-        x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))])
+        *(x509.IPAddress(__import__("ipaddress").ip_address(ip)) for ip in ("127.0.0.1", *ips))])
     cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))

@@ -17,7 +17,7 @@ Layout under COLLECTOR_DIR (directories 0700, files 0600):
 Identity comes from certificates, never from what a message claims. A sender
 presents a client certificate from ``--ca`` (required unless
 ``--allow-no-client-cert``); its subject CN, when it follows the [server] id
-rule, is the relay id it speaks for (relay.connlog.forwarder.identity_of_names). Its
+rule, is the relay id it speaks for (relay.tlsconf.identity_of_names). Its
 records are filed under that id only: a record whose ``server.id`` is another
 is refused (stored under neither), so a sender can only ever write, and
 de-duplicate against, its own store. A record's day is its own ``time`` unless
@@ -67,7 +67,7 @@ from typing import Any, cast
 from relay import chain
 from relay.config import parse_hostport
 from relay.connlog.daylog import DIR_MODE, FILE_MODE, SUFFIX, ZST_SUFFIX, ensure_dir, rfc3339_ms
-from relay.connlog.forwarder import CONFIRM_ALPN, identity_of_names
+from relay.connlog.forwarder import CONFIRM_ALPN
 from relay.connlog.retention import (
     DEFAULT_COMPRESS_AFTER_DAYS,
     RETENTION_INTERVAL_S,
@@ -79,6 +79,7 @@ from relay.errors import RelayError
 from relay.fsutil import listen_tcp
 from relay.investigate.evidence import Report, _compare, check_links
 from relay.protocols import syslog5424
+from relay.tlsconf import peer_identity
 
 log = logging.getLogger("relay.central.collector")
 
@@ -119,15 +120,6 @@ DEFAULT_QUOTA_BYTES_PER_DAY = 1 << 30
 
 def _today(clock: Callable[[], float]) -> str:
     return datetime.fromtimestamp(clock(), UTC).date().isoformat()
-
-
-def peer_identity(cert: dict[str, Any] | None) -> str | None:
-    """The relay id of a verified client certificate (ssl's decoded form)."""
-    if not cert:
-        return None
-    names = [value for rdn in cert.get("subject", ()) for key, value in rdn
-             if key == "commonName"]
-    return identity_of_names(names)
 
 
 def host_dir_name(hostname: str | None) -> str:

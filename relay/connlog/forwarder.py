@@ -62,7 +62,6 @@ import json
 import logging
 import os
 import random
-import re
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -74,11 +73,12 @@ import zstandard
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from relay.config import SERVER_ID_RULE, parse_hostport
+from relay.config import parse_hostport
 from relay.connlog.daylog import SUBDIR, SUFFIX, ZST_SUFFIX, rfc3339_ms
 from relay.errors import RelayError
 from relay.fsutil import write_atomic
 from relay.protocols import syslog5424
+from relay.tlsconf import identity_of_names
 
 log = logging.getLogger("relay.connlog.forwarder")
 
@@ -136,16 +136,6 @@ SET_ASIDE_FILE = "set-aside.jsonl"
 # Set-aside records named in one audit record (the rest are counted): keeps
 # the audit record small whatever a corrupted log holds.
 AUDIT_SET_ASIDE_MAX = 32
-
-
-def identity_of_names(common_names: list[str]) -> str | None:
-    """The relay id a client certificate proves: its subject's single CN, when
-    that CN follows the [server] id rule; None otherwise. relay collector files a
-    sender's records under it and refuses records that claim another id."""
-    if len(common_names) == 1 and re.fullmatch(SERVER_ID_RULE, common_names[0]) \
-            and common_names[0] not in (".", ".."):
-        return common_names[0]
-    return None
 
 
 def certificate_identity(pem_path: str) -> str | None:

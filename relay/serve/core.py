@@ -43,6 +43,7 @@ from relay.serve.egress import Policy
 from relay.serve.nat import RelayTable
 from relay.serve.openvpn_link import OpenVPNListener
 from relay.serve.rdns import ReverseLookups
+from relay.serve.registration import Registration
 from relay.serve.sessions import (
     CHECKPOINT_INTERVAL_S,
     AddressPool,
@@ -131,6 +132,7 @@ class Relay:
         self.metrics: MetricsServer | None = None
         self.recording: Recording | None = None
         self.shipping: Shipping | None = None
+        self.registration: Registration | None = None
         # Extra metric collectors of optional components (capture, shipping).
         self.collectors: list[Collector] = []
         # Components that take new settings on reload (the packet-log retention).
@@ -171,11 +173,17 @@ class Relay:
                      "certificate %s", host, port, self.tap.name, pool.gateway, self.data_dir,
                      cstp_listener.cert_path)
             self.control = await control.serve_control(self.data_dir, self._control)
+            if self.cfg.directory.url:  # listed only once every listener is up
+                self.registration = Registration(self.cfg, self._directory_state)
+                self.collectors.append(self.registration.metrics)
+                self.reload_hooks.append(self.registration.reload)
             self.metrics = MetricsServer([self._metrics, *self.collectors])
             await self._start_metrics()
             tasks = [accepting, asyncio.create_task(self._checkpoint_loop()),
                      asyncio.create_task(self._abuse_loop()),
                      asyncio.create_task(self.nat.refresh_loop())]
+            if self.registration is not None:
+                tasks.append(asyncio.create_task(self.registration.run(stop)))
             await stop.wait()
             for task in tasks:
                 task.cancel()
@@ -331,6 +339,13 @@ class Relay:
         log.info("%s", message)
         self.audit({"action": "config-reload", "message": message})
         return message
+
+    def _directory_state(self) -> dict[str, int]:
+        """What a heartbeat reports of the relay's life (relay.serve.registration)."""
+        st = self.stats
+        return {"sessions_active": sum(st.sessions_active.values()),
+                "sessions_total": sum(st.sessions_total.values()),
+                "traffic_bytes": st.bytes_in + st.bytes_out}
 
     async def _start_metrics(self) -> None:
         if not self.cfg.metrics.listen:
