@@ -1,5 +1,6 @@
 """TLS for the listener: TLS 1.2 or newer only, a self-signed certificate
-generated into the data directory when none is configured."""
+generated into the data directory when none is configured, and OpenVPN's tls-crypt
+key beside it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import base64
 import datetime
 import hashlib
 import os
+import secrets
 import socket
 import ssl
 from pathlib import Path
@@ -17,12 +19,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from relay.errors import RelayError
+from relay.protocols.openvpn.keys import KEY2_SIZE
+from relay.protocols.openvpn.tlscrypt import format_static_key, parse_static_key
 
 SELF_SIGNED_CERT = "tls/cert.pem"
 SELF_SIGNED_KEY = "tls/key.pem"
 # Long enough that a volunteer's relay does not stop on a forgotten renewal;
 # clients pin the key (pin-sha256), not the dates.
 SELF_SIGNED_DAYS = 3650
+# The tls-crypt key, made on first use like the self-signed certificate beside it.
+TLS_CRYPT_KEY = "tls/tls-crypt.key"
 
 
 def ensure_self_signed(data_dir: Path, common_name: str) -> tuple[Path, Path]:
@@ -76,3 +82,19 @@ def server_context(data_dir: Path, cert: str, key: str) -> tuple[ssl.SSLContext,
     except (OSError, ssl.SSLError) as exc:
         raise RelayError(f"[server] cert: cannot load {cert_path} / {key_path}: {exc}") from None
     return ctx, cert_path
+
+
+def tls_crypt_key(data_dir: Path) -> str:
+    """The text of the relay's tls-crypt key file (made, 0600, if there is none)."""
+    path = data_dir / TLS_CRYPT_KEY
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(format_static_key(secrets.token_bytes(KEY2_SIZE)))
+    text = path.read_text()
+    try:
+        parse_static_key(text)
+    except ValueError as exc:
+        raise RelayError(f"{path}: {exc}; remove it to have a new key made") from None
+    return text
