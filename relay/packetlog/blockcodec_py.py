@@ -1,4 +1,4 @@
-"""Pure-Python twin of the block decoder in cext/drain.c (``relay_block_decode``).
+"""Pure-Python twin of the block decoder in cext/blockcodec.c (``relay_block_decode``).
 
 Used by the packet-log writer to read a block's session and address tables (the
 segment index) without a Python pass over its records, and by the tests to check
