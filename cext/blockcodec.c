@@ -227,12 +227,24 @@ static uint64_t get_varint(struct reader *r)
 			return 0;
 		}
 		uint8_t b = *r->p++;
+		if (shift == 63 && b > 1)
+			break; /* past 64 bits */
 		v |= (uint64_t)(b & 0x7f) << shift;
 		if (!(b & 0x80))
 			return v;
 	}
 	r->bad = 1;
 	return 0;
+}
+
+/* A varint of a field no wider than max: the encoder writes no more, so a wider
+ * one is a corrupt block, never a value to cut down (blockcodec_py.py agrees). */
+static uint64_t get_uint(struct reader *r, uint64_t max)
+{
+	uint64_t v = get_varint(r);
+	if (v > max)
+		r->bad = 1;
+	return v;
 }
 
 static const uint8_t *get_bytes(struct reader *r, size_t n)
@@ -325,10 +337,10 @@ long relay_block_decode(const uint8_t *in, size_t len, struct relay_record *out,
 	if (!flows || !prev || !fl)
 		goto out;
 	for (uint64_t k = 0; k < nflow; k++) {
-		flows[k].sess = (uint32_t)get_varint(&r);
+		flows[k].sess = (uint32_t)get_uint(&r, UINT32_MAX);
 		const uint8_t *d = get_bytes(&r, 1);
-		flows[k].src = (uint32_t)get_varint(&r);
-		flows[k].dst = (uint32_t)get_varint(&r);
+		flows[k].src = (uint32_t)get_uint(&r, UINT32_MAX);
+		flows[k].dst = (uint32_t)get_uint(&r, UINT32_MAX);
 		const uint8_t *pt = get_bytes(&r, 4);
 		if (r.bad || flows[k].sess >= nsess || flows[k].src >= naddr || flows[k].dst >= naddr)
 			goto out;
@@ -347,7 +359,7 @@ long relay_block_decode(const uint8_t *in, size_t len, struct relay_record *out,
 		out[i].time_ns = t;
 	}
 	for (uint64_t i = 0; i < n; i++) {
-		fl[i] = (uint32_t)get_varint(&r);
+		fl[i] = (uint32_t)get_uint(&r, UINT32_MAX);
 		if (fl[i] >= nflow) {
 			r.bad = 1;
 			break;
@@ -376,15 +388,15 @@ long relay_block_decode(const uint8_t *in, size_t len, struct relay_record *out,
 	for (uint64_t i = 0; i < n; i++)
 		out[i].tcp_flags = flags[i];
 	for (uint64_t i = 0; i < n; i++)
-		out[i].payload_len = (uint16_t)get_varint(&r);
+		out[i].payload_len = (uint16_t)get_uint(&r, UINT16_MAX);
 	for (uint64_t i = 0; i < n; i++)
-		out[i].window = (uint16_t)(prev[fl[i]] += (uint32_t)unzz32((uint32_t)get_varint(&r)));
+		out[i].window = (uint16_t)(prev[fl[i]] += (uint32_t)unzz32((uint32_t)get_uint(&r, UINT32_MAX)));
 	memset(prev, 0, sizeof(*prev) * nflow);
 	for (uint64_t i = 0; i < n; i++)
-		out[i].seq = prev[fl[i]] += (uint32_t)unzz32((uint32_t)get_varint(&r));
+		out[i].seq = prev[fl[i]] += (uint32_t)unzz32((uint32_t)get_uint(&r, UINT32_MAX));
 	memset(prev, 0, sizeof(*prev) * nflow);
 	for (uint64_t i = 0; i < n; i++)
-		out[i].ack = prev[fl[i]] += (uint32_t)unzz32((uint32_t)get_varint(&r));
+		out[i].ack = prev[fl[i]] += (uint32_t)unzz32((uint32_t)get_uint(&r, UINT32_MAX));
 	if (!r.bad && r.p == r.end)
 		ret = (long)n;
 out:
