@@ -218,28 +218,34 @@ struct reader {
 	int bad;
 };
 
-static uint64_t get_varint(struct reader *r)
+/* Always inlined, as get_uint: the decoder reads seven varints a record, and a call
+ * for each costs a sixth of its speed (about 24 instead of 20 ns a record here). */
+#define READER_INLINE static inline __attribute__((always_inline))
+
+READER_INLINE uint64_t get_varint(struct reader *r)
 {
 	uint64_t v = 0;
-	for (int shift = 0; shift < 64; shift += 7) {
+	for (int shift = 0; shift < 63; shift += 7) {
 		if (r->p >= r->end) {
 			r->bad = 1;
 			return 0;
 		}
 		uint8_t b = *r->p++;
-		if (shift == 63 && b > 1)
-			break; /* past 64 bits */
 		v |= (uint64_t)(b & 0x7f) << shift;
 		if (!(b & 0x80))
 			return v;
 	}
-	r->bad = 1;
-	return 0;
+	/* A tenth byte holds bit 63 alone: anything more is past 64 bits. */
+	if (r->p >= r->end || *r->p > 1) {
+		r->bad = 1;
+		return 0;
+	}
+	return v | (uint64_t)*r->p++ << 63;
 }
 
 /* A varint of a field no wider than max: the encoder writes no more, so a wider
  * one is a corrupt block, never a value to cut down (blockcodec_py.py agrees). */
-static uint64_t get_uint(struct reader *r, uint64_t max)
+READER_INLINE uint64_t get_uint(struct reader *r, uint64_t max)
 {
 	uint64_t v = get_varint(r);
 	if (v > max)
