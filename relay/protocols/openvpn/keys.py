@@ -37,7 +37,6 @@ REPLAY_WINDOW = 64
 # --- Key derivation (ssl.c openvpn_PRF, crypto_openssl.c ssl_tls1_PRF) ----------------
 
 
-
 def _p_hash(digest: str, secret: bytes, seed: bytes, size: int) -> bytes:
     out = b""
     a = seed
@@ -64,6 +63,9 @@ def derive_key2(pre_master: bytes, client_random1: bytes, server_random1: bytes,
                       MASTER_SECRET_SIZE)
     return tls1_prf(master, PRF_LABEL_EXPANSION + client_random2 + server_random2
                     + client_sid + server_sid, KEY2_SIZE)
+
+
+# --- The data channel's keys (crypto.c openvpn_encrypt_aead, packet_id.c) -----------
 
 
 class DataKeys:

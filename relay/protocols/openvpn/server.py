@@ -100,6 +100,8 @@ PUSH_REPLY_HOLDOFF_S = 30.0
 
 @dataclass(frozen=True, slots=True)
 class PushParams:
+    """What :meth:`OpenVPNServer.push_reply` sends the client."""
+
     address: str
     netmask: str
     gateway: str
@@ -109,6 +111,7 @@ class PushParams:
 
 
 # --- The state machine -------------------------------------------------------------------
+
 
 class KeyState:
     """One key id: its reliability layer, TLS session and, once key-method 2 is

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 # --- Wire constants (ssl_pkt.h) ------------------------------------------------------
 
+
 class Opcode(enum.IntEnum):
     CONTROL_SOFT_RESET_V1 = 3
     CONTROL_V1 = 4
