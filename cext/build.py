@@ -1,9 +1,10 @@
 """cffi (API mode) build of the hot-path C module ``relay._cext``.
 
 Each concern lives in its own pair of files so that they can grow independently:
-``cext/NAME.c`` holds the code and ``cext/NAME.cdef`` the declarations that Python
-may call. This script compiles every ``.c`` into one extension module and exposes
-every ``.cdef``. Run directly (``python cext/build.py``) to build in place.
+``cext/NAME.c`` holds the code, ``cext/NAME.h`` its declarations and
+``cext/NAME.cdef`` those that Python may call (``record.cdef``, with no ``.c``, is
+``ebpf/record.h``'s structs). This script compiles every ``.c`` into one extension
+module and exposes every ``.cdef``. Run directly (``python cext/build.py``) to build in place.
 """
 
 from pathlib import Path

@@ -474,22 +474,13 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 
 def cmd_client_config(args: argparse.Namespace) -> int:
     """What a client needs to reach this relay, pinned to its certificate."""
-    from relay.tlsconf import SELF_SIGNED_CERT, pin_sha256
+    from relay.clientconfig import openconnect_command, openvpn_config
 
     cfg = _config(args)
     if args.protocol == "openvpn":
-        from relay.serve.openvpn_link import client_config
-
-        text = client_config(cfg, cfg.data_dir, args.proto, args.dev, args.remote)
+        text = openvpn_config(cfg, cfg.data_dir, args.proto, args.dev, args.remote)
     else:
-        cert = Path(cfg.server.cert) if cfg.server.cert else cfg.data_dir / SELF_SIGNED_CERT
-        if not cert.exists():
-            raise RelayError(f"no certificate at {cert} yet: start relay serve once first")
-        host, port = configmod.parse_hostport(cfg.server.listen)
-        remote = args.remote or (host if host not in ("0.0.0.0", "::") else
-                                 __import__("socket").gethostname())
-        text = (f"openconnect --protocol=anyconnect --servercert {pin_sha256(cert)} "
-                f"https://{remote}:{port}/\n")
+        text = openconnect_command(cfg, cfg.data_dir, args.remote)
     if args.output:
         fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -1,7 +1,7 @@
 """TLS for the listeners: TLS 1.2 or newer only, a self-signed certificate
-generated into the data directory when none is configured, and the relay id a
-client certificate proves (relay collector and relay directory believe
-certificates, not claims)."""
+generated into the data directory when none is configured, OpenVPN's tls-crypt
+key beside it, and the relay id a client certificate proves (relay collector
+and relay directory believe certificates, not claims)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import os
 import re
+import secrets
 import socket
 import ssl
 from pathlib import Path
@@ -22,12 +23,16 @@ from cryptography.x509.oid import NameOID
 
 from relay.config import SERVER_ID_RULE
 from relay.errors import RelayError
+from relay.protocols.openvpn.keys import KEY2_SIZE
+from relay.protocols.openvpn.tlscrypt import format_static_key, parse_static_key
 
 SELF_SIGNED_CERT = "tls/cert.pem"
 SELF_SIGNED_KEY = "tls/key.pem"
 # Long enough that a volunteer's relay does not stop on a forgotten renewal;
 # clients pin the key (pin-sha256), not the dates.
 SELF_SIGNED_DAYS = 3650
+# The tls-crypt key, made on first use like the self-signed certificate beside it.
+TLS_CRYPT_KEY = "tls/tls-crypt.key"
 
 
 def ensure_self_signed(data_dir: Path, common_name: str) -> tuple[Path, Path]:
@@ -101,3 +106,19 @@ def peer_identity(cert: dict[str, Any] | None) -> str | None:
     names = [value for rdn in cert.get("subject", ()) for key, value in rdn
              if key == "commonName"]
     return identity_of_names(names)
+
+
+def tls_crypt_key(data_dir: Path) -> str:
+    """The text of the relay's tls-crypt key file (made, 0600, if there is none)."""
+    path = data_dir / TLS_CRYPT_KEY
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(format_static_key(secrets.token_bytes(KEY2_SIZE)))
+    text = path.read_text()
+    try:
+        parse_static_key(text)
+    except ValueError as exc:
+        raise RelayError(f"{path}: {exc}; remove it to have a new key made") from None
+    return text

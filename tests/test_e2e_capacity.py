@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 from conftest import records, scrape, wait_records
 
+from relay.clientconfig import openvpn_config
 from relay.config import Config
 from relay.netns import Topology, client_ip, relay_ip, wait_for
-from relay.serve.openvpn_link import client_config
 
 FULL = "the relay is full; try again later or another relay"
 
@@ -35,8 +35,8 @@ def test_a_full_relay_refuses_cleanly_and_keeps_serving(
 
     # OpenVPN asks through the same core and is told to come back later.
     conf = topo.workdir / "client-2.ovpn"
-    conf.write_text(client_config(Config().with_data_dir(data), data, "tcp", "tun",
-                                  remote=relay_ip(2)))
+    conf.write_text(openvpn_config(Config().with_data_dir(data), data, "tcp", "tun",
+                                   remote=relay_ip(2)))
     openvpn = topo.spawn(topo.client_ns(2), ["openvpn", "--config", str(conf)], "openvpn-2.log")
     wait_for(lambda: f"AUTH_FAILED,TEMP:{FULL}" in topo.log("openvpn-2.log"), 30,
              "openvpn to be refused")

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from conftest import records
 
+from relay.clientconfig import openvpn_config
 from relay.config import Config, OpenVPNConfig
 from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_for
 from relay.packetlog import segments
-from relay.serve.openvpn_link import client_config
 
 OPENVPN_PORT = 1194
 
@@ -35,8 +35,8 @@ def start_openvpn(topo: Topology, data: Path, proto: str, dev: str, i: int = 1,
     """The stock client with the config ``relay client-config openvpn`` writes for
     ``cfg`` (plus ``extra`` lines); waits until it reports the tunnel up."""
     conf = topo.workdir / f"client-{i}-{proto}-{dev}.ovpn"
-    conf.write_text(client_config((cfg or Config()).with_data_dir(data), data, proto, dev,
-                                  remote=relay_ip(i)) + extra)
+    conf.write_text(openvpn_config((cfg or Config()).with_data_dir(data), data, proto, dev,
+                                   remote=relay_ip(i)) + extra)
     log_name = f"openvpn-{i}.log"
     proc = topo.spawn(topo.client_ns(i), ["openvpn", "--config", str(conf)], log_name)
     wait_for(lambda: "Initialization Sequence Completed" in topo.log(log_name)
@@ -149,7 +149,7 @@ def test_tls_crypt_with_the_key_from_the_client_config(make_topology: Callable[.
     topo.start_web()
     topo.start_relay(data, extra_tables="[openvpn]\ntls_crypt = true\n")
     cfg = Config(openvpn=OpenVPNConfig(tls_crypt=True))
-    assert "<tls-crypt>" in client_config(cfg.with_data_dir(data), data, proto, "tun")
+    assert "<tls-crypt>" in openvpn_config(cfg.with_data_dir(data), data, proto, "tun")
     key = data / "tls" / "tls-crypt.key"
     assert key.stat().st_mode & 0o777 == 0o600
     # A reset without the key gets no answer at all.

@@ -17,10 +17,13 @@ from conftest import records
 from prometheus_client.parser import text_string_to_metric_families
 from test_e2e_openvpn import OPENVPN_PORT, client_port, openvpn_version, start_openvpn
 
+from relay.clientconfig import openvpn_config
 from relay.config import AbuseConfig, Config
 from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_for
-from relay.protocols import openvpn
-from relay.serve.openvpn_link import LIVE_ADDRESS_QUIET_S, client_config
+from relay.protocols.openvpn.keys import HAND_WINDOW_S
+from relay.protocols.openvpn.reliable import TLS_TIMEOUT_S
+from relay.protocols.openvpn.wire import Opcode
+from relay.serve.openvpn_link import LIVE_ADDRESS_QUIET_S
 
 HOSTILE = str(Path(__file__).with_name("openvpn_hostile.py"))
 # Forged sources: a part of RFC 2544's block that no test namespace uses, routed
@@ -33,7 +36,7 @@ SAME_SOURCE_RESETS = 10 * AbuseConfig().strikes
 DISTINCT_SOURCES = AbuseConfig().handshakes_total + 128
 # A retransmission of the relay's would come within this; the capture waits that
 # long after the last packet before it reports.
-QUIET_S = 2 * openvpn.TLS_TIMEOUT_S + 1
+QUIET_S = 2 * TLS_TIMEOUT_S + 1
 
 
 def scrape(topo: Topology) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -59,11 +62,11 @@ def assert_one_small_reply_each(result: dict[str, list], count: int) -> None:
     requests, replies = result["requests"], result["replies"]
     assert len(requests) == count
     assert {(size, op) for *_, size, op in requests} == {
-        (14, openvpn.Opcode.CONTROL_HARD_RESET_CLIENT_V2)}
+        (14, Opcode.CONTROL_HARD_RESET_CLIENT_V2)}
     assert Counter((ip, port) for ip, port, *_ in replies) == \
         Counter((ip, port) for ip, port, *_ in requests)
     assert {(size, op) for *_, size, op in replies} == {
-        (14, openvpn.Opcode.CONTROL_HARD_RESET_SERVER_V2)}
+        (14, Opcode.CONTROL_HARD_RESET_SERVER_V2)}
 
 
 def test_forged_resets_get_one_small_answer_and_no_state_ban_or_lookup(
@@ -136,10 +139,10 @@ def test_a_forged_reset_from_a_live_clients_address_does_not_end_its_session(
     result = forge_resets(topo, f"{client_ip(1)}:{port}", 20)
     # The capture holds the client's own traffic too.
     assert len([r for r in result["requests"]
-                if r[3] == openvpn.Opcode.CONTROL_HARD_RESET_CLIENT_V2]) == 20
+                if r[3] == Opcode.CONTROL_HARD_RESET_CLIENT_V2]) == 20
     # None is answered: the stock client would take a server reset for a new session.
     assert [r for r in result["replies"]
-            if r[3] == openvpn.Opcode.CONTROL_HARD_RESET_SERVER_V2] == []
+            if r[3] == Opcode.CONTROL_HARD_RESET_SERVER_V2] == []
     wait_for(lambda: "of another session id from a live session's address"
              in topo.log("relay.log"), 10, "the relay's log line for the forged resets")
     for _ in range(3):
@@ -153,8 +156,8 @@ def start_on_port(topo: Topology, data: Path, port: int, log_name: str,
                   timeout: float = 30) -> subprocess.Popen[bytes]:
     """The stock UDP client bound to ``port`` (its port survives its restarts)."""
     conf = topo.workdir / "client-same-port.ovpn"
-    conf.write_text(client_config(Config().with_data_dir(data), data, "udp", "tun",
-                                  remote=relay_ip(1)).replace("nobind\n", f"lport {port}\n"))
+    conf.write_text(openvpn_config(Config().with_data_dir(data), data, "udp", "tun",
+                                   remote=relay_ip(1)).replace("nobind\n", f"lport {port}\n"))
     proc = topo.spawn(topo.client_ns(1), ["openvpn", "--config", str(conf)], log_name)
     wait_for(lambda: "Initialization Sequence Completed" in topo.log(log_name)
              or proc.poll() is not None, timeout, "openvpn to connect")
@@ -177,7 +180,7 @@ def test_a_client_restarted_on_its_port_replaces_its_session_when_the_handshake_
     # be live; once it has been quiet for the ping-restart, the new handshake runs
     # beside it, and the old session ends when that handshake completes.
     start_on_port(topo, data, 40123, "openvpn-new.log",
-                  timeout=LIVE_ADDRESS_QUIET_S + 2 * openvpn.HAND_WINDOW_S)
+                  timeout=LIVE_ADDRESS_QUIET_S + 2 * HAND_WINDOW_S)
     assert "hello" in topo.curl(1, "/")
     first, second = records(data, "connect")
     [ended] = records(data, "disconnect")

@@ -16,7 +16,7 @@ from packetlog_synth import make_records, to_c
 from relay import sessionid
 from relay.cext import ffi, lib
 from relay.packetlog import segments
-from relay.packetlog.blockcodec_py import decode_block
+from relay.packetlog.blockcodec_py import BlockError, decode_block
 
 T0 = 1_700_000_000.0  # an hour boundary (UTC 22:13:20 is not; see rotation test)
 HOUR = 3600
@@ -37,6 +37,10 @@ def _encode(recs: list[dict[str, Any]]) -> bytes:
     size = lib.relay_block_encode(arr, len(recs), buf, cap)
     assert size > 0
     return bytes(ffi.buffer(buf, size))
+
+
+# A small block of IPv4 and IPv6 clients for the decoders to disagree on once broken.
+CORRUPTIBLE_BLOCK = _encode(make_records(30, sessions=3))
 
 
 def test_codec_c_encode_python_and_c_decode() -> None:
@@ -71,6 +75,53 @@ def test_codec_any_records(recs: list[dict[str, Any]]) -> None:
                        ("dst_ip", "family")):
             r[k] = r[k][:16 if r[fam] == 6 else 4].ljust(16, b"\0")
     assert decode_block(_encode(recs)) == [_trim(r) for r in recs]
+
+
+def _c_decode(raw: bytes) -> list[dict[str, Any]] | None:
+    """The C decoder's reading of ``raw`` in decode_block's form, None if it refuses."""
+    n = lib.relay_block_count(raw, len(raw))
+    if not 0 <= n <= 4096:
+        return None
+    out = ffi.new("struct relay_record[]", max(n, 1))
+    if lib.relay_block_decode(raw, len(raw), out, n) != n:
+        return None
+    fields = ("time_ns", "session_id", "rflags", "client_family", "client_ip", "client_port",
+              "direction", "family", "src_ip", "dst_ip", "src_port", "dst_port", "tcp_flags",
+              "payload_len", "window", "seq", "ack")
+    return [_trim({k: bytes(v) if isinstance(v, ffi.CData) else v
+                   for k in fields for v in [getattr(out[i], k)]}) for i in range(n)]
+
+
+def _py_decode(raw: bytes) -> list[dict[str, Any]] | None:
+    try:
+        return decode_block(raw)
+    except BlockError:
+        return None
+
+
+def test_codec_a_payload_length_past_16_bits_is_refused_by_both_decoders() -> None:
+    rec = make_records(1)[0] | {"payload_len": 0xFFFF}
+    raw = _encode([rec])
+    assert raw.count(b"\xff\xff\x03") == 1  # the length's varint, 65535
+    bad = raw.replace(b"\xff\xff\x03", b"\x80\x80\x04")  # 65536: no u16 holds it
+    assert _c_decode(raw) == _py_decode(raw) == [_trim(rec)]
+    assert _c_decode(bad) is None and _py_decode(bad) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_codec_c_and_python_agree_on_corrupt_blocks(data: st.DataObject) -> None:
+    block = bytearray(CORRUPTIBLE_BLOCK)
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(block) - 1))
+        edit = data.draw(st.sampled_from(["set", "delete", "insert"]))
+        if edit == "delete":
+            del block[at]
+        else:
+            byte = data.draw(st.integers(0, 255))
+            block[at:at + (edit == "set")] = bytes([byte])
+    raw = bytes(block)
+    assert _c_decode(raw) == _py_decode(raw)
 
 
 def _write(data: Path, recs: list[dict[str, Any]], clock: list[float],

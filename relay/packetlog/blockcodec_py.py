@@ -1,4 +1,4 @@
-"""Pure-Python twin of the block decoder in cext/drain.c (``relay_block_decode``).
+"""Pure-Python twin of the block decoder in cext/blockcodec.c (``relay_block_decode``).
 
 Used by the packet-log writer to read a block's session and address tables (the
 segment index) without a Python pass over its records, and by the tests to check
@@ -15,6 +15,12 @@ from relay.sessionid import RAW_LEN
 LAYOUT_VERSION = 1
 FAMILY_V4 = 4
 FAMILY_V6 = 6
+# Widths of the fields behind the varints (ebpf/record.h): the encoder writes no
+# more, so a wider varint is a corrupt block, never a value to cut down (as
+# cext/blockcodec.c's get_uint).
+U16_MAX = 2**16 - 1
+U32_MAX = 2**32 - 1
+U64_MAX = 2**64 - 1
 
 
 class BlockError(ValueError):
@@ -50,7 +56,7 @@ class _Reader:
         self.pos += n
         return b
 
-    def varint(self) -> int:
+    def varint(self, limit: int = U64_MAX) -> int:
         v = shift = 0
         while True:
             if self.pos >= len(self.data):
@@ -59,6 +65,8 @@ class _Reader:
             self.pos += 1
             v |= (b & 0x7F) << shift
             if not b & 0x80:
+                if v > limit:
+                    raise BlockError(f"varint {v} wider than its field")
                 return v
             shift += 7
             if shift >= 64:
@@ -105,7 +113,8 @@ def decode_block(block: bytes) -> list[dict[str, int | bytes]]:
     t = _tables(r)
     flows = []
     for _ in range(r.varint()):
-        sess, direction, src, dst = r.varint(), r.take(1)[0], r.varint(), r.varint()
+        sess, direction = r.varint(U32_MAX), r.take(1)[0]
+        src, dst = r.varint(U32_MAX), r.varint(U32_MAX)
         sport, dport = r.u16(), r.u16()
         if sess >= len(t.sessions) or src >= len(t.addresses) or dst >= len(t.addresses):
             raise BlockError("flow refers past a table")
@@ -115,19 +124,19 @@ def decode_block(block: bytes) -> list[dict[str, int | bytes]]:
     time = int.from_bytes(r.take(8), "little")
     times = []
     for _ in range(n):
-        time = (time + _unzigzag(r.varint())) & (2**64 - 1)
+        time = (time + _unzigzag(r.varint())) & U64_MAX
         times.append(time)
-    flow_of = [r.varint() for _ in range(n)]
+    flow_of = [r.varint(U32_MAX) for _ in range(n)]
     if any(f >= len(flows) for f in flow_of):
         raise BlockError("record refers past the flow table")
     flags = r.take(n)
-    lens = [r.varint() for _ in range(n)]
+    lens = [r.varint(U16_MAX) for _ in range(n)]
     columns = []
-    for mask in (0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF):  # window, seq, ack: per-flow deltas
+    for mask in (U16_MAX, U32_MAX, U32_MAX):  # window, seq, ack: per-flow deltas
         prev = [0] * len(flows)
         col = []
         for f in flow_of:
-            prev[f] = (prev[f] + _unzigzag(r.varint())) & 0xFFFFFFFF
+            prev[f] = (prev[f] + _unzigzag(r.varint(U32_MAX))) & U32_MAX
             col.append(prev[f] & mask)
         columns.append(col)
     if r.pos != len(block):

@@ -38,8 +38,8 @@ whole segment (by time, session, client IP or address), then the block frames'
 time ranges to skip blocks; a segment without a valid trailer is scanned frame by
 frame, and a frame whose CRC fails ends the scan with a report.
 
-Encoded block (before zstd; cext/drain.c writes it, relay_block_decode and
-relay/packetlog/blockcodec_py.py read it). Varints are LEB128, signed values zigzag::
+Encoded block (before zstd; cext/blockcodec.c writes it, its relay_block_decode
+and relay/packetlog/blockcodec_py.py read it). Varints are LEB128, signed values zigzag::
 
     u8 layout version (1), varint record count n
     varint sessions, each: 16 B session ID, u8 record flags, u8 client family (4/6,

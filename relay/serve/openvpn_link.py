@@ -1,44 +1,54 @@
 """The OpenVPN side of ``relay serve``: a TCP listener and a UDP endpoint on the
 ``[openvpn] listen`` address, one :class:`OpenVPNLink` per client feeding the
-sans-IO :class:`relay.protocols.openvpn.OpenVPNServer` and acting on its events through
-the protocol-agnostic :class:`relay.serve.core.Relay`.
+sans-IO :class:`relay.protocols.openvpn.server.OpenVPNServer` and acting on its
+events through the protocol-agnostic :class:`relay.serve.core.Relay`.
 
 ``dev tun`` clients exchange IP packets, wrapped in Ethernet with the session MAC
 like CSTP's; ``dev tap`` clients exchange whole frames, and the relay pushes
 ``lladdr`` so that the client's tap device takes the session MAC.
 
-Over UDP nothing is kept for a peer until it proves it receives at its address:
-its reset gets the stateless cookie answer of :func:`relay.protocols.openvpn.reset_reply`, and
-only a packet that echoes the cookie (:func:`relay.protocols.openvpn.check_proof`) makes a
-link, and with it the abuse admission, the reverse lookup, the login deadline and a
-handshake slot. A reset with a new session id from the address of a session heard
-from within the last minute gets no answer (the stock client would take the answer
-for a new session); a proven handshake from the address of a session runs beside it
-and takes the address over only when its TLS handshake and login complete.
+Over UDP nothing is kept for a peer until it proves it receives at its address: its
+reset gets the stateless cookie answer of
+:func:`relay.protocols.openvpn.cookie.reset_reply`, and only a packet that echoes the
+cookie (:func:`relay.protocols.openvpn.cookie.check_proof`) makes a link, and with it
+the abuse admission, the reverse lookup, the login deadline and a handshake slot. A
+reset with a new session id from the address of a session heard from within the last
+minute gets no answer (the stock client would take the answer for a new session); a
+proven handshake from the address of a session runs beside it and takes the address
+over only when its TLS handshake and login complete.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
 import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from relay.config import Config, parse_hostport
-from relay.errors import RelayError
+from relay.config import parse_hostport
 from relay.fsutil import listen_tcp
 from relay.metrics import Metric
-from relay.protocols import openvpn
+from relay.protocols.openvpn.cookie import Peer, Proof, check_proof, new_cookie_key, reset_reply
+from relay.protocols.openvpn.events import (
+    ClientAuth,
+    Closed,
+    Event,
+    Packet,
+    PeerDead,
+    PeerExit,
+    ProtocolError,
+    PushRequest,
+)
+from relay.protocols.openvpn.server import PING_RESTART_S, OpenVPNServer, PushParams
+from relay.protocols.openvpn.tlscrypt import TlsCrypt, parse_static_key
+from relay.protocols.openvpn.wire import PEER_ID_MAX, control_session_id
 from relay.serve import rdns
 from relay.serve.sessions import Session, SessionRefused
 from relay.serve.tap import ETH_HLEN, mac_str
-from relay.tlsconf import ensure_self_signed, server_context
+from relay.tlsconf import server_context, tls_crypt_key
 
 if TYPE_CHECKING:
     from relay.serve.core import Relay
@@ -59,28 +69,10 @@ DROP_LOG_INTERVAL_S = 10.0
 # --single-session) and moves its tunnel onto it, so a forged reset "from" a live
 # client must not reach it. A client silent for the pushed ping-restart (60 s) has
 # restarted itself, and its address is free again.
-LIVE_ADDRESS_QUIET_S = openvpn.PING_RESTART_S
-# The tls-crypt key, made on first use like the self-signed certificate beside it.
-TLS_CRYPT_KEY = "tls/tls-crypt.key"
+LIVE_ADDRESS_QUIET_S = PING_RESTART_S
 # After a UDP session ends, the client's last datagrams (explicit-exit-notify
 # repeats its exit message once a second) are ignored quietly for this long.
 UDP_LINGER_S = 5.0
-
-
-def tls_crypt_key(data_dir: Path) -> str:
-    """The text of the relay's tls-crypt key file (made, 0600, if there is none)."""
-    path = data_dir / TLS_CRYPT_KEY
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(openvpn.format_static_key(secrets.token_bytes(openvpn.KEY2_SIZE)))
-    text = path.read_text()
-    try:
-        openvpn.parse_static_key(text)
-    except ValueError as exc:
-        raise RelayError(f"{path}: {exc}; remove it to have a new key made") from None
-    return text
 
 
 def client_software(peer_info: dict[str, str]) -> dict[str, Any]:
@@ -96,13 +88,13 @@ class OpenVPNListener:
         self.relay = relay
         self.ssl_ctx, self.cert_path = server_context(
             relay.data_dir, relay.cfg.server.cert, relay.cfg.server.key)
-        self.cookie_key = openvpn.new_cookie_key()
-        self.tls_crypt = (openvpn.TlsCrypt(openvpn.parse_static_key(tls_crypt_key(
+        self.cookie_key = new_cookie_key()
+        self.tls_crypt = (TlsCrypt(parse_static_key(tls_crypt_key(
             relay.data_dir))) if relay.cfg.openvpn.tls_crypt else None)
-        self.udp_links: dict[openvpn.Peer, OpenVPNLink] = {}  # the address's session
+        self.udp_links: dict[Peer, OpenVPNLink] = {}  # the address's session
         # A proven handshake from the address of a live session, until it completes.
-        self.udp_pending: dict[openvpn.Peer, OpenVPNLink] = {}
-        self.lingering: dict[openvpn.Peer, float] = {}  # ended UDP peers -> until
+        self.udp_pending: dict[Peer, OpenVPNLink] = {}
+        self.lingering: dict[Peer, float] = {}  # ended UDP peers -> until
         self.counts: Counter[str] = Counter()  # resets answered, proofs
         self.peer_ids: set[int] = set()
         self._next_peer_id = 0
@@ -130,7 +122,7 @@ class OpenVPNListener:
 
     def allocate_peer_id(self) -> int:
         while self._next_peer_id in self.peer_ids:
-            self._next_peer_id = (self._next_peer_id + 1) % (openvpn.PEER_ID_MAX + 1)
+            self._next_peer_id = (self._next_peer_id + 1) % (PEER_ID_MAX + 1)
         pid = self._next_peer_id
         self.peer_ids.add(pid)
         return pid
@@ -139,10 +131,10 @@ class OpenVPNListener:
         link = OpenVPNTcpLink(self.relay, self, peer, sock.getsockname()[0])
         self.relay.spawn(link.start(sock))
 
-    def datagram(self, data: bytes, addr: openvpn.Peer) -> None:
+    def datagram(self, data: bytes, addr: Peer) -> None:
         link = self.udp_links.get(addr)
         if link is not None:
-            sid = openvpn.control_session_id(data)
+            sid = control_session_id(data)
             if sid is None or sid == link.proto.remote_session_id:  # data, or its own
                 link.datagram(data)
                 return
@@ -153,7 +145,7 @@ class OpenVPNListener:
         # Another session id from a link's address is a stranger too: a restarted
         # client, or anyone forging that address.
         now = time.time()
-        proof = openvpn.check_proof(self.cookie_key, addr, data, now, self.tls_crypt)
+        proof = check_proof(self.cookie_key, addr, data, now, self.tls_crypt)
         if proof is not None:
             self.counts["proofs"] += 1
             self._start(addr, proof, data)
@@ -162,7 +154,7 @@ class OpenVPNListener:
             self._drop(addr, f"{len(data)}-byte datagram of another session id from a live "
                        "session's address")
             return
-        reply = openvpn.reset_reply(self.cookie_key, addr, data, now, self.tls_crypt)
+        reply = reset_reply(self.cookie_key, addr, data, now, self.tls_crypt)
         if reply is not None:
             self.counts["resets-answered"] += 1
             self._sendto(reply, addr)
@@ -170,7 +162,7 @@ class OpenVPNListener:
             self._drop(addr, f"{len(data)}-byte datagram that is neither a reset nor the "
                        "answer to the relay's")
 
-    def _start(self, addr: openvpn.Peer, proof: openvpn.Proof, data: bytes) -> None:
+    def _start(self, addr: Peer, proof: Proof, data: bytes) -> None:
         """The peer proved its address: its link starts."""
         if self.relay.abuse.admit(addr[0]) is not None:
             return
@@ -199,7 +191,7 @@ class OpenVPNListener:
         log.info("%s: a new session from the same address replaces the old one", link)
         old.end_quietly("client-restart")
 
-    def ended(self, addr: openvpn.Peer) -> None:
+    def ended(self, addr: Peer) -> None:
         """A UDP link ended: a handshake beside it takes its place; else forget the
         address, and ignore its stragglers for a while."""
         now = time.monotonic()
@@ -226,11 +218,11 @@ class OpenVPNListener:
             .add(len(self.udp_links) + len(self.udp_pending)),
         ]
 
-    def _sendto(self, pkt: bytes, addr: openvpn.Peer) -> None:
+    def _sendto(self, pkt: bytes, addr: Peer) -> None:
         if self.udp is not None:
             self.udp.sendto(pkt, addr)
 
-    def _drop(self, addr: openvpn.Peer, why: str) -> None:
+    def _drop(self, addr: Peer, why: str) -> None:
         self.relay.stats.dropped["openvpn-unproven"] += 1
         self._dropped += 1
         now = time.monotonic()
@@ -241,7 +233,7 @@ class OpenVPNListener:
             self._last_drop_log = now
 
 
-def _local_ip_towards(addr: openvpn.Peer) -> str:
+def _local_ip_towards(addr: Peer) -> str:
     """The relay address a UDP client talks to when the endpoint listens on a
     wildcard: the source address the kernel picks for replies to it."""
     family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
@@ -265,8 +257,8 @@ class OpenVPNLink:
     """One client, over UDP (driven by the listener's endpoint) or TCP (see
     :class:`OpenVPNTcpLink`), from its first packet to its end."""
 
-    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: openvpn.Peer,
-                 local_ip: str, *, tcp: bool, proof: openvpn.Proof | None = None) -> None:
+    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: Peer,
+                 local_ip: str, *, tcp: bool, proof: Proof | None = None) -> None:
         self.relay = relay
         self.listener = listener
         self.loop = asyncio.get_running_loop()
@@ -276,10 +268,10 @@ class OpenVPNLink:
         # Where packets go: set once the transport exists (a shutdown may reach a
         # TCP link before that, and then there is no one to tell).
         self.transport_send: Callable[[bytes], None] = lambda pkt: None
-        self.proto = openvpn.OpenVPNServer(listener.ssl_ctx, tcp=tcp,
-                                           peer_id=listener.allocate_peer_id(),
-                                           now=self.loop.time(), proof=proof,
-                                           tls_crypt=listener.tls_crypt, wall=int(time.time()))
+        self.proto = OpenVPNServer(listener.ssl_ctx, tcp=tcp,
+                                   peer_id=listener.allocate_peer_id(),
+                                   now=self.loop.time(), proof=proof,
+                                   tls_crypt=listener.tls_crypt, wall=int(time.time()))
         self.session: Session | None = None
         self.software: dict[str, Any] | None = None
         self.accepted = time.monotonic()
@@ -318,17 +310,17 @@ class OpenVPNLink:
     def datagram(self, data: bytes) -> None:
         self._handle(self.proto.receive_datagram(data, self.loop.time()))
 
-    def _handle(self, events: list[openvpn.Event]) -> None:
+    def _handle(self, events: list[Event]) -> None:
         relay = self.relay
         for ev in events:
-            if isinstance(ev, openvpn.Packet):
+            if isinstance(ev, Packet):
                 s = self.session
                 if s is not None:
                     if self.proto.dev_type == "tap":
                         relay.to_kernel_frame(s, ev.data)
                     else:
                         relay.to_kernel(s, ev.data)
-            elif isinstance(ev, openvpn.ClientAuth):
+            elif isinstance(ev, ClientAuth):
                 if relay.check_login(self, ev.username, ev.password):
                     self.software = client_software(ev.peer_info)
                     if not self.tcp:
@@ -337,7 +329,7 @@ class OpenVPNLink:
                     self._handle(self.proto.auth_failed("unknown user or wrong password",
                                                         self.loop.time()))
                     return
-            elif isinstance(ev, openvpn.PushRequest):
+            elif isinstance(ev, PushRequest):
                 if self.session is None and not self.opening and self.software is not None:
                     refusal = relay.refuse_reason(self)
                     if refusal is not None:
@@ -347,24 +339,24 @@ class OpenVPNLink:
                         return
                     self.opening = True
                     self.relay.spawn(self._open_session(), self)
-            elif isinstance(ev, openvpn.PeerExit):
+            elif isinstance(ev, PeerExit):
                 self._flush()
                 self._end("client-disconnect", None, detail=ev.reason)
                 self._close()
                 return
-            elif isinstance(ev, openvpn.PeerDead):
+            elif isinstance(ev, PeerDead):
                 log.warning("%s: %s", self, ev.reason)
                 self._end("dead-peer", ev.reason)
                 self._close()
                 return
-            elif isinstance(ev, openvpn.ProtocolError):
+            elif isinstance(ev, ProtocolError):
                 relay.stats.handshake_failures[ev.reason] += 1
                 log.warning("dropped %s: %s", self, ev.message)
                 self._flush()
                 self._end("protocol-error", ev.message)
                 self._close()
                 return
-            elif isinstance(ev, openvpn.Closed):
+            elif isinstance(ev, Closed):
                 self._flush()
                 self._close()
                 return
@@ -388,7 +380,7 @@ class OpenVPNLink:
         if self._deadline is not None:
             self._deadline.cancel()
         pool = relay.sessions.pool
-        params = openvpn.PushParams(
+        params = PushParams(
             address=s.virtual_ip, netmask=str(pool.network.netmask),
             gateway=str(pool.gateway.ip), mtu=relay.cfg.tap.mtu, dns=tuple(relay.cfg.tap.dns),
             lladdr=mac_str(s.mac) if self.proto.dev_type == "tap" else None)
@@ -491,7 +483,7 @@ class OpenVPNLink:
 class OpenVPNTcpLink(OpenVPNLink, asyncio.Protocol):
     """One client TCP connection: 16-bit length framing over the stream."""
 
-    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: openvpn.Peer,
+    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: Peer,
                  local_ip: str) -> None:
         super().__init__(relay, listener, peer, local_ip, tcp=True)
         self.transport: asyncio.Transport | None = None
@@ -533,47 +525,3 @@ class OpenVPNTcpLink(OpenVPNLink, asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         self._forget()
-
-
-# --- relay client-config openvpn -------------------------------------------------------
-
-
-def client_config(cfg: Config, data_dir: Path, proto: str, dev: str,
-                  remote: str | None = None) -> str:
-    """A ready ``.ovpn`` for the stock client: the relay's certificate inline as
-    the CA, ``proto`` "udp" or "tcp", ``dev`` "tun" or "tap"; ``remote`` is the
-    address clients use (default: the listen address, or this host's name when
-    that is a wildcard)."""
-    if proto not in ("udp", "tcp"):
-        raise ValueError(f"proto must be udp or tcp, got {proto!r}")
-    if dev not in ("tun", "tap"):
-        raise ValueError(f"dev must be tun or tap, got {dev!r}")
-    host, port = parse_hostport(cfg.openvpn.listen)
-    if remote is None:
-        remote = socket.getfqdn() if host in ("0.0.0.0", "::") else host
-    if cfg.server.cert:
-        cert_path = Path(cfg.server.cert)
-    else:
-        cert_path, _ = ensure_self_signed(data_dir, socket.gethostname())
-    ca = cert_path.read_text().strip()
-    lines = [
-        f"# OpenVPN client configuration for relay {cfg.server.id}",
-        "client",
-        f"dev {dev}",
-        f"proto {'udp' if proto == 'udp' else 'tcp-client'}",
-        f"remote {remote} {port}",
-        "nobind",
-        "persist-key",
-        "data-ciphers AES-256-GCM",
-        "verb 3",
-    ]
-    if proto == "udp":
-        lines.append("explicit-exit-notify 1")
-    if cfg.server.users:
-        lines.append("auth-user-pass")
-    else:  # anonymous relay: any name is accepted, the client just must send one
-        lines += ["<auth-user-pass>", "anonymous", "anonymous", "</auth-user-pass>"]
-    lines += ["<ca>", ca, "</ca>"]
-    if cfg.openvpn.tls_crypt:
-        lines += ["<tls-crypt>", tls_crypt_key(data_dir).strip(), "</tls-crypt>"]
-    return "\n".join([*lines, ""])

@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any, cast
 
 from relay.central.directory import REGISTER_PATH
+from relay.clientconfig import openvpn_config
 from relay.clienttext import clean
 from relay.config import Config, parse_directory_url, parse_duration, parse_hostport
 from relay.connlog.daylog import rfc3339_ms
 from relay.errors import RelayError
 from relay.fsutil import write_atomic
 from relay.metrics import Metric
-from relay.serve.openvpn_link import client_config
 
 log = logging.getLogger("relay")
 
@@ -101,7 +101,7 @@ def static_part(cfg: Config) -> dict[str, Any]:
         "log_policy": {"packet_log_searchable": cfg.logs.compress_after,
                        "packet_log_delete_after": cfg.logs.delete_after or "never",
                        "connlog_keep": cfg.logs.connlog_keep},
-        "ovpn": client_config(cfg, cfg.data_dir, "udp", "tun", address),
+        "ovpn": openvpn_config(cfg, cfg.data_dir, "udp", "tun", address),
     }
 
 

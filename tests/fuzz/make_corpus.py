@@ -1,11 +1,19 @@
-"""Write the seed corpus of the hot-path fuzzer into tests/fuzz/corpus/ (or DIR).
+"""Write the seed corpora of the C fuzzers into tests/fuzz/corpus/TARGET/ (or
+DIR/TARGET/).
 
-Each seed is one fuzzer input: a mode byte (0: one packet for relay_hp_inspect,
-1: relay_hp_scan, see hotpath_fuzz.c) followed by the data. The seeds cover what
+hotpath: each seed is a mode byte (0: one packet for relay_hp_inspect, 1:
+relay_hp_scan, see hotpath_fuzz.c) followed by the data. The seeds cover what
 the issue lists: truncated headers, bogus IHL and data offsets, IPv6 extension
 headers, zero-length payloads, pipelined HTTP, split User-Agent, TLS ClientHello
-with SNI, and garbage. Deterministic: tests/test_hotpath_fuzz.py checks that the
-committed corpus is what this script writes.
+with SNI, and garbage.
+
+blockcodec: a mode byte (0: an encoded block to decode, 1: records to encode,
+see blockcodec_fuzz.c) followed by blocks the C encoder makes from synthetic
+records (tests/packetlog_synth.py), cut, padded and with impossible counts, or
+the records themselves.
+
+Deterministic: tests/test_cext_fuzz.py checks that the committed corpora are
+what this script writes.
 
     python tests/fuzz/make_corpus.py [DIR]
 """
@@ -31,6 +39,9 @@ from hotpath_packets import (  # noqa: E402 - after the path set-up
     ipv4,
     ipv6,
 )
+from packetlog_synth import make_records, to_c  # noqa: E402
+
+from relay.cext import ffi, lib  # noqa: E402
 
 ONE, SCAN = b"\0", b"\1"
 
@@ -112,11 +123,37 @@ def seeds() -> dict[str, bytes]:
     return out
 
 
+def _block(n: int, sessions: int) -> bytes:
+    recs = to_c(make_records(n, sessions=sessions)) if n else ffi.NULL
+    cap = lib.relay_block_bound(n)
+    buf = ffi.new("uint8_t[]", cap)
+    size = lib.relay_block_encode(recs, n, buf, cap)
+    assert size > 0
+    return bytes(ffi.buffer(buf, size))
+
+
+def block_seeds() -> dict[str, bytes]:
+    decode, encode = b"\0", b"\1"
+    web = _block(40, 4)  # IPv4 and IPv6 clients, several flows
+    return {
+        "block-empty": decode + _block(0, 1),
+        "block-one": decode + _block(1, 1),
+        "block-web": decode + web,
+        "block-cut": decode + web[:len(web) // 2],
+        "block-trailing-byte": decode + web + b"\0",
+        "block-version-2": decode + b"\2" + web[1:],
+        "block-count-huge": decode + b"\1\xff\xff\xff\xff\x0f" + web[2:],
+        "records-web": encode + bytes(ffi.buffer(to_c(make_records(6, sessions=2)))),
+    }
+
+
 def main(argv: list[str]) -> None:
-    outdir = Path(argv[0]) if argv else HERE / "corpus"
-    outdir.mkdir(parents=True, exist_ok=True)
-    for name, data in seeds().items():
-        (outdir / name).write_bytes(data)
+    root = Path(argv[0]) if argv else HERE / "corpus"
+    for target, corpus in (("hotpath", seeds()), ("blockcodec", block_seeds())):
+        outdir = root / target
+        outdir.mkdir(parents=True, exist_ok=True)
+        for name, data in corpus.items():
+            (outdir / name).write_bytes(data)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Fuzzing of the C hot path under AddressSanitizer and UBSan, for a bounded time
-(libFuzzer through tests/fuzz/run.sh, the documented command for longer runs).
-A missing clang or libFuzzer runtime fails the test: it is never skipped."""
+"""Fuzzing of the C parsers under AddressSanitizer and UBSan, for a bounded time
+each: the hot path (packets from the network) and the packet-log block codec
+(segments read back, maybe corrupt). libFuzzer through tests/fuzz/run.sh, the
+documented command for longer runs. A missing clang or libFuzzer runtime fails the
+test: it is never skipped."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 FUZZ = Path(__file__).resolve().parent / "fuzz"
 SECONDS = int(os.environ.get("RELAY_FUZZ_SECONDS", "25"))
@@ -23,12 +27,15 @@ def _make_corpus() -> ModuleType:
     return module
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def test_seed_corpus_is_up_to_date(tmp_path: Path) -> None:
     _make_corpus().main([str(tmp_path)])
-    expected = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    committed = {p.name: p.read_bytes() for p in (FUZZ / "corpus").iterdir()}
-    assert committed == expected, "run: python tests/fuzz/make_corpus.py"
-    names = set(expected)
+    expected = _files(tmp_path)
+    assert _files(FUZZ / "corpus") == expected, "run: python tests/fuzz/make_corpus.py"
+    names = {n.removeprefix("hotpath/") for n in expected if n.startswith("hotpath/")}
     for kind in (
         "truncated",
         "ihl",
@@ -42,12 +49,14 @@ def test_seed_corpus_is_up_to_date(tmp_path: Path) -> None:
         "scan",
     ):
         assert any(kind in n for n in names), kind
+    assert {"blockcodec/block-web", "blockcodec/records-web"} <= set(expected)
 
 
-def test_fuzz_hotpath_bounded(tmp_path: Path) -> None:
-    assert shutil.which("clang"), "clang is needed to fuzz the hot path (apt-get install clang)"
+@pytest.mark.parametrize("target", ["hotpath", "blockcodec"])
+def test_fuzz_bounded(tmp_path: Path, target: str) -> None:
+    assert shutil.which("clang"), "clang is needed to fuzz the C code (apt-get install clang)"
     proc = subprocess.run(
-        [str(FUZZ / "run.sh"), str(SECONDS)],
+        [str(FUZZ / "run.sh"), target, str(SECONDS)],
         env={**os.environ, "FUZZ_DIR": str(tmp_path)},
         capture_output=True,
         text=True,
