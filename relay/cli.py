@@ -66,14 +66,14 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_logs_connections(args: argparse.Namespace) -> int:
-    from relay.connlog import daylog
+    from relay.connlog import reader
 
     def warn(msg: str) -> None:
         print(f"relay: warning: {escape_text(msg)}", file=sys.stderr)
 
     cfg = _config(args)
     out = sys.stdout
-    for rec in daylog.iter_records(cfg.data_dir, on_error=warn):
+    for rec in reader.iter_records(cfg.data_dir, on_error=warn):
         if args.json:
             out.write(json_text(rec) + "\n")
         else:
@@ -84,7 +84,7 @@ def cmd_logs_connections(args: argparse.Namespace) -> int:
 def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
     """The session(s) whose tag ends a stamped User-Agent (a value shorter than the
     tag carries the tag's first characters, so it can match several)."""
-    from relay.connlog import daylog
+    from relay.connlog import reader
     from relay.serve.sessions import TAG_LEN
 
     tail = args.user_agent.strip()[-TAG_LEN:]
@@ -92,7 +92,7 @@ def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
         raise RelayError("empty User-Agent")
     cfg = _config(args)
     sessions: dict[str, dict] = {}
-    for rec in daylog.iter_records(cfg.data_dir):
+    for rec in reader.iter_records(cfg.data_dir):
         sid = rec.get("session_id")
         if not isinstance(sid, str) or rec.get("action") not in ("connect", "disconnect"):
             continue
@@ -122,18 +122,17 @@ def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
 
 
 def cmd_logs_packets(args: argparse.Namespace) -> int:
+    from datetime import UTC
+
+    from relay import times
     from relay.packetlog import segments
 
     def warn(path: str, reason: str) -> None:
         print(f"relay: warning: {escape_text(path)}: {escape_text(reason)}", file=sys.stderr)
 
     cfg = _config(args)
-    try:
-        start = segments.parse_time(args.start) if args.start else None
-        end = segments.parse_time(args.end) if args.end else None
-    except ValueError as exc:
-        raise RelayError(f"--from/--to: {exc} (use RFC 3339, e.g. 2026-11-25T21:00:00Z)") \
-            from None
+    start = times.parse_time(args.start, UTC, "--from") if args.start else None
+    end = times.parse_time(args.end, UTC, "--to") if args.end else None
     out = sys.stdout
     for r in segments.iter_records(cfg.data_dir, session=args.session, start=start, end=end,
                                     on_error=warn):
@@ -214,6 +213,7 @@ def cmd_ban(args: argparse.Namespace) -> int:
     from relay import control
     from relay.connlog import daylog
     from relay.serve.abuse import Abuse, parse_network
+    from relay.times import rfc3339_ms
 
     cfg = _config(args)
     # A clear error before anything is sent; and the canonical network, so a ban
@@ -248,9 +248,9 @@ def cmd_ban(args: argparse.Namespace) -> int:
     bans = response.get("bans") or ([response["ban"]] if "ban" in response else [])
     for ban in bans:
         if args.json:
-            print(json.dumps({**ban, "until": daylog.rfc3339_ms(ban["until"])}))
+            print(json.dumps({**ban, "until": rfc3339_ms(ban["until"])}))
         else:
-            print(f"{ban['network']:<20} until {daylog.rfc3339_ms(ban['until'])}  "
+            print(f"{ban['network']:<20} until {rfc3339_ms(ban['until'])}  "
                   f"offences {ban['offences']}  {ban['reason']}")
     if args.ban_command == "remove":
         print(f"removed the ban on {target}")

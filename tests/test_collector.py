@@ -30,10 +30,10 @@ from shiputil import (
 )
 
 from relay.central.collector import Collector, Counts
-from relay.connlog.daylog import rfc3339_ms
+from relay.connlog import reader
 from relay.connlog.forwarder import ship_status
-from relay.connlog.retention import read_zst
 from relay.protocols import syslog5424 as s5
+from relay.times import rfc3339_ms
 
 
 def today() -> str:
@@ -429,13 +429,13 @@ def test_verify_reports_tampering(tmp_path: Path) -> None:
     d = tmp_path / "relay-7"
     z3, z2 = d / f"{day(3)}.jsonl.zst", d / f"{day(2)}.jsonl.zst"
     pack = zstandard.ZstdCompressor().compress
-    original = read_zst(z3)
+    original = reader.uncompressed(z3)
     z3.write_bytes(pack(original.replace(b"relay-7", b"relay-X", 1)))
     rc, report = verify_cli(tmp_path)
     assert rc == 1 and kinds(report) == {("modified", f"relay-7/{day(3)}")}
     z3.write_bytes(pack(original[: len(original) // 2]))
     assert kinds(verify_cli(tmp_path)[1]) == {("truncated", f"relay-7/{day(3)}")}
-    a, b = read_zst(z2), original
+    a, b = reader.uncompressed(z2), original
     z3.write_bytes(pack(a))
     z2.write_bytes(pack(b))
     assert kinds(verify_cli(tmp_path)[1]) == {("reordered", f"relay-7/{day(3)}"),

@@ -54,6 +54,7 @@ from relay.serve.sessions import (
 )
 from relay.serve.tap import ETH_HLEN, Tap
 from relay.service import nofile_needed, raise_nofile
+from relay.times import parse_rfc3339, rfc3339_ms
 
 log = logging.getLogger("relay")
 
@@ -236,7 +237,7 @@ class Relay:
             {**record, "server": {"id": self.cfg.server.id, "hostname": self.hostname}})
         if record["action"] == "ban":
             log.warning("banned %s until %s: %s", record["network"],
-                        daylog.rfc3339_ms(record["until"]), record["reason"])
+                        rfc3339_ms(record["until"]), record["reason"])
             network = ipaddress.ip_network(record["network"])
             for link in list(self.all_links):
                 if canonical_address(link.peer_ip) in network:
@@ -422,7 +423,7 @@ class Relay:
                 path.unlink(missing_ok=True)
                 continue
             connect = entry["connect"]
-            started = daylog.parse_rfc3339(connect.get("time", daylog.rfc3339_ms(time.time())))
+            started = parse_rfc3339(connect.get("time", rfc3339_ms(time.time()))).timestamp()
             record = _disconnect_fields(connect)
             record.update(
                 {key: entry.get(key)
@@ -534,7 +535,7 @@ class Relay:
             "client_software": {key: clean(value) for key, value in software.items()},
             "virtual_ip": s.virtual_ip,
         })
-        s.started = daylog.parse_rfc3339(s.connect_record["time"])
+        s.started = parse_rfc3339(s.connect_record["time"]).timestamp()
         self.journal.write(s)
         self.links[s.mac] = link
         self.stats.sessions_total[protocol] += 1

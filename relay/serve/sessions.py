@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay.connlog import daylog
+from relay.connlog import daylog, reader
 from relay.errors import RelayError
 from relay.fsutil import write_atomic
 from relay.protocols import syslog5424
@@ -67,9 +67,9 @@ def tags_in_log(data_dir: Path) -> set[str]:
     """Tags of every session in the retained connection log (a byte scan:
     startup must stay fast with 90 days of records)."""
     tags: set[str] = set()
-    for path in daylog.day_files(data_dir):
-        with daylog.open_day(path) as f:
-            tags.update(m.decode() for m in _TAG_IN_LOG.findall(f.read()))
+    for day in reader.log_days(data_dir):
+        for _, _, block in reader.blocks(day):
+            tags.update(m.decode() for m in _TAG_IN_LOG.findall(block))
     return tags
 
 

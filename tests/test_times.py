@@ -1,4 +1,4 @@
-"""relay/timeparse.py: zones by name and offset, DST gaps and folds refused."""
+"""relay/times.py: zones by name and offset, DST gaps and folds refused."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from relay.errors import RelayError
-from relay.timeparse import format_in, format_utc, parse_time, parse_zone
+from relay.times import format_in, format_utc, parse_time, parse_zone
 
 
 def utc(text: str) -> datetime:
