@@ -255,6 +255,28 @@ def test_collector_retention_and_late_records(tmp_path: Path) -> None:
         Collector(tmp_path, keep_days=30)
 
 
+def test_a_torn_last_line_is_not_a_stored_record(tmp_path: Path) -> None:
+    """A collector killed mid-write leaves the start of a record, its id whole,
+    without its LF; the batch was not confirmed, so the relay sends the record
+    again. relay/connlog/reader.py's rule (a line without its LF is no record)
+    keeps the resend from being dropped as a duplicate of the torn bytes."""
+    d = tmp_path / "relay-7"
+    d.mkdir(mode=0o700)
+    kept, torn = rec_on(0, 1), rec_on(0, 2)
+    line = s5.dumps_json(torn).encode()
+    (d / f"{day(0)}.jsonl").write_bytes(s5.dumps_json(kept).encode() + b"\n"
+                                        + line[: len(line) // 2])
+    c = Collector(tmp_path, keep_days=90, clock=lambda: NOW)
+    counts = Counts()
+    for r in (kept, torn):
+        c.message(s5.format_record(r, hostname="relay-7"), "127.0.0.1:1", counts, "relay-7")
+    c.store.close()
+    assert (counts.records, counts.duplicates) == (1, 1)
+    stored = (d / f"{day(0)}.jsonl").read_bytes().splitlines()
+    assert stored[1] == line[: len(line) // 2]  # ended with LF: one bad line
+    assert [json.loads(x)["id"] for x in (stored[0], stored[2])] == [kept["id"], torn["id"]]
+
+
 # -- the collector believes certificates, not claims (issue 13 item 6) -------------
 
 
