@@ -214,6 +214,20 @@ def compare(report: Report, where: str, got: tuple[str, int], link: dict[str, An
                                           f"chained {str(link.get('sha256'))[:16]}...")
 
 
+def check_file(report: Report, where: str, got: tuple[str, int],
+               link: dict[str, Any] | None, by_digest: dict[str, str]) -> bool:
+    """A file's (digest, size) against its link (:func:`compare`), or, when it has
+    none, reordered if it holds another file's chained content. False when it is
+    neither: an unchained file, which each verifier judges by its own rules."""
+    if link is not None:
+        compare(report, where, got, link, by_digest)
+    elif got[0] in by_digest:
+        report.problem("reordered", where, f"holds the content chained as {by_digest[got[0]]}")
+    else:
+        return False
+    return True
+
+
 def content_digest(data: bytes) -> tuple[str, int]:
     """(SHA-256 hex, size) of content in memory, as :func:`file_digest` of a file."""
     return hashlib.sha256(data).hexdigest(), len(data)

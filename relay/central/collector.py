@@ -67,7 +67,7 @@ from relay import chain
 from relay.chain import Report, check_links
 from relay.config import parse_hostport
 from relay.connlog import reader
-from relay.connlog.daylog import DIR_MODE, FILE_MODE, SUFFIX, ensure_dir
+from relay.connlog.daylog import DIR_MODE, SUFFIX, ensure_dir, open_for_append
 from relay.connlog.forwarder import CONFIRM_ALPN, identity_of_names
 from relay.connlog.retention import (
     DEFAULT_COMPRESS_AFTER_DAYS,
@@ -141,13 +141,7 @@ class DayFile:
     def __init__(self, path: Path, dedup: bool) -> None:
         self.path = path
         self.ids: set[str] | None = self._load_ids() if dedup else None
-        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                          FILE_MODE)
-        size = os.fstat(self.fd).st_size
-        if size and os.pread(self.fd, 1, size - 1) != b"\n":
-            # Killed mid-write: end the torn line so that it stays one bad
-            # line instead of swallowing the next record.
-            os.write(self.fd, b"\n")
+        self.fd = open_for_append(path)
         self.pending: list[bytes] = []
         self.pending_ids: set[str] = set()
         self.dirty = False
@@ -459,12 +453,7 @@ def verify(root: Path) -> Report:
                     report.notes.append(f"{where}: not sealed yet (sealed when compressed)")
                 continue
             got = chain.content_digest(reader.uncompressed(day.zst))
-            if day.name in expected:
-                chain.compare(report, where, got, expected[day.name], by_digest)
-            elif got[0] in by_digest:
-                report.problem("reordered", where,
-                               f"holds the content chained as {by_digest[got[0]]}")
-            else:
+            if not chain.check_file(report, where, got, expected.get(day.name), by_digest):
                 report.problem("unchained", where, "compressed but has no chain link: not "
                                                    "stored by this collector, or its link "
                                                    "was removed")

@@ -44,6 +44,18 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
+def open_for_append(path: Path) -> int:
+    """A descriptor appending to the day file ``path`` (created 0600). A crash
+    mid-write left its last line without LF (relay/connlog/reader.py skips such a
+    line): it is ended first, so that it stays one bad line instead of swallowing
+    the next record."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        os.write(fd, b"\n")
+    return fd
+
+
 class ConnectionLog:
     """Appends records to the day file of their timestamp."""
 
@@ -67,14 +79,7 @@ class ConnectionLog:
     def _open(self, day: str) -> int:
         if day != self._day:
             self.close()
-            path = self.dir / f"{day}{SUFFIX}"
-            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                               FILE_MODE)
-            size = os.fstat(self._fd).st_size
-            if size and os.pread(self._fd, 1, size - 1) != b"\n":
-                # A crash tore the last line: end it so that it stays one bad
-                # line (reported by readers) instead of corrupting the next.
-                os.write(self._fd, b"\n")
+            self._fd = open_for_append(self.dir / f"{day}{SUFFIX}")
             self._day = day
         return self._fd
 
