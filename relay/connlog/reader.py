@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -122,12 +122,17 @@ def is_zst(path: Path) -> bool:
 # ------------------------------------------------------------ bytes
 
 
+def _decompressing(f: BinaryIO) -> Any:
+    # Across frames: a .zst day is one frame, but a concatenation is still read whole.
+    return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+
+
 def stream(path: Path, offset: int = 0) -> Iterator[bytes]:
     """A day file's uncompressed bytes from ``offset``, READ_CHUNK at a time."""
     with open(path, "rb") as f:
         source: Any = f
         if is_zst(path):
-            source = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+            source = _decompressing(f)
             source.seek(offset)  # decompresses up to it: no index into a zstd frame
         else:
             f.seek(offset)
@@ -176,8 +181,7 @@ class DayReader:
         if self._zst is None or self._zst[0] != key or self._zst[3] > offset:
             self.close()
             f = open(path, "rb")  # noqa: SIM115 - kept open with its reader
-            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-            self._zst = (key, reader, f, 0)
+            self._zst = (key, _decompressing(f), f, 0)
         _, reader, f, at = self._zst
         if at < offset:
             reader.seek(offset)
