@@ -54,7 +54,7 @@ ZSTD_FRAME_HEADER_MAX = 18
 # writer syncs each record within milliseconds; 10 s covers a stalled disk.
 TORN_TAIL_GRACE_S = 10.0
 
-_DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl(\.zst)?$")
+_DAY_FILE = re.compile(rf"^(\d{{4}}-\d{{2}}-\d{{2}})({re.escape(SUFFIX)}|{re.escape(ZST_SUFFIX)})$")
 
 OnError = Callable[[str], None]
 
@@ -97,7 +97,7 @@ def days(directory: Path) -> list[Day]:
     for p in Path(directory).iterdir():
         m = _DAY_FILE.match(p.name)
         if m:
-            found.setdefault(m.group(1), {})["zst" if m.group(2) else "plain"] = p
+            found.setdefault(m.group(1), {})["zst" if m.group(2) == ZST_SUFFIX else "plain"] = p
     names = sorted(found)
     return [Day(name, found[name].get("zst"), found[name].get("plain"),
                 newest=name == names[-1]) for name in names]
