@@ -137,7 +137,7 @@ def _connlog_hour(conn_dir: Path, day: str, t0: float, sessions: set[str],
                   arr: object) -> None:
     """Each template session connects at the hour's start and leaves at its end
     (written directly: ConnectionLog's per-record fsync would dominate)."""
-    from relay.connlog.daylog import rfc3339_ms
+    from relay.times import rfc3339_ms
 
     with open(conn_dir / f"{day}.jsonl", "a") as f:
         for i, sid in enumerate(sorted(sessions)):

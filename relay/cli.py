@@ -67,14 +67,14 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_logs_connections(args: argparse.Namespace) -> int:
-    from relay.connlog import daylog
+    from relay.connlog import reader
 
     def warn(msg: str) -> None:
         print(f"relay: warning: {escape_text(msg)}", file=sys.stderr)
 
     cfg = _config(args)
     out = sys.stdout
-    for rec in daylog.iter_records(cfg.data_dir, on_error=warn):
+    for rec in reader.iter_records(cfg.data_dir, on_error=warn):
         if args.json:
             out.write(json_text(rec) + "\n")
         else:
@@ -83,7 +83,7 @@ def cmd_logs_connections(args: argparse.Namespace) -> int:
 
 
 def cmd_logs_access(args: argparse.Namespace) -> int:
-    from relay import timeparse
+    from relay import times
     from relay.investigate.access import (
         COLUMNS,
         DEFAULT_AT_SLACK_S,
@@ -95,20 +95,20 @@ def cmd_logs_access(args: argparse.Namespace) -> int:
     def warn(msg: str) -> None:
         print(f"relay: warning: {escape_text(msg)}", file=sys.stderr)
 
-    tz = timeparse.parse_zone(args.tz)
+    tz = times.parse_zone(args.tz)
     if args.at and (args.start or args.end):
         raise RelayError("give --at or --from/--to, not both")
     lo = hi = None
     if args.at:
-        at = timeparse.parse_time(args.at, tz, "--at").timestamp()
+        at = times.parse_time(args.at, tz, "--at").timestamp()
         slack = DEFAULT_AT_SLACK_S if args.slack is None else args.slack
         if not 0 <= slack < float("inf"):
             raise RelayError(f"--slack {args.slack}: give a number of seconds >= 0")
         lo, hi = at - slack, at + slack + 0.001
     if args.start:
-        lo = timeparse.parse_time(args.start, tz, "--from").timestamp()
+        lo = times.parse_time(args.start, tz, "--from").timestamp()
     if args.end:
-        hi = timeparse.parse_time(args.end, tz, "--to").timestamp()
+        hi = times.parse_time(args.end, tz, "--to").timestamp()
     client_ip = None
     if args.client_ip:
         from relay.investigate.search import normalize_ip
@@ -124,7 +124,7 @@ def cmd_logs_access(args: argparse.Namespace) -> int:
             print(json_text(rec))
         else:
             r = row(rec)
-            r["time"] = timeparse.format_in(record_time(rec), tz)
+            r["time"] = times.format_in(record_time(rec), tz)
             print("  ".join(escape_text(v) if v != "" else "-" for v in r.values()))
     if not found:
         print("relay: no matching access record", file=sys.stderr)
@@ -134,14 +134,14 @@ def cmd_logs_access(args: argparse.Namespace) -> int:
 def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
     """The session(s) whose tag ends a stamped User-Agent (a value shorter than the
     tag carries the tag's first characters, so it can match several)."""
-    from relay.connlog import daylog
+    from relay.connlog import reader
 
     tail = args.user_agent.strip()[-sessionid.TAG_LEN:]
     if not tail:
         raise RelayError("empty User-Agent")
     cfg = _config(args)
     sessions: dict[str, dict] = {}
-    for rec in daylog.iter_records(cfg.data_dir):
+    for rec in reader.iter_records(cfg.data_dir):
         sid = rec.get("session_id")
         if not isinstance(sid, str) or rec.get("action") not in ("connect", "disconnect"):
             continue
@@ -171,6 +171,9 @@ def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
 
 
 def cmd_logs_packets(args: argparse.Namespace) -> int:
+    from datetime import UTC
+
+    from relay import times
     from relay.packetlog import segments
 
     def warn(path: str, reason: str) -> None:
@@ -179,12 +182,8 @@ def cmd_logs_packets(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.session:
         sessionid.check(args.session, "--session")
-    try:
-        start = segments.parse_time(args.start) if args.start else None
-        end = segments.parse_time(args.end) if args.end else None
-    except ValueError as exc:
-        raise RelayError(f"--from/--to: {exc} (use RFC 3339, e.g. 2026-11-25T21:00:00Z)") \
-            from None
+    start = times.parse_time(args.start, UTC, "--from") if args.start else None
+    end = times.parse_time(args.end, UTC, "--to") if args.end else None
     out = sys.stdout
     for r in segments.iter_records(cfg.data_dir, session=args.session, start=start, end=end,
                                     on_error=warn):
@@ -265,6 +264,7 @@ def cmd_ban(args: argparse.Namespace) -> int:
     from relay import control
     from relay.connlog import daylog
     from relay.serve.abuse import Abuse, parse_network
+    from relay.times import rfc3339_ms
 
     cfg = _config(args)
     # A clear error before anything is sent; and the canonical network, so a ban
@@ -299,9 +299,9 @@ def cmd_ban(args: argparse.Namespace) -> int:
     bans = response.get("bans") or ([response["ban"]] if "ban" in response else [])
     for ban in bans:
         if args.json:
-            print(json.dumps({**ban, "until": daylog.rfc3339_ms(ban["until"])}))
+            print(json.dumps({**ban, "until": rfc3339_ms(ban["until"])}))
         else:
-            print(f"{ban['network']:<20} until {daylog.rfc3339_ms(ban['until'])}  "
+            print(f"{ban['network']:<20} until {rfc3339_ms(ban['until'])}  "
                   f"offences {ban['offences']}  {ban['reason']}")
     if args.ban_command == "remove":
         print(f"removed the ban on {target}")

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from relay.connlog import daylog
+from relay.connlog import reader
 from relay.errors import RelayError
 from relay.netns import INTERNET_IP, Topology, relay_ip, wait_for
 from relay.packetlog import segments
@@ -55,12 +55,12 @@ def run_demo(keep_going: bool = False) -> int:
         _say("disconnecting the client and stopping the relay")
         client.send_signal(signal.SIGINT)
         client.wait(15)
-        wait_for(lambda: sum(1 for r in daylog.iter_records(data)
+        wait_for(lambda: sum(1 for r in reader.iter_records(data)
                              if r.get("action") == "disconnect") >= 1, 15, "the disconnect record")
         os.killpg(relay.pid, signal.SIGTERM)
         relay.wait(15)
         _say("connection log (relay logs connections --json)")
-        for rec in daylog.iter_records(data):
+        for rec in reader.iter_records(data):
             print(json.dumps(rec, indent=2))
         records = list(segments.iter_records(data))
         _say(f"packet log: {len(records)} TCP header records; the first "

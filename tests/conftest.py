@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from shiputil import Pki, make_pki
 
-from relay.connlog import daylog
+from relay.connlog import reader
 from relay.netns import Topology, run, wait_for
 
 REQUIRED_TOOLS = ("ip", "nft", "openconnect", "openvpn", "nginx", "curl", "ss", "tshark", "tc")
@@ -64,7 +64,7 @@ def pki(tmp_path: Path) -> Pki:
 
 def records(data: Path, action: str | None = None) -> list[dict[str, Any]]:
     """The connection-log records of a data directory, of one action or all."""
-    return [r for r in daylog.iter_records(data) if action is None or r["action"] == action]
+    return [r for r in reader.iter_records(data) if action is None or r["action"] == action]
 
 
 def wait_records(data: Path, action: str, count: int, timeout: float = 20

@@ -26,8 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from relay.connlog import daylog
-from relay.connlog.retention import read_zst
+from relay.connlog import daylog, reader
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
 GTLS_MODULE = "/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so"
@@ -318,7 +317,7 @@ def read_day_dir(directory: Path) -> list[dict[str, Any]]:
         if p.name.endswith(".jsonl"):
             data = p.read_bytes()
         elif p.name.endswith(".jsonl.zst"):
-            data = read_zst(p)
+            data = reader.uncompressed(p)
         else:
             continue
         out += [json.loads(line) for line in data.splitlines() if line.strip()]

@@ -436,7 +436,7 @@ def test_ban_cli_on_the_files_takes_any_spelling(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """relay ban add|list|remove with no relay running works on the journal."""
     from relay import cli
-    from relay.connlog import daylog
+    from relay.connlog import reader
 
     data = ["--data-dir", str(tmp_path)]
     assert cli.main(["ban", "add", "::ffff:198.51.100.7", "--for", "1h", *data]) == 0
@@ -449,5 +449,5 @@ def test_ban_cli_on_the_files_takes_any_spelling(tmp_path: Path,
     assert "removed the ban on 198.51.100.7/32" in capsys.readouterr().out
     assert cli.main(["ban", "remove", "::ffff:198.51.100.7", *data]) == 1
     assert "no ban on 198.51.100.7/32" in capsys.readouterr().err
-    assert [r["action"] for r in daylog.iter_records(tmp_path)] == ["ban", "ban", "unban"]
+    assert [r["action"] for r in reader.iter_records(tmp_path)] == ["ban", "ban", "unban"]
     assert stat.S_IMODE((tmp_path / "bans.jsonl").stat().st_mode) == 0o600

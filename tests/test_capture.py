@@ -30,6 +30,7 @@ from relay.errors import RelayError
 from relay.packetlog import segments, tcfilter
 from relay.packetlog.capture import Capture, FilterWatcher, wait_for
 from relay.packetlog.segments import PacketLogWriter
+from relay.times import parse_rfc3339
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -234,7 +235,7 @@ def test_every_field_and_attribution(tapns: dict[str, Any]) -> None:
         for _, _, want in traffic:
             rec = by_key[(want["session_id"], want["direction"], want["seq"], want["flags"])]
             assert {k: rec[k] for k in want} == want
-            ns = segments.parse_time(rec["time"]).timestamp() * 1e9
+            ns = parse_rfc3339(rec["time"]).timestamp() * 1e9
             assert t0 - 1e9 < ns < t1 + 1e9  # wall clock (µs precision of datetime)
         stray = [r for r in got if r["session_id"] == ""]
         assert len(stray) == 1 and stray[0]["src_ip"] == "10.211.0.9"

@@ -30,10 +30,10 @@ from shiputil import (
 )
 
 from relay.central.collector import Collector, Counts
-from relay.connlog.daylog import rfc3339_ms
+from relay.connlog import reader
 from relay.connlog.forwarder import ship_status
-from relay.connlog.retention import read_zst
 from relay.protocols import syslog5424 as s5
+from relay.times import rfc3339_ms
 
 
 def today() -> str:
@@ -255,6 +255,28 @@ def test_collector_retention_and_late_records(tmp_path: Path) -> None:
         Collector(tmp_path, keep_days=30)
 
 
+def test_a_torn_last_line_is_not_a_stored_record(tmp_path: Path) -> None:
+    """A collector killed mid-write leaves the start of a record, its id whole,
+    without its LF; the batch was not confirmed, so the relay sends the record
+    again. relay/connlog/reader.py's rule (a line without its LF is no record)
+    keeps the resend from being dropped as a duplicate of the torn bytes."""
+    d = tmp_path / "relay-7"
+    d.mkdir(mode=0o700)
+    kept, torn = rec_on(0, 1), rec_on(0, 2)
+    line = s5.dumps_json(torn).encode()
+    (d / f"{day(0)}.jsonl").write_bytes(s5.dumps_json(kept).encode() + b"\n"
+                                        + line[: len(line) // 2])
+    c = Collector(tmp_path, keep_days=90, clock=lambda: NOW)
+    counts = Counts()
+    for r in (kept, torn):
+        c.message(s5.format_record(r, hostname="relay-7"), "127.0.0.1:1", counts, "relay-7")
+    c.store.close()
+    assert (counts.records, counts.duplicates) == (1, 1)
+    stored = (d / f"{day(0)}.jsonl").read_bytes().splitlines()
+    assert stored[1] == line[: len(line) // 2]  # ended with LF: one bad line
+    assert [json.loads(x)["id"] for x in (stored[0], stored[2])] == [kept["id"], torn["id"]]
+
+
 # -- the collector believes certificates, not claims (issue 13 item 6) -------------
 
 
@@ -429,13 +451,13 @@ def test_verify_reports_tampering(tmp_path: Path) -> None:
     d = tmp_path / "relay-7"
     z3, z2 = d / f"{day(3)}.jsonl.zst", d / f"{day(2)}.jsonl.zst"
     pack = zstandard.ZstdCompressor().compress
-    original = read_zst(z3)
+    original = reader.uncompressed(z3)
     z3.write_bytes(pack(original.replace(b"relay-7", b"relay-X", 1)))
     rc, report = verify_cli(tmp_path)
     assert rc == 1 and kinds(report) == {("modified", f"relay-7/{day(3)}")}
     z3.write_bytes(pack(original[: len(original) // 2]))
     assert kinds(verify_cli(tmp_path)[1]) == {("truncated", f"relay-7/{day(3)}")}
-    a, b = read_zst(z2), original
+    a, b = reader.uncompressed(z2), original
     z3.write_bytes(pack(a))
     z2.write_bytes(pack(b))
     assert kinds(verify_cli(tmp_path)[1]) == {("reordered", f"relay-7/{day(3)}"),

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from relay.connlog import daylog
+from relay.connlog import daylog, reader
 from relay.connlog.forwarder import LogReader, Position
 from relay.connlog.retention import (
     MIN_KEEP_DAYS,
     apply_retention,
     check_keep_days,
-    read_zst,
     run_connlog_retention,
 )
 
@@ -61,7 +60,7 @@ def test_compress_and_delete_by_age(tmp_path: Path) -> None:
     assert len(compressed) == 89 and all(a["bytes_out"] > 0 for a in compressed)
     # Every kept record still reads back, in order, from plain and .zst days.
     kept = [r for age in range(90, -1, -1) for r in by_day[day(age)]]
-    assert list(daylog.iter_records(tmp_path)) == kept
+    assert list(reader.iter_records(tmp_path)) == kept
     for p in (tmp_path / "connlog").iterdir():
         assert p.stat().st_mode & 0o777 == 0o600
     # A second pass has nothing to do.
@@ -88,7 +87,7 @@ def test_late_lines_for_a_compressed_day_are_merged(tmp_path: Path) -> None:
     (d / f"{day(5)}.jsonl").write_bytes(b'{"id":"late","action":"ban"}\n{"id":"torn"')
     [action] = apply_retention(d, clock=clock)
     assert action["merged"] is True
-    lines = read_zst(d / f"{day(5)}.jsonl.zst").splitlines()
+    lines = reader.uncompressed(d / f"{day(5)}.jsonl.zst").splitlines()
     assert [json.loads(x)["id"] for x in lines[:3]] == [r["id"] for r in by_day[day(5)]] + ["late"]
     assert lines[3] == b'{"id":"torn"'
     assert not (d / f"{day(5)}.jsonl").exists()

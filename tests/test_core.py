@@ -20,7 +20,7 @@ import pytest
 from conftest import records
 
 from relay import config
-from relay.connlog import daylog
+from relay.connlog import daylog, reader
 from relay.errors import RelayError
 from relay.protocols import cstp
 from relay.serve import hotpath
@@ -250,8 +250,8 @@ class NamedLink(FakeLink):
 
 def _log_lines(data: Path, sid: str) -> list[bytes]:
     """The connection log's lines, the random session ID made a placeholder."""
-    [day] = daylog.day_files(data)
-    return day.read_bytes().replace(sid.encode(), b"<SID>").splitlines()
+    [day] = reader.log_days(data)
+    return day.source.read_bytes().replace(sid.encode(), b"<SID>").splitlines()
 
 
 # The records are a format that the collector, searches and operators' own tools

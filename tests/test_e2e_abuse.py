@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import records, wait_records
 
-from relay.connlog import daylog
+from relay.connlog import reader
 from relay.netns import Topology, client_ip, relay_ip, run, wait_for
 from relay.packetlog import segments
 
@@ -31,7 +31,7 @@ def test_connect_flood_is_banned_while_an_honest_session_keeps_working(
     topo.start_web()
     topo.start_relay(data, "", abuse_keys='summary_interval = "2s"\nstrikes = 20\n')
     honest = topo.connect_openconnect(2, data)
-    [connect] = [r for r in daylog.iter_records(data) if r["action"] == "connect"]
+    [connect] = [r for r in reader.iter_records(data) if r["action"] == "connect"]
 
     flood = subprocess.Popen(
         ["ip", "netns", "exec", topo.client_ns(1), sys.executable, FLOOD, "cycles", "1000",

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from relay.connlog import daylog
+from relay.connlog import reader
 from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_for
 from relay.packetlog import segments
 
@@ -70,7 +70,7 @@ def key(r: dict) -> Key:
 
 def sessions(data: Path) -> dict[str, dict]:
     """virtual IP -> connect record."""
-    return {r["virtual_ip"]: r for r in daylog.iter_records(data) if r["action"] == "connect"}
+    return {r["virtual_ip"]: r for r in reader.iter_records(data) if r["action"] == "connect"}
 
 
 def test_packet_log_matches_tshark_with_two_sessions(
@@ -126,7 +126,7 @@ def relay_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def audits(data: Path) -> list[str]:
-    return [r["action"] for r in daylog.iter_records(data)
+    return [r["action"] for r in reader.iter_records(data)
             if r["action"] in ("logging-on", "logging-off")]
 
 
@@ -223,7 +223,7 @@ def test_restart_within_the_period_then_crash_keeps_every_record(
     client.wait(5)
 
     relay = topo.start_relay(data, name="relay-3", logs_keys=same_period)
-    wait_for(lambda: any(r["action"] == "packetlog-recover" for r in daylog.iter_records(data)),
+    wait_for(lambda: any(r["action"] == "packetlog-recover" for r in reader.iter_records(data)),
              30, "the recovery audit record")
     relay.send_signal(signal.SIGTERM)
     relay.wait(30)

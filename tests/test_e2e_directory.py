@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from shiputil import _ca, _leaf
 
-from relay.connlog import daylog
+from relay.connlog import reader
 from relay.netns import Topology, relay_command, relay_ip, run, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ csvLoader.load(null, true).then(function () {
 
 
 def dir_records(data: Path, action: str) -> list[dict[str, Any]]:
-    return [r for r in daylog.iter_records(data) if r["action"] == action]
+    return [r for r in reader.iter_records(data) if r["action"] == action]
 
 
 def listed(topo: Topology, data: Path) -> list[str]:
@@ -184,7 +184,7 @@ def test_directory_end_to_end(make_topology: Callable[..., Topology]) -> None:
              or vpn.poll() is not None, 30, "openvpn to connect with the listed .ovpn")
     assert vpn.poll() is None, topo.log("openvpn.log")[-3000:]
     wait_for(lambda: any(r["action"] == "connect" and r["protocol"] == "OpenVPN"
-                         for r in daylog.iter_records(topo.workdir / "relay-c")), 10,
+                         for r in reader.iter_records(topo.workdir / "relay-c")), 10,
              "relay-c's connect record")
 
     # A killed relay drops out after its window.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import records, scrape
 
-from relay.connlog import daylog
+from relay.connlog import reader
 from relay.netns import Topology, relay_ip, run, wait_for
 
 HOSTILE = str(Path(__file__).with_name("hostile_client.py"))
@@ -59,7 +59,7 @@ def test_hostile_input_is_dropped_and_others_keep_serving(
     assert all(f"/?after-{s} " in text for s in SCENARIOS)
     # The one hostile client that got a tunnel (bad-cstp) has both records, and
     # the disconnect says why.
-    recs = list(daylog.iter_records(data))
+    recs = list(reader.iter_records(data))
     hostile = [r for r in recs if r["client"]["ip"] == "198.18.1.2"]
     assert [r["action"] for r in hostile] == ["connect", "disconnect"]
     assert hostile[1]["reason"] == "protocol-error"

@@ -32,7 +32,7 @@ from shiputil import (
 )
 
 from relay import config
-from relay.connlog import daylog
+from relay.connlog import daylog, reader
 from relay.connlog.forwarder import (
     CONFIRM_ALPN,
     Position,
@@ -41,7 +41,7 @@ from relay.connlog.forwarder import (
     run_forwarder,
     ship_status,
 )
-from relay.connlog.retention import apply_retention, read_zst
+from relay.connlog.retention import apply_retention
 from relay.connlog.shipping import Shipping
 from relay.protocols import syslog5424 as s5
 
@@ -431,7 +431,7 @@ def test_metrics_read_counters_not_files(tmp_path: Path, pki,
 
 
 def connlog_bytes(relay: Path) -> list[bytes]:
-    return [read_zst(p) if p.name.endswith(".zst") else p.read_bytes()
+    return [reader.uncompressed(p) if p.name.endswith(".zst") else p.read_bytes()
             for p in (relay / "connlog").iterdir()]
 
 

@@ -24,6 +24,7 @@ from relay import chain, cli, sessionid
 from relay.connlog import daylog, retention
 from relay.investigate.pcapng import tcp_flags
 from relay.packetlog import segments
+from relay.times import rfc3339_ms
 
 
 def ts(text: str) -> float:
@@ -111,7 +112,7 @@ def build(data: Path, sessions: dict[str, dict[str, Any]] = SESSIONS,
             "client_software": {"name": s["software"][0], "version": s["software"][1]},
             "virtual_ip": s["vip"]}
         if action == "disconnect":
-            rec["connect_time"] = daylog.rfc3339_ms(ts(s["connect"]))
+            rec["connect_time"] = rfc3339_ms(ts(s["connect"]))
             rec["destinations"] = [{"host": h, "ip": "203.0.113.50", "port": 443,
                                     "scheme": "https"} for h in s["hosts"]]
         log.append(rec)

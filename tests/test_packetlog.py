@@ -17,6 +17,7 @@ from relay import sessionid
 from relay.cext import ffi, lib
 from relay.packetlog import segments
 from relay.packetlog.blockcodec_py import BlockError, decode_block
+from relay.times import parse_rfc3339, rfc3339_ns
 
 T0 = 1_700_000_000.0  # an hour boundary (UTC 22:13:20 is not; see rotation test)
 HOUR = 3600
@@ -151,7 +152,7 @@ def test_write_read_filters_and_modes(tmp_path: Path) -> None:
     assert list(segments.iter_records(tmp_path, session=sid)) == mine
     mid = recs[10000]["time_ns"] / 1e9
     later = list(segments.iter_records(tmp_path, start=mid))
-    assert later and all(segments.parse_time(r["time"]).timestamp() >= mid - 1e-6
+    assert later and all(parse_rfc3339(r["time"]).timestamp() >= mid - 1e-6
                          for r in later)
     assert len(later) + len(list(segments.iter_records(tmp_path, end=mid))) == len(recs)
     idx = segments.segment_index(files[0])
@@ -274,7 +275,7 @@ def _keys(data: Path) -> list[tuple[str, int, int]]:
 
 
 def _expected(*runs: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
-    return sorted((segments.rfc3339_ns(r["time_ns"]), r["seq"], r["src_port"])
+    return sorted((rfc3339_ns(r["time_ns"]), r["seq"], r["src_port"])
                   for recs in runs for r in recs)
 
 

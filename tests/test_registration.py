@@ -21,6 +21,7 @@ from shiputil import Pki, free_port, read_day_dir, start_collector
 from relay import config as configmod
 from relay.central import directory as d
 from relay.connlog import daylog
+from relay.connlog.reader import iter_records
 from relay.doctor import check_directory
 from relay.serve import registration as reg
 from relay.serve.abuse import Abuse
@@ -106,7 +107,7 @@ def test_a_certificate_for_another_relay_is_refused(pki: Pki, tmp_path: Path) ->
             r._write_status()
             check = check_directory(cfg)
             assert check.status == "FAIL" and "CN must be" in check.fix
-        refused = [x for x in daylog.iter_records(tmp_path / "dir")
+        refused = [x for x in iter_records(tmp_path / "dir")
                    if x["action"] == "relay-refused"]
         assert refused[0]["certificate_id"] == "relay-2"
         assert refused[0]["server"]["id"] == "dir-1"
@@ -146,7 +147,7 @@ def test_a_slow_client_gets_a_408_record_and_an_idle_one_nothing(
             assert await asyncio.wait_for(idle_r.read(), 5) == b""
             for w in (writer, idle_w):
                 w.close()
-        downloads = [x for x in daylog.iter_records(tmp_path / "dir")
+        downloads = [x for x in iter_records(tmp_path / "dir")
                      if x["action"] == "list-download"]
         assert [(x["status"], x["reason"]) for x in downloads] == [(408, "timeout")]
 
@@ -173,7 +174,7 @@ def test_a_flood_is_reset_summarised_and_banned(pki: Pki, tmp_path: Path) -> Non
             resets = await asyncio.to_thread(flood)
             assert resets >= 9
             await asyncio.sleep(1.5)  # the summary interval
-        records = list(daylog.iter_records(tmp_path / "dir"))
+        records = list(iter_records(tmp_path / "dir"))
         actions = [x["action"] for x in records]
         assert "refusals" in actions and "ban" in actions
         ban = next(x for x in records if x["action"] == "ban")

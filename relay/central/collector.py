@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -60,25 +59,26 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any, cast
 
 from relay import chain
+from relay.chain import Report, check_links
 from relay.config import parse_hostport
-from relay.connlog.daylog import DIR_MODE, FILE_MODE, SUFFIX, ZST_SUFFIX, ensure_dir, rfc3339_ms
+from relay.connlog import reader
+from relay.connlog.daylog import DIR_MODE, SUFFIX, ensure_dir, open_for_append
 from relay.connlog.forwarder import CONFIRM_ALPN
 from relay.connlog.retention import (
     DEFAULT_COMPRESS_AFTER_DAYS,
     RETENTION_INTERVAL_S,
     apply_retention,
     check_keep_days,
-    read_zst,
 )
 from relay.errors import RelayError
 from relay.fsutil import listen_tcp
-from relay.investigate.evidence import Report, _compare, check_links
 from relay.protocols import syslog5424
+from relay.times import parse_rfc3339, rfc3339_ms, utc_date
 from relay.tlsconf import peer_identity
 
 log = logging.getLogger("relay.central.collector")
@@ -119,7 +119,7 @@ DEFAULT_QUOTA_BYTES_PER_DAY = 1 << 30
 
 
 def _today(clock: Callable[[], float]) -> str:
-    return datetime.fromtimestamp(clock(), UTC).date().isoformat()
+    return utc_date(clock()).isoformat()
 
 
 def host_dir_name(hostname: str | None) -> str:
@@ -133,13 +133,7 @@ class DayFile:
     def __init__(self, path: Path, dedup: bool) -> None:
         self.path = path
         self.ids: set[str] | None = self._load_ids() if dedup else None
-        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                          FILE_MODE)
-        size = os.fstat(self.fd).st_size
-        if size and os.pread(self.fd, 1, size - 1) != b"\n":
-            # Killed mid-write: end the torn line so that it stays one bad
-            # line instead of swallowing the next record.
-            os.write(self.fd, b"\n")
+        self.fd = open_for_append(path)
         self.pending: list[bytes] = []
         self.pending_ids: set[str] = set()
         self.dirty = False
@@ -148,23 +142,23 @@ class DayFile:
         return self.ids is not None and (rid in self.ids or rid in self.pending_ids)
 
     def _load_ids(self) -> set[str]:
+        """The ids of the day's stored records (its .zst and plain file). A torn
+        last line is not a stored record (relay/connlog/reader.py's rule): its
+        sender never had it confirmed and sends it again, which must not be
+        dropped as a duplicate."""
         ids: set[str] = set()
-        zst = self.path.with_name(self.path.name[: -len(SUFFIX)] + ZST_SUFFIX)
-        blobs = [read_zst(zst)] if zst.exists() else []
-        if self.path.exists():
-            blobs.append(self.path.read_bytes())
-        for blob in blobs:
-            for line in blob.splitlines():
-                m = _LEADING_ID.match(line)
-                if m:
-                    ids.add(m.group(1).decode())
-                    continue
-                try:
-                    rid = json.loads(line).get("id")
-                except (ValueError, AttributeError):
-                    continue
-                if isinstance(rid, str):
-                    ids.add(rid)
+        day = reader.day_in(self.path.parent, self.path.name[: -len(SUFFIX)])
+        for _, _, line in reader.lines(day):
+            m = _LEADING_ID.match(line)
+            if m:
+                ids.add(m.group(1).decode())
+                continue
+            try:
+                rid = json.loads(line).get("id")
+            except (ValueError, RecursionError, AttributeError):
+                continue
+            if isinstance(rid, str):
+                ids.add(rid)
         return ids
 
     def add(self, line: bytes, rid: str | None = None) -> None:
@@ -367,10 +361,8 @@ class Collector:
         now = self.clock()
         received = {"received": rfc3339_ms(now)}
         try:
-            when = datetime.fromisoformat(str(record.get("time")))
+            when = parse_rfc3339(str(record.get("time")))
         except ValueError:
-            when = None
-        if when is None or when.tzinfo is None:  # RFC 3339 times carry their offset
             return _today(self.clock), {**received, "reason": "time is not RFC 3339"}
         if when.timestamp() > now + FUTURE_SKEW_S:
             return _today(self.clock), {**received, "reason": "time more than "
@@ -407,7 +399,7 @@ class Collector:
     # -- retention -----------------------------------------------------------
 
     def retention_pass(self) -> None:
-        today = datetime.fromtimestamp(self.clock(), UTC).date()
+        today = utc_date(self.clock())
         cutoff = (today - timedelta(days=DEFAULT_COMPRESS_AFTER_DAYS)).isoformat()
         # Files of days about to be compressed must not stay open for append.
         self.store.close_days_before(cutoff)
@@ -439,55 +431,30 @@ def verify(root: Path) -> Report:
     for relay in sorted(relays):
         links = chain.read_links(chain_file(root, relay))
         check_links(links, f"{relay} chain", report)
-        expected: dict[str, dict[str, Any]] = {}
-        for _, link in links:
-            if link and link.get("event") == "close":
-                expected[str(link.get("day"))] = link
-            elif link and link.get("event") == "delete":
-                expected.pop(str(link.get("day")), None)
-        by_digest = {str(lk.get("sha256")): day for day, lk in expected.items()}
-        days = _day_files(root / relay)
-        for day, files in sorted(days.items()):
-            where = f"{relay}/{day}"
+        expected = chain.sealed_days(links)
+        by_digest = chain.by_digest(expected)
+        days = reader.days(root / relay)
+        for day in days:
+            where = f"{relay}/{day.name}"
             report.checked["collector days"] += 1
-            sealed = files.get("zst")
-            if sealed is None:
-                if day in expected:  # sealed, then decompressed by hand
-                    data = files["plain"].read_bytes()
-                    _compare(report, where, (hashlib.sha256(data).hexdigest(), len(data)),
-                             expected[day], by_digest)
+            if day.zst is None:
+                if day.name in expected:  # sealed, then decompressed by hand
+                    chain.compare(report, where, chain.file_digest(day.source),
+                                  expected[day.name], by_digest)
                 else:
                     report.notes.append(f"{where}: not sealed yet (sealed when compressed)")
                 continue
-            data = read_zst(sealed)
-            got = (hashlib.sha256(data).hexdigest(), len(data))
-            if day in expected:
-                _compare(report, where, got, expected[day], by_digest)
-            elif got[0] in by_digest:
-                report.problem("reordered", where,
-                               f"holds the content chained as {by_digest[got[0]]}")
-            else:
+            got = chain.content_digest(reader.uncompressed(day.zst))
+            if not chain.check_file(report, where, got, expected.get(day.name), by_digest):
                 report.problem("unchained", where, "compressed but has no chain link: not "
                                                    "stored by this collector, or its link "
                                                    "was removed")
-            if "plain" in files:
+            if day.plain is not None:
                 report.notes.append(f"{where}: late records, sealed when merged at the "
                                     "next retention pass")
-        for day in sorted(set(expected) - set(days)):
-            report.problem("missing", f"{relay}/{day}", "chained but not in the directory")
+        for name in sorted(set(expected) - {day.name for day in days}):
+            report.problem("missing", f"{relay}/{name}", "chained but not in the directory")
     return report
-
-
-def _day_files(directory: Path) -> dict[str, dict[str, Path]]:
-    days: dict[str, dict[str, Path]] = {}
-    if directory.is_dir():
-        for p in directory.iterdir():
-            for kind, suffix in (("zst", ZST_SUFFIX), ("plain", SUFFIX)):
-                if p.name.endswith(suffix):
-                    days.setdefault(p.name[: -len(suffix)], {})[kind] = p
-                    break
-    return days
-
 
 
 class Connection(asyncio.Protocol):

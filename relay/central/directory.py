@@ -91,6 +91,7 @@ from relay.protocols.cstp import (
     MAX_HEADER_COUNT,
     Request,
 )
+from relay.times import rfc3339_ms
 from relay.tlsconf import peer_identity
 
 log = logging.getLogger("relay.central.directory")
@@ -273,8 +274,8 @@ class RelayEntry:
         d = asdict(self)
         d["score"] = score(self)
         d["log_type"] = log_type(self.log_policy)
-        d["last_heartbeat"] = daylog.rfc3339_ms(self.last_heartbeat)
-        d["registered"] = daylog.rfc3339_ms(self.registered)
+        d["last_heartbeat"] = rfc3339_ms(self.last_heartbeat)
+        d["registered"] = rfc3339_ms(self.registered)
         return d
 
 
@@ -410,7 +411,7 @@ def render_csv(entries: list[RelayEntry]) -> bytes:
 
 
 def render_json(entries: list[RelayEntry], now: float) -> bytes:
-    return (json.dumps({"generated": daylog.rfc3339_ms(now),
+    return (json.dumps({"generated": rfc3339_ms(now),
                         "relays": [e.public() for e in entries]}) + "\n").encode()
 
 
@@ -577,7 +578,7 @@ class Directory:
                      now - e.last_heartbeat)
             records.append({"action": "relay-expire", "relay": {"id": e.id,
                                                                 "address": e.address},
-                            "last_heartbeat": daylog.rfc3339_ms(e.last_heartbeat),
+                            "last_heartbeat": rfc3339_ms(e.last_heartbeat),
                             "window_s": self.window_s})
         return records
 
@@ -587,7 +588,7 @@ class Directory:
                 for e in ordered(list(self.relays.values()))]
         for row in rows:
             del row["ovpn"]
-        return (json.dumps({"time": daylog.rfc3339_ms(now), "window_s": self.window_s,
+        return (json.dumps({"time": rfc3339_ms(now), "window_s": self.window_s,
                             "relays": rows}) + "\n").encode()
 
     def metrics(self) -> list[Metric]:

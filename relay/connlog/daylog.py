@@ -8,39 +8,29 @@ the forwarder and the collector to remove duplicates) and ``time`` in UTC,
 RFC 3339 with milliseconds.
 
 Days older than the retention's compression age are recompressed to
-``YYYY-MM-DD.jsonl.zst``; readers take both forms. Readers never stop at a bad
-line: they report it through ``on_error`` and go on.
+``YYYY-MM-DD.jsonl.zst``. This module is the writer; every reader goes through
+relay/connlog/reader.py, which takes both forms, never stops at a bad line (it
+reports it through ``on_error`` and goes on) and has the one rule for a torn
+last line.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import zstandard
+from relay.times import rfc3339_ms
 
 SUBDIR = "connlog"
 SUFFIX = ".jsonl"
 ZST_SUFFIX = ".jsonl.zst"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
-
-
-def rfc3339_ms(ts: float) -> str:
-    """UTC, millisecond precision, 'Z' suffix: 2026-11-25T21:05:32.123Z."""
-    dt = datetime.fromtimestamp(ts, UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
-
-
-def parse_rfc3339(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def new_record_id() -> str:
@@ -52,6 +42,18 @@ def ensure_dir(path: Path) -> Path:
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     os.chmod(path, DIR_MODE)
     return path
+
+
+def open_for_append(path: Path) -> int:
+    """A descriptor appending to the day file ``path`` (created 0600). A crash
+    mid-write left its last line without LF (relay/connlog/reader.py skips such a
+    line): it is ended first, so that it stays one bad line instead of swallowing
+    the next record."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        os.write(fd, b"\n")
+    return fd
 
 
 class ConnectionLog:
@@ -77,14 +79,7 @@ class ConnectionLog:
     def _open(self, day: str) -> int:
         if day != self._day:
             self.close()
-            path = self.dir / f"{day}{SUFFIX}"
-            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                               FILE_MODE)
-            size = os.fstat(self._fd).st_size
-            if size and os.pread(self._fd, 1, size - 1) != b"\n":
-                # A crash tore the last line: end it so that it stays one bad
-                # line (reported by readers) instead of corrupting the next.
-                os.write(self._fd, b"\n")
+            self._fd = open_for_append(self.dir / f"{day}{SUFFIX}")
             self._day = day
         return self._fd
 
@@ -93,49 +88,3 @@ class ConnectionLog:
             os.close(self._fd)
             self._fd = -1
             self._day = ""
-
-
-def day_of(path: Path) -> str:
-    return path.name[:10]
-
-
-def day_files(data_dir: Path) -> list[Path]:
-    """Day files, oldest first, plain or compressed."""
-    d = Path(data_dir) / SUBDIR
-    if not d.is_dir():
-        return []
-    files = [p for p in d.iterdir() if p.name.endswith((SUFFIX, ZST_SUFFIX))]
-    return sorted(files, key=lambda p: (day_of(p), p.name.endswith(ZST_SUFFIX)))
-
-
-def open_day(path: Path) -> BinaryIO:
-    if path.name.endswith(ZST_SUFFIX):
-        raw = path.read_bytes()
-        return io.BytesIO(zstandard.ZstdDecompressor().decompressobj().decompress(raw))
-    return open(path, "rb")
-
-
-def iter_records(
-    data_dir: Path, on_error: Callable[[str], None] | None = None
-) -> Iterator[dict[str, Any]]:
-    """Every record of every day, oldest first."""
-    for path in day_files(data_dir):
-        with open_day(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.endswith(b"\n"):
-                    # A torn last line from a crash mid-write: the event it
-                    # described was never acknowledged.
-                    if on_error:
-                        on_error(f"{path}:{lineno}: incomplete last line ignored")
-                    break
-                try:
-                    rec = json.loads(raw)
-                except ValueError:
-                    if on_error:
-                        on_error(f"{path}:{lineno}: not JSON, skipped")
-                    continue
-                if not isinstance(rec, dict):
-                    if on_error:
-                        on_error(f"{path}:{lineno}: not a JSON object, skipped")
-                    continue
-                yield rec

@@ -64,7 +64,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -74,10 +74,12 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from relay.config import parse_hostport
-from relay.connlog.daylog import SUBDIR, SUFFIX, ZST_SUFFIX, rfc3339_ms
+from relay.connlog import reader
+from relay.connlog.daylog import SUBDIR
 from relay.errors import RelayError
 from relay.fsutil import write_atomic
 from relay.protocols import syslog5424
+from relay.times import rfc3339_ms
 from relay.tlsconf import identity_of_names
 
 log = logging.getLogger("relay.connlog.forwarder")
@@ -113,17 +115,7 @@ BATCH_MAX_BYTES = 4 << 20
 WRITE_CHUNK_RECORDS = 256
 # Status writes are rate-limited (errors and state changes are not).
 STATUS_INTERVAL_S = 1.0
-# A day file whose last line has no LF is being written, unless a later day
-# exists and the file has not changed for this long: then a crash tore it and
-# the forwarder moves on (reporting it).
-TORN_TAIL_GRACE_S = 10.0
 READ_SIZE = 65536
-# Reads of the log and decompressed pieces of a .zst day: 1 MiB bounds the
-# memory a compressed backlog costs (a day can be hundreds of MB).
-READ_CHUNK = 1 << 20
-# zstd's largest frame header (ZSTD_FRAMEHEADERSIZE_MAX in zstd.h), which holds
-# the uncompressed size that retention writes into every .zst day.
-ZSTD_FRAME_HEADER_MAX = 18
 # ALPN protocol id by which relay collector says "my close_notify means your
 # batch is on disk" (a private id: ALPN has no registered one for syslog).
 CONFIRM_ALPN = "x-relay-syslog-confirm"
@@ -184,45 +176,6 @@ def save_position(data_dir: Path, pos: Position) -> None:
 # Reading the log from a position (in a worker thread: a .zst day is decompressed)
 
 
-def _day_sources(connlog_dir: Path) -> dict[str, Path]:
-    """day -> file, the plain one while retention has both for a moment."""
-    out: dict[str, Path] = {}
-    if not connlog_dir.is_dir():
-        return out
-    for p in connlog_dir.iterdir():
-        if p.name.endswith(SUFFIX) and len(p.name) == 10 + len(SUFFIX):
-            out[p.name[:10]] = p
-        elif p.name.endswith(ZST_SUFFIX) and len(p.name) == 10 + len(ZST_SUFFIX):
-            out.setdefault(p.name[:10], p)
-    return out
-
-
-def day_size(path: Path) -> int:
-    """Bytes of a day's uncompressed lines: a stat, or the size a .zst frame
-    header declares (retention writes it), so no day is decompressed to be sized."""
-    if not path.name.endswith(ZST_SUFFIX):
-        return path.stat().st_size
-    with open(path, "rb") as f:
-        size = zstandard.frame_content_size(f.read(ZSTD_FRAME_HEADER_MAX))
-    if size < 0:  # a frame without its size (not one of ours): count it
-        size = sum(len(c) for c in _chunks(path, 0))
-    return int(size)
-
-
-def _chunks(path: Path, offset: int) -> Iterator[bytes]:
-    """The day's uncompressed bytes from ``offset``, READ_CHUNK at a time."""
-    with open(path, "rb") as f:
-        if path.name.endswith(ZST_SUFFIX):
-            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-            reader.seek(offset)
-            while chunk := reader.read(READ_CHUNK):
-                yield chunk
-        else:
-            f.seek(offset)
-            while chunk := f.read(READ_CHUNK):
-                yield chunk
-
-
 class Skip(NamedTuple):
     """Something the reader passed over: a note for the log and the status, and
     for a record that cannot be shipped, its entry for the set-aside file."""
@@ -232,41 +185,15 @@ class Skip(NamedTuple):
 
 
 class LogReader:
-    """The connection log from a position. Keeps the decompressor of the .zst day
-    it last read, so consecutive batches of a compressed day cost one pass."""
+    """The connection log from a position (relay/connlog/reader.py's days, read
+    with its kept .zst reader and its torn-line rule)."""
 
     def __init__(self, connlog_dir: Path) -> None:
         self.dir = Path(connlog_dir)
-        # (path, inode, mtime) of the open .zst day, its reader and its position.
-        self._zst: tuple[tuple[Path, int, int], Any, Any, int] | None = None
+        self._days = reader.DayReader()
 
     def close(self) -> None:
-        if self._zst is not None:
-            self._zst[2].close()
-            self._zst = None
-
-    def _read_day(self, path: Path, offset: int, size: int) -> bytes:
-        if not path.name.endswith(ZST_SUFFIX):
-            with open(path, "rb") as f:
-                f.seek(offset)
-                return f.read(size)
-        st = path.stat()
-        key = (path, st.st_ino, st.st_mtime_ns)
-        if self._zst is None or self._zst[0] != key or self._zst[3] > offset:
-            self.close()
-            f = open(path, "rb")  # noqa: SIM115 - kept open with its reader
-            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-            self._zst = (key, reader, f, 0)
-        _, reader, f, at = self._zst
-        if at < offset:
-            reader.seek(offset)
-        parts, want = [], size
-        while want and (chunk := reader.read(min(want, READ_CHUNK))):
-            parts.append(chunk)
-            want -= len(chunk)
-        data = b"".join(parts)
-        self._zst = (key, reader, f, offset + len(data))
-        return data
+        self._days.close()
 
     def read(self, pos: Position, max_bytes: int, now: float
              ) -> tuple[bytes, Position, list[Skip]]:
@@ -275,7 +202,7 @@ class LogReader:
         line, a line too long to ship)."""
         skips: list[Skip] = []
         while True:
-            sources = _day_sources(self.dir)
+            sources = {day.name: day.source for day in reader.days(self.dir)}
             if not sources:
                 return b"", pos, skips
             days = sorted(sources)
@@ -291,7 +218,7 @@ class LogReader:
                 continue
             path = sources[pos.day]
             try:
-                data = self._read_day(path, pos.offset, max_bytes)
+                data = self._days.read(path, pos.offset, max_bytes)
                 mtime = path.stat().st_mtime
             except FileNotFoundError:
                 continue  # retention replaced the plain file by its .zst meanwhile
@@ -315,29 +242,31 @@ class LogReader:
                     {"reason": "too-long", "day": pos.day, "offset": pos.offset,
                      "detail": f"a line longer than {max_bytes} bytes (in the local log)"}))
                 return b"", Position(pos.day, pos.offset + len(data)), skips
-            if later and (not data or now - mtime > TORN_TAIL_GRACE_S):
-                if data:
-                    skips.append(Skip(f"{path}: torn last line ({len(data)} bytes) skipped"))
+            if later and not data:
+                pos = Position(later[0], 0)  # the day is done
+                continue
+            if reader.tail_is_torn(mtime, bool(later), now):
+                skips.append(Skip(f"{path}: torn last line ({len(data)} bytes) skipped"))
                 pos = Position(later[0], 0)
                 continue
-            return b"", pos, skips
+            return b"", pos, skips  # a line being written: wait for its LF
 
     def count(self, start: Position) -> tuple[int, int, Position]:
         """(bytes, complete lines, end of the log) from ``start`` on: one stat
         per day already counted past, a streaming read of the rest."""
         total = lines = 0
         end = start
-        for day, path in sorted(_day_sources(self.dir).items()):
-            if start.day and day < start.day:
+        for day in reader.days(self.dir):
+            if start.day and day.name < start.day:
                 continue
-            offset = start.offset if day == start.day else 0
+            offset = start.offset if day.name == start.day else 0
             try:
-                size = day_size(path)
+                size = reader.uncompressed_size(day.source)
                 if size > offset:
-                    for chunk in _chunks(path, offset):
+                    for chunk in reader.stream(day.source, offset):
                         total += len(chunk)
                         lines += chunk.count(b"\n")
-                end = Position(day, max(size, offset))
+                end = Position(day.name, max(size, offset))
             except (FileNotFoundError, zstandard.ZstdError):
                 continue  # gone meanwhile, or unreadable (the reader sets it aside)
         return total, lines, end
@@ -368,7 +297,8 @@ def _append_set_aside(path: Path, entries: list[dict[str, Any]]) -> None:
 def set_aside_count(data_dir: Path) -> int:
     try:
         with open(set_aside_path(data_dir), "rb") as f:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(READ_CHUNK), b""))
+            return sum(chunk.count(b"\n")
+                       for chunk in iter(lambda: f.read(reader.READ_CHUNK), b""))
     except FileNotFoundError:
         return 0
 

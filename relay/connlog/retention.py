@@ -3,7 +3,7 @@
 Used for the relay's own connection log (``DATA_DIR/connlog``) and, with the
 same rules, for the collector's per-relay directories. A day file
 ``YYYY-MM-DD.jsonl`` older than ``compress_after_days`` becomes
-``YYYY-MM-DD.jsonl.zst`` (readers take both, and byte offsets into the
+``YYYY-MM-DD.jsonl.zst`` (relay/connlog/reader.py reads both, and byte offsets into the
 uncompressed stream stay valid, which the forwarder's position relies on); a
 day older than ``keep_days`` is deleted. ``keep_days`` is never below
 :data:`MIN_KEEP_DAYS`.
@@ -30,18 +30,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import re
 import time
 from collections.abc import Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import zstandard
 
 from relay import chain
+from relay.connlog import reader
 from relay.connlog.daylog import FILE_MODE, SUBDIR, SUFFIX, ZST_SUFFIX
 from relay.fsutil import fsync_dir, write_atomic
+from relay.times import utc_date
 
 # The issue's floor: the connection log is kept at least 90 days.
 MIN_KEEP_DAYS = 90
@@ -60,8 +61,6 @@ RETENTION_INTERVAL_S = 3600.0
 # is written and synced within milliseconds, a minute covers a stalled disk.
 SEAL_GRACE_S = 60.0
 
-_DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl(\.zst)?$")
-
 Audit = Callable[[dict[str, Any]], None]
 
 
@@ -71,43 +70,9 @@ def check_keep_days(keep_days: int) -> int:
     return keep_days
 
 
-def _today(clock: Callable[[], float]) -> date:
-    return datetime.fromtimestamp(clock(), UTC).date()
-
-
-def _days(directory: Path) -> dict[date, dict[str, Path]]:
-    """day -> {"plain": path, "zst": path} for the day files present."""
-    found: dict[date, dict[str, Path]] = {}
-    if not directory.is_dir():
-        return found
-    for p in directory.iterdir():
-        m = _DAY_FILE.match(p.name)
-        if not m:
-            continue
-        try:
-            day = date.fromisoformat(m.group(1))
-        except ValueError:
-            continue
-        found.setdefault(day, {})["zst" if m.group(2) else "plain"] = p
-    return found
-
-
-def read_zst(path: Path) -> bytes:
-    return zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes())
-
-
-def _joined(parts: list[bytes]) -> bytes:
-    # A torn last line (crash mid-write) must not glue itself to the next part.
-    return b"".join(p if not p or p.endswith(b"\n") else p + b"\n" for p in parts)
-
-
-def day_content(files: dict[str, Path]) -> bytes:
-    """A day's records as one stream, whichever files hold it (the chain digest
-    is over this, so it survives compression and merging)."""
-    parts = [read_zst(files["zst"])] if "zst" in files else []
-    if "plain" in files:
-        parts.append(files["plain"].read_bytes())
-    return _joined(parts)
+def _dated(directory: Path) -> list[tuple[date, reader.Day]]:
+    """The day files present, by their date (a name that is no date is not ours)."""
+    return [(when, d) for d in reader.days(directory) if (when := d.date) is not None]
 
 
 def seal_days(directory: Path, chain_file: Path,
@@ -118,12 +83,12 @@ def seal_days(directory: Path, chain_file: Path,
     sealed = {doc.get("day") for _, doc in chain.read_links(chain_file)
               if doc and doc.get("event") == "close"}
     now = clock()
-    cutoff = datetime.fromtimestamp(now - SEAL_GRACE_S, UTC).date()
+    cutoff = utc_date(now - SEAL_GRACE_S)
     done: dict[str, Any] = {}
-    for day, files in sorted(_days(Path(directory)).items()):
+    for day, files in _dated(Path(directory)):
         if day >= cutoff or day.isoformat() in sealed:
             continue
-        data = day_content(files)
+        data = reader.content(files)
         link = chain.append_link(chain_file, {
             "event": "close", "day": day.isoformat(), "file": f"{day.isoformat()}{SUFFIX}",
             "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, now)
@@ -131,16 +96,16 @@ def seal_days(directory: Path, chain_file: Path,
     return done
 
 
-def compress_day(plain: Path, zst: Path | None) -> tuple[Path, int, int, str]:
-    """Replace ``plain`` (merged after an existing ``zst``) with one .zst file;
-    returns it, the sizes in and out and the SHA-256 of the content.
+def compress_day(files: reader.Day) -> tuple[Path, int, int, str]:
+    """Replace the day's plain file (merged after an existing .zst) with one .zst
+    file; returns it, the sizes in and out and the SHA-256 of the content.
 
     The new file is complete and synced before the plain one goes, so a crash
     at any point leaves every line in at least one file.
     """
-    parts = [read_zst(zst)] if zst is not None else []
-    parts.append(plain.read_bytes())
-    data = _joined(parts)
+    plain = files.plain
+    assert plain is not None
+    data = reader.content(files)
     out = plain.with_name(plain.name[: -len(SUFFIX)] + ZST_SUFFIX)
     packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
     write_atomic(out, packed, mode=FILE_MODE)
@@ -165,7 +130,7 @@ def apply_retention(
     check_keep_days(keep_days)
     if compress_after_days < 0:
         raise ValueError("compress_after_days must be >= 0")
-    today = _today(clock)
+    today = utc_date(clock())
     delete_before = today - timedelta(days=keep_days)
     compress_before = today - timedelta(days=compress_after_days)
     actions: list[dict[str, Any]] = []
@@ -173,12 +138,12 @@ def apply_retention(
         sealed = seal_days(Path(directory), chain_file, clock)
         if sealed:
             actions.append({"action": "connlog-sealed", **sealed})
-    for day, files in sorted(_days(Path(directory)).items()):
+    for day, files in _dated(Path(directory)):
         if day < delete_before:
-            paths = sorted(files.values())
+            paths = sorted(files.files)
             size = sum(p.stat().st_size for p in paths)
             if chain_file is not None:
-                data = day_content(files)
+                data = reader.content(files)
                 chain.append_link(chain_file, {
                     "event": "delete", "day": day.isoformat(),
                     "file": f"{day.isoformat()}{SUFFIX}", "size": len(data),
@@ -189,11 +154,11 @@ def apply_retention(
             action = {"action": "connlog-deleted", "day": day.isoformat(),
                       "files": [str(p) for p in paths], "bytes": size,
                       "keep_days": keep_days}
-        elif day < compress_before and "plain" in files:
-            out, size_in, size_out, digest = compress_day(files["plain"], files.get("zst"))
+        elif day < compress_before and files.plain is not None:
+            out, size_in, size_out, digest = compress_day(files)
             action = {"action": "connlog-compressed", "day": day.isoformat(),
                       "file": str(out), "bytes_in": size_in, "bytes_out": size_out,
-                      "merged": "zst" in files}
+                      "merged": files.zst is not None}
             if chain_file is not None and seal == "compression":
                 action["chain_link"] = chain.append_link(chain_file, {
                     "event": "close", "day": day.isoformat(),

@@ -1,23 +1,23 @@
 """``relay logs access``: the directory's access log, searched by time and address.
 
 The records are relay.central.directory's (``list-download``, ``relay-register``,
-``relay-refused``, ``relay-expire``) in a connection log (relay.connlog.daylog),
-so a copy of a directory's data directory, or the collector's directory for it,
-is searched the same way. Each is a point in time: ``--at T`` names the records
-within ``--slack`` seconds of T (default :data:`DEFAULT_AT_SLACK_S`), ``--from``/``--to``
-a window. Day files outside the window are not opened.
+``relay-refused``, ``relay-expire``) in a connection log (written by
+relay.connlog.daylog, read by relay.connlog.reader), so a copy of a directory's
+data directory, or the collector's directory for it, is searched the same way.
+Each is a point in time: ``--at T`` names the records within ``--slack`` seconds
+of T (default :data:`DEFAULT_AT_SLACK_S`), ``--from``/``--to`` a window. Day files
+outside the window are not opened.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from relay.connlog import daylog
+from relay.connlog import reader
 from relay.netaddr import AddressError, canonical_ip
+from relay.times import parse_rfc3339, utc_date
 
 ACCESS_ACTIONS = frozenset({"list-download", "relay-register", "relay-refused", "relay-expire"})
 # A report names the time a list was fetched by the reporter's clock, and the
@@ -26,53 +26,36 @@ ACCESS_ACTIONS = frozenset({"list-download", "relay-register", "relay-refused", 
 DEFAULT_AT_SLACK_S = 60.0
 
 
-def _day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).date().isoformat()
-
-
 def search_access(data_dir: Path, *, lo: float | None, hi: float | None,
                   client_ip: str | None, on_error: Callable[[str], None]
                   ) -> Iterator[dict[str, Any]]:
     """Access records with ``lo <= time < hi`` (None = open) from ``client_ip``
     (any spelling), oldest first."""
     want_ip = canonical_ip(client_ip) if client_ip else None
-    first, last = (_day(lo) if lo is not None else ""), (_day(hi) if hi is not None else "~")
-    for path in daylog.day_files(data_dir):
-        if not first <= daylog.day_of(path) <= last:
+    first = utc_date(lo).isoformat() if lo is not None else ""
+    last = utc_date(hi).isoformat() if hi is not None else "~"
+    for day in reader.log_days(data_dir):
+        if not first <= day.name <= last:
             continue
-        with daylog.open_day(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                rec = _record(raw, f"{path}:{lineno}", on_error)
-                if rec is None or rec.get("action") not in ACCESS_ACTIONS:
-                    continue
-                t = record_time(rec)
-                if t is None:
-                    on_error(f"{path}:{lineno}: no RFC 3339 time, skipped")
-                    continue
-                if (lo is not None and t < lo) or (hi is not None and t >= hi):
-                    continue
-                if want_ip is not None and _client_ip(rec) != want_ip:
-                    continue
-                yield rec
+        for path, lineno, rec in reader.records(day, on_error):
+            if rec.get("action") not in ACCESS_ACTIONS:
+                continue
+            t = record_time(rec)
+            if t is None:
+                on_error(f"{path}:{lineno}: no RFC 3339 time, skipped")
+                continue
+            if (lo is not None and t < lo) or (hi is not None and t >= hi):
+                continue
+            if want_ip is not None and _client_ip(rec) != want_ip:
+                continue
+            yield rec
 
 
 def record_time(rec: dict[str, Any]) -> float | None:
     try:
-        return daylog.parse_rfc3339(str(rec.get("time")))
+        return parse_rfc3339(str(rec.get("time"))).timestamp()
     except ValueError:
         return None
-
-
-def _record(raw: bytes, where: str, on_error: Callable[[str], None]) -> dict[str, Any] | None:
-    if not raw.endswith(b"\n"):
-        on_error(f"{where}: incomplete last line ignored")
-        return None
-    try:
-        rec = json.loads(raw)
-    except ValueError:
-        on_error(f"{where}: not JSON, skipped")
-        return None
-    return rec if isinstance(rec, dict) else None
 
 
 def _client_ip(rec: dict[str, Any]) -> str | None:

@@ -52,10 +52,10 @@ def _filters(p: argparse.ArgumentParser) -> None:
 
 def query_of(args: argparse.Namespace) -> tuple[Any, Any]:
     """(investigate.Query, tzinfo) from the filter options."""
-    from relay import timeparse
+    from relay import times
     from relay.investigate import search
 
-    tz = timeparse.parse_zone(args.tz)
+    tz = times.parse_zone(args.tz)
     q = search.Query()
     if args.at and (args.start or args.end):
         raise RelayError("give --at or --from/--to, not both")
@@ -64,12 +64,12 @@ def query_of(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.slack and not args.at:
         raise RelayError("--slack widens --at: give --at too")
     if args.at:
-        q.at = timeparse.parse_time(args.at, tz, "--at").timestamp()
+        q.at = times.parse_time(args.at, tz, "--at").timestamp()
         q.slack = args.slack
     if args.start:
-        q.lo = timeparse.parse_time(args.start, tz, "--from").timestamp()
+        q.lo = times.parse_time(args.start, tz, "--from").timestamp()
     if args.end:
-        q.hi = timeparse.parse_time(args.end, tz, "--to").timestamp()
+        q.hi = times.parse_time(args.end, tz, "--to").timestamp()
     if q.lo is not None and q.hi is not None and q.hi <= q.lo:
         raise RelayError("the window is empty: --to must be after --from")
     q.server_ip = search.normalize_ip(args.server_ip, "--server-ip")

@@ -28,18 +28,18 @@ import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
 from typing import IO, Any
 
 from relay import chain
-from relay.connlog import daylog
-from relay.connlog.retention import day_content
+from relay.chain import Report, check_links
+from relay.connlog import reader
 from relay.errors import RelayError
 from relay.investigate import pcapng, search
 from relay.packetlog import segments
-from relay.safeout import escape_text, json_text, private_file
+from relay.safeout import json_text, private_file
+from relay.times import rfc3339_ms
 
 BUNDLE_FORMAT = "relay-disclosure-1"
 MANIFEST = "manifest.json"
@@ -68,84 +68,6 @@ MAX_RECORD_LINE_BYTES = 1 << 20
 MAX_CHAIN_LINES = 1 << 16
 
 
-@dataclass
-class Report:
-    problems: list[dict[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    checked: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def problem(self, kind: str, where: str, detail: str) -> None:
-        self.problems.append({"kind": kind, "file": where, "detail": detail})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "problems": self.problems, "notes": self.notes,
-                "checked": dict(self.checked)}
-
-    def text(self) -> str:
-        # File names and details come from the bundle or the directory checked:
-        # a hostile one's member names are shown escaped, one line each.
-        lines = [f"{p['kind'].upper()}: {escape_text(p['file'])}: {escape_text(p['detail'])}"
-                 for p in self.problems]
-        lines += [f"note: {escape_text(n)}" for n in self.notes]
-        counts = ", ".join(f"{v} {k}" for k, v in sorted(self.checked.items()))
-        lines.append(f"{'OK' if self.ok else 'FAILED'}: checked {counts or 'nothing'}; "
-                     f"{len(self.problems)} problem(s)")
-        return "\n".join(lines) + "\n"
-
-
-def check_links(lines: list[tuple[bytes, dict[str, Any] | None]], name: str,
-                report: Report, first: int = 0) -> None:
-    """Link numbers consecutive from ``first`` and each ``prev`` the digest of the
-    link before (the first link's ``prev`` is taken on trust unless first == 0).
-    A line that is not a link (torn by a crash mid-append, or edited) is one
-    problem; the links after it are checked against the last good one, which is
-    what relay/chain.py chains a new link to."""
-    prev = chain.GENESIS if first == 0 else None
-    n = first
-    for i, (line, doc) in enumerate(lines):
-        if doc is None:
-            after = f"after link {n - 1}" if n > first else "before the first link"
-            report.problem("broken-chain", f"{name} line {i + 1}",
-                           f"not a link ({after}): a write cut short by a crash, or an edit")
-            continue
-        where = f"{name} link {n}"
-        if doc.get("n") != n:
-            report.problem("broken-chain", where,
-                           f"numbered {doc.get('n')}: links removed, added or reordered")
-        elif prev is not None and doc.get("prev") != prev:
-            report.problem("broken-chain", where,
-                           "prev is not the digest of the link before: the chain was edited")
-        prev = chain.line_digest(line)
-        n += 1
-    report.checked[f"{name} links"] += len(lines)
-
-
-def _link_desc(link: dict[str, Any]) -> str:
-    """How a problem names the link it is about: its number and what it holds."""
-    records = f", {link['records']} records" if link.get("records") is not None else ""
-    return f"chain link {link.get('n')} ({link.get('event')}{records})"
-
-
-def _compare(report: Report, where: str, got: tuple[str, int], link: dict[str, Any],
-             by_digest: dict[str, str]) -> None:
-    digest, size = got
-    if digest == link.get("sha256"):
-        return
-    other = by_digest.get(digest)
-    if other is not None:
-        report.problem("reordered", where, f"holds the content chained as {other}")
-    elif size < int(link.get("size") or 0):
-        report.problem("truncated", where, f"{size} bytes, chained with {link.get('size')}")
-    else:
-        report.problem("modified", where, f"content replaced or modified since "
-                                          f"{_link_desc(link)}: SHA-256 {digest[:16]}..., "
-                                          f"chained {str(link.get('sha256'))[:16]}...")
-
-
 def _packet_state(links: list[tuple[bytes, dict[str, Any] | None]],
                   report: Report) -> dict[str, dict[str, Any]]:
     """File name -> the link it must match, after closes, archives and deletions."""
@@ -166,8 +88,8 @@ def _packet_state(links: list[tuple[bytes, dict[str, Any] | None]],
                 # renamed over (as recovery did before it learnt not to): the
                 # earlier link's content is gone though nothing deleted it.
                 report.problem("replaced", name,
-                               f"{_link_desc(link)} chains new content under this name "
-                               f"while the file of {_link_desc(live)} was never deleted "
+                               f"{chain.link_desc(link)} chains new content under this name "
+                               f"while the file of {chain.link_desc(live)} was never deleted "
                                f"or archived: that file was overwritten and is lost")
             expected[name] = link
         elif event == "delete":
@@ -179,63 +101,42 @@ def verify_packets(data_dir: Path, report: Report) -> None:
     links = chain.read_links(chain.chain_path(data_dir, chain.PACKETS_CHAIN))
     check_links(links, "packets chain", report)
     expected = _packet_state(links, report)
-    by_digest = {str(lk.get("sha256")): name for name, lk in expected.items()}
+    by_digest = chain.by_digest(expected)
     on_disk = {p.name: p for p in segments.segment_files(data_dir)}
     for name, p in sorted(on_disk.items()):
         if name.endswith(segments.OPEN_SUFFIX):
             report.notes.append(f"{name}: being written, chained when it closes")
             continue
-        got = chain.file_digest(p)
         report.checked["packet-log files"] += 1
-        if name in expected:
-            _compare(report, name, got, expected[name], by_digest)
-        elif got[0] in by_digest:
-            report.problem("reordered", name, f"holds the content chained as "
-                                              f"{by_digest[got[0]]}")
-        else:
+        if not chain.check_file(report, name, chain.file_digest(p), expected.get(name),
+                                by_digest):
             report.problem("unchained", name, "no chain link: not written by this relay's "
                                               "log, or its link was removed")
     for name in sorted(set(expected) - set(on_disk)):
         report.problem("missing", name, f"gone from the directory, but "
-                                         f"{_link_desc(expected[name])} chains it and no "
+                                         f"{chain.link_desc(expected[name])} chains it and no "
                                          "delete link removes it")
-
-
-def _day_files(data_dir: Path) -> dict[str, dict[str, Path]]:
-    days: dict[str, dict[str, Path]] = {}
-    for p in daylog.day_files(data_dir):
-        kind = "zst" if p.name.endswith(daylog.ZST_SUFFIX) else "plain"
-        days.setdefault(daylog.day_of(p), {})[kind] = p
-    return days
 
 
 def verify_connlog(data_dir: Path, report: Report) -> None:
     links = chain.read_links(chain.chain_path(data_dir, chain.CONNLOG_CHAIN))
     check_links(links, "connlog chain", report)
-    expected: dict[str, dict[str, Any]] = {}
-    for _, link in links:
-        if link and link.get("event") == "close":
-            expected[str(link.get("day"))] = link
-        elif link and link.get("event") == "delete":
-            expected.pop(str(link.get("day")), None)
-    by_digest = {str(lk.get("sha256")): day for day, lk in expected.items()}
+    expected = chain.sealed_days(links)
+    by_digest = chain.by_digest(expected)
     newest_sealed = max(expected, default="")
-    for day, files in sorted(_day_files(data_dir).items()):
-        data = day_content(files)
-        got = (hashlib.sha256(data).hexdigest(), len(data))
+    days = reader.log_days(data_dir)
+    for day in days:
+        got = chain.content_digest(reader.content(day))
+        where = f"connlog {day.name}"
         report.checked["connection-log days"] += 1
-        if day in expected:
-            _compare(report, f"connlog {day}", got, expected[day], by_digest)
-        elif got[0] in by_digest:
-            report.problem("reordered", f"connlog {day}",
-                           f"holds the content chained as {by_digest[got[0]]}")
-        elif day > newest_sealed:
-            report.notes.append(f"connlog {day}: not sealed yet (sealed after the day ends)")
+        if chain.check_file(report, where, got, expected.get(day.name), by_digest):
+            continue
+        if day.name > newest_sealed:
+            report.notes.append(f"{where}: not sealed yet (sealed after the day ends)")
         else:
-            report.problem("unchained", f"connlog {day}", "older than sealed days but "
-                                                          "has no chain link")
-    for day in sorted(set(expected) - set(_day_files(data_dir))):
-        report.problem("missing", f"connlog {day}", "chained but not in the directory")
+            report.problem("unchained", where, "older than sealed days but has no chain link")
+    for name in sorted(set(expected) - {day.name for day in days}):
+        report.problem("missing", f"connlog {name}", "chained but not in the directory")
 
 
 def verify_anchors(data_dir: Path, report: Report) -> None:
@@ -244,7 +145,7 @@ def verify_anchors(data_dir: Path, report: Report) -> None:
     known = {chain.line_digest(line)
              for name in (chain.PACKETS_CHAIN, chain.CONNLOG_CHAIN)
              for line, _ in chain.read_links(chain.chain_path(data_dir, name))}
-    for rec in daylog.iter_records(data_dir):
+    for rec in reader.iter_records(data_dir):
         head = rec.get("chain_link")
         if isinstance(head, str):
             report.checked["anchors"] += 1
@@ -307,7 +208,7 @@ def disclose(data_dir: Path, q: search.Query, tz: tzinfo, out: Path, *,
         sorted({str(r["time"])[:10] for r in records} - set(day_links))
     manifest = {
         "format": BUNDLE_FORMAT,
-        "created": daylog.rfc3339_ms(time.time()),
+        "created": rfc3339_ms(time.time()),
         "command": ["relay", *argv],
         "query": {k: v for k, v in vars(q).items() if v is not None},
         "members": {n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)}
@@ -619,13 +520,13 @@ def _against_data_dir(data_dir: Path,
         if want - held:
             report.problem("modified", seg, f"{sum((want - held).values())} disclosed "
                                             "packet records are not in it")
-    days = _day_files(data_dir)
+    days = {day.name: day for day in reader.log_days(data_dir)}
     for rec in records:
         day = str(rec.get("time"))[:10]
         if day not in days:
             report.problem("missing", f"connlog {day}", "source day absent")
             continue
-        content = day_content(days[day])
+        content = reader.content(days[day])
         # surrogatepass: a forged record may hold a lone surrogate; it is then
         # reported as not in the day, not a crash.
         line = json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode(

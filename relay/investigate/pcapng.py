@@ -24,7 +24,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any, BinaryIO
 
-from relay.investigate.search import time_ns
+from relay.times import parse_rfc3339_ns
 
 BT_SHB = 0x0A0D0D0A
 BT_IDB = 0x00000001
@@ -128,7 +128,7 @@ def header(app: str) -> bytes:
 
 def packet(rec: dict[str, Any]) -> bytes:
     data, orig = synthesize(rec)
-    ts = time_ns(rec["time"])
+    ts = parse_rfc3339_ns(rec["time"])
     comment = (f"session {rec['session_id']} client {rec['client_ip']}:{rec['client_port']} "
                f"{'from' if rec['direction'] == 'in' else 'to'} client")
     flags = EPB_INBOUND if rec["direction"] == "in" else EPB_OUTBOUND

@@ -15,24 +15,23 @@ inside a segment, the block headers' time ranges skip blocks.
 from __future__ import annotations
 
 import ipaddress
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, tzinfo
+from datetime import tzinfo
 from pathlib import Path
 from typing import Any, TextIO
 
 import zstandard
 
 from relay import chain, sessionid
-from relay.connlog import daylog
+from relay.connlog import reader
 from relay.errors import RelayError
 from relay.netaddr import AddressError, canonical_ip
 from relay.packetlog import segments
 from relay.packetlog.blockcodec_py import BlockError
-from relay.timeparse import format_in, format_utc
+from relay.times import NS, format_in, format_utc, parse_rfc3339, parse_rfc3339_ns, utc_date
 
 # The progress bar appears only when a scan outlives this: a quick answer should
 # not flash a bar.
@@ -40,7 +39,6 @@ PROGRESS_AFTER_S = 1.0
 # Redraw at most this often: a terminal write per segment would cost more than the
 # segment on fast disks.
 PROGRESS_EVERY_S = 0.1
-NS = 1_000_000_000
 # --at T names only the sessions connected at T (or, with --slack S, within S of
 # it); this window only decides which of THEIR packets are counted and exported:
 # [T - S - AT_PACKET_WINDOW_S, T + S + AT_PACKET_WINDOW_S). A report's time is when
@@ -99,15 +97,13 @@ class Query:
 
 
 def record_time(text: Any) -> float | None:
-    """Epoch seconds of a record's RFC 3339 time; None unless it is one with a
-    zone (a naive time would be read in this host's zone)."""
+    """Epoch seconds of a record's RFC 3339 time; None unless it is one."""
     if not isinstance(text, str):
         return None
     try:
-        dt = datetime.fromisoformat(text)
+        return parse_rfc3339(text).timestamp()
     except ValueError:
         return None
-    return dt.timestamp() if dt.tzinfo is not None else None
 
 
 @dataclass
@@ -184,13 +180,6 @@ def normalize_ip(text: str | None, what: str) -> str | None:
 # ------------------------------------------------------------ connection log
 
 
-def _day_range(path: Path) -> date | None:
-    try:
-        return date.fromisoformat(daylog.day_of(path))
-    except ValueError:
-        return None
-
-
 def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
@@ -216,13 +205,13 @@ def find_sessions(data_dir: Path, q: Query, on_error: Callable[[str], None] | No
     # Up to the packet window's end, so that every session with packets in it is
     # known here, matching or not (search must not mistake it for one the log lost).
     _, hi = q.packet_window
-    hi_day = datetime.fromtimestamp(hi, UTC).date() if hi is not None else None
-    for path in daylog.day_files(data_dir):
-        day = _day_range(path)
-        after = hi_day is not None and day is not None and day > hi_day
+    hi_day = utc_date(hi) if hi is not None else None
+    for day in reader.log_days(data_dir):
+        when = day.date
+        after = hi_day is not None and when is not None and when > hi_day
         if after and all(r.disconnect for r in rows.values()):
             break
-        for rec in _session_records(path, on_error):
+        for rec in _session_records(day, on_error):
             sid = rec["session_id"]
             if q.session and not sid.startswith(q.session):
                 continue
@@ -238,36 +227,21 @@ def find_sessions(data_dir: Path, q: Query, on_error: Callable[[str], None] | No
     return {sid: row for sid, row in rows.items() if _session_matches(row, q)}, set(rows)
 
 
-def _session_records(path: Path,
+def _session_records(day: reader.Day,
                      on_error: Callable[[str], None] | None) -> Iterator[dict[str, Any]]:
-    try:
-        f = daylog.open_day(path)
-    except (OSError, zstandard.ZstdError) as exc:
-        if on_error:
-            on_error(f"{path}: {exc}")
-        return
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            # Only connect and disconnect lines matter: skip audit records before
-            # paying for JSON ("disconnect" contains 'connect"').
-            if b'connect"' not in raw:
-                continue
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                if on_error:
-                    on_error(f"{path}:{lineno}: not JSON, skipped")
-                continue
-            if not (isinstance(rec, dict) and rec.get("action") in ("connect", "disconnect")):
-                continue
-            if not isinstance(rec.get("session_id"), str) or record_time(rec.get("time")) is None \
-                    or (rec.get("connect_time") is not None
-                        and record_time(rec["connect_time"]) is None):
-                if on_error:
-                    on_error(f"{path}:{lineno}: session record without a session_id or a "
-                             "valid time, skipped")
-                continue
-            yield rec
+    # Only connect and disconnect lines matter: audit records are passed over
+    # before paying for JSON ("disconnect" contains 'connect"').
+    for path, n, rec in reader.records(day, on_error, containing=b'connect"'):
+        if rec.get("action") not in ("connect", "disconnect"):
+            continue
+        if not isinstance(rec.get("session_id"), str) or record_time(rec.get("time")) is None \
+                or (rec.get("connect_time") is not None
+                    and record_time(rec["connect_time"]) is None):
+            if on_error:
+                on_error(f"{path}:{n}: session record without a session_id or a valid time, "
+                         "skipped")
+            continue
+        yield rec
 
 
 def _session_matches(row: SessionRow, q: Query) -> bool:
@@ -395,12 +369,6 @@ def scan_packets(data_dir: Path, q: Query, *, sessions: set[str] | None = None,
         progress.finish()
 
 
-def time_ns(text: str) -> int:
-    """Nanoseconds since the epoch of a record's time (packetlog.rfc3339_ns)."""
-    secs = datetime.fromisoformat(text[:19]).replace(tzinfo=UTC).timestamp()
-    return int(secs) * NS + int(text[20:29])
-
-
 def _talks_to(rec: dict[str, Any], q: Query) -> bool:
     """The packet goes to D:P or comes back from it."""
     if q.dst_ip is None:
@@ -442,7 +410,7 @@ def search(data_dir: Path, q: Query, *, on_error: ErrorReport,
                 row = rows[sid] = SessionRow(sid)
             else:
                 continue
-        row.add_packet(time_ns(rec["time"]), path.name)
+        row.add_packet(parse_rfc3339_ns(rec["time"]), path.name)
         hit.add(sid)
         if keep_packets:
             kept.append((path, rec))

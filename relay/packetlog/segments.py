@@ -84,7 +84,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,7 @@ from relay import chain, sessionid
 from relay.cext import ffi, lib
 from relay.fsutil import fsync_dir
 from relay.packetlog.blockcodec_py import BlockError, read_tables
+from relay.times import rfc3339_ns
 
 log = logging.getLogger("relay.packetlog.segments")
 
@@ -222,11 +223,6 @@ def addr_str(family: int, raw: bytes) -> str:
 
 def flags_str(flags: int) -> str:
     return ",".join(name for bit, name in enumerate(TCP_FLAG_NAMES) if flags >> bit & 1)
-
-
-def rfc3339_ns(ns: int) -> str:
-    s, frac = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)) + f".{frac:09d}Z"
 
 
 # ------------------------------------------------------------------ encoding
@@ -849,14 +845,6 @@ def disk_use(data_dir: str | os.PathLike[str]) -> int:
     """Bytes used by the packet log (segments and archives)."""
     d = packets_dir(data_dir)
     return sum(p.stat().st_size for p in d.iterdir() if p.is_file()) if d.is_dir() else 0
-
-
-def parse_time(text: str) -> datetime:
-    """An RFC 3339 time (``Z`` or an offset) as an aware datetime."""
-    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=UTC)
-    return t
 
 
 def segment_index(path: Path) -> dict[str, Any] | None:

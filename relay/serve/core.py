@@ -57,6 +57,7 @@ from relay.serve.sessions import (
 )
 from relay.serve.tap import ETH_HLEN, Tap
 from relay.service import nofile_needed, raise_nofile
+from relay.times import rfc3339_ms
 
 log = logging.getLogger("relay")
 
@@ -246,7 +247,7 @@ class Relay:
             {**record, "server": {"id": self.cfg.server.id, "hostname": self.hostname}})
         if record["action"] == "ban":
             log.warning("banned %s until %s: %s", record["network"],
-                        daylog.rfc3339_ms(record["until"]), record["reason"])
+                        rfc3339_ms(record["until"]), record["reason"])
             network = ipaddress.ip_network(record["network"])
             for link in list(self.all_links):
                 if canonical_address(link.peer_ip) in network:

@@ -24,13 +24,14 @@ from typing import Any
 
 from relay import sessionid
 from relay.clienttext import clean
-from relay.connlog import daylog
+from relay.connlog import daylog, reader
 from relay.errors import RelayError
 from relay.fsutil import write_atomic
 from relay.protocols import syslog5424
 from relay.serve import hotpath
 from relay.serve.hotpath import Destination
 from relay.serve.tap import random_mac
+from relay.times import parse_rfc3339
 
 JOURNAL_DIR = "sessions"
 # Distinct destinations kept per session for its disconnect record; past this
@@ -76,9 +77,9 @@ def tags_in_log(data_dir: Path) -> set[str]:
     """Tags of every session in the retained connection log (a byte scan:
     startup must stay fast with 90 days of records)."""
     tags: set[str] = set()
-    for path in daylog.day_files(data_dir):
-        with daylog.open_day(path) as f:
-            tags.update(m.decode() for m in _TAG_IN_LOG.findall(f.read()))
+    for day in reader.log_days(data_dir):
+        for _, _, block in reader.blocks(day):
+            tags.update(m.decode() for m in _TAG_IN_LOG.findall(block))
     return tags
 
 
@@ -173,7 +174,7 @@ def disconnect_record(connect: Mapping[str, Any], counters: Mapping[str, Any], *
         record["client"]["hostname"] = client_hostname
     record["connect_time"] = connect.get("time")
     record.update({key: counters.get(key) for key in COUNTER_KEYS})
-    started = daylog.parse_rfc3339(connect["time"]) if "time" in connect else end_time
+    started = parse_rfc3339(connect["time"]).timestamp() if "time" in connect else end_time
     record.update(duration_s=round(end_time - started, 3), reason=reason, error=error)
     return record
 

@@ -1,4 +1,5 @@
-"""relay/timeparse.py: zones by name and offset, DST gaps and folds refused."""
+"""relay/times.py: the logs' RFC 3339 forms and reading them back; zones by name and
+offset, DST gaps and folds refused."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from relay.errors import RelayError
-from relay.timeparse import format_in, format_utc, parse_time, parse_zone
+from relay.times import (
+    format_in,
+    format_utc,
+    parse_rfc3339,
+    parse_rfc3339_ns,
+    parse_time,
+    parse_zone,
+    rfc3339_ms,
+    rfc3339_ns,
+    utc_date,
+)
 
 
 def utc(text: str) -> datetime:
@@ -69,3 +80,20 @@ def test_invalid_times() -> None:
     for bad in ("2026-02-30 10:00", "2026-13-01 00:00", "yesterday", "2026-03-29 25:00", ""):
         with pytest.raises(RelayError, match="not a valid time"):
             parse_time(bad, tz, "--at")
+
+
+def test_the_logs_forms_read_back() -> None:
+    t = 86400 * 20000 + 10.5
+    assert rfc3339_ms(t) == "2024-10-04T00:00:10.500Z" == format_utc(t)
+    assert format_utc(datetime.fromtimestamp(t, UTC)) == rfc3339_ms(t)
+    assert utc_date(t).isoformat() == "2024-10-04"
+    ns = 1_774_745_100_123_456_789
+    assert rfc3339_ns(ns) == "2026-03-29T00:45:00.123456789Z"
+    assert parse_rfc3339_ns(rfc3339_ns(ns)) == ns  # no float on the way
+    assert parse_rfc3339(rfc3339_ms(t)).timestamp() == t
+    for text in ("2026-03-29T09:45:00+09:00", "2026-03-29T00:45:00Z", "2026-03-29t00:45:00z"):
+        assert parse_rfc3339(text) == utc("2026-03-29 00:45")
+    # A record's time without its offset would be read in this host's zone: refused.
+    for bad in ("2026-03-29T00:45:00", "2026-02-30T00:00:00Z", "", "None", "\x1b[2J"):
+        with pytest.raises(ValueError):
+            parse_rfc3339(bad)

@@ -1,26 +1,82 @@
-"""Times as an investigator types them, read in a chosen time zone.
+"""Times: the RFC 3339 forms the logs write, reading them back, and times as an
+investigator types them in a chosen time zone.
 
-An abuse report says "2026-03-29 02:30 in Berlin"; the logs are in UTC. This module
-turns ``--at``/``--from``/``--to`` text plus ``--tz`` into an aware UTC datetime and
-prints times back in both the asked zone and UTC. It refuses rather than guesses:
-a local time that happened twice (the clocks went back) or never (they went
-forward) is an error naming the candidates, because picking one silently could
-name the wrong subscriber.
+The logs are in UTC: the connection log and the chains stamp RFC 3339 with
+milliseconds (:func:`rfc3339_ms`), the packet log with nanoseconds
+(:func:`rfc3339_ns`). :func:`parse_rfc3339` is the one reader of a time a record
+holds: it takes only a time with its offset, since a naive one would be read in
+this host's zone and name the wrong moment.
+
+An abuse report says "2026-03-29 02:30 in Berlin": :func:`parse_time` turns
+``--at``/``--from``/``--to`` text plus ``--tz`` into an aware UTC datetime, and
+:func:`format_in`/:func:`format_utc` print times back in both the asked zone and
+UTC. It refuses rather than guesses: a local time that happened twice (the clocks
+went back) or never (they went forward) is an error naming the candidates, because
+picking one silently could name the wrong subscriber.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta, timezone, tzinfo
+import time
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from relay.errors import RelayError
 
+NS = 1_000_000_000
 # "+09:00", "+0900", "-05", "UTC+9": hours up to 23 (the widest real offsets are
 # +14:00 and -12:00, but a fixed offset is the investigator's word, not a zone).
 _OFFSET = re.compile(r"^(?:UTC|GMT)?([+-])(\d{1,2})(?::?(\d{2}))?$", re.IGNORECASE)
 # What the error for an unreadable time shows (datetime.fromisoformat reads both).
 _ACCEPTED = "ISO 8601 (2026-03-29T02:30:00+02:00) or YYYY-MM-DD HH:MM[:SS]"
+
+
+# ------------------------------------------------------------ the logs' forms
+
+
+def _wall_ms(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{dt.microsecond // 1000:03d}"
+
+
+def rfc3339_ms(ts: float) -> str:
+    """UTC, millisecond precision, 'Z' suffix: 2026-11-25T21:05:32.123Z."""
+    return _wall_ms(datetime.fromtimestamp(ts, UTC)) + "Z"
+
+
+def rfc3339_ns(ns: int) -> str:
+    """UTC, nanosecond precision, 'Z' suffix (the packet log's records)."""
+    s, frac = divmod(ns, NS)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)) + f".{frac:09d}Z"
+
+
+def parse_rfc3339_ns(text: str) -> int:
+    """Nanoseconds since the epoch of a :func:`rfc3339_ns` time (a float would
+    lose the nanoseconds)."""
+    secs = datetime.fromisoformat(text[:19]).replace(tzinfo=UTC).timestamp()
+    return int(secs) * NS + int(text[20:29])
+
+
+def _fromiso(text: str) -> datetime:
+    # RFC 3339 section 5.6 allows a lower-case "z", which fromisoformat refuses.
+    return datetime.fromisoformat(text[:-1] + "Z" if text.endswith("z") else text)
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """An RFC 3339 time as an aware datetime; ValueError unless it is one with its
+    offset (``Z`` or ``+hh:mm``)."""
+    dt = _fromiso(text)
+    if dt.tzinfo is None:
+        raise ValueError(f"{text!r} has no UTC offset")
+    return dt
+
+
+def utc_date(ts: float) -> date:
+    """The UTC day of an epoch time (the day files' day)."""
+    return datetime.fromtimestamp(ts, UTC).date()
+
+
+# ------------------------------------------------------------ an investigator's times
 
 
 def parse_zone(text: str | None) -> tzinfo:
@@ -81,9 +137,8 @@ def _fmt_offset(dt: datetime) -> str:
 
 def parse_time(text: str, tz: tzinfo, what: str = "time") -> datetime:
     """``text`` as an aware UTC datetime; a time without a zone is read in ``tz``."""
-    raw = text.strip()
     try:
-        dt = datetime.fromisoformat(raw[:-1] + "+00:00" if raw.endswith(("Z", "z")) else raw)
+        dt = _fromiso(text.strip())
     except ValueError:
         raise RelayError(f"{what} {text!r}: not a valid time; use {_ACCEPTED}") from None
     if dt.tzinfo is None:
@@ -98,12 +153,13 @@ def format_in(ts: float | datetime | None, tz: tzinfo) -> str:
         return ""
     dt = ts if isinstance(ts, datetime) else datetime.fromtimestamp(ts, UTC)
     local = dt.astimezone(tz)
-    return local.strftime("%Y-%m-%dT%H:%M:%S") + f".{local.microsecond // 1000:03d}" \
-        + _fmt_offset(local)
+    return _wall_ms(local) + _fmt_offset(local)
 
 
 def format_utc(ts: float | datetime | None) -> str:
+    """:func:`rfc3339_ms` of an epoch time or an aware datetime; '' for None."""
     if ts is None:
         return ""
-    dt = (ts if isinstance(ts, datetime) else datetime.fromtimestamp(ts, UTC)).astimezone(UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{dt.microsecond // 1000:03d}Z"
+    if isinstance(ts, datetime):
+        return _wall_ms(ts.astimezone(UTC)) + "Z"
+    return rfc3339_ms(ts)
