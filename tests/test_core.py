@@ -186,7 +186,7 @@ def test_client_text_is_cleaned_for_every_protocol(tmp_path: Path,
             b"linux&#x2066;-64</device-id>")
     machine.receive_data(
         b"POST / HTTP/1.1\r\nUser-Agent: Evil\tClient  v6.6\r\n"
-        b"X-CSTP-Hostname: host\tname\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        b"X-CSTP-Hostname: host\tname\r\nContent-Length: %d\r\n\r\n" % len(body) + body, 0.0)
     peer_info = {"IV_VER": "2.6.3\x1b[2J", "IV_PLAT": "linux\u202e\u2066",
                  "IV_GUI_VER": "gui " + "x" * 5000, "IV_HWADDR": "\x00\x1b"}
     for link, protocol, software in ((FakeLink(1), "SSL-VPN", machine.client.software()),

@@ -30,10 +30,6 @@ IP_ETHERTYPES = (b"\x08\x00", b"\x86\xdd")
 # A cookie from a successful login must be used for a tunnel within this time
 # (ocserv's cookie-timeout default is 300 s).
 COOKIE_TTL_S = 300.0
-# A tunnel with nothing received for this many DPD intervals is dead: openconnect
-# sends a DPD request after one idle interval, so three missed ones mean the
-# path or the client is gone (ocserv uses the same factor).
-DEAD_PEER_INTERVALS = 3
 # Bytes queued towards a slow client before further packets to it are dropped,
 # as a router's queue would: 1 MiB is ~700 full-size packets, several hundred ms
 # at typical client rates, more than TCP's congestion control needs.
@@ -97,18 +93,21 @@ class CstpLink(asyncio.Protocol):
                  local_ip: str) -> None:
         self.relay = relay
         self.listener = listener
+        self.loop = asyncio.get_running_loop()
         self.proto = cstp.CstpServer()
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.client = self.proto.client
         self.peer_ip, self.peer_port = peer[0], peer[1]
         self.local_ip = local_ip
-        self.accepted = self.last_rx = time.monotonic()
+        self.accepted = time.monotonic()
         self.had_session = False
         self.paused = False
         self.closed = False
         self._lookup: asyncio.Future[Any] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
 
     def __repr__(self) -> str:
         return f"{self.peer_ip}:{self.peer_port}"
@@ -120,7 +119,7 @@ class CstpLink(asyncio.Protocol):
         self.relay.all_links.add(self)
         loop = asyncio.get_running_loop()
         self._lookup = self.relay.lookups.start(self.peer_ip, self.peer_port)
-        self._timer = loop.call_later(self.relay.login_timeout_s, self._login_deadline)
+        self._deadline = loop.call_later(self.relay.login_timeout_s, self._login_deadline)
         try:
             await loop.connect_accepted_socket(
                 lambda: self, sock, ssl=self.listener.ssl_ctx,
@@ -151,8 +150,7 @@ class CstpLink(asyncio.Protocol):
     # -- input ----------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.last_rx = time.monotonic()
-        self._handle(self.proto.receive_data(data))
+        self._handle(self.proto.receive_data(data, self.loop.time()))
 
     def _handle(self, events: list[cstp.Event]) -> None:
         relay = self.relay
@@ -171,6 +169,10 @@ class CstpLink(asyncio.Protocol):
             elif isinstance(ev, cstp.PeerDisconnected):
                 self._flush()
                 self._end("client-disconnect", None, detail=ev.reason)
+            elif isinstance(ev, cstp.PeerDead):
+                log.warning("%s: %s", self, ev.reason)
+                self._end("dead-peer", ev.reason)
+                self._abort()
             elif isinstance(ev, cstp.ProtocolError):
                 if ev.limit:
                     relay.stats.peer_closed[ev.limit] += 1
@@ -212,9 +214,8 @@ class CstpLink(asyncio.Protocol):
         self.session = s
         self.had_session = True
         relay.abuse.handshake_done(self.peer_ip)
-        if self._timer is not None:
-            self._timer.cancel()
-        self._schedule_dpd()
+        if self._deadline is not None:
+            self._deadline.cancel()
         pool = relay.sessions.pool
         self._handle(self.proto.open_tunnel(cstp.TunnelParams(
             address=s.virtual_ip, netmask=str(pool.network.netmask), mtu=relay.cfg.tap.mtu,
@@ -260,6 +261,7 @@ class CstpLink(asyncio.Protocol):
                 return
         if self.proto.state is cstp.State.CLOSED:
             t.close()
+        self._arm()
 
     def _drop_non_reader(self, t: asyncio.Transport, queued: int) -> None:
         """Close at once, dropping what is queued (close() would wait for it)."""
@@ -273,19 +275,22 @@ class CstpLink(asyncio.Protocol):
 
     # -- liveness -------------------------------------------------------------------
 
-    def _schedule_dpd(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(self.relay.dpd_s, self._check_dpd)
+    def _arm(self) -> None:
+        """Make sure the timer fires by the machine's next deadline; a later
+        deadline (more traffic) just lets the timer fire early and re-arm."""
+        when = self.proto.next_timeout()
+        if when is None or self.closed or when >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
 
-    def _check_dpd(self) -> None:
-        if self.closed or self.session is None:
-            return
-        idle = time.monotonic() - self.last_rx
-        if idle > DEAD_PEER_INTERVALS * self.relay.dpd_s:
-            log.warning("session %s: nothing from %s for %.0f s", self.session.id, self, idle)
-            self._end("dead-peer", f"no data or DPD from the client for {idle:.0f} s")
-            self._abort()
-            return
-        self._schedule_dpd()
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        if not self.closed:
+            self._handle(self.proto.handle_timeout(self.loop.time()))
 
     # -- teardown -------------------------------------------------------------------
 
@@ -321,8 +326,9 @@ class CstpLink(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._deadline):
+            if timer is not None:
+                timer.cancel()
         self.relay.all_links.discard(self)
         self.relay.abuse.connection_closed(self.peer_ip, time.monotonic() - self.accepted,
                                            self.had_session)
