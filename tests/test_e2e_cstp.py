@@ -178,4 +178,4 @@ def test_silent_client_is_ended_as_a_dead_peer(make_topology: Callable[..., Topo
     assert rec["reason"] == "dead-peer"
     silence = re.fullmatch(r"no data or DPD from the client for (\d+) s", rec["error"])
     assert silence is not None and 6 <= int(silence.group(1)) < 10
-    assert 6 <= rec["duration_s"]
+    assert rec["duration_s"] >= 6
