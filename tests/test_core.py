@@ -1,8 +1,9 @@
 """The protocol-agnostic core (relay.serve.core.Relay) without devices: logins with
 any text, sessions refused when the relay is full (counted, audited), tasks that
-fail end their connection, client text cleaned for every protocol, and a metrics
-scrape that does not walk the sessions. The TAP device is a stand-in: these are
-unit tests of the core's bookkeeping; the end-to-end tests run the real one."""
+fail end their connection, client text cleaned for every protocol, leases, and a
+metrics scrape that does not walk the sessions. The TAP device is a stand-in:
+these are unit tests of the core's bookkeeping; the end-to-end tests run the real
+one, and tests/test_datapath.py the datapath."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from relay.errors import RelayError
 from relay.protocols import cstp
 from relay.serve.abuse import Abuse
 from relay.serve.core import Relay
+from relay.serve.datapath import Datapath
 from relay.serve.openvpn_link import client_software
 from relay.serve.sessions import AddressPool, Journal, SessionRefused, SessionTable
 
@@ -32,6 +34,7 @@ from relay.serve.sessions import AddressPool, Journal, SessionRefused, SessionTa
 class FakeTap:
     """Neighbour entries in a dict, frames into a pipe."""
 
+    name = "fake0"
     mac = b"\x02\x00\x00\x00\x00\x01"
 
     def __init__(self) -> None:
@@ -82,6 +85,7 @@ def make_relay(data: Path, users: Path | None = None, **server: Any) -> Relay:
     relay.abuse = Abuse(cfg.abuse, data, relay.audit, time.time)
     relay.sessions = SessionTable(AddressPool(cfg.pool), set())
     relay.tap = FakeTap()  # type: ignore[assignment]
+    relay.datapath = Datapath(relay.tap)  # type: ignore[arg-type]
     return relay
 
 
@@ -191,7 +195,7 @@ def test_client_text_is_cleaned_for_every_protocol(tmp_path: Path,
                  "IV_GUI_VER": "gui " + "x" * 5000, "IV_HWADDR": "\x00\x1b"}
     for link, protocol, software in ((FakeLink(1), "SSL-VPN", machine.client.software()),
                                      (FakeLink(2), "OpenVPN", client_software(peer_info))):
-        s = loop.run_until_complete(relay.open_session(link, protocol, software))
+        s = loop.run_until_complete(relay.open_session(link, protocol, software)).session
         relay.close_session(link, s, "client-disconnect: bye\x1b[2J\u202e\r\nforged", None)
     connects = records(tmp_path, "connect")
     assert connects[0]["client_software"] == {
@@ -208,16 +212,17 @@ def test_metrics_scrape_keeps_totals_without_walking_sessions(
         tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
     relay = make_relay(tmp_path)
     links = [FakeLink(port) for port in range(3)]
-    sessions = [loop.run_until_complete(relay.open_session(link, proto, {"name": "x"}))
+    sessions = [loop.run_until_complete(relay.open_session(link, proto, {"name": "x"})).session
                 for link, proto in zip(links, ("SSL-VPN", "SSL-VPN", "OpenVPN"), strict=True)]
-    # Packets from the clients, counted where the core writes them to the TAP;
+    # Packets from the clients, counted where the datapath writes them to the TAP;
     # the first session's still count once it is closed.
+    assert relay.datapath is not None
     for s in sessions[:2]:
         packet = bytearray(b"\x45" + bytes(11) + s.vip_bytes + bytes(4) + b"x" * 80)
-        relay.to_kernel_batch(s, packet + packet, array("I", (0, 100, 100, 100)))
-    relay.to_kernel_frame(sessions[2], bytearray(b"\xff" * 6 + sessions[2].mac + b"\x08\x06"
-                                                 + bytes(8) + sessions[2].mac
-                                                 + sessions[2].vip_bytes + bytes(10)))
+        relay.datapath.to_kernel_batch(s, packet + packet, array("I", (0, 100, 100, 100)))
+    arp = (b"\xff" * 6 + sessions[2].mac + b"\x08\x06" + bytes(8) + sessions[2].mac
+           + sessions[2].vip_bytes + bytes(10))
+    relay.datapath.to_kernel_frame(sessions[2], bytearray(arp))
     relay.close_session(links[0], sessions[0], "client-disconnect", None)
 
     class NoWalking(dict):  # type: ignore[type-arg]
