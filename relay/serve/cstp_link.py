@@ -157,6 +157,9 @@ class CstpLink(StreamLink[cstp.Event]):
         self._handle(self.proto.open_tunnel(cstp.TunnelParams(
             address=lease.address, netmask=lease.netmask, mtu=lease.mtu, dpd_s=settings.dpd_s,
             keepalive_s=settings.keepalive_s, dns=lease.dns)))
+        # The machine's only deadline starts now; input only moves it later, so
+        # the receive path (the datapath's) arms nothing.
+        self._arm()
 
     def _refusal(self, message: str) -> list[cstp.Event]:
         # 503 + X-Reason: openconnect prints "VPN service unavailable; reason: ..."
@@ -200,7 +203,6 @@ class CstpLink(StreamLink[cstp.Event]):
                 return
         if self.proto.state is cstp.State.CLOSED:
             t.close()
-        self._arm()
 
     def _drop_non_reader(self, t: asyncio.Transport, queued: int) -> None:
         """Close at once, dropping what is queued (close() would wait for it)."""

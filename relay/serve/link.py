@@ -171,7 +171,7 @@ class LinkBase(abc.ABC, Generic[E]):
 
     @abc.abstractmethod
     def _handle(self, events: list[E]) -> None:
-        """Act on the machine's events, then send what it queued (and :meth:`_arm`)."""
+        """Act on the machine's events, then send what it queued."""
 
     @abc.abstractmethod
     def _refusal(self, message: str) -> list[E]:
@@ -209,8 +209,9 @@ class LinkBase(abc.ABC, Generic[E]):
     # -- time -------------------------------------------------------------------------
 
     def _arm(self) -> None:
-        """Make sure the timer fires by the machine's next deadline; a later
-        deadline (more traffic) just lets the timer fire early and re-arm."""
+        """Make sure the timer fires by the machine's next deadline. Called after
+        whatever may bring that deadline earlier, and after the timer fired; a
+        later deadline (more traffic) just lets the timer fire early and re-arm."""
         when = self.proto.next_timeout()
         if when is None or self.closed or when >= self._timer_at:
             return
@@ -224,6 +225,7 @@ class LinkBase(abc.ABC, Generic[E]):
         self._timer_at = float("inf")
         if not self.closed:
             self._handle(self.proto.handle_timeout(self.loop.time()))
+            self._arm()
 
     # -- ending -----------------------------------------------------------------------
 
