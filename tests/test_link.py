@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 
 from relay.serve.core import Relay
-from relay.serve.link import Lease, Link, LinkBase, LinkHost, LinkSettings
+from relay.serve.link import (
+    CLIENT_WRITE_HIGH_WATER,
+    Lease,
+    Link,
+    LinkBase,
+    LinkHost,
+    LinkSettings,
+    StreamLink,
+)
 from relay.serve.sessions import AddressPool, Session, SessionRefused, SessionTable
 
 SETTINGS = LinkSettings(login_timeout_s=60, handshake_timeout_s=15, dpd_s=30, keepalive_s=20)
@@ -265,6 +273,87 @@ def test_a_client_gone_during_set_up_gets_its_session_closed(
     assert link.session is None and not link.had_session
     assert host.calls == [("began",), ("open", "OpenVPN"), ("ended", False),
                           ("close", "connection-closed", "closed during session set-up")]
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.high: int | None = None
+        self.closing = False
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        self.high = high
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+
+class StandInStreamLink(StreamLink[str]):
+    def __init__(self, host: FakeHost) -> None:
+        super().__init__(host, ("198.51.100.7", 40000), "192.0.2.1")
+        self.proto = Machine()
+
+    def _handle(self, events: list[str]) -> None:
+        pass
+
+    def _refusal(self, message: str) -> list[str]:
+        return []
+
+    def _start_failed(self, exc: OSError) -> None:
+        pass
+
+    def from_kernel(self, frame: bytes) -> None:
+        pass
+
+    def terminate(self, reason: str, message: str) -> None:
+        pass
+
+
+def test_a_stream_link_queues_to_the_high_water_mark_and_ends_with_its_connection(
+        loop: asyncio.AbstractEventLoop) -> None:
+    host = FakeHost()
+
+    async def scenario() -> list[StandInStreamLink]:
+        links = [StandInStreamLink(host) for _ in range(3)]
+        for link in links:
+            link.begin()
+            link.connection_made(FakeTransport())  # type: ignore[arg-type]
+            assert await link._open("SSL-VPN", {}) is not None
+        return links
+
+    closed, lost, dropped = run(loop, scenario())
+    transport = closed.transport
+    assert isinstance(transport, FakeTransport) and transport.high == CLIENT_WRITE_HIGH_WATER
+    closed.pause_writing()
+    assert closed.paused
+    closed.resume_writing()
+    assert not closed.paused
+    closed.connection_lost(None)
+    lost.connection_lost(ConnectionResetError("reset by peer"))
+    dropped._end("banned", None)  # the relay's side: the session ends, then the connection
+    dropped._close()
+    assert dropped.transport is not None and dropped.transport.is_closing() and dropped.closed
+    dropped.connection_lost(None)  # what the transport reports then changes nothing
+    assert [c for c in host.calls if c[0] in ("close", "ended")] == [
+        ("close", "connection-closed", None), ("ended", True),
+        ("close", "connection-lost", "reset by peer"), ("ended", True),
+        ("close", "banned", None), ("ended", True)]
+
+
+def test_a_connection_made_after_the_link_ended_is_closed(
+        loop: asyncio.AbstractEventLoop) -> None:
+    async def scenario() -> tuple[StandInStreamLink, FakeTransport]:
+        link = StandInStreamLink(FakeHost())
+        link.begin()
+        link._close()  # the login deadline passed during a slow TLS handshake
+        transport = FakeTransport()
+        link.connection_made(transport)  # type: ignore[arg-type]
+        return link, transport
+
+    link, transport = run(loop, scenario())
+    assert transport.closing and link.transport is None
 
 
 def test_the_core_offers_every_member_of_the_host_interface(tmp_path: Any) -> None:
