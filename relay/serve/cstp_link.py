@@ -15,14 +15,16 @@ from dataclasses import dataclass
 
 from relay.config import Config
 from relay.protocols import cstp
-from relay.serve.datapath import Datapath
+from relay.serve.datapath import ETHERTYPE_IPV4, Datapath
 from relay.serve.link import CLIENT_WRITE_HIGH_WATER, LinkHost, StreamLink
 from relay.serve.tap import ETH_HLEN
 from relay.tlsconf import server_context
 
 log = logging.getLogger("relay")
 
-IP_ETHERTYPES = (b"\x08\x00", b"\x86\xdd")
+# The frames from the kernel a CSTP client gets, as IP packets: its tunnel carries no
+# Ethernet.
+IP_ETHERTYPES = (ETHERTYPE_IPV4, b"\x86\xdd")
 
 # A cookie from a successful login must be used for a tunnel within this time
 # (ocserv's cookie-timeout default is 300 s).
