@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from array import array
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +86,6 @@ def make_relay(data: Path, users: Path | None = None, **server: Any) -> Relay:
     relay.tap = FakeTap()  # type: ignore[assignment]
     relay.datapath = Datapath(relay.tap)  # type: ignore[arg-type]
     return relay
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    # The loop the relay's synchronous calls (close_session spawns a task) find too,
-    # whatever an earlier test left as the current loop.
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield loop
-    asyncio.set_event_loop(None)
-    loop.close()
 
 
 def test_login_compares_any_text_in_constant_time(tmp_path: Path,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -129,15 +129,6 @@ class StandInLink(LinkBase[str]):
     def terminate(self, reason: str, message: str) -> None:
         self._end(reason, None)
         self._close()
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield loop
-    asyncio.set_event_loop(None)
-    loop.close()
 
 
 def run(loop: asyncio.AbstractEventLoop, coro: Awaitable[Any]) -> Any:
