@@ -90,7 +90,7 @@ class ServerConfig:
     # AUTH_FAILED,TEMP). 4x OpenVPN's max-clients default (1024): a 2-core relay
     # forwards ~800 Mbit/s (bench/), ~200 kbit/s each for 4096 busy sessions, the
     # least that keeps browsing usable. It sizes the open-files limit too
-    # (relay.service.nofile_needed).
+    # (relay.fdlimit.nofile_needed).
     max_sessions: int = 4096
 
 

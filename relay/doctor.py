@@ -27,10 +27,10 @@ from pathlib import Path
 from relay import control
 from relay.config import Config, parse_hostport
 from relay.errors import RelayError
+from relay.fdlimit import nofile_needed
 from relay.packetlog.retention import MIN_FREE_BYTES, REFUSE_FREE_BYTES
 from relay.serve import nat
 from relay.serve.egress import Policy, describe
-from relay.service import nofile_needed
 
 # Capability bits (linux/capability.h) the relay uses.
 CAP_NET_ADMIN = 12

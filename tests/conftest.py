@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import shutil
@@ -54,6 +55,17 @@ def make_topology(request: pytest.FixtureRequest) -> Iterator[Callable[..., Topo
             for path in sorted(topo.workdir.glob("*.log")) + sorted(topo.workdir.glob("*.out")):
                 print(f"----- {path.name} -----\n{path.read_text(errors='replace')[-4000:]}")
         topo.destroy()
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """A new event loop, also the current one: synchronous calls that start tasks
+    (the core's close_session) find it, whatever an earlier test left behind."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    asyncio.set_event_loop(None)
+    loop.close()
 
 
 @pytest.fixture

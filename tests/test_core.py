@@ -1,8 +1,9 @@
 """The protocol-agnostic core (relay.serve.core.Relay) without devices: logins with
 any text, sessions refused when the relay is full (counted, audited), tasks that
-fail end their connection, client text cleaned for every protocol, and a metrics
-scrape that does not walk the sessions. The TAP device is a stand-in: these are
-unit tests of the core's bookkeeping; the end-to-end tests run the real one."""
+fail end their connection, client text cleaned for every protocol, leases, and a
+metrics scrape that does not walk the sessions. The TAP device is a stand-in:
+these are unit tests of the core's bookkeeping; the end-to-end tests run the real
+one, and tests/test_datapath.py the datapath."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import logging
 import os
 import time
 from array import array
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from relay.protocols import cstp
 from relay.serve import hotpath
 from relay.serve.abuse import Abuse
 from relay.serve.core import Relay
+from relay.serve.datapath import Datapath
 from relay.serve.openvpn_link import client_software
 from relay.serve.sessions import AddressPool, Journal, SessionRefused, SessionTable
 
@@ -33,6 +34,7 @@ from relay.serve.sessions import AddressPool, Journal, SessionRefused, SessionTa
 class FakeTap:
     """Neighbour entries in a dict, frames into a pipe."""
 
+    name = "fake0"
     mac = b"\x02\x00\x00\x00\x00\x01"
 
     def __init__(self) -> None:
@@ -83,18 +85,8 @@ def make_relay(data: Path, users: Path | None = None, **server: Any) -> Relay:
     relay.abuse = Abuse(cfg.abuse, data, relay.audit, time.time)
     relay.sessions = SessionTable(AddressPool(cfg.pool), set())
     relay.tap = FakeTap()  # type: ignore[assignment]
+    relay.datapath = Datapath(relay.tap)  # type: ignore[arg-type]
     return relay
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    # The loop the relay's synchronous calls (close_session spawns a task) find too,
-    # whatever an earlier test left as the current loop.
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield loop
-    asyncio.set_event_loop(None)
-    loop.close()
 
 
 def test_login_compares_any_text_in_constant_time(tmp_path: Path,
@@ -187,12 +179,12 @@ def test_client_text_is_cleaned_for_every_protocol(tmp_path: Path,
             b"linux&#x2066;-64</device-id>")
     machine.receive_data(
         b"POST / HTTP/1.1\r\nUser-Agent: Evil\tClient  v6.6\r\n"
-        b"X-CSTP-Hostname: host\tname\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        b"X-CSTP-Hostname: host\tname\r\nContent-Length: %d\r\n\r\n" % len(body) + body, 0.0)
     peer_info = {"IV_VER": "2.6.3\x1b[2J", "IV_PLAT": "linux\u202e\u2066",
                  "IV_GUI_VER": "gui " + "x" * 5000, "IV_HWADDR": "\x00\x1b"}
     for link, protocol, software in ((FakeLink(1), "SSL-VPN", machine.client.software()),
                                      (FakeLink(2), "OpenVPN", client_software(peer_info))):
-        s = loop.run_until_complete(relay.open_session(link, protocol, software))
+        s = loop.run_until_complete(relay.open_session(link, protocol, software)).session
         relay.close_session(link, s, "client-disconnect: bye\x1b[2J\u202e\r\nforged", None)
     connects = records(tmp_path, "connect")
     assert connects[0]["client_software"] == {
@@ -209,16 +201,17 @@ def test_metrics_scrape_keeps_totals_without_walking_sessions(
         tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
     relay = make_relay(tmp_path)
     links = [FakeLink(port) for port in range(3)]
-    sessions = [loop.run_until_complete(relay.open_session(link, proto, {"name": "x"}))
+    sessions = [loop.run_until_complete(relay.open_session(link, proto, {"name": "x"})).session
                 for link, proto in zip(links, ("SSL-VPN", "SSL-VPN", "OpenVPN"), strict=True)]
-    # Packets from the clients, counted where the core writes them to the TAP;
+    # Packets from the clients, counted where the datapath writes them to the TAP;
     # the first session's still count once it is closed.
+    assert relay.datapath is not None
     for s in sessions[:2]:
         packet = bytearray(b"\x45" + bytes(11) + s.vip_bytes + bytes(4) + b"x" * 80)
-        relay.to_kernel_batch(s, packet + packet, array("I", (0, 100, 100, 100)))
-    relay.to_kernel_frame(sessions[2], bytearray(b"\xff" * 6 + sessions[2].mac + b"\x08\x06"
-                                                 + bytes(8) + sessions[2].mac
-                                                 + sessions[2].vip_bytes + bytes(10)))
+        relay.datapath.to_kernel_batch(s, packet + packet, array("I", (0, 100, 100, 100)))
+    arp = (b"\xff" * 6 + sessions[2].mac + b"\x08\x06" + bytes(8) + sessions[2].mac
+           + sessions[2].vip_bytes + bytes(10))
+    relay.datapath.to_kernel_frame(sessions[2], bytearray(arp))
     relay.close_session(links[0], sessions[0], "client-disconnect", None)
 
     class NoWalking(dict):  # type: ignore[type-arg]
@@ -299,7 +292,7 @@ def _session_with_traffic(relay: Relay, link: FakeLink,
     assert relay.connlog is not None
     relay.connlog.clock = lambda: 1795640732.123  # 2026-11-25T21:05:32.123Z
     s = loop.run_until_complete(relay.open_session(
-        link, "SSL-VPN", {"name": "Evil\tClient\x1b", "version": "v6.6", "id": None}))
+        link, "SSL-VPN", {"name": "Evil\tClient\x1b", "version": "v6.6", "id": None})).session
     relay.connlog.clock = lambda: 1795640742.123
     s.packets_in, s.packets_out, s.bytes_in, s.bytes_out = 3, 4, 300, 400
     s.add_destination(hotpath.Destination("example.com", "93.184.216.34", 80, "http"))

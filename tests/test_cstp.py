@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from array import array
+from dataclasses import fields
+
 import pytest
 
 from relay.protocols import cstp
@@ -10,6 +13,7 @@ from relay.protocols.cstp import (
     CstpServer,
     Packets,
     PacketType,
+    PeerDead,
     PeerDisconnected,
     ProtocolError,
     State,
@@ -49,11 +53,11 @@ def connect(cookie: str = "tok") -> bytes:
 def tunnel() -> CstpServer:
     """A machine that has gone through login and CONNECT."""
     c = CstpServer()
-    assert c.receive_data(post("/", INIT)) == []
-    [creds] = c.receive_data(post("/auth", REPLY))
+    assert c.receive_data(post("/", INIT), 0.0) == []
+    [creds] = c.receive_data(post("/auth", REPLY), 0.0)
     assert isinstance(creds, Credentials)
     assert c.accept_login("tok") == []
-    [req] = c.receive_data(connect())
+    [req] = c.receive_data(connect(), 0.0)
     assert req == TunnelRequest("tok")
     assert c.open_tunnel(PARAMS) == []
     c.data_to_send()
@@ -62,14 +66,14 @@ def tunnel() -> CstpServer:
 
 def test_login_form_then_credentials_then_cookie() -> None:
     c = CstpServer()
-    assert c.receive_data(post("/", INIT)) == []
+    assert c.receive_data(post("/", INIT), 0.0) == []
     out = c.data_to_send()
     assert out.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b'type="auth-request"' in out and b'name="password"' in out
     head, _, body = out.partition(b"\r\n\r\n")
     assert f"Content-Length: {len(body)}".encode() in head
 
-    events = c.receive_data(post("/auth", REPLY))
+    events = c.receive_data(post("/auth", REPLY), 0.0)
     assert events == [Credentials("al<ice", "s3cret")]
     assert c.state is State.AWAIT_LOGIN
     c.accept_login("COOKIE-1")
@@ -83,17 +87,17 @@ def test_login_form_then_credentials_then_cookie() -> None:
 
 def test_form_encoded_login_and_get() -> None:
     c = CstpServer()
-    c.receive_data(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")
+    c.receive_data(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n", 0.0)
     assert b'type="auth-request"' in c.data_to_send()
     events = c.receive_data(
         b"POST /auth HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-        b"Content-Length: 27\r\n\r\nusername=bob&password=p%26w")
+        b"Content-Length: 27\r\n\r\nusername=bob&password=p%26w", 0.0)
     assert events == [Credentials("bob", "p&w")]
 
 
 def test_rejected_login_shows_form_again() -> None:
     c = CstpServer()
-    c.receive_data(post("/auth", REPLY))
+    c.receive_data(post("/auth", REPLY), 0.0)
     c.reject_login("nope")
     out = c.data_to_send()
     assert b"<error" in out and b'name="username"' in out
@@ -102,7 +106,7 @@ def test_rejected_login_shows_form_again() -> None:
 
 def test_connect_response_has_what_openconnect_requires() -> None:
     c = CstpServer()
-    [req] = c.receive_data(connect("abc"))
+    [req] = c.receive_data(connect("abc"), 0.0)
     assert req == TunnelRequest("abc")
     c.open_tunnel(PARAMS)
     out = c.data_to_send()
@@ -122,31 +126,31 @@ def test_tunnel_frames_split_at_every_byte() -> None:
               + frame(PacketType.DPD_REQ, b"probe") + frame(PacketType.DATA, b"\x45" * 20))
     events = []
     for i in range(len(stream)):
-        events += c.receive_data(stream[i:i + 1])
+        events += c.receive_data(stream[i:i + 1], 0.0)
     assert all(isinstance(e, Packets) for e in events)
     assert [p for e in events for p in e.payloads()] == [b"\x45" + b"x" * 39, b"\x45" * 20]
     # All at once: one batch for the two packets, control frames in between.
     c2 = tunnel()
-    [batch] = c2.receive_data(stream)
+    [batch] = c2.receive_data(stream, 0.0)
     assert isinstance(batch, Packets) and batch.payloads() == [b"\x45" + b"x" * 39, b"\x45" * 20]
     assert c.data_to_send() == frame(PacketType.DPD_RESP, b"probe")
 
 
 def test_data_pipelined_right_after_connect_waits_for_the_decision() -> None:
     c = CstpServer()
-    [req] = c.receive_data(connect() + frame(PacketType.DATA, b"early"))
+    [req] = c.receive_data(connect() + frame(PacketType.DATA, b"early"), 0.0)
     assert isinstance(req, TunnelRequest)
-    assert c.receive_data(frame(PacketType.DATA, b"later")) == []  # buffered
+    assert c.receive_data(frame(PacketType.DATA, b"later"), 0.0) == []  # buffered
     [batch] = c.open_tunnel(PARAMS)
     assert isinstance(batch, Packets) and batch.payloads() == [b"early", b"later"]
 
 
 def test_client_disconnect_carries_reason() -> None:
     c = tunnel()
-    events = c.receive_data(frame(PacketType.DISCONNECT, b"\xb0Client received SIGINT"))
+    events = c.receive_data(frame(PacketType.DISCONNECT, b"\xb0Client received SIGINT"), 0.0)
     assert events == [PeerDisconnected("Client received SIGINT")]
     assert c.state is State.CLOSED
-    assert c.receive_data(frame(PacketType.DATA, b"after")) == []
+    assert c.receive_data(frame(PacketType.DATA, b"after"), 0.0) == []
 
 
 def test_server_disconnect_frame() -> None:
@@ -157,7 +161,7 @@ def test_server_disconnect_frame() -> None:
 
 def test_refused_tunnel_is_401_and_closes() -> None:
     c = CstpServer()
-    c.receive_data(connect("stale"))
+    c.receive_data(connect("stale"), 0.0)
     c.refuse_tunnel("401 Unauthorized", "unknown cookie")
     out = c.data_to_send()
     assert out.startswith(b"HTTP/1.1 401 Unauthorized\r\n") and b"X-Reason: unknown cookie" in out
@@ -195,26 +199,26 @@ def test_refused_tunnel_is_401_and_closes() -> None:
 def test_hostile_requests_fail_with_a_status_and_close(data: bytes, status: bytes,
                                                        message: str) -> None:
     c = CstpServer()
-    events = c.receive_data(data)
+    events = c.receive_data(data, 0.0)
     assert len(events) == 1 and isinstance(events[0], ProtocolError)
     assert message in events[0].message
     assert c.data_to_send().startswith(b"HTTP/1.1 " + status)
     assert c.state is State.CLOSED
-    assert c.receive_data(b"GET / HTTP/1.1\r\n\r\n") == []
+    assert c.receive_data(b"GET / HTTP/1.1\r\n\r\n", 0.0) == []
 
 
 def test_too_many_requests_before_the_tunnel() -> None:
     c = CstpServer()
-    events = c.receive_data(b"GET / HTTP/1.1\r\n\r\n" * (cstp.MAX_REQUESTS + 1))
+    events = c.receive_data(b"GET / HTTP/1.1\r\n\r\n" * (cstp.MAX_REQUESTS + 1), 0.0)
     assert isinstance(events[-1], ProtocolError) and "requests" in events[-1].message
 
 
 def test_truncated_head_and_body_wait_for_more() -> None:
     c = CstpServer()
     whole = post("/auth", REPLY)
-    assert c.receive_data(whole[:30]) == []
-    assert c.receive_data(whole[30:-5]) == []
-    assert c.receive_data(whole[-5:]) == [Credentials("al<ice", "s3cret")]
+    assert c.receive_data(whole[:30], 0.0) == []
+    assert c.receive_data(whole[30:-5], 0.0) == []
+    assert c.receive_data(whole[-5:], 0.0) == [Credentials("al<ice", "s3cret")]
 
 
 @pytest.mark.parametrize(
@@ -227,7 +231,7 @@ def test_truncated_head_and_body_wait_for_more() -> None:
 )
 def test_bad_cstp_frames(stream: bytes, message: str) -> None:
     c = tunnel()
-    events = c.receive_data(frame(PacketType.DATA, b"ok") + stream)
+    events = c.receive_data(frame(PacketType.DATA, b"ok") + stream, 0.0)
     assert isinstance(events[0], Packets) and events[0].payloads() == [b"ok"]
     assert isinstance(events[1], ProtocolError) and message in events[1].message
     assert c.state is State.CLOSED
@@ -236,26 +240,26 @@ def test_bad_cstp_frames(stream: bytes, message: str) -> None:
 def test_truncated_cstp_length_waits() -> None:
     c = tunnel()
     # Header says 1000 bytes, only 10 arrive: nothing yet, nothing lost.
-    assert c.receive_data(b"STF\x01\x03\xe8\x00\x00" + b"y" * 10) == []
-    [batch] = c.receive_data(b"y" * 990)
+    assert c.receive_data(b"STF\x01\x03\xe8\x00\x00" + b"y" * 10, 0.0) == []
+    [batch] = c.receive_data(b"y" * 990, 0.0)
     assert batch.payloads() == [b"y" * 1000]
 
 
 def test_absolute_form_target_is_routed_by_its_path() -> None:
     c = CstpServer()
-    assert c.receive_data(b"GET https://relay/?x=1 HTTP/1.1\r\n\r\n") == []
+    assert c.receive_data(b"GET https://relay/?x=1 HTTP/1.1\r\n\r\n", 0.0) == []
     assert b'type="auth-request"' in c.data_to_send()
 
 
 def test_client_strings_are_kept_as_sent_for_the_relay_to_clean() -> None:
     c = CstpServer()
-    c.receive_data(b"GET / HTTP/1.1\r\nUser-Agent: evil\tagent   v1\r\n\r\n")
+    c.receive_data(b"GET / HTTP/1.1\r\nUser-Agent: evil\tagent   v1\r\n\r\n", 0.0)
     assert c.client.software()["name"] == "evil\tagent" and c.client.software()["version"] == "v1"
     # An XML value longer than the module reads is ignored; an entity may name
     # any character (the relay cleans it).
     body = ('<config-auth client="vpn" type="init"><version who="vpn">' + "v" * 5000
             + '</version><device-id unique-id="&#x202E;id">linux&#x2066;</device-id>')
-    c.receive_data(post("/", body))
+    c.receive_data(post("/", body), 0.0)
     assert c.client.version is None
     assert c.client.device_id == "\u202eid" and c.client.platform == "linux\u2066"
     # The name/version split is linear: a User-Agent of a head's worth of spaces
@@ -272,14 +276,14 @@ def test_only_the_first_xml_tag_counts() -> None:
     c = CstpServer()
     body = ('<config-auth client="vpn" type="init">' + "<device-id " * 5000
             + '<device-id unique-id="late">linux</device-id><version>v1</version>')
-    c.receive_data(post("/", body[:cstp.MAX_BODY_BYTES]))
+    c.receive_data(post("/", body[:cstp.MAX_BODY_BYTES]), 0.0)
     assert c.client.platform == "linux-64"  # the header's, not the late "linux"
     assert c.client.device_id is None
     assert c.client.version == "v1"
     # Attributes longer than the cap hide the tag; a longer name is another tag.
     c = CstpServer()
     c.receive_data(post("/", '<config-auth type="init"><versionX>no</versionX><version a="'
-                        + "x" * cstp.MAX_XML_ATTRS + '">v2</version>'))
+                        + "x" * cstp.MAX_XML_ATTRS + '">v2</version>'), 0.0)
     assert c.client.version is None
 
 
@@ -287,12 +291,12 @@ def test_only_the_first_xml_tag_counts() -> None:
 def test_bytes_while_the_application_decides_are_capped(state: State) -> None:
     c = CstpServer()
     ask = post("/auth", REPLY) if state is State.AWAIT_LOGIN else connect()
-    [decision] = c.receive_data(ask)
+    [decision] = c.receive_data(ask, 0.0)
     assert isinstance(decision, Credentials | TunnelRequest) and c.state is state
     # One whole pipelined request (or frame) is kept for when the decision comes...
-    assert c.receive_data(b"x" * cstp.MAX_PIPELINED_BYTES) == []
+    assert c.receive_data(b"x" * cstp.MAX_PIPELINED_BYTES, 0.0) == []
     # ...a byte more is a client that does not wait: it is closed, its bytes dropped.
-    [error] = c.receive_data(b"x")
+    [error] = c.receive_data(b"x", 0.0)
     assert isinstance(error, ProtocolError) and error.limit == "pipelined-input"
     assert f"client sent {cstp.MAX_PIPELINED_BYTES + 1} bytes while its" in error.message
     assert c.state is State.CLOSED and c.data_to_send() == b""
@@ -307,7 +311,7 @@ def test_bytes_while_the_application_decides_are_capped(state: State) -> None:
 
 def test_a_flood_in_one_receive_is_capped_too() -> None:
     c = CstpServer()
-    events = c.receive_data(connect() + frame(PacketType.DATA, b"x" * 60000) * 1000)
+    events = c.receive_data(connect() + frame(PacketType.DATA, b"x" * 60000) * 1000, 0.0)
     assert isinstance(events[0], TunnelRequest)
     assert isinstance(events[1], ProtocolError) and events[1].limit == "pipelined-input"
 
@@ -316,8 +320,8 @@ def test_dpd_replies_nobody_takes_are_capped() -> None:
     c = tunnel()
     dpd = frame(PacketType.DPD_REQ, b"d" * 1024)
     n = cstp.MAX_PENDING_OUTPUT // len(dpd)  # replies are as long as the requests
-    assert c.receive_data(dpd * n) == []
-    events = c.receive_data(frame(PacketType.DATA, b"\x45ok") + dpd * 2)
+    assert c.receive_data(dpd * n, 0.0) == []
+    events = c.receive_data(frame(PacketType.DATA, b"\x45ok") + dpd * 2, 0.0)
     assert isinstance(events[0], Packets) and events[0].payloads() == [b"\x45ok"]
     assert isinstance(events[1], ProtocolError) and events[1].limit == "client-not-reading"
     assert events[1].message.startswith("client does not read: ")
@@ -330,9 +334,57 @@ def test_dpd_replies_taken_as_they_come_are_not_capped() -> None:
     c = tunnel()
     dpd = frame(PacketType.DPD_REQ, b"d" * 1024)
     for _ in range(8):
-        assert c.receive_data(dpd * (cstp.MAX_PENDING_OUTPUT // len(dpd) // 2)) == []
+        assert c.receive_data(dpd * (cstp.MAX_PENDING_OUTPUT // len(dpd) // 2), 0.0) == []
         assert len(c.data_to_send()) == cstp.MAX_PENDING_OUTPUT // len(dpd) // 2 * len(dpd)
     assert c.state is State.TUNNEL
+
+
+def test_silent_tunnel_is_dead_after_three_dpd_intervals() -> None:
+    c = tunnel()  # its last input (the CONNECT) at 0.0; PARAMS.dpd_s is 30
+    assert c.next_timeout() == cstp.DEAD_PEER_INTERVALS * 30 == 90.0
+    assert c.handle_timeout(89.9) == []
+    # Any input is life: a DPD request (answered) or a keepalive at 60 s.
+    assert c.receive_data(frame(PacketType.DPD_REQ, b"p"), 50.0) == []
+    assert c.receive_data(frame(PacketType.KEEPALIVE), 60.0) == []
+    assert c.next_timeout() == 150.0
+    assert c.handle_timeout(90.0) == [] and c.state is State.TUNNEL
+    assert c.handle_timeout(150.0) == [PeerDead("no data or DPD from the client for 90 s")]
+    assert c.state is State.CLOSED and c.next_timeout() is None
+    assert c.handle_timeout(500.0) == []  # once
+    assert c.receive_data(frame(PacketType.DATA, b"\x45late"), 501.0) == []
+
+
+def test_a_late_timer_reports_the_whole_silence() -> None:
+    c = tunnel()
+    assert c.receive_data(frame(PacketType.DATA, b"\x45x"), 10.0) != []
+    assert c.handle_timeout(130.4) == [PeerDead("no data or DPD from the client for 120 s")]
+
+
+def test_no_liveness_deadline_before_the_tunnel() -> None:
+    """The login deadline (the relay's) covers the time before the tunnel; the
+    machine's own only starts with it, from the interval the client is told."""
+    c = CstpServer()
+    assert c.receive_data(connect(), 0.0) == [TunnelRequest("tok")]
+    assert c.next_timeout() is None and c.handle_timeout(1e9) == []
+    c.open_tunnel(TunnelParams(address="10.211.0.2", netmask="255.255.0.0", mtu=1400, dpd_s=5,
+                               keepalive_s=20))
+    assert c.next_timeout() == 15.0
+    [dead] = c.handle_timeout(15.0)
+    assert isinstance(dead, PeerDead)
+    # Refused or closed tunnels have no deadline either.
+    c = CstpServer()
+    c.receive_data(connect(), 0.0)
+    c.refuse_tunnel("503 Service Unavailable", "full")
+    assert c.next_timeout() is None and c.handle_timeout(1e9) == []
+
+
+def test_events_are_frozen_and_slotted() -> None:
+    """One event style for both protocols: immutable, without a __dict__."""
+    for event in (Credentials("a", "b"), TunnelRequest("t"), PeerDisconnected("r"),
+                  PeerDead("r"), ProtocolError("m"), Packets(bytearray(), array("I"))):
+        assert not hasattr(event, "__dict__")
+        with pytest.raises(AttributeError):
+            setattr(event, fields(event)[0].name, "changed")
 
 
 def test_calls_in_the_wrong_state_are_bugs() -> None:

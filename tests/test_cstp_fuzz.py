@@ -1,7 +1,8 @@
 """Fuzzing the sans-IO CSTP machine: random and mutated byte streams, split
 anywhere, through every state, with the application deciding at random and
-sometimes never taking the replies. Nothing may escape ``receive_data`` but
-events, and no buffer may pass its cap."""
+sometimes never taking the replies, time passing between the pieces (the
+liveness deadline fires when due). Nothing may escape ``receive_data`` or
+``handle_timeout`` but events, and no buffer may pass its cap."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from relay.protocols.cstp import (
     CstpServer,
     Packets,
     PacketType,
+    PeerDead,
     PeerDisconnected,
     ProtocolError,
     State,
@@ -96,29 +98,40 @@ def check_bounds(c: CstpServer) -> None:
 @pytest.mark.parametrize("caps", ["default", "small"])
 # Each cap, reached for sure: a DPD flood nobody drains, bytes while a decision waits.
 @example(stream=[LOGIN + CONNECT, frame(PacketType.DPD_REQ, b"d" * 2000) * 2200],
-         splits=[3000], decisions=[2] * 8)
+         splits=[3000], decisions=[2] * 8, gaps=[0.0])
 @example(stream=[CONNECT, frame(PacketType.DATA, b"\x45" * 1500) * 60], splits=[500],
-         decisions=[3] * 8)
+         decisions=[3] * 8, gaps=[0.0])
+# The tunnel dies of silence between two pieces (dpd_s 30: 90 s).
+@example(stream=[CONNECT, frame(PacketType.DATA, b"\x45" * 100) * 3], splits=[100],
+         decisions=[0] * 8, gaps=[1.0, 95.0])
 @settings(max_examples=1000, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(stream=chunks, splits=st.lists(st.integers(1, 3000), min_size=1, max_size=8),
-       decisions=st.lists(st.integers(0, 3), min_size=8, max_size=8))
+       decisions=st.lists(st.integers(0, 3), min_size=8, max_size=8),
+       gaps=st.lists(st.floats(0, 100), min_size=1, max_size=8))
 def test_nothing_escapes_but_events(caps: str, stream: list[bytes], splits: list[int],
-                                    decisions: list[int], monkeypatch_caps: None) -> None:
+                                    decisions: list[int], gaps: list[float],
+                                    monkeypatch_caps: None) -> None:
     data = b"".join(stream)
     c = CstpServer()
     pending: list[cstp.Event] = []
     pos = i = 0
+    now = 0.0
     while pos < len(data):
         step = splits[i % len(splits)]
+        now += gaps[i % len(gaps)]
         i += 1
-        events = c.receive_data(data[pos:pos + step])
+        due = c.next_timeout()
+        if due is not None and due <= now:
+            pending += c.handle_timeout(now)
+            assert c.state is State.CLOSED and c.next_timeout() is None
+        events = c.receive_data(data[pos:pos + step], now)
         pos += step
         pending.extend(events)
         while pending:
             ev = pending.pop(0)
             assert isinstance(ev, Credentials | TunnelRequest | Packets | PeerDisconnected
-                              | ProtocolError)
+                              | PeerDead | ProtocolError)
             # 0 (what hypothesis tries first): the honest course; 1: refuse;
             # 2: a caller that does not drain the replies; 3: decide later.
             choice = decisions[i % len(decisions)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import require_root_and_tools
 
-from relay.service import FD_RESERVE
+from relay.fdlimit import FD_RESERVE
 
 RELAY = [sys.executable, "-m", "relay.cli"]
 

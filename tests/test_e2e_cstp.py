@@ -158,3 +158,24 @@ def test_relay_killed_and_restarted_closes_the_sessions_it_left_open(
     topo.connect_openconnect(1, data, name="openconnect-again.log")
     topo.curl(1, "/")
     assert len(wait_records(data, "connect", 3)) == 3
+
+
+def test_silent_client_is_ended_as_a_dead_peer(make_topology: Callable[..., Topology]) -> None:
+    """A client that stops sending anything (stopped, its TCP connection still
+    acknowledged by its kernel) is ended after three DPD intervals of silence."""
+    topo = make_topology(1)
+    data = topo.workdir / "data"
+    topo.start_web()
+    topo.start_relay(data, server_keys='dpd = "2s"\nkeepalive = "2s"\n')
+    client = topo.connect_openconnect(1, data)
+    topo.curl(1, "/")
+    os.killpg(client.pid, signal.SIGSTOP)
+    try:
+        [rec] = wait_records(data, "disconnect", 1, timeout=30)
+    finally:
+        os.killpg(client.pid, signal.SIGKILL)
+        client.wait(5)
+    assert rec["reason"] == "dead-peer"
+    silence = re.fullmatch(r"no data or DPD from the client for (\d+) s", rec["error"])
+    assert silence is not None and 6 <= int(silence.group(1)) < 10
+    assert rec["duration_s"] >= 6

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from relay import config, service
+from relay import config, fdlimit
 
 
 def test_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
@@ -34,7 +34,7 @@ def test_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     assert directives["StandardError"] == "journal"
     assert directives["ExecReload"] == "/bin/kill -HUP $MAINPID"
     # A socket per session and per handshake at the default caps, plus the reserve.
-    assert directives["LimitNOFILE"] == str(4096 + 512 + service.FD_RESERVE)
+    assert directives["LimitNOFILE"] == str(4096 + 512 + fdlimit.FD_RESERVE)
 
 
 def test_open_files_limit_follows_the_caps(tmp_path: Path) -> None:
@@ -44,8 +44,8 @@ def test_open_files_limit_follows_the_caps(tmp_path: Path) -> None:
     unit = tmp_path / "relay.service"
     subprocess.run([sys.executable, "-m", "relay.cli", "install-service", "--config",
                     str(conf), "-o", str(unit)], capture_output=True, text=True, check=True)
-    assert f"\nLimitNOFILE={20000 + 1000 + service.FD_RESERVE}\n" in unit.read_text()
-    assert service.nofile_needed(config.load(conf)) == 20000 + 1000 + service.FD_RESERVE
+    assert f"\nLimitNOFILE={20000 + 1000 + fdlimit.FD_RESERVE}\n" in unit.read_text()
+    assert fdlimit.nofile_needed(config.load(conf)) == 20000 + 1000 + fdlimit.FD_RESERVE
 
 
 def test_install_service_needs_a_config() -> None:
@@ -56,7 +56,7 @@ def test_install_service_needs_a_config() -> None:
 
 def raise_nofile_under(soft: int, hard: int, need: int) -> list[str]:
     """raise_nofile(need) in a process started with these limits: [problem, soft after]."""
-    code = ("import resource; from relay.service import raise_nofile; "
+    code = ("import resource; from relay.fdlimit import raise_nofile; "
             f"print(raise_nofile({need})); print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
     proc = subprocess.run(["sh", "-c", f'ulimit -Sn {soft} && ulimit -Hn {hard} && '
                            f'exec {sys.executable} -c "{code}"'],

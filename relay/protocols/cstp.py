@@ -5,6 +5,9 @@ takes bytes from the TLS stream and returns events; the replies the protocol
 makes on its own (the login form, DPD answers) and those the application asks
 for (:meth:`accept_login`, :meth:`open_tunnel`, ...) are queued and taken with
 :meth:`data_to_send`. No sockets, no event loop: tests drive it with bytes.
+Time only advances through the ``now`` arguments: the tunnel's liveness is the
+machine's, as OpenVPN's is (:meth:`CstpServer.next_timeout`,
+:meth:`CstpServer.handle_timeout`, the :class:`PeerDead` event).
 
 The exchange::
 
@@ -75,6 +78,10 @@ MAX_XML_VALUE = 256
 # Longest attribute list of an XML tag read from them (openconnect's longest,
 # <config-auth ...>, is ~60 characters).
 MAX_XML_ATTRS = 512
+# A tunnel with nothing received for this many DPD intervals is dead: openconnect
+# sends a DPD request after one idle interval, so three missed ones mean the
+# path or the client is gone (ocserv uses the same factor).
+DEAD_PEER_INTERVALS = 3
 # Reason byte openconnect puts before the text of a DISCONNECT (cstp.c, cstp_bye).
 DISCONNECT_REASON_CODE = 0xB0
 # Lease announced to the client; the session ends with the TCP connection anyway.
@@ -138,6 +145,14 @@ class PeerDisconnected:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerDead:
+    """Nothing came from the client for DEAD_PEER_INTERVALS DPD intervals: the
+    machine is closed, and so should the connection be."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ProtocolError:
     """The peer broke the protocol, or exceeded a cap (``limit`` then names it,
     a metric label). Anything queued (an HTTP error) should be sent, then the
@@ -147,7 +162,7 @@ class ProtocolError:
     limit: str | None = None
 
 
-Event = Credentials | TunnelRequest | Packets | PeerDisconnected | ProtocolError
+Event = Credentials | TunnelRequest | Packets | PeerDisconnected | PeerDead | ProtocolError
 
 
 @dataclass
@@ -179,7 +194,7 @@ class ClientInfo:
                 "platform": self.platform, "hostname": self.hostname}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TunnelParams:
     address: str
     netmask: str
@@ -324,6 +339,8 @@ class CstpServer:
         self._buf = bytearray()
         self._out = bytearray()
         self._requests = 0
+        self._last_rx = 0.0  # when the peer last sent anything
+        self._dead_after = 0.0  # seconds of silence that end the tunnel (set on opening it)
 
     @property
     def incomplete_request(self) -> int:
@@ -381,6 +398,8 @@ class CstpServer:
             headers.append(("X-CSTP-Session-ID", p.session_id))
         self._out += _response("200 CONNECTED", headers)
         self.state = State.TUNNEL
+        # The interval the client is told: it sends a DPD request after that long idle.
+        self._dead_after = float(DEAD_PEER_INTERVALS * p.dpd_s)
         return self._process()
 
     def refuse_tunnel(self, status: str, reason: str) -> list[Event]:
@@ -416,11 +435,32 @@ class CstpServer:
 
     # -- input ----------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
         if self.state is State.CLOSED:
             return []
+        self._last_rx = now
         self._buf += data
         return self._process()
+
+    # -- time -----------------------------------------------------------------------
+
+    def next_timeout(self) -> float | None:
+        """When :meth:`handle_timeout` is due: in the tunnel, the moment the peer
+        will have been silent for DEAD_PEER_INTERVALS DPD intervals."""
+        if self.state is not State.TUNNEL:
+            return None
+        return self._last_rx + self._dead_after
+
+    def handle_timeout(self, now: float) -> list[Event]:
+        """:class:`PeerDead` (and the machine closed) when the peer has been
+        silent too long; nothing before its time."""
+        if self.state is not State.TUNNEL:
+            return []
+        idle = now - self._last_rx
+        if idle < self._dead_after:
+            return []
+        self._close()
+        return [PeerDead(f"no data or DPD from the client for {idle:.0f} s")]
 
     def _process(self) -> list[Event]:
         events: list[Event] = []

@@ -1,9 +1,10 @@
-"""``relay serve``: the control plane on uvloop and the CSTP datapath.
+"""``relay serve``: the control plane on uvloop.
 
-One :class:`Relay` owns the TAP device, the session table, the connection log and
-the listener. Each TCP connection gets a :class:`CstpLink` (an asyncio protocol)
-that feeds the sans-IO :class:`relay.protocols.cstp.CstpServer` and acts on its events.
-Frames the kernel sends into the TAP are routed to a link by destination MAC.
+One :class:`Relay` owns the TAP device, the session table, the connection log,
+the audit and control, the metrics and the listeners. The protocol links
+(relay.serve.cstp_link, relay.serve.openvpn_link) call it through the
+:class:`relay.serve.link.LinkHost` interface it implements; the packets between
+them and the TAP go through :class:`relay.serve.datapath.Datapath`.
 """
 
 from __future__ import annotations
@@ -12,19 +13,17 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import secrets
 import shutil
 import signal
 import socket
 import struct
 import time
-from array import array
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from relay import control
 from relay.clienttext import clean
@@ -32,14 +31,16 @@ from relay.config import Config, ConfigError, parse_duration, parse_hostport
 from relay.connlog import daylog
 from relay.connlog.shipping import Shipping
 from relay.errors import RelayError
+from relay.fdlimit import nofile_needed, raise_nofile
 from relay.fsutil import listen_tcp
 from relay.metrics import Collector, Metric, MetricsServer
 from relay.netaddr import canonical_address, canonical_ip
 from relay.packetlog.recording import Recording
-from relay.serve import hotpath
 from relay.serve.abuse import Abuse
 from relay.serve.cstp_link import CstpListener
+from relay.serve.datapath import Datapath
 from relay.serve.egress import Policy
+from relay.serve.link import Lease, Link, LinkSettings
 from relay.serve.nat import RelayTable
 from relay.serve.openvpn_link import OpenVPNListener
 from relay.serve.rdns import ReverseLookups
@@ -55,16 +56,10 @@ from relay.serve.sessions import (
     disconnect_record,
     tags_in_log,
 )
-from relay.serve.tap import ETH_HLEN, Tap
-from relay.service import nofile_needed, raise_nofile
+from relay.serve.tap import Tap
 from relay.times import rfc3339_ms
 
 log = logging.getLogger("relay")
-
-ETHERTYPE_IPV4 = b"\x08\x00"
-ETHERTYPE_ARP = b"\x08\x06"
-# An ARP packet for IPv4 over Ethernet: 8-byte header, sender and target MAC + IP.
-ARP_IPV4_LEN = 28
 
 # --- Limits and timeouts -------------------------------------------------------------
 
@@ -73,58 +68,34 @@ ARP_IPV4_LEN = 28
 ACCEPT_ERROR_BACKOFF_S = 0.1
 # SO_LINGER on, zero timeout: close() sends RST and frees the socket at once.
 LINGER_RESET = struct.pack("ii", 1, 0)
-# Frames read from the TAP per wake-up before yielding to the other sockets.
-TAP_READ_BATCH = 256
-# Largest frame the TAP can hand us (64 KiB IP packet + Ethernet header).
-TAP_READ_SIZE = 65536 + ETH_HLEN
 
 
 class Stats:
-    """Counters of the relay's life, exported as metrics. Each is kept up to date
-    where it changes, so a scrape costs the same with 1 or 4096 sessions."""
+    """Counters of the relay's sessions and connections, exported as metrics
+    (the datapath's are in its Traffic). Each is kept up to date where it
+    changes, so a scrape costs the same with 1 or 4096 sessions."""
 
     def __init__(self) -> None:
         self.sessions_total: Counter[str] = Counter()  # by protocol
         self.sessions_active: Counter[str] = Counter()  # by protocol
         self.handshake_failures: Counter[str] = Counter()  # by reason
         self.peer_closed: Counter[str] = Counter()  # peers over a cap, by the cap
-        self.dropped: Counter[str] = Counter()  # packets, by reason
-        self.ua_stamped = 0
-        self.ua_missed = 0
-        # Traffic of every session, added where the sessions count theirs.
-        self.packets_in = self.packets_out = 0
-        self.bytes_in = self.bytes_out = 0
-
-
-class Link(Protocol):
-    """What the relay needs of a client connection, whatever its protocol."""
-
-    peer_ip: str
-    peer_port: int
-    local_ip: str
-    session: Session | None
-
-    def client_hostname(self) -> str | None: ...
-
-    def from_kernel(self, frame: bytes) -> None:
-        """A frame the kernel sent to this link's session MAC."""
-
-    def terminate(self, reason: str, message: str) -> None:
-        """End from the relay's side (shutdown, ban): tell the client, then close."""
 
 
 class Relay:
+    """The core; to the links, their :class:`relay.serve.link.LinkHost`."""
+
     def __init__(self, cfg: Config, load_config: Callable[[], Config] | None = None) -> None:
         self.load_config = load_config
         self.data_dir = cfg.data_dir
         self.hostname = socket.gethostname()
         self._apply(cfg)
         self.stats = Stats()
-        self.links: dict[bytes, Link] = {}
         self.all_links: set[Link] = set()
         self.lookups = ReverseLookups()
         self.background: set[asyncio.Future[None]] = set()
         self.tap: Tap | None = None
+        self.datapath: Datapath | None = None
         self.nat: RelayTable | None = None
         self.listener: socket.socket | None = None
         self.openvpn: OpenVPNListener | None = None
@@ -153,6 +124,7 @@ class Relay:
         host, port = self.cfg.listen_addr
         try:
             self.tap = await Tap.create(self.cfg.tap.name, pool.gateway, self.cfg.tap.mtu)
+            self.datapath = Datapath(self.tap)
             # The egress policy is in force whenever the relay serves, NAT or not.
             self.nat = RelayTable(Policy.from_config(self.cfg), self.cfg.server.uplink)
             self.nat.install()
@@ -164,10 +136,12 @@ class Relay:
             await self.recording.start()
             self.collectors.append(self.recording.metrics)
             self.reload_hooks.append(self.recording.reload)
-            loop.add_reader(self.tap.fd, self._on_tap_readable)
-            self.openvpn = OpenVPNListener(self)
-            await self.openvpn.start()
-            cstp_listener = CstpListener(self)
+            loop.add_reader(self.tap.fd, self.datapath.on_tap_readable)
+            self.openvpn = OpenVPNListener(self, self.datapath, self.cfg)
+            self.collectors.append(self.openvpn.metrics)
+            openvpn_tcp = await self.openvpn.start()
+            self.spawn(self.accept_loop(openvpn_tcp, self.openvpn.accept))
+            cstp_listener = CstpListener(self, self.datapath, self.cfg)
             self.listener = listen_tcp(host, port)
             accepting = asyncio.create_task(self.accept_loop(self.listener, cstp_listener.accept))
             log.info("listening on %s:%d (TLS, CSTP), TAP %s gateway %s, data in %s, "
@@ -276,10 +250,10 @@ class Relay:
     def _apply(self, cfg: Config) -> None:
         """Take the values that can change while running."""
         self.cfg = cfg
-        self.dpd_s = parse_duration(cfg.server.dpd)
-        self.keepalive_s = parse_duration(cfg.server.keepalive)
-        self.handshake_timeout_s = parse_duration(cfg.server.handshake_timeout)
-        self.login_timeout_s = parse_duration(cfg.server.login_timeout)
+        self.settings = LinkSettings(
+            login_timeout_s=parse_duration(cfg.server.login_timeout),
+            handshake_timeout_s=parse_duration(cfg.server.handshake_timeout),
+            dpd_s=parse_duration(cfg.server.dpd), keepalive_s=parse_duration(cfg.server.keepalive))
         self.users = _load_users(cfg.server.users)
         # The caps may have grown (a reload): so may the descriptors they need.
         nofile_problem = raise_nofile(nofile_needed(cfg))
@@ -360,21 +334,23 @@ class Relay:
 
     def _metrics(self) -> list[Metric]:
         st = self.stats
+        assert self.datapath is not None
+        traffic = self.datapath.traffic
         free = shutil.disk_usage(self.data_dir).free
         out = [
             Metric("relay_sessions_active", "gauge", "Open sessions, by protocol."),
             Metric("relay_sessions_total", "counter", "Sessions opened, by protocol."),
             Metric("relay_packets_total", "counter",
                    "Packets forwarded; direction in = from clients.")
-            .add(st.packets_in, direction="in").add(st.packets_out, direction="out"),
+            .add(traffic.packets_in, direction="in").add(traffic.packets_out, direction="out"),
             Metric("relay_bytes_total", "counter", "IP bytes forwarded; in = from clients.")
-            .add(st.bytes_in, direction="in").add(st.bytes_out, direction="out"),
+            .add(traffic.bytes_in, direction="in").add(traffic.bytes_out, direction="out"),
             Metric("relay_dropped_packets_total", "counter", "Packets dropped, by reason."),
             Metric("relay_ua_stamps_total", "counter", "User-Agent values stamped.")
-            .add(st.ua_stamped),
+            .add(traffic.ua_stamped),
             Metric("relay_ua_stamps_missed_total", "counter",
                    "HTTP requests whose User-Agent may have crossed unstamped (split "
-                   "across segments).").add(st.ua_missed),
+                   "across segments).").add(traffic.ua_missed),
             Metric("relay_handshake_failures_total", "counter",
                    "Connections that failed before a session, by reason."),
             Metric("relay_refusals_total", "counter",
@@ -395,7 +371,7 @@ class Relay:
         for protocol in sorted(st.sessions_total):
             out[0].add(st.sessions_active[protocol], protocol=protocol)
             out[1].add(st.sessions_total[protocol], protocol=protocol)
-        for reason, n in sorted(st.dropped.items()):
+        for reason, n in sorted(traffic.dropped.items()):
             out[4].add(n, reason=reason)
         for reason, n in sorted(st.handshake_failures.items()):
             out[7].add(n, reason=reason)
@@ -448,31 +424,34 @@ class Relay:
             log.warning("closed session %s left open by a previous run", connect.get("session_id"))
 
     async def _checkpoint_loop(self) -> None:
+        assert self.datapath is not None
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL_S)
-            for link in list(self.links.values()):
+            for link in list(self.datapath.links.values()):
                 if link.session is not None:
                     self.journal.write(link.session)
 
-    # -- datapath: kernel -> client -------------------------------------------------
+    # -- what the links are offered (LinkHost) ---------------------------------------
 
-    def _on_tap_readable(self) -> None:
-        assert self.tap is not None
-        fd = self.tap.fd
-        links = self.links
-        for _ in range(TAP_READ_BATCH):
-            try:
-                frame = os.read(fd, TAP_READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.error("reading %s: %s", self.tap.name, exc.strerror)
-                return
-            link = links.get(frame[:6])
-            if link is None:
-                self.stats.dropped["no-session"] += 1
-                continue
-            link.from_kernel(frame)
+    def admit(self, ip: str) -> str | None:
+        return self.abuse.admit(ip)
+
+    def link_began(self, link: Link) -> asyncio.Future[Any] | None:
+        self.all_links.add(link)
+        return self.lookups.start(link.peer_ip, link.peer_port)
+
+    def link_ended(self, link: Link, lifetime_s: float, had_session: bool) -> None:
+        self.all_links.discard(link)
+        self.abuse.connection_closed(link.peer_ip, lifetime_s, had_session)
+
+    def handshake_done(self, link: Link) -> None:
+        self.abuse.handshake_done(link.peer_ip)
+
+    def count_handshake_failure(self, reason: str) -> None:
+        self.stats.handshake_failures[reason] += 1
+
+    def count_peer_closed(self, cap: str) -> None:
+        self.stats.peer_closed[cap] += 1
 
     # -- sessions -------------------------------------------------------------------
 
@@ -508,12 +487,12 @@ class Relay:
         return False
 
     async def open_session(self, link: Link, protocol: str, software: dict[str, Any],
-                           mac: bytes | None = None) -> Session:
+                           mac: bytes | None = None) -> Lease:
         """A new session for ``link``: address, neighbour entry, connect record.
         ``mac`` is the client's own MAC for bridged (TAP-style) clients.
         :class:`SessionRefused` when :meth:`refuse_reason` refuses it; any other
         failure leaves nothing behind (no address, no attribution)."""
-        assert self.tap is not None and self.connlog is not None
+        assert self.tap is not None and self.connlog is not None and self.datapath is not None
         refusal = self.refuse_reason(link)
         if refusal is not None:
             raise SessionRefused(refusal)
@@ -538,19 +517,21 @@ class Relay:
             server_hostname=self.hostname, client_hostname=link.client_hostname(),
             software=software))
         self.journal.write(s)
-        self.links[s.mac] = link
+        self.datapath.links[s.mac] = link
         self.stats.sessions_total[protocol] += 1
         self.stats.sessions_active[protocol] += 1
         log.info("session %s open: %s:%d as %s (%s)", s.id, client_ip, link.peer_port,
                  s.virtual_ip, s.connect_record["client_software"]["name"])
-        return s
+        pool = self.sessions.pool
+        return Lease(s, s.virtual_ip, str(pool.network.netmask), str(pool.gateway.ip),
+                     self.cfg.tap.mtu, tuple(self.cfg.tap.dns))
 
     def close_session(self, link: Link, s: Session, reason: str, error: str | None) -> None:
         """End a session: disconnect record, its address freed. ``reason`` may carry
         the client's own words (a CSTP disconnect reason): it is cleaned."""
-        assert self.tap is not None and self.connlog is not None
+        assert self.tap is not None and self.connlog is not None and self.datapath is not None
         reason = clean(reason) or "unknown"
-        self.links.pop(s.mac, None)
+        self.datapath.links.pop(s.mac, None)
         if self.recording is not None:
             self.recording.remove_session(s.mac)
         self.connlog.append(disconnect_record(
@@ -561,92 +542,6 @@ class Relay:
         self.stats.sessions_active[s.protocol] -= 1
         log.info("session %s closed: %s%s", s.id, reason, f" ({error})" if error else "")
         self.spawn(self._forget_address(s.virtual_ip))
-
-    def to_kernel(self, s: Session, packet: bytearray) -> None:
-        """One IP packet from a session's client (see :meth:`to_kernel_batch`)."""
-        self.to_kernel_batch(s, packet, array("I", (0, len(packet))))
-
-    def to_kernel_batch(self, s: Session, data: bytearray, spans: array[int]) -> None:
-        """The IP packets ``data[spans[2i] : spans[2i] + spans[2i+1]]`` from a
-        session's client, into the TAP as frames from the session's MAC: source
-        check, then the hot path over the whole batch in one call into C (it may
-        stamp ``data`` in place), then one write each."""
-        ok = array("I")
-        for i in range(0, len(spans), 2):
-            off, n = spans[i], spans[i + 1]
-            if self._source_ok(s, data, off, n):
-                ok.append(off)
-                ok.append(n)
-        if not ok:
-            return
-        self._hot_path(s, data, ok)
-        assert self.tap is not None
-        fd, head, view = self.tap.fd, self.tap.mac + s.mac + ETHERTYPE_IPV4, memoryview(data)
-        packets = total = 0
-        for i in range(0, len(ok), 2):
-            off, n = ok[i], ok[i + 1]
-            try:
-                os.writev(fd, (head, view[off:off + n]))
-            except OSError as exc:
-                self.stats.dropped["tap-write-error"] += 1
-                log.debug("TAP write failed: %s", exc.strerror)
-                continue
-            packets += 1
-            total += n
-        s.packets_in += packets
-        s.bytes_in += total
-        self.stats.packets_in += packets
-        self.stats.bytes_in += total
-
-    def _source_ok(self, s: Session, data: bytearray, off: int, n: int) -> bool:
-        """An IPv4 packet from the session's own address: attribution in the logs
-        relies on no client sending as another."""
-        if n < 20 or data[off] >> 4 != 4 or data[off + 12:off + 16] != s.vip_bytes:
-            self.stats.dropped["spoofed-source"] += 1
-            return False
-        return True
-
-    def _hot_path(self, s: Session, data: bytearray, spans: array[int]) -> None:
-        """User-Agent stamps (in place) and new destinations of a session's packets."""
-        seen = hotpath.inspect_batch(data, spans, s.tag_bytes, s.seen)
-        self.stats.ua_stamped += seen.stamped
-        self.stats.ua_missed += seen.ua_missed
-        for d in seen.destinations:
-            s.add_destination(d)
-
-    def to_kernel_frame(self, s: Session, frame: bytearray) -> None:
-        """A whole Ethernet frame from a bridged (OpenVPN ``dev tap``) client, into
-        the TAP; IPv4 goes through the hot path as in :meth:`to_kernel`. The source
-        MAC must be the session's, and the IPv4 source or ARP sender the session's
-        address; other frames (IPv6, which the relay does not route, ...) are dropped."""
-        if len(frame) < ETH_HLEN or frame[6:12] != s.mac:
-            self.stats.dropped["spoofed-source"] += 1
-            return
-        ethertype = frame[12:14]
-        if ethertype == ETHERTYPE_IPV4:
-            n = len(frame) - ETH_HLEN
-            if not self._source_ok(s, frame, ETH_HLEN, n):
-                return
-            self._hot_path(s, frame, array("I", (ETH_HLEN, n)))
-        elif ethertype == ETHERTYPE_ARP:
-            if (len(frame) < ETH_HLEN + ARP_IPV4_LEN or frame[22:28] != s.mac
-                    or frame[28:32] != s.vip_bytes):
-                self.stats.dropped["spoofed-source"] += 1
-                return
-        else:
-            self.stats.dropped["not-ipv4"] += 1
-            return
-        n = len(frame) - ETH_HLEN
-        s.packets_in += 1
-        s.bytes_in += n
-        self.stats.packets_in += 1
-        self.stats.bytes_in += n
-        assert self.tap is not None
-        try:
-            os.write(self.tap.fd, frame)
-        except OSError as exc:
-            self.stats.dropped["tap-write-error"] += 1
-            log.debug("TAP write failed: %s", exc.strerror)
 
     async def _forget_address(self, ip: str) -> None:
         assert self.tap is not None

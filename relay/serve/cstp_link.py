@@ -1,6 +1,6 @@
 """The CSTP side of ``relay serve``: the TLS listener and one asyncio protocol per
 client connection, feeding the sans-IO :class:`relay.protocols.cstp.CstpServer` and acting
-on its events through the protocol-agnostic :class:`relay.serve.core.Relay`.
+on its events through the core's :class:`relay.serve.link.LinkHost` interface.
 """
 
 from __future__ import annotations
@@ -12,36 +12,27 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
 
+from relay.config import Config
 from relay.protocols import cstp
-from relay.serve import rdns
-from relay.serve.sessions import Session, SessionRefused
+from relay.serve.datapath import ETHERTYPE_IPV4, Datapath
+from relay.serve.link import CLIENT_WRITE_HIGH_WATER, LinkHost, StreamLink
 from relay.serve.tap import ETH_HLEN
 from relay.tlsconf import server_context
 
-if TYPE_CHECKING:
-    from relay.serve.core import Relay
-
 log = logging.getLogger("relay")
 
-IP_ETHERTYPES = (b"\x08\x00", b"\x86\xdd")
+# The frames from the kernel a CSTP client gets, as IP packets: its tunnel carries no
+# Ethernet.
+IP_ETHERTYPES = (ETHERTYPE_IPV4, b"\x86\xdd")
 
 # A cookie from a successful login must be used for a tunnel within this time
 # (ocserv's cookie-timeout default is 300 s).
 COOKIE_TTL_S = 300.0
-# A tunnel with nothing received for this many DPD intervals is dead: openconnect
-# sends a DPD request after one idle interval, so three missed ones mean the
-# path or the client is gone (ocserv uses the same factor).
-DEAD_PEER_INTERVALS = 3
-# Bytes queued towards a slow client before further packets to it are dropped,
-# as a router's queue would: 1 MiB is ~700 full-size packets, several hundred ms
-# at typical client rates, more than TCP's congestion control needs.
-CLIENT_WRITE_HIGH_WATER = 1024 * 1024
 # Bytes queued towards a client past which it is closed. Over the high-water mark
-# only control replies are still queued (DPD answers: data is dropped), and the
-# state machine already closes a peer that makes it queue more than
-# cstp.MAX_PENDING_OUTPUT of them (ocserv's bound: the kernel send buffer); so
+# (relay.serve.link) only control replies are still queued (DPD answers: data is
+# dropped), and the state machine already closes a peer that makes it queue more
+# than cstp.MAX_PENDING_OUTPUT of them (ocserv's bound: the kernel send buffer); so
 # more than both is a client that does not read. Redis closes such a client at its
 # client-output-buffer-limit the same way, rather than hold its replies forever.
 CLIENT_WRITE_HARD_LIMIT = CLIENT_WRITE_HIGH_WATER + cstp.MAX_PENDING_OUTPUT
@@ -65,15 +56,16 @@ class PendingLogin:
 class CstpListener:
     """TLS and the login cookies shared by every CSTP connection."""
 
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self.ssl_ctx, self.cert_path = server_context(
-            relay.data_dir, relay.cfg.server.cert, relay.cfg.server.key)
+    def __init__(self, host: LinkHost, datapath: Datapath, cfg: Config) -> None:
+        self.host = host
+        self.datapath = datapath
+        self.ssl_ctx, self.cert_path = server_context(cfg.data_dir, cfg.server.cert,
+                                                      cfg.server.key)
         self.cookies: dict[str, PendingLogin] = {}
 
     def accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        link = CstpLink(self.relay, self, peer, sock.getsockname()[0])
-        self.relay.spawn(link.start(sock), link)
+        link = CstpLink(self, peer, sock.getsockname()[0])
+        self.host.spawn(link.start(sock, self.ssl_ctx), link)
 
     def issue_cookie(self, client: cstp.ClientInfo) -> str:
         now = time.monotonic()
@@ -90,92 +82,55 @@ class CstpListener:
         return pending
 
 
-class CstpLink(asyncio.Protocol):
+class CstpLink(StreamLink[cstp.Event]):
     """One client TCP connection, from accept to close."""
 
-    def __init__(self, relay: Relay, listener: CstpListener, peer: tuple[str, int],
-                 local_ip: str) -> None:
-        self.relay = relay
+    opens = "tunnel"
+
+    def __init__(self, listener: CstpListener, peer: tuple[str, int], local_ip: str) -> None:
+        super().__init__(listener.host, peer, local_ip)
         self.listener = listener
+        self.datapath = listener.datapath
+        self.traffic = listener.datapath.traffic
         self.proto = cstp.CstpServer()
-        self.transport: asyncio.Transport | None = None
-        self.session: Session | None = None
         self.client = self.proto.client
-        self.peer_ip, self.peer_port = peer[0], peer[1]
-        self.local_ip = local_ip
-        self.accepted = self.last_rx = time.monotonic()
-        self.had_session = False
-        self.paused = False
-        self.closed = False
-        self._lookup: asyncio.Future[Any] | None = None
-        self._timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"{self.peer_ip}:{self.peer_port}"
 
-    # -- connection setup -------------------------------------------------------------
-
-    async def start(self, sock: socket.socket) -> None:
-        """TLS handshake on an accepted socket, then the protocol takes over."""
-        self.relay.all_links.add(self)
-        loop = asyncio.get_running_loop()
-        self._lookup = self.relay.lookups.start(self.peer_ip, self.peer_port)
-        self._timer = loop.call_later(self.relay.login_timeout_s, self._login_deadline)
-        try:
-            await loop.connect_accepted_socket(
-                lambda: self, sock, ssl=self.listener.ssl_ctx,
-                ssl_handshake_timeout=self.relay.handshake_timeout_s)
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
-            self.relay.stats.handshake_failures[handshake_failure_reason(exc)] += 1
-            log.warning("refused %s: TLS handshake failed: %s", self,
-                        str(exc) or type(exc).__name__)
-            sock.close()
-            self._forget()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.closed:  # the login deadline passed during the handshake
-            transport.close()
-            return
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH_WATER)
-
-    def client_hostname(self) -> str | None:
-        return rdns.name(self._lookup)
-
-    def _login_deadline(self) -> None:
-        if self.session is None and not self.closed:
-            log.warning("refused %s: no tunnel within %d s of connecting", self,
-                        self.relay.login_timeout_s)
-            self._abort()
+    def _start_failed(self, exc: OSError) -> None:
+        self.host.count_handshake_failure(handshake_failure_reason(exc))
+        log.warning("refused %s: TLS handshake failed: %s", self, str(exc) or type(exc).__name__)
 
     # -- input ----------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.last_rx = time.monotonic()
-        self._handle(self.proto.receive_data(data))
+        self._handle(self.proto.receive_data(data, self.loop.time()))
 
     def _handle(self, events: list[cstp.Event]) -> None:
-        relay = self.relay
+        host = self.host
         while events:
             ev = events.pop(0)
             if isinstance(ev, cstp.Packets):
                 if self.session is not None:
-                    relay.to_kernel_batch(self.session, ev.data, ev.spans)
+                    self.datapath.to_kernel_batch(self.session, ev.data, ev.spans)
             elif isinstance(ev, cstp.Credentials):
-                if relay.check_login(self, ev.username, ev.password):
+                if host.check_login(self, ev.username, ev.password):
                     events.extend(self.proto.accept_login(self.listener.issue_cookie(self.client)))
                 else:
                     events.extend(self.proto.reject_login("unknown user or wrong password"))
             elif isinstance(ev, cstp.TunnelRequest):
-                relay.spawn(self._tunnel(ev), self)
+                host.spawn(self._tunnel(ev), self)
             elif isinstance(ev, cstp.PeerDisconnected):
                 self._flush()
                 self._end("client-disconnect", None, detail=ev.reason)
+            elif isinstance(ev, cstp.PeerDead):
+                self._peer_dead(ev.reason)
             elif isinstance(ev, cstp.ProtocolError):
                 if ev.limit:
-                    relay.stats.peer_closed[ev.limit] += 1
+                    host.count_peer_closed(ev.limit)
                 else:
-                    relay.stats.handshake_failures["protocol-error"] += 1
+                    host.count_handshake_failure("protocol-error")
                 log.warning("dropped %s: %s", self, ev.message)
                 self._flush()
                 self._end(ev.limit or "protocol-error", ev.message)
@@ -184,8 +139,7 @@ class CstpLink(asyncio.Protocol):
     async def _tunnel(self, ev: cstp.TunnelRequest) -> None:
         """Open the session, then answer the CONNECT; the state machine buffers
         (a bounded amount of) whatever the client sends meanwhile. Run by
-        ``relay.spawn``: an exception ends the connection with a log line."""
-        relay = self.relay
+        ``host.spawn``: an exception ends the connection with a log line."""
         pending = self.listener.redeem_cookie(ev.cookie)
         if pending is None:
             log.warning("refused %s: CONNECT with an unknown or expired cookie", self)
@@ -198,27 +152,24 @@ class CstpLink(asyncio.Protocol):
             if value is not None:
                 setattr(client, key, value)
         self.client = client
-        try:
-            s = await relay.open_session(self, "SSL-VPN", client.software())
-        except SessionRefused as exc:
-            # 503 + X-Reason: openconnect prints "VPN service unavailable; reason: ..."
-            log.error("refused a session from %s: %s", self, exc)
-            self._handle(self.proto.refuse_tunnel("503 Service Unavailable", str(exc)))
+        lease = await self._open("SSL-VPN", client.software())
+        if lease is None:
             return
-        if self.closed or self.proto.state is cstp.State.CLOSED:
-            # The client went away (or broke a cap) while the session was set up.
-            relay.close_session(self, s, "connection-closed", "closed during tunnel set-up")
-            return
-        self.session = s
-        self.had_session = True
-        relay.abuse.handshake_done(self.peer_ip)
-        if self._timer is not None:
-            self._timer.cancel()
-        self._schedule_dpd()
-        pool = relay.sessions.pool
+        settings = self.host.settings
         self._handle(self.proto.open_tunnel(cstp.TunnelParams(
-            address=s.virtual_ip, netmask=str(pool.network.netmask), mtu=relay.cfg.tap.mtu,
-            dpd_s=relay.dpd_s, keepalive_s=relay.keepalive_s, dns=tuple(relay.cfg.tap.dns))))
+            address=lease.address, netmask=lease.netmask, mtu=lease.mtu, dpd_s=settings.dpd_s,
+            keepalive_s=settings.keepalive_s, dns=lease.dns)))
+        # The machine's only deadline starts now; input only moves it later, so
+        # the receive path (the datapath's) arms nothing.
+        self._arm()
+
+    def _refusal(self, message: str) -> list[cstp.Event]:
+        # 503 + X-Reason: openconnect prints "VPN service unavailable; reason: ..."
+        return self.proto.refuse_tunnel("503 Service Unavailable", message)
+
+    def _gone(self) -> bool:
+        # The client may also have broken a cap while the session was set up.
+        return self.closed or self.proto.state is cstp.State.CLOSED
 
     # -- output ---------------------------------------------------------------------
 
@@ -228,21 +179,15 @@ class CstpLink(asyncio.Protocol):
         if s is None or t is None or frame[12:14] not in IP_ETHERTYPES:
             return
         if self.paused:
-            self.relay.stats.dropped["client-queue-full"] += 1
+            self.traffic.dropped["client-queue-full"] += 1
             return
         n = len(frame) - ETH_HLEN
         s.packets_out += 1
         s.bytes_out += n
-        stats = self.relay.stats
-        stats.packets_out += 1
-        stats.bytes_out += n
+        traffic = self.traffic
+        traffic.packets_out += 1
+        traffic.bytes_out += n
         t.write(cstp.data_header(n) + frame[ETH_HLEN:])
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
 
     def _flush(self) -> None:
         out = self.proto.data_to_send()
@@ -265,27 +210,11 @@ class CstpLink(asyncio.Protocol):
         """Close at once, dropping what is queued (close() would wait for it)."""
         message = f"client does not read: {queued} bytes queued for it (at most " \
                   f"{CLIENT_WRITE_HARD_LIMIT})"
-        self.relay.stats.peer_closed["client-not-reading"] += 1
+        self.host.count_peer_closed("client-not-reading")
         log.warning("dropped %s: %s", self, message)
         self._end("client-not-reading", message)
         t.abort()
         self._forget()
-
-    # -- liveness -------------------------------------------------------------------
-
-    def _schedule_dpd(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(self.relay.dpd_s, self._check_dpd)
-
-    def _check_dpd(self) -> None:
-        if self.closed or self.session is None:
-            return
-        idle = time.monotonic() - self.last_rx
-        if idle > DEAD_PEER_INTERVALS * self.relay.dpd_s:
-            log.warning("session %s: nothing from %s for %.0f s", self.session.id, self, idle)
-            self._end("dead-peer", f"no data or DPD from the client for {idle:.0f} s")
-            self._abort()
-            return
-        self._schedule_dpd()
 
     # -- teardown -------------------------------------------------------------------
 
@@ -294,35 +223,10 @@ class CstpLink(asyncio.Protocol):
         self.proto.disconnect(message)
         self._flush()
         self._end(reason, None)
-        self._abort()
+        self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.proto.incomplete_request:
             log.warning("dropped %s: connection closed mid-request (%d bytes of an "
                         "incomplete request)", self, self.proto.incomplete_request)
-        if exc is None:
-            self._end("connection-closed", None)
-        else:
-            self._end("connection-lost", str(exc) or type(exc).__name__)
-        self._forget()
-
-    def _end(self, reason: str, error: str | None, detail: str | None = None) -> None:
-        s, self.session = self.session, None
-        if s is not None:
-            full_reason = f"{reason}: {detail}" if detail else reason
-            self.relay.close_session(self, s, full_reason, error)
-
-    def _abort(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-        self._forget()
-
-    def _forget(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-        self.relay.all_links.discard(self)
-        self.relay.abuse.connection_closed(self.peer_ip, time.monotonic() - self.accepted,
-                                           self.had_session)
+        super().connection_lost(exc)

@@ -1,21 +1,20 @@
 """The OpenVPN side of ``relay serve``: a TCP listener and a UDP endpoint on the
 ``[openvpn] listen`` address, one :class:`OpenVPNLink` per client feeding the
-sans-IO :class:`relay.protocols.openvpn.server.OpenVPNServer` and acting on its
-events through the protocol-agnostic :class:`relay.serve.core.Relay`.
+sans-IO :class:`relay.protocols.openvpn.server.OpenVPNServer` and acting on its events through
+the core's :class:`relay.serve.link.LinkHost` interface.
 
 ``dev tun`` clients exchange IP packets, wrapped in Ethernet with the session MAC
 like CSTP's; ``dev tap`` clients exchange whole frames, and the relay pushes
 ``lladdr`` so that the client's tap device takes the session MAC.
 
-Over UDP nothing is kept for a peer until it proves it receives at its address: its
-reset gets the stateless cookie answer of
-:func:`relay.protocols.openvpn.cookie.reset_reply`, and only a packet that echoes the
-cookie (:func:`relay.protocols.openvpn.cookie.check_proof`) makes a link, and with it
-the abuse admission, the reverse lookup, the login deadline and a handshake slot. A
-reset with a new session id from the address of a session heard from within the last
-minute gets no answer (the stock client would take the answer for a new session); a
-proven handshake from the address of a session runs beside it and takes the address
-over only when its TLS handshake and login complete.
+Over UDP nothing is kept for a peer until it proves it receives at its address:
+its reset gets the stateless cookie answer of :func:`relay.protocols.openvpn.reset_reply`, and
+only a packet that echoes the cookie (:func:`relay.protocols.openvpn.check_proof`) makes a
+link, and with it the abuse admission, the reverse lookup, the login deadline and a
+handshake slot. A reset with a new session id from the address of a session heard
+from within the last minute gets no answer (the stock client would take the answer
+for a new session); a proven handshake from the address of a session runs beside it
+and takes the address over only when its TLS handshake and login complete.
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-from relay.config import parse_hostport
+from relay.config import Config, parse_hostport
 from relay.fsutil import listen_tcp
 from relay.metrics import Metric
 from relay.protocols.openvpn.cookie import Peer, Proof, check_proof, new_cookie_key, reset_reply
@@ -45,21 +44,14 @@ from relay.protocols.openvpn.events import (
 from relay.protocols.openvpn.server import PING_RESTART_S, OpenVPNServer, PushParams
 from relay.protocols.openvpn.tlscrypt import TlsCrypt, parse_static_key
 from relay.protocols.openvpn.wire import PEER_ID_MAX, control_session_id
-from relay.serve import rdns
-from relay.serve.sessions import Session, SessionRefused
+from relay.serve.datapath import ETHERTYPE_IPV4, Datapath
+from relay.serve.link import LinkBase, LinkHost, StreamLink
 from relay.serve.tap import ETH_HLEN, mac_str
 from relay.tlsconf import server_context, tls_crypt_key
-
-if TYPE_CHECKING:
-    from relay.serve.core import Relay
 
 log = logging.getLogger("relay")
 
 PROTOCOL = "OpenVPN"
-ETHERTYPE_IPV4 = b"\x08\x00"
-# Bytes queued towards a slow TCP client before packets to it are dropped
-# (the same router-like queue as CSTP's, see relay.serve.cstp_link).
-CLIENT_WRITE_HIGH_WATER = 1024 * 1024
 # Datagrams from unknown addresses that are not a client's first packet are
 # dropped; one log line per interval says how many, so a flood cannot fill the log.
 DROP_LOG_INTERVAL_S = 10.0
@@ -84,13 +76,15 @@ def client_software(peer_info: dict[str, str]) -> dict[str, Any]:
 class OpenVPNListener:
     """TLS settings, peer ids, the UDP cookie key and address tables shared by every link."""
 
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self.ssl_ctx, self.cert_path = server_context(
-            relay.data_dir, relay.cfg.server.cert, relay.cfg.server.key)
+    def __init__(self, host: LinkHost, datapath: Datapath, cfg: Config) -> None:
+        self.host = host
+        self.datapath = datapath
+        self.listen = parse_hostport(cfg.openvpn.listen)
+        self.ssl_ctx, self.cert_path = server_context(cfg.data_dir, cfg.server.cert,
+                                                      cfg.server.key)
         self.cookie_key = new_cookie_key()
         self.tls_crypt = (TlsCrypt(parse_static_key(tls_crypt_key(
-            relay.data_dir))) if relay.cfg.openvpn.tls_crypt else None)
+            cfg.data_dir))) if cfg.openvpn.tls_crypt else None)
         self.udp_links: dict[Peer, OpenVPNLink] = {}  # the address's session
         # A proven handshake from the address of a live session, until it completes.
         self.udp_pending: dict[Peer, OpenVPNLink] = {}
@@ -102,17 +96,18 @@ class OpenVPNListener:
         self.tcp: socket.socket | None = None
         self._dropped = 0
         self._last_drop_log = 0.0
-        relay.collectors.append(self.metrics)
 
-    async def start(self) -> None:
-        host, port = parse_hostport(self.relay.cfg.openvpn.listen)
+    async def start(self) -> socket.socket:
+        """Listen on TCP and UDP; the TCP socket, for the core to accept on (its
+        accept loop admits each connection, as the UDP endpoint does a proven peer)."""
+        host, port = self.listen
         self.tcp = listen_tcp(host, port)
-        self.relay.spawn(self.relay.accept_loop(self.tcp, self.accept))
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
             lambda: _UdpEndpoint(self), local_addr=(host, port))
         self.udp = cast(asyncio.DatagramTransport, transport)
         log.info("listening on %s:%d (OpenVPN, TCP and UDP)", host, port)
+        return self.tcp
 
     def close(self) -> None:
         if self.tcp is not None:
@@ -128,8 +123,8 @@ class OpenVPNListener:
         return pid
 
     def accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        link = OpenVPNTcpLink(self.relay, self, peer, sock.getsockname()[0])
-        self.relay.spawn(link.start(sock))
+        link = OpenVPNTcpLink(self, peer, sock.getsockname()[0])
+        self.host.spawn(link.start(sock))
 
     def datagram(self, data: bytes, addr: Peer) -> None:
         link = self.udp_links.get(addr)
@@ -164,10 +159,9 @@ class OpenVPNListener:
 
     def _start(self, addr: Peer, proof: Proof, data: bytes) -> None:
         """The peer proved its address: its link starts."""
-        if self.relay.abuse.admit(addr[0]) is not None:
+        if self.host.admit(addr[0]) is not None:
             return
-        link = OpenVPNLink(self.relay, self, addr, _local_ip_towards(addr), tcp=False,
-                           proof=proof)
+        link = OpenVPNLink(self, addr, _local_ip_towards(addr), tcp=False, proof=proof)
         link.transport_send = lambda pkt: self._sendto(pkt, addr)
         if addr not in self.udp_links:
             self.udp_links[addr] = link
@@ -223,7 +217,7 @@ class OpenVPNListener:
             self.udp.sendto(pkt, addr)
 
     def _drop(self, addr: Peer, why: str) -> None:
-        self.relay.stats.dropped["openvpn-unproven"] += 1
+        self.datapath.traffic.dropped["openvpn-unproven"] += 1
         self._dropped += 1
         now = time.monotonic()
         if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
@@ -253,57 +247,33 @@ class _UdpEndpoint(asyncio.DatagramProtocol):
         log.debug("OpenVPN/UDP: %s", exc)
 
 
-class OpenVPNLink:
+class OpenVPNLink(LinkBase[Event]):
     """One client, over UDP (driven by the listener's endpoint) or TCP (see
     :class:`OpenVPNTcpLink`), from its first packet to its end."""
 
-    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: Peer,
-                 local_ip: str, *, tcp: bool, proof: Proof | None = None) -> None:
-        self.relay = relay
+    def __init__(self, listener: OpenVPNListener, peer: Peer, local_ip: str, *,
+                 tcp: bool, proof: Proof | None = None) -> None:
+        super().__init__(listener.host, peer, local_ip)
         self.listener = listener
-        self.loop = asyncio.get_running_loop()
-        self.peer_ip, self.peer_port = peer[0], peer[1]
-        self.local_ip = local_ip
+        self.datapath = listener.datapath
+        self.traffic = listener.datapath.traffic
         self.tcp = tcp
         # Where packets go: set once the transport exists (a shutdown may reach a
         # TCP link before that, and then there is no one to tell).
         self.transport_send: Callable[[bytes], None] = lambda pkt: None
         self.proto = OpenVPNServer(listener.ssl_ctx, tcp=tcp,
-                                   peer_id=listener.allocate_peer_id(),
-                                   now=self.loop.time(), proof=proof,
-                                   tls_crypt=listener.tls_crypt, wall=int(time.time()))
-        self.session: Session | None = None
+                                           peer_id=listener.allocate_peer_id(),
+                                           now=self.loop.time(), proof=proof,
+                                           tls_crypt=listener.tls_crypt, wall=int(time.time()))
         self.software: dict[str, Any] | None = None
-        self.accepted = time.monotonic()
-        self.had_session = False
         self.opening = False
-        self.closed = False
-        self.paused = False
-        self._lookup: asyncio.Future[Any] | None = None
-        self._deadline: asyncio.TimerHandle | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = float("inf")
 
     def __repr__(self) -> str:
         return f"{'TCP' if self.tcp else 'UDP'} {self.peer_ip}:{self.peer_port}"
 
-    def begin(self) -> None:
-        self.relay.all_links.add(self)
-        self._lookup = self.relay.lookups.start(self.peer_ip, self.peer_port)
-        self._deadline = self.loop.call_later(self.relay.login_timeout_s, self._login_deadline)
-
-    def client_hostname(self) -> str | None:
-        return rdns.name(self._lookup)
-
     def quiet_s(self) -> float:
         """Seconds since the client's last packet that reached this link's session."""
         return self.loop.time() - self.proto.last_rx
-
-    def _login_deadline(self) -> None:
-        if self.session is None and not self.closed:
-            log.warning("refused %s: no session within %d s of connecting", self,
-                        self.relay.login_timeout_s)
-            self._close()
 
     # -- input ----------------------------------------------------------------------
 
@@ -311,17 +281,17 @@ class OpenVPNLink:
         self._handle(self.proto.receive_datagram(data, self.loop.time()))
 
     def _handle(self, events: list[Event]) -> None:
-        relay = self.relay
+        host = self.host
         for ev in events:
             if isinstance(ev, Packet):
                 s = self.session
                 if s is not None:
                     if self.proto.dev_type == "tap":
-                        relay.to_kernel_frame(s, ev.data)
+                        self.datapath.to_kernel_frame(s, ev.data)
                     else:
-                        relay.to_kernel(s, ev.data)
+                        self.datapath.to_kernel(s, ev.data)
             elif isinstance(ev, ClientAuth):
-                if relay.check_login(self, ev.username, ev.password):
+                if host.check_login(self, ev.username, ev.password):
                     self.software = client_software(ev.peer_info)
                     if not self.tcp:
                         self.listener.handshake_complete(self)
@@ -331,26 +301,22 @@ class OpenVPNLink:
                     return
             elif isinstance(ev, PushRequest):
                 if self.session is None and not self.opening and self.software is not None:
-                    refusal = relay.refuse_reason(self)
+                    refusal = host.refuse_reason(self)
                     if refusal is not None:
-                        log.error("refused a session from %s: %s", self, refusal)
-                        self._handle(self.proto.auth_failed(refusal, self.loop.time(),
-                                                            temporary=True))
+                        self._refuse(refusal)
                         return
                     self.opening = True
-                    self.relay.spawn(self._open_session(), self)
+                    host.spawn(self._open_session(), self)
             elif isinstance(ev, PeerExit):
                 self._flush()
                 self._end("client-disconnect", None, detail=ev.reason)
                 self._close()
                 return
             elif isinstance(ev, PeerDead):
-                log.warning("%s: %s", self, ev.reason)
-                self._end("dead-peer", ev.reason)
-                self._close()
+                self._peer_dead(ev.reason)
                 return
             elif isinstance(ev, ProtocolError):
-                relay.stats.handshake_failures[ev.reason] += 1
+                host.count_handshake_failure(ev.reason)
                 log.warning("dropped %s: %s", self, ev.message)
                 self._flush()
                 self._end("protocol-error", ev.message)
@@ -363,28 +329,19 @@ class OpenVPNLink:
         self._flush()
 
     async def _open_session(self) -> None:
-        relay = self.relay
         assert self.software is not None
-        try:
-            s = await relay.open_session(self, PROTOCOL, self.software)
-        except SessionRefused as exc:  # filled up since the push request was checked
-            log.error("refused a session from %s: %s", self, exc)
-            self._handle(self.proto.auth_failed(str(exc), self.loop.time(), temporary=True))
+        # Refused here when the relay filled up since the push request was checked.
+        lease = await self._open(PROTOCOL, self.software)
+        if lease is None:
             return
-        if self.closed:  # the client went away while the session was being set up
-            relay.close_session(self, s, "connection-closed", "closed during session set-up")
-            return
-        self.session = s
-        self.had_session = True
-        relay.abuse.handshake_done(self.peer_ip)
-        if self._deadline is not None:
-            self._deadline.cancel()
-        pool = relay.sessions.pool
         params = PushParams(
-            address=s.virtual_ip, netmask=str(pool.network.netmask),
-            gateway=str(pool.gateway.ip), mtu=relay.cfg.tap.mtu, dns=tuple(relay.cfg.tap.dns),
-            lladdr=mac_str(s.mac) if self.proto.dev_type == "tap" else None)
+            address=lease.address, netmask=lease.netmask, gateway=lease.gateway, mtu=lease.mtu,
+            dns=lease.dns,
+            lladdr=mac_str(lease.session.mac) if self.proto.dev_type == "tap" else None)
         self._handle(self.proto.push_reply(params, self.loop.time()))
+
+    def _refusal(self, message: str) -> list[Event]:
+        return self.proto.auth_failed(message, self.loop.time(), temporary=True)
 
     # -- output ---------------------------------------------------------------------
 
@@ -399,16 +356,16 @@ class OpenVPNLink:
         else:
             return
         if self.paused:
-            self.relay.stats.dropped["client-queue-full"] += 1
+            self.traffic.dropped["client-queue-full"] += 1
             return
         pkt = self.proto.encrypt(payload)
         if pkt is None:
             return
         s.packets_out += 1
         s.bytes_out += len(payload)
-        stats = self.relay.stats
-        stats.packets_out += 1
-        stats.bytes_out += len(payload)
+        traffic = self.traffic
+        traffic.packets_out += 1
+        traffic.bytes_out += len(payload)
         self.transport_send(pkt)
         self.proto.note_sent(self.loop.time())
 
@@ -416,23 +373,6 @@ class OpenVPNLink:
         for pkt in self.proto.packets_to_send():
             self.transport_send(pkt)
         self._arm()
-
-    def _arm(self) -> None:
-        """Make sure the timer fires by the protocol's next deadline; a later
-        deadline (more traffic) just lets the timer fire early and re-arm."""
-        when = self.proto.next_timeout()
-        if when is None or self.closed or when >= self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = self.loop.call_at(when, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = float("inf")
-        if not self.closed:
-            self._handle(self.proto.handle_timeout(self.loop.time()))
 
     # -- teardown -------------------------------------------------------------------
 
@@ -449,22 +389,10 @@ class OpenVPNLink:
         self._end(reason, None)
         self._close()
 
-    def _end(self, reason: str, error: str | None, detail: str | None = None) -> None:
-        s, self.session = self.session, None
-        if s is not None:
-            full_reason = f"{reason}: {detail}" if detail else reason
-            self.relay.close_session(self, s, full_reason, error)
-
-    def _close(self) -> None:
-        self._forget()
-
     def _forget(self) -> None:
         if self.closed:
             return
-        self.closed = True
-        for timer in (self._timer, self._deadline):
-            if timer is not None:
-                timer.cancel()
+        super()._forget()
         if self.proto.drops:
             summary = ", ".join(f"{n} x {why}" for why, n in self.proto.drops.most_common())
             log.warning("%s: dropped packets: %s", self, summary)
@@ -475,53 +403,21 @@ class OpenVPNLink:
                 self.listener.ended(addr)
             elif self.listener.udp_pending.get(addr) is self:
                 del self.listener.udp_pending[addr]
-        self.relay.all_links.discard(self)
-        self.relay.abuse.connection_closed(self.peer_ip, time.monotonic() - self.accepted,
-                                           self.had_session)
 
 
-class OpenVPNTcpLink(OpenVPNLink, asyncio.Protocol):
+class OpenVPNTcpLink(OpenVPNLink, StreamLink[Event]):
     """One client TCP connection: 16-bit length framing over the stream."""
 
-    def __init__(self, relay: Relay, listener: OpenVPNListener, peer: Peer,
-                 local_ip: str) -> None:
-        super().__init__(relay, listener, peer, local_ip, tcp=True)
-        self.transport: asyncio.Transport | None = None
+    def __init__(self, listener: OpenVPNListener, peer: Peer, local_ip: str) -> None:
+        super().__init__(listener, peer, local_ip, tcp=True)
 
-    async def start(self, sock: socket.socket) -> None:
-        self.begin()
-        try:
-            await self.loop.connect_accepted_socket(lambda: self, sock)
-        except OSError as exc:
-            log.warning("refused %s: %s", self, exc.strerror)
-            sock.close()
-            self._forget()
+    def _start_failed(self, exc: OSError) -> None:
+        log.warning("refused %s: %s", self, exc.strerror)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.closed:  # the login deadline passed meanwhile
-            transport.close()
-            return
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH_WATER)
-        self.transport_send = self.transport.write
+        super().connection_made(transport)
+        if self.transport is not None:
+            self.transport_send = self.transport.write
 
     def data_received(self, data: bytes) -> None:
         self._handle(self.proto.receive_data(data, self.loop.time()))
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is None:
-            self._end("connection-closed", None)
-        else:
-            self._end("connection-lost", str(exc) or type(exc).__name__)
-        self._forget()
-
-    def _close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-        self._forget()
