@@ -68,7 +68,8 @@ def test_default_policy_drops_every_range_under_its_reason() -> None:
     assert chain(script, "input")[-1] == 'iifname "relay0" jump egress_input'
     assert "masquerade" not in script and " log" not in script
     assert script.startswith("add table ip relay\ndelete table ip relay\n"
-                             "add table inet relay\ndelete table inet relay\n")
+                             "add table inet relay\ndelete table inet relay\n"
+                             "add table inet relay0\ndelete table inet relay0\n")
 
 
 def test_deny_then_dns_then_allow_before_the_default_block() -> None:
@@ -93,7 +94,7 @@ def test_the_uplink_adds_the_masquerade_to_the_same_table() -> None:
     assert chain(script, "postrouting") == [
         "type nat hook postrouting priority srcnat; policy accept;",
         f'ip saddr {POOL} oifname "eth0" masquerade']
-    assert script.count("table inet relay {") == 1
+    assert script.count("table inet relay0 {") == 1
 
 
 @pytest.mark.parametrize(("data", "uplink"), [(None, ""), (ADJUSTED, ""), (ADJUSTED, "eth0"),
@@ -125,10 +126,15 @@ out["forward_on"] = forwarding()
 out["counters"] = table.read_counters()
 deny = Policy.from_config(config.from_dict({"egress": {"deny": ["198.51.100.0/24"]}}))
 table.replace(deny)
-out["replaced"] = nat._nft(["list", "table", "inet", "relay"])
+out["replaced"] = nat._nft(["list", "table", "inet", "relay0"])
 out["counters_after"] = table.read_counters()
+# Another relay on the host, with a TAP device of its own, has a table of its own.
+other = nat.RelayTable(Policy.from_config(config.from_dict({"tap": {"name": "relay9"}})), "")
+other.install()
 table.remove()
 out["forward_after"] = forwarding()
+out["tables_left_by_one"] = tables()
+other.remove()
 out["tables_after"] = tables()
 print(json.dumps(out))
 """
@@ -145,6 +151,7 @@ def test_install_replace_remove_in_a_private_network_namespace() -> None:
     assert 'ip daddr 198.51.100.0/24 counter name "deny" drop' in out["replaced"]
     assert "masquerade" in out["replaced"]  # the uplink is kept on replace
     assert out["counters_after"] == dict.fromkeys(REASONS, 0)
+    assert out["tables_left_by_one"] == ["table", "inet", "relay9"]
     assert out["forward_after"] == "0" and out["tables_after"] == []
 
 

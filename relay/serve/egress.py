@@ -115,7 +115,8 @@ def block_rules(p: Policy) -> list[str]:
 
 
 def table_body(p: Policy) -> list[str]:
-    """The counters and chains of the policy, as lines inside ``table inet relay {}``."""
+    """The counters and chains of the policy, as lines inside the relay's table
+    (relay.serve.nat)."""
     lines = [f"counter {reason} {{ }}" for reason in REASONS]
     forward = [*exempt_rules(p), *block_rules(p)]
     local = [*exempt_rules(p), f"fib daddr type local {_drop('relay-host')}", *block_rules(p),

@@ -1,5 +1,7 @@
-"""The relay's own nftables table ``inet relay``: the egress policy (relay.serve.egress),
-the masquerade towards ``[server] uplink`` when one is set, and IPv4 forwarding.
+"""The relay's own nftables table, ``inet`` family, named after its TAP device
+(``inet relay0`` by default, so relays with TAP devices of their own can share a
+host): the egress policy (relay.serve.egress), the masquerade towards ``[server]
+uplink`` when one is set, and IPv4 forwarding.
 
 The table holds only the relay's rules, so installing it replaces a leftover from
 a killed relay and removing it touches nothing of the operator's ruleset. One
@@ -24,18 +26,26 @@ from relay.serve.egress import REASONS, Policy, table_body
 log = logging.getLogger("relay")
 
 FAMILY = "inet"
-TABLE = "relay"
 FORWARD_SYSCTL = "/proc/sys/net/ipv4/ip_forward"
 # How old the drop counters in a scrape may be. Prometheus' example configuration
 # scrapes every 15 s; a refresh every 5 s costs one `nft` run (a few ms, off the
 # event loop) per period.
 COUNTERS_REFRESH_S = 5.0
-# "add" then "delete" makes the delete succeed whether or not a table was left
-# behind by a relay that was killed. Relays before the egress policy kept only a
-# masquerade, in an `ip` family table of the same name: a killed one's goes too.
-LEGACY_FAMILY = "ip"
-_REPLACE = (f"add table {LEGACY_FAMILY} {TABLE}\ndelete table {LEGACY_FAMILY} {TABLE}\n"
-            f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n")
+# Tables of earlier versions, one per host, removed if a killed relay left one:
+# `ip relay` (the masquerade before the egress policy) and `inet relay` (before
+# the table was named after the TAP device).
+LEGACY_TABLES = (("ip", "relay"), ("inet", "relay"))
+
+
+def _drop(family: str, name: str) -> str:
+    """Delete a table whether or not it exists ("add" first makes "delete" succeed)."""
+    return f"add table {family} {name}\ndelete table {family} {name}\n"
+
+
+def _replace(tap: str) -> str:
+    """This TAP device's table and the legacy ones, gone (in one transaction with
+    what follows)."""
+    return "".join(_drop(f, n) for f, n in (*LEGACY_TABLES, (FAMILY, tap)))
 
 
 def _nft(args: list[str], script: str | None = None) -> str:
@@ -58,12 +68,13 @@ def table_script(policy: Policy, uplink: str) -> str:
                   "  type nat hook postrouting priority srcnat; policy accept;",
                   f'  ip saddr {policy.pool} oifname "{uplink}" masquerade',
                   "}"]
-    return f"table {FAMILY} {TABLE} {{\n" + "".join(f"  {line}\n" for line in lines) + "}\n"
+    return (f"table {FAMILY} {policy.tap} {{\n" + "".join(f"  {line}\n" for line in lines)
+            + "}\n")
 
 
 def install_script(policy: Policy, uplink: str) -> str:
     """The script that replaces any table of ours with this one, in one transaction."""
-    return _REPLACE + table_script(policy, uplink)
+    return _replace(policy.tap) + table_script(policy, uplink)
 
 
 def check(policy: Policy, uplink: str) -> None:
@@ -102,12 +113,13 @@ class RelayTable:
                 f.write("1")
         p = self.policy
         log.info("egress policy in force on %s (table %s %s): allow %s, deny %s%s", p.tap,
-                 FAMILY, TABLE, " ".join(p.allow) or "none", " ".join(p.deny) or "none",
+                 FAMILY, p.tap, " ".join(p.allow) or "none", " ".join(p.deny) or "none",
                  f"; NAT towards {self.uplink}" if self.uplink else "")
 
     def replace(self, policy: Policy) -> None:
         """New rules in one transaction; the chains and counters stay."""
-        _nft(["-f", "-"], f"flush table {FAMILY} {TABLE}\n" + table_script(policy, self.uplink))
+        _nft(["-f", "-"], f"flush table {FAMILY} {policy.tap}\n"
+             + table_script(policy, self.uplink))
         self.policy = policy
         log.info("egress policy replaced: allow %s, deny %s", " ".join(policy.allow) or "none",
                  " ".join(policy.deny) or "none")
@@ -117,10 +129,11 @@ class RelayTable:
             with open(FORWARD_SYSCTL, "w") as f:
                 f.write(self._old_forward)
             self._old_forward = None
-        _nft(["-f", "-"], _REPLACE)
+        _nft(["-f", "-"], _drop(FAMILY, self.policy.tap))
 
     def read_counters(self) -> dict[str, int]:
-        return parse_counters(_nft(["-j", "list", "counters", "table", FAMILY, TABLE]))
+        return parse_counters(_nft(["-j", "list", "counters", "table", FAMILY,
+                                    self.policy.tap]))
 
     async def refresh_loop(self) -> None:
         loop = asyncio.get_running_loop()
