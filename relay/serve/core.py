@@ -143,7 +143,7 @@ class Relay:
             self.spawn(self.accept_loop(openvpn_tcp, self.openvpn.accept))
             cstp_listener = CstpListener(self, self.datapath, self.cfg)
             self.listener = listen_tcp(host, port)
-            accepting = asyncio.create_task(self.accept_loop(self.listener, cstp_listener.accept))
+            accepting = self.spawn(self.accept_loop(self.listener, cstp_listener.accept))
             log.info("listening on %s:%d (TLS, CSTP), TAP %s gateway %s, data in %s, "
                      "certificate %s", host, port, self.tap.name, pool.gateway, self.data_dir,
                      cstp_listener.cert_path)
@@ -154,11 +154,10 @@ class Relay:
                 self.reload_hooks.append(self.registration.reload)
             self.metrics = MetricsServer([self._metrics, *self.collectors])
             await self._start_metrics()
-            tasks = [accepting, asyncio.create_task(self._checkpoint_loop()),
-                     asyncio.create_task(self._abuse_loop()),
-                     asyncio.create_task(self.nat.refresh_loop())]
+            tasks = [accepting, self.spawn(self._checkpoint_loop()),
+                     self.spawn(self._abuse_loop()), self.spawn(self.nat.refresh_loop())]
             if self.registration is not None:
-                tasks.append(asyncio.create_task(self.registration.run(stop)))
+                tasks.append(self.spawn(self.registration.run(stop)))
             await stop.wait()
             for task in tasks:
                 task.cancel()
@@ -185,13 +184,14 @@ class Relay:
                 continue
             on_accept(sock, peer)
 
-    def spawn(self, coro: Awaitable[None], link: Link | None = None) -> None:
+    def spawn(self, coro: Awaitable[None], link: Link | None = None) -> asyncio.Future[None]:
         """Run a task that the relay keeps a reference to until it ends. An
         exception it ends with is logged (one line) and ends ``link``, so no
-        connection waits on a task that died."""
+        connection waits on a task that died and no loop dies unseen."""
         task = asyncio.ensure_future(coro)
         self.background.add(task)
         task.add_done_callback(lambda t: self._reap(t, link))
+        return task
 
     def _reap(self, task: asyncio.Future[None], link: Link | None) -> None:
         self.background.discard(task)
@@ -318,9 +318,10 @@ class Relay:
     def _directory_state(self) -> dict[str, int]:
         """What a heartbeat reports of the relay's life (relay.serve.registration)."""
         st = self.stats
+        traffic = self.datapath.traffic if self.datapath is not None else None
         return {"sessions_active": sum(st.sessions_active.values()),
                 "sessions_total": sum(st.sessions_total.values()),
-                "traffic_bytes": st.bytes_in + st.bytes_out}
+                "traffic_bytes": traffic.bytes_in + traffic.bytes_out if traffic else 0}
 
     async def _start_metrics(self) -> None:
         if not self.cfg.metrics.listen:
