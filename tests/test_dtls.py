@@ -109,6 +109,17 @@ def test_a_tunnel_without_dtls_has_no_dtls_headers() -> None:
     assert "X-DTLS" not in head and "X-CSTP-Base-MTU: 1400\r\n" in head
 
 
+def test_dtls_traffic_keeps_the_tunnel_alive_as_tls_traffic_does() -> None:
+    c = cstp.CstpServer()
+    c.receive_data(connect(), 0.0)
+    c.open_tunnel(PARAMS)
+    assert c.next_timeout() == 90.0
+    c.peer_active(80.0)  # a DTLS record
+    assert c.handle_timeout(90.0) == [] and c.next_timeout() == 170.0
+    c.peer_active(10.0)  # late news changes nothing
+    assert c.next_timeout() == 170.0
+
+
 # -- the channel machine -------------------------------------------------------------------
 
 def records(*recs: bytes) -> tuple[bytes, array[int]]:

@@ -495,6 +495,11 @@ class CstpServer:
         self._buf += data
         return self._process()
 
+    def peer_active(self, now: float) -> None:
+        """The client was heard from over its DTLS channel: as alive as over TLS."""
+        if self.state is State.TUNNEL:
+            self._last_rx = max(self._last_rx, now)
+
     # -- time -----------------------------------------------------------------------
 
     def next_timeout(self) -> float | None:

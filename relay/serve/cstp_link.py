@@ -235,6 +235,9 @@ class CstpLink(StreamLink[cstp.Event]):
 
     # -- teardown -------------------------------------------------------------------
 
+    def dtls_received(self, now: float) -> None:
+        self.proto.peer_active(now)
+
     def dtls_disconnected(self, reason: str) -> None:
         """The client ended the session with a DISCONNECT over DTLS."""
         self._end("client-disconnect", None, detail=reason)

@@ -23,9 +23,10 @@ The DATA records of one receive from one channel go to the datapath together
 (:meth:`Datapath.to_kernel_batch`, the CSTP frames' entry: source check, hot path,
 TAP). Kernel -> client, the session's link sends over DTLS while the channel is
 up (:meth:`DtlsSession.send`) and over TLS otherwise; the channel goes down when
-it is silent for three DPD intervals, when the client sends data over TLS after
-the channel has been silent for a while (ocserv's rules), or when the client
-closes it, and a new handshake from the client brings it back.
+it is silent for three DPD intervals or when the client sends data over TLS after
+the channel has been silent for a while (ocserv's rules), and comes back with the
+next record it authenticates or the client's next handshake; a channel the client
+closed is gone.
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ class Owner(Protocol):
     """The CSTP link a DTLS session belongs to."""
 
     session: Session | None
+
+    def dtls_received(self, now: float) -> None:
+        """The client was heard from over DTLS: the session is alive."""
 
     def dtls_disconnected(self, reason: str) -> None:
         """The client said goodbye over DTLS: end the session."""
@@ -351,6 +355,10 @@ class DtlsSession:
         self.handshake_timeout_s = settings.handshake_timeout_s
         self.offer = cstp.DtlsOffer(port=endpoint.port, app_id=app_id, dpd_s=settings.dpd_s,
                                     keepalive_s=settings.keepalive_s)
+        # The channel of the last completed handshake, and while it carries the
+        # session's traffic, its machine; a channel that went down (machine None)
+        # still receives, and comes back up with the first record it authenticates,
+        # as ocserv's does (worker-vpn.c, dtls_mainloop: UP_INACTIVE to UP_ACTIVE).
         self.channel: Channel | None = None
         self.machine: dtls.DtlsTunnel | None = None
         self.pending: list[Channel] = []
@@ -366,12 +374,12 @@ class DtlsSession:
         """Send a frame's IP packet over DTLS if the channel is up (else False: the
         caller sends it over TLS)."""
         ch = self.channel
-        if ch is None:
+        if ch is None or self.machine is None:
             return False
         r = lib.relay_dtls_send(ch.c, self.endpoint.fd, cstp.PacketType.DATA, frame, ETH_HLEN,
                                 len(frame) - ETH_HLEN)
         if r == -1:
-            self._down("OpenSSL refused to seal a record")
+            self._down("OpenSSL refused to seal a record", close=True)
             return False
         if r == -2:  # the socket's buffer is full: lost, as on a congested path
             self.endpoint.datapath.traffic.dropped["dtls-send-failed"] += 1
@@ -453,11 +461,15 @@ class DtlsSession:
         if old is not None:
             self._forget_addr(old)
             old.free()
-        else:
-            ep.channels_up += 1
-        self.machine = dtls.DtlsTunnel(self.dpd_s, ep.loop.time())
         cipher = ffi.string(lib.relay_dtls_cipher(ch.c)).decode()
-        log.info("%s: DTLS up from %s:%d (%s)", self, ch.ip, ch.port, cipher)
+        self._activate(f"DTLS up from {ch.ip}:{ch.port} ({cipher})")
+
+    def _activate(self, what: str) -> None:
+        """The channel carries the session's traffic from now on."""
+        if self.machine is None:
+            self.endpoint.channels_up += 1
+        self.machine = dtls.DtlsTunnel(self.dpd_s, self.endpoint.loop.time())
+        log.info("%s: %s", self, what)
         self._arm()
 
     def _forget_addr(self, ch: Channel) -> None:
@@ -474,10 +486,18 @@ class DtlsSession:
                                 count, ep.plain_c, len(ep.plain), ep.data_spans, ep.counters,
                                 MAX_DATA_RECORDS, ep.ctl_spans, ep.counters + 1,
                                 dtls.MAX_CONTROL_RECORDS)
-        machine = self.machine
         n_data, n_ctl = ep.counters[0], ep.counters[1]
-        if machine is None or ch is not self.channel:
+        if ch is not self.channel:
             return
+        if (n_data or n_ctl) and self.machine is None:
+            self._activate("DTLS back up: the client sends over it")
+        machine = self.machine
+        if machine is None:  # nothing authenticated came
+            if r < 0:
+                self._down("the client closed the DTLS channel", close=True)
+            return
+        if n_data or n_ctl:
+            self.owner.dtls_received(now)
         if n_data:
             machine.received(now)
             s = self.owner.session
@@ -492,7 +512,7 @@ class DtlsSession:
             self._send_records()
             self._handle(events)
         if r < 0 and self.channel is ch:
-            self._down("the client closed the DTLS channel")
+            self._down("the client closed the DTLS channel", close=True)
 
     def client_sent_over_tls(self, now: float) -> None:
         """The client sent data over TLS (openconnect does while its DTLS is down)."""
@@ -530,30 +550,35 @@ class DtlsSession:
 
     # -- ending -----------------------------------------------------------------------
 
-    def _down(self, reason: str) -> None:
-        """Traffic goes back to TLS; the session waits for the client's next handshake."""
-        ch, self.channel, self.machine = self.channel, None, None
-        if ch is None:
-            return
-        self._forget_addr(ch)
-        ch.free()
-        self.endpoint.channels_up -= 1
-        self.endpoint.counts["down"] += 1
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer, self._timer_at = None, float("inf")
-        log.info("%s: DTLS down (%s); traffic over TLS", self, reason)
+    def _down(self, reason: str, close: bool = False) -> None:
+        """Traffic goes back to TLS until the channel authenticates a record again
+        or the client's next handshake completes; with ``close`` the channel is
+        gone for good (the client closed it)."""
+        if self.machine is not None:
+            self.machine = None
+            self.endpoint.channels_up -= 1
+            self.endpoint.counts["down"] += 1
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer, self._timer_at = None, float("inf")
+            log.info("%s: DTLS down (%s); traffic over TLS", self, reason)
+        if close and self.channel is not None:
+            ch, self.channel = self.channel, None
+            self._forget_addr(ch)
+            ch.free()
 
     def close(self) -> None:
         """The session ended: forget its App-ID, channel and handshakes."""
         self.endpoint.app_ids.pop(self.app_id, None)
         for ch in list(self.pending):
             self._handshake_over(ch, "superseded", "the session ended")
-        ch, self.channel, self.machine = self.channel, None, None
+        if self.machine is not None:
+            self.machine = None
+            self.endpoint.channels_up -= 1
+        ch, self.channel = self.channel, None
         if ch is not None:
             self._forget_addr(ch)
             ch.free()
-            self.endpoint.channels_up -= 1
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
