@@ -1,8 +1,8 @@
 """Run the benchmark suite and print one table of ratios.
 
     ./run.sh bench [--quick] [NAME ...]      (NAME: hotpath, drain, shipping, openvpn,
-                                              forwarding, capture, abuse, hostile, bans,
-                                              search, directory)
+                                              forwarding, dtls, capture, abuse, hostile,
+                                              bans, search, directory)
 
 Each benchmark writes bench/results/NAME.json (and a PNG where it helps); the
 table of every row lands in bench/results/summary.json. A benchmark that fails is
@@ -20,8 +20,8 @@ import traceback
 
 from bench.common import RESULTS, Row, machine
 
-BENCHMARKS = ("hotpath", "drain", "shipping", "forwarding", "openvpn", "capture", "abuse",
-              "hostile", "bans", "search", "directory")
+BENCHMARKS = ("hotpath", "drain", "shipping", "forwarding", "dtls", "openvpn", "capture",
+              "abuse", "hostile", "bans", "search", "directory")
 
 
 def table(rows: list[Row]) -> str:

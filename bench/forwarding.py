@@ -8,7 +8,8 @@ Debian's ocserv, from the stock openconnect client, on one namespace topology.
                                                        ┘
 
 Both servers run in the same relay namespace and both tunnels are CSTP over
-TLS/TCP (the relay has no DTLS, ocserv is given no UDP port). Figures: TCP Mbit/s
+TLS/TCP (the relay's client runs with --no-dtls, ocserv is given no UDP port;
+bench/dtls.py compares the DTLS channels). Figures: TCP Mbit/s
 and small-packet UDP packets/s received by the iperf3 server, client towards the
 internet; and the CPU time the servers' own processes used per unit of traffic
 (from /proc/PID/stat, taken just before and after each iperf3 run). Variants run
@@ -94,9 +95,10 @@ def ns_pids(ns: str, comm_prefix: str) -> list[int]:
     return pids
 
 
-def start_ocserv(topo: Topology) -> None:
+def start_ocserv(topo: Topology, udp: bool = False) -> None:
     """ocserv on OCSERV_PORT of the relay namespace: plain auth, its own
-    self-signed certificate, no UDP, its pool masqueraded towards the uplink."""
+    self-signed certificate, its pool masqueraded towards the uplink; with ``udp``,
+    DTLS on UDP OCSERV_PORT (its default PSK-NEGOTIATE for openconnect), else no UDP."""
     d = topo.workdir / "ocserv"
     d.mkdir()
     cert, key = ensure_self_signed(d, "ocserv.bench.test")
@@ -108,6 +110,7 @@ def start_ocserv(topo: Topology) -> None:
     conf.write_text(f"""\
 auth = "plain[passwd={passwd}]"
 tcp-port = {OCSERV_PORT}
+{f"udp-port = {OCSERV_PORT}" if udp else ""}
 run-as-user = root
 run-as-group = root
 socket-file = {d}/ocserv.sock
@@ -142,9 +145,9 @@ ipv4-netmask = {OCSERV_MASK}
              .stdout.count("LISTEN") > 0, START_TIMEOUT, "ocserv to listen")
 
 
-def connect_ocserv(topo: Topology) -> None:
-    """The stock openconnect client, pinned to ocserv's certificate."""
-    i = OCSERV_CLIENT
+def connect_ocserv(topo: Topology, i: int = OCSERV_CLIENT) -> None:
+    """The stock openconnect client in client namespace ``i``, pinned to ocserv's
+    certificate."""
     proc = topo.spawn(topo.client_ns(i), [
         "openconnect", "--protocol=anyconnect", "--servercert",
         pin_sha256(topo.workdir / "ocserv" / SELF_SIGNED_CERT), "--user", OCSERV_USER,
@@ -185,7 +188,7 @@ def run(quick: bool) -> list[Row]:
         data = topo.workdir / "relay-data"
         relay = topo.start_relay(data)
         conf = str(topo.workdir / "relay.toml")
-        topo.connect_openconnect(RELAY_CLIENT, data)
+        topo.connect_openconnect(RELAY_CLIENT, data, extra=["--no-dtls"])
         start_ocserv(topo)
         connect_ocserv(topo)
         start_iperf(topo)

@@ -28,6 +28,8 @@ ffibuilder.set_source(
     sources=[f"cext/{p.name}" for p in SOURCES],
     include_dirs=[str(HERE), str(HERE.parent / "ebpf")],
     extra_compile_args=CFLAGS,
+    # OpenSSL (libssl-dev) for the DTLS data channel (dtls.c).
+    libraries=["ssl", "crypto"],
 )
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ def parse_hostport(text: str) -> tuple[str, int]:
 class ServerConfig:
     id: str = "relay-1"
     listen: str = "0.0.0.0:443"
+    # A DTLS data channel (UDP, the listen port's number) for clients that ask for
+    # it, as stock openconnect does: TCP over TCP collapses on lossy, long paths.
+    dtls: bool = True
     uplink: str = ""
     cert: str = ""
     key: str = ""

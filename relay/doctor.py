@@ -196,6 +196,8 @@ def check_ports(cfg: Config) -> list[Check]:
     wanted = [("CSTP listener", cfg.server.listen, socket.SOCK_STREAM),
               ("OpenVPN TCP", cfg.openvpn.listen, socket.SOCK_STREAM),
               ("OpenVPN UDP", cfg.openvpn.listen, socket.SOCK_DGRAM)]
+    if cfg.server.dtls:
+        wanted.append(("CSTP's DTLS", cfg.server.listen, socket.SOCK_DGRAM))
     if cfg.metrics.listen:
         wanted.append(("metrics", cfg.metrics.listen, socket.SOCK_STREAM))
     out = []

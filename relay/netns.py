@@ -37,6 +37,12 @@ WEB_TLS_PORT = 443
 # curl --resolve so that the TLS ClientHello carries it as SNI.
 WEB_TLS_NAME = "www.example.test"
 VPNC_SCRIPT = "/usr/share/vpnc-scripts/vpnc-script"
+# The loss injector (Topology.inject_loss) and what attaching it takes: the
+# clsact parents (TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / _EGRESS) in
+# pkt_sched.h) and every protocol (ETH_P_ALL).
+LOSS_SOURCE = Path(__file__).resolve().parents[1] / "ebpf" / "loss.c"
+TC_PARENT_INGRESS, TC_PARENT_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3
+ETH_P_ALL = 0x0003
 
 
 def client_ip(i: int) -> str:
@@ -231,6 +237,28 @@ http {{
             if proc.poll() is not None:
                 raise RelayError(f"openconnect exited: {self.log(name or f'openconnect-{i}.log')}")
         return proc
+
+    def inject_loss(self, ns: str, dev: str, fraction: float) -> None:
+        """Drop ``fraction`` of the packets leaving and entering ``dev`` in ``ns``, at
+        random (ebpf/loss.c on tc clsact egress and ingress); 0 removes the loss.
+        The filters hold the program, so it stays loaded after this returns."""
+        from bcc import BPF
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=ns) as ipr:
+            index = ipr.link_lookup(ifname=dev)[0]
+            with contextlib.suppress(Exception):  # a qdisc left from an earlier call
+                ipr.tc("del", "clsact", index)
+            if fraction <= 0:
+                return
+            bpf = BPF(src_file=str(LOSS_SOURCE).encode(), cflags=[
+                f"-DRELAY_LOSS_THRESHOLD={min(int(fraction * 2**32), 2**32 - 1)}U"])
+            fn = bpf.load_func(b"relay_loss", BPF.SCHED_CLS)
+            ipr.tc("add", "clsact", index)
+            for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
+                ipr.tc("add-filter", "bpf", index, 1, fd=fn.fd, name="relay_loss",
+                       parent=parent, prio=1, protocol=ETH_P_ALL, direct_action=True)
+            bpf.cleanup()
 
     def tunnel_ip(self, i: int) -> str | None:
         out = run(["ip", "-o", "-4", "addr", "show", "dev", "tun0"], self.client_ns(i),

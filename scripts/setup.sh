@@ -22,7 +22,7 @@ PACKAGES=(
   iproute2 nftables procps psmisc ca-certificates openssl kmod
   openconnect vpnc-scripts curl nginx-light
   ocserv openvpn tshark tcpdump rsyslog rsyslog-gnutls iperf3 wrk zstd
-  clang llvm libclang-rt-14-dev systemd util-linux
+  clang llvm libclang-rt-14-dev systemd util-linux libssl-dev
 )
 
 step "Debian packages"

@@ -253,13 +253,14 @@ GOLDEN_CONNECT = (
     b'{"id":"rec-1","time":"2026-11-25T21:05:32.123Z","action":"connect",'
     b'"session_id":"<SID>","server":{"id":"relay-1","ip":"192.0.2.1","hostname":"relay.test"},'
     b'"client":{"ip":"198.51.100.7","port":40000,"hostname":null},"protocol":"SSL-VPN",'
-    b'"client_software":{"name":"Evil Client","version":"v6.6","id":null},'
+    b'"data_channel":"DTLS","client_software":{"name":"Evil Client","version":"v6.6","id":null},'
     b'"virtual_ip":"10.211.0.2"}')
 GOLDEN_DISCONNECT = (
     b'{"id":"rec-2","time":"2026-11-25T21:05:42.123Z","action":"disconnect",'
     b'"session_id":"<SID>","server":{"id":"relay-1","ip":"192.0.2.1","hostname":"relay.test"},'
     b'"client":{"ip":"198.51.100.7","port":40000,"hostname":"later.example"},'
-    b'"protocol":"SSL-VPN","client_software":{"name":"Evil Client","version":"v6.6","id":null},'
+    b'"protocol":"SSL-VPN","data_channel":"DTLS",'
+    b'"client_software":{"name":"Evil Client","version":"v6.6","id":null},'
     b'"virtual_ip":"10.211.0.2","connect_time":"2026-11-25T21:05:32.123Z",'
     b'"packets":{"in":3,"out":4},"bytes":{"in":300,"out":400},'
     b'"destinations":[{"host":"example.com","ip":"93.184.216.34","port":80,"scheme":"http"}],'
@@ -269,7 +270,8 @@ GOLDEN_RESTART = (
     b'{"id":"rec-2","time":"2026-11-25T21:05:42.123Z","action":"disconnect",'
     b'"session_id":"<SID>","server":{"id":"relay-1","ip":"192.0.2.1","hostname":"relay.test"},'
     b'"client":{"ip":"198.51.100.7","port":40000,"hostname":null},'
-    b'"protocol":"SSL-VPN","client_software":{"name":"Evil Client","version":"v6.6","id":null},'
+    b'"protocol":"SSL-VPN","data_channel":"DTLS",'
+    b'"client_software":{"name":"Evil Client","version":"v6.6","id":null},'
     b'"virtual_ip":"10.211.0.2","connect_time":"2026-11-25T21:05:32.123Z",'
     b'"packets":{"in":3,"out":4},"bytes":{"in":300,"out":400},'
     b'"destinations":[{"host":"example.com","ip":"93.184.216.34","port":80,"scheme":"http"}],'
@@ -292,7 +294,8 @@ def _session_with_traffic(relay: Relay, link: FakeLink,
     assert relay.connlog is not None
     relay.connlog.clock = lambda: 1795640732.123  # 2026-11-25T21:05:32.123Z
     s = loop.run_until_complete(relay.open_session(
-        link, "SSL-VPN", {"name": "Evil\tClient\x1b", "version": "v6.6", "id": None})).session
+        link, "SSL-VPN", {"name": "Evil\tClient\x1b", "version": "v6.6", "id": None},
+        data_channel="DTLS")).session
     relay.connlog.clock = lambda: 1795640742.123
     s.packets_in, s.packets_out, s.bytes_in, s.bytes_out = 3, 4, 300, 400
     s.add_destination(hotpath.Destination("example.com", "93.184.216.34", 80, "http"))

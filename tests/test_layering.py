@@ -28,8 +28,9 @@ APP_LAYER = 4
 # Inside serve: what a module may import of serve is what sits lower here; a
 # module not listed is a building block (tap, sessions, hot path, NAT, abuse, ...).
 SERVE_LEVELS = {"relay.serve.link": 1, "relay.serve.datapath": 2,
-                "relay.serve.cstp_link": 3, "relay.serve.openvpn_link": 3,
-                "relay.serve.core": 4}
+                "relay.serve.dtls_link": 3,  # the CSTP link's DTLS channel
+                "relay.serve.cstp_link": 4, "relay.serve.openvpn_link": 4,
+                "relay.serve.core": 5}
 # Imports that break the rules, each waiting on the issue named; this test fails
 # when one is gone too, so that the list shrinks as they are fixed. None today.
 KNOWN_EXCEPTIONS: set[tuple[str, str]] = set()

@@ -61,7 +61,7 @@ class FakeHost:
         return self.refusal
 
     async def open_session(self, link: Link, protocol: str, software: dict[str, Any],
-                           mac: bytes | None = None) -> Lease:
+                           mac: bytes | None = None, data_channel: str | None = None) -> Lease:
         if self.refusal is not None:
             raise SessionRefused(self.refusal)
         s = self.table.open(link.peer_ip, link.peer_port, protocol)

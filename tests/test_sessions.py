@@ -35,12 +35,12 @@ def test_connect_record_has_the_format_fields_in_order_and_cleans_client_text() 
                          server_hostname=None, client_hostname="c.example",
                          software={"name": "Evil\tClient\x1b[2J\u202e", "id": None})
     assert list(rec) == ["action", "session_id", "server", "client", "protocol",
-                         "client_software", "virtual_ip"]
+                         "data_channel", "client_software", "virtual_ip"]
     assert rec == {
         "action": "connect", "session_id": SID,
         "server": {"id": "relay-1", "ip": "192.0.2.1", "hostname": None},
         "client": {"ip": "198.51.100.7", "port": 51515, "hostname": "c.example"},
-        "protocol": "OpenVPN",
+        "protocol": "OpenVPN", "data_channel": None,
         "client_software": {"name": "Evil Client[2J", "id": None},
         "virtual_ip": "10.211.0.2"}
 
@@ -53,7 +53,8 @@ def test_disconnect_record_repeats_the_connect_and_adds_counters_and_end() -> No
     rec = disconnect_record(connect, s.counters(), reason="idle-timeout", error=None,
                             end_time=1795640742.623, client_hostname="late.example")
     assert list(rec) == ["action", "session_id", "server", "client", "protocol",
-                         "client_software", "virtual_ip", "connect_time", *COUNTER_KEYS,
+                         "data_channel", "client_software", "virtual_ip", "connect_time",
+                         *COUNTER_KEYS,
                          "duration_s", "reason", "error"]
     assert rec["action"] == "disconnect" and rec["session_id"] == SID
     assert rec["connect_time"] == "2026-11-25T21:05:32.123Z"
@@ -64,6 +65,17 @@ def test_disconnect_record_repeats_the_connect_and_adds_counters_and_end() -> No
     assert rec["client"]["hostname"] == "late.example"
     # The connect record (the session's, journalled) is not changed through the copy.
     assert connect["client"]["hostname"] is None
+
+
+def test_the_data_channel_is_in_the_connect_record_and_repeated_at_disconnect() -> None:
+    rec = connect_record(session(), server_id="relay-1", server_ip="192.0.2.1",
+                         server_hostname=None, client_hostname=None, software={},
+                         data_channel="DTLS")
+    assert rec["data_channel"] == "DTLS"
+    logged = {"id": "r1", "time": "2026-11-25T21:05:32.123Z", **rec}
+    end = disconnect_record(logged, session().counters(), reason="r", error=None,
+                            end_time=1795640742.623)
+    assert end["data_channel"] == "DTLS"
 
 
 def test_session_counters_are_the_disconnect_records_counters() -> None:

@@ -19,7 +19,13 @@ The exchange::
                                              <-    200 Set-Cookie: webvpn=...  (accept_login)
     CONNECT /CSCOSSLC/tunnel  Cookie: webvpn ->    TunnelRequest event
                                              <-    200 CONNECTED  X-CSTP-*     (open_tunnel)
+                                                   (+ X-DTLS-* when DTLS is offered)
     STF\\x01 LEN TYPE 0  payload ...          <->   Packets / DPD / keepalive / disconnect
+
+DTLS: openconnect 9.x asks for a DTLS data channel with ``X-DTLS-CipherSuite:
+PSK-NEGOTIATE...`` in its CONNECT (:attr:`TunnelRequest.dtls`); the relay accepts
+with :class:`DtlsOffer` in :meth:`CstpServer.open_tunnel` (the X-DTLS-* headers
+ocserv sends for it). The DTLS channel itself is :mod:`relay.protocols.dtls`.
 
 The XML is read with bounded regular expressions over a bounded body, never with
 an XML parser: nothing that parses the network may expand entities or fetch.
@@ -88,6 +94,22 @@ DISCONNECT_REASON_CODE = 0xB0
 # Two weeks, as ocserv's default cookie/lease handling allows.
 LEASE_DURATION_S = 1209600
 
+# The DTLS negotiation openconnect (gnutls-dtls.c, openssl-dtls.c) and ocserv
+# (DTLS_PROTO_INDICATOR in vpn.h) share: a DTLS 1.2 PSK handshake keyed from the
+# TLS session's exporter, the session found by the App-ID in the ClientHello.
+PSK_NEGOTIATE = "PSK-NEGOTIATE"
+# The App-ID's length: ocserv's (its 32-byte session id), the most a ClientHello's
+# session_id field holds (RFC 5246 7.4.1.2), where openconnect puts it.
+DTLS_APP_ID_LEN = 32
+# What a tunnel packet costs over DTLS beyond its own bytes, at most: the
+# AnyConnect header byte inside the record, the DTLS 1.2 record header (13 bytes,
+# RFC 6347 4.1), AES-GCM's explicit nonce (8) and tag (16) (RFC 5288; ChaCha20-
+# Poly1305 has no explicit nonce, RFC 7905).
+DTLS_PACKET_OVERHEAD = 1 + 13 + 8 + 16
+# The UDP and IP headers openconnect takes off X-CSTP-Base-MTU to size DTLS
+# records (dtls_try_handshake subtracts 20 + 8, for either address family).
+DTLS_PATH_OVERHEAD = 20 + 8
+
 TUNNEL_PATH = "/CSCOSSLC/tunnel"
 # Paths openconnect and AnyConnect use before the tunnel.
 AUTH_PATHS = frozenset({"/", "/auth", "/+webvpn+/index.html", "/+CSCOE+/logon.html"})
@@ -123,6 +145,8 @@ class Credentials:
 @dataclass(frozen=True, slots=True)
 class TunnelRequest:
     cookie: str
+    # The client offers a PSK-NEGOTIATE DTLS channel (openconnect's default).
+    dtls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +219,16 @@ class ClientInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class DtlsOffer:
+    """The DTLS channel the relay offers with the tunnel (X-DTLS-*)."""
+
+    port: int  # the UDP port, the TLS listener's number
+    app_id: bytes  # DTLS_APP_ID_LEN bytes the ClientHello will carry
+    dpd_s: int
+    keepalive_s: int
+
+
+@dataclass(frozen=True, slots=True)
 class TunnelParams:
     address: str
     netmask: str
@@ -203,6 +237,7 @@ class TunnelParams:
     keepalive_s: int
     dns: tuple[str, ...] = ()
     session_id: str = ""
+    dtls: DtlsOffer | None = None
 
 
 @dataclass
@@ -237,6 +272,13 @@ _REQUEST_LINE = re.compile(rb"([A-Z]{1,16}) ([\x21-\x7e]{1,2048}) HTTP/1\.([01])
 # Header values: visible ASCII, space and tab (RFC 9110 field-value, no obs-text).
 _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e]*")
 _VERSION = re.compile(r"v?\d[\w.+~-]*")
+
+
+def offers_psk_negotiate(value: str) -> bool:
+    """Whether an X-DTLS-CipherSuite (or X-DTLS12-CipherSuite) value offers
+    PSK-NEGOTIATE: one of its colon-separated names, as ocserv reads it
+    (worker-http.c, HEADER_DTLS_CIPHERSUITE)."""
+    return PSK_NEGOTIATE in value.split(":")
 
 
 def _xml_tag(body: str, tag: str) -> tuple[str, int] | None:
@@ -392,10 +434,21 @@ class CstpServer:
             ("X-CSTP-DPD", str(p.dpd_s)),
             ("X-CSTP-Keepalive", str(p.keepalive_s)),
             ("X-CSTP-MTU", str(p.mtu)),
-            ("X-CSTP-Base-MTU", str(p.mtu)),
+            # openconnect sizes its DTLS packets from the base MTU: with DTLS, the
+            # path MTU that carries a tunnel packet of p.mtu bytes, so a session
+            # has one MTU whichever channel carries it.
+            ("X-CSTP-Base-MTU", str(p.mtu + DTLS_PACKET_OVERHEAD + DTLS_PATH_OVERHEAD
+                                    if p.dtls else p.mtu)),
         ]
         if p.session_id:
             headers.append(("X-CSTP-Session-ID", p.session_id))
+        if p.dtls:
+            # ocserv's set (worker-vpn.c, connect_handler) for PSK-NEGOTIATE.
+            headers += [("X-DTLS-Port", str(p.dtls.port)),
+                        ("X-DTLS-DPD", str(p.dtls.dpd_s)),
+                        ("X-DTLS-Keepalive", str(p.dtls.keepalive_s)),
+                        ("X-DTLS-App-ID", p.dtls.app_id.hex()),
+                        ("X-DTLS-CipherSuite", PSK_NEGOTIATE)]
         self._out += _response("200 CONNECTED", headers)
         self.state = State.TUNNEL
         # The interval the client is told: it sends a DPD request after that long idle.
@@ -441,6 +494,11 @@ class CstpServer:
         self._last_rx = now
         self._buf += data
         return self._process()
+
+    def peer_active(self, now: float) -> None:
+        """The client was heard from over its DTLS channel: as alive as over TLS."""
+        if self.state is State.TUNNEL:
+            self._last_rx = max(self._last_rx, now)
 
     # -- time -----------------------------------------------------------------------
 
@@ -561,7 +619,10 @@ class CstpServer:
                 self._fail(events, "CONNECT without a webvpn cookie", "401 Unauthorized")
                 return
             self.state = State.AWAIT_TUNNEL
-            events.append(TunnelRequest(cookie))
+            h = req.headers
+            events.append(TunnelRequest(cookie, dtls=any(
+                offers_psk_negotiate(h.get(name, ""))
+                for name in ("x-dtls-ciphersuite", "x-dtls12-ciphersuite"))))
             return
         path = req.path
         if path is None:

@@ -284,13 +284,16 @@ class Abuse:
                                                           self.cfg.burst_per_ip, now))
         return src
 
-    def admit(self, ip: str) -> str | None:
+    def admit(self, ip: str, new_session: bool = True) -> str | None:
         """None to let a new connection in (its handshake is then counted until
-        :meth:`handshake_done` or :meth:`connection_closed`), else the reason."""
+        :meth:`handshake_done` or :meth:`connection_closed`), else the reason.
+        ``new_session`` False: the handshake of a session's second channel (DTLS),
+        held to everything but the per-source session cap and ended with
+        :meth:`handshake_over`."""
         now = self.clock()
         addr = canonical_address(ip)
         key = self.key(addr)
-        reason = self._check(key, addr, now)
+        reason = self._check(key, addr, now, new_session)
         if reason is None:
             self.handshakes += 1
             self._source(key, now).handshakes += 1
@@ -309,7 +312,7 @@ class Abuse:
         self.refusals[key][reason] += 1
         self.refused_total[reason] += 1
 
-    def _check(self, key: str, addr: Address, now: float) -> str | None:
+    def _check(self, key: str, addr: Address, now: float, new_session: bool) -> str | None:
         if self.bans.covering(addr, now):
             return "banned"
         src = self._source(key, now)
@@ -321,7 +324,7 @@ class Abuse:
             return "handshakes-per-ip"
         if self.handshakes >= self.cfg.handshakes_total:
             return "handshakes-total"
-        if src.sessions >= self.cfg.sessions_per_ip:
+        if new_session and src.sessions >= self.cfg.sessions_per_ip:
             return "sessions-per-ip"
         return None
 
@@ -331,6 +334,18 @@ class Abuse:
         src.handshakes -= 1
         src.sessions += 1
         self.handshakes -= 1
+
+    def handshake_over(self, ip: str, strike: bool) -> None:
+        """A handshake admitted with ``new_session=False`` ended: its slot is free;
+        ``strike`` when it failed or was abandoned, a strike as a half-finished TLS
+        handshake is."""
+        now = self.clock()
+        addr = canonical_address(ip)
+        key = self.key(addr)
+        self.sources[key].handshakes -= 1
+        self.handshakes -= 1
+        if strike:
+            self._strike(key, addr, now, "abandoned handshakes")
 
     def connection_closed(self, ip: str, lifetime_s: float, had_session: bool) -> None:
         now = self.clock()

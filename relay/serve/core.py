@@ -39,6 +39,7 @@ from relay.packetlog.recording import Recording
 from relay.serve.abuse import Abuse
 from relay.serve.cstp_link import CstpListener
 from relay.serve.datapath import Datapath
+from relay.serve.dtls_link import DtlsEndpoint
 from relay.serve.egress import Policy
 from relay.serve.link import Lease, Link, LinkSettings
 from relay.serve.nat import RelayTable
@@ -99,6 +100,7 @@ class Relay:
         self.nat: RelayTable | None = None
         self.listener: socket.socket | None = None
         self.openvpn: OpenVPNListener | None = None
+        self.dtls: DtlsEndpoint | None = None
         self.connlog: daylog.ConnectionLog | None = None
         self.control: asyncio.AbstractServer | None = None
         self.metrics: MetricsServer | None = None
@@ -143,10 +145,14 @@ class Relay:
             self.spawn(self.accept_loop(openvpn_tcp, self.openvpn.accept))
             cstp_listener = CstpListener(self, self.datapath, self.cfg)
             self.listener = listen_tcp(host, port)
+            if self.cfg.server.dtls:  # DTLS on UDP, the TLS listener's port number
+                self.dtls = cstp_listener.dtls = DtlsEndpoint(self, self.datapath, self.cfg)
+                self.dtls.open(host, self.listener.getsockname()[1])
+                self.collectors.append(self.dtls.metrics)
             accepting = self.spawn(self.accept_loop(self.listener, cstp_listener.accept))
-            log.info("listening on %s:%d (TLS, CSTP), TAP %s gateway %s, data in %s, "
-                     "certificate %s", host, port, self.tap.name, pool.gateway, self.data_dir,
-                     cstp_listener.cert_path)
+            log.info("listening on %s:%d (TLS, CSTP%s), TAP %s gateway %s, data in %s, "
+                     "certificate %s", host, port, "; UDP, DTLS" if self.dtls else "",
+                     self.tap.name, pool.gateway, self.data_dir, cstp_listener.cert_path)
             self.control = await control.serve_control(self.data_dir, self._control)
             if self.cfg.directory.url:  # listed only once every listener is up
                 self.registration = Registration(self.cfg, self._directory_state)
@@ -273,6 +279,7 @@ class Relay:
                 from None
         fixed = [key for key, old, now in (
             ("[server] listen", self.cfg.server.listen, new.server.listen),
+            ("[server] dtls", self.cfg.server.dtls, new.server.dtls),
             ("[server] uplink", self.cfg.server.uplink, new.server.uplink),
             ("[server] cert/key", (self.cfg.server.cert, self.cfg.server.key),
              (new.server.cert, new.server.key)),
@@ -285,6 +292,7 @@ class Relay:
         if fixed:
             # Keep the running values of keys that need a restart, take the rest.
             new = replace(new, server=replace(new.server, listen=self.cfg.server.listen,
+                                              dtls=self.cfg.server.dtls,
                                               uplink=self.cfg.server.uplink,
                                               cert=self.cfg.server.cert, key=self.cfg.server.key),
                           tap=self.cfg.tap, logs=replace(new.logs, data_dir=self.cfg.logs.data_dir),
@@ -392,6 +400,8 @@ class Relay:
             self.openvpn.close()
         for link in list(self.all_links):
             link.terminate("relay-shutdown", "the relay was stopped")
+        if self.dtls is not None:
+            self.dtls.close()
         if self.recording is not None:
             await self.recording.close()
         if self.tap is not None:
@@ -448,6 +458,12 @@ class Relay:
     def handshake_done(self, link: Link) -> None:
         self.abuse.handshake_done(link.peer_ip)
 
+    def admit_handshake(self, ip: str) -> str | None:
+        return self.abuse.admit(ip, new_session=False)
+
+    def handshake_over(self, ip: str, strike: bool) -> None:
+        self.abuse.handshake_over(ip, strike)
+
     def count_handshake_failure(self, reason: str) -> None:
         self.stats.handshake_failures[reason] += 1
 
@@ -488,9 +504,10 @@ class Relay:
         return False
 
     async def open_session(self, link: Link, protocol: str, software: dict[str, Any],
-                           mac: bytes | None = None) -> Lease:
+                           mac: bytes | None = None, data_channel: str | None = None) -> Lease:
         """A new session for ``link``: address, neighbour entry, connect record.
-        ``mac`` is the client's own MAC for bridged (TAP-style) clients.
+        ``mac`` is the client's own MAC for bridged (TAP-style) clients;
+        ``data_channel`` the connect record's field of that name.
         :class:`SessionRefused` when :meth:`refuse_reason` refuses it; any other
         failure leaves nothing behind (no address, no attribution)."""
         assert self.tap is not None and self.connlog is not None and self.datapath is not None
@@ -516,7 +533,7 @@ class Relay:
         s.connect_record = self.connlog.append(connect_record(
             s, server_id=self.cfg.server.id, server_ip=canonical_ip(link.local_ip),
             server_hostname=self.hostname, client_hostname=link.client_hostname(),
-            software=software))
+            software=software, data_channel=data_channel))
         self.journal.write(s)
         self.datapath.links[s.mac] = link
         self.stats.sessions_total[protocol] += 1

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from relay.config import Config
 from relay.protocols import cstp
 from relay.serve.datapath import ETHERTYPE_IPV4, Datapath
+from relay.serve.dtls_link import DtlsEndpoint, DtlsSession, tls_psk
 from relay.serve.link import CLIENT_WRITE_HIGH_WATER, LinkHost, StreamLink
 from relay.serve.tap import ETH_HLEN
 from relay.tlsconf import server_context
@@ -62,6 +63,8 @@ class CstpListener:
         self.ssl_ctx, self.cert_path = server_context(cfg.data_dir, cfg.server.cert,
                                                       cfg.server.key)
         self.cookies: dict[str, PendingLogin] = {}
+        # The UDP endpoint of DTLS channels ([server] dtls); the core opens it.
+        self.dtls: DtlsEndpoint | None = None
 
     def accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         link = CstpLink(self, peer, sock.getsockname()[0])
@@ -94,6 +97,7 @@ class CstpLink(StreamLink[cstp.Event]):
         self.traffic = listener.datapath.traffic
         self.proto = cstp.CstpServer()
         self.client = self.proto.client
+        self.dtls: DtlsSession | None = None  # with PSK-NEGOTIATE, once the tunnel opened
 
     def __repr__(self) -> str:
         return f"{self.peer_ip}:{self.peer_port}"
@@ -114,6 +118,8 @@ class CstpLink(StreamLink[cstp.Event]):
             if isinstance(ev, cstp.Packets):
                 if self.session is not None:
                     self.datapath.to_kernel_batch(self.session, ev.data, ev.spans)
+                    if self.dtls is not None:
+                        self.dtls.client_sent_over_tls(self.loop.time())
             elif isinstance(ev, cstp.Credentials):
                 if host.check_login(self, ev.username, ev.password):
                     events.extend(self.proto.accept_login(self.listener.issue_cookie(self.client)))
@@ -152,13 +158,23 @@ class CstpLink(StreamLink[cstp.Event]):
             if value is not None:
                 setattr(client, key, value)
         self.client = client
-        lease = await self._open("SSL-VPN", client.software())
+        endpoint = self.listener.dtls
+        psk = None
+        if ev.dtls and endpoint is not None and self.transport is not None:
+            psk = tls_psk(self.transport.get_extra_info("ssl_object"))
+            if psk is None:
+                log.warning("%s: no DTLS: the TLS session's exporter cannot be read", self)
+        lease = await self._open("SSL-VPN", client.software(),
+                                 data_channel="DTLS" if psk is not None else "TLS")
         if lease is None:
             return
         settings = self.host.settings
+        if psk is not None and endpoint is not None:
+            self.dtls = endpoint.register(self, psk, settings)
         self._handle(self.proto.open_tunnel(cstp.TunnelParams(
             address=lease.address, netmask=lease.netmask, mtu=lease.mtu, dpd_s=settings.dpd_s,
-            keepalive_s=settings.keepalive_s, dns=lease.dns)))
+            keepalive_s=settings.keepalive_s, dns=lease.dns,
+            dtls=self.dtls.offer if self.dtls is not None else None)))
         # The machine's only deadline starts now; input only moves it later, so
         # the receive path (the datapath's) arms nothing.
         self._arm()
@@ -178,16 +194,17 @@ class CstpLink(StreamLink[cstp.Event]):
         t = self.transport
         if s is None or t is None or frame[12:14] not in IP_ETHERTYPES:
             return
-        if self.paused:
-            self.traffic.dropped["client-queue-full"] += 1
-            return
         n = len(frame) - ETH_HLEN
+        if self.dtls is None or not self.dtls.send(frame):  # DTLS while its channel is up
+            if self.paused:
+                self.traffic.dropped["client-queue-full"] += 1
+                return
+            t.write(cstp.data_header(n) + frame[ETH_HLEN:])
         s.packets_out += 1
         s.bytes_out += n
         traffic = self.traffic
         traffic.packets_out += 1
         traffic.bytes_out += n
-        t.write(cstp.data_header(n) + frame[ETH_HLEN:])
 
     def _flush(self) -> None:
         out = self.proto.data_to_send()
@@ -217,6 +234,20 @@ class CstpLink(StreamLink[cstp.Event]):
         self._forget()
 
     # -- teardown -------------------------------------------------------------------
+
+    def dtls_received(self, now: float) -> None:
+        self.proto.peer_active(now)
+
+    def dtls_disconnected(self, reason: str) -> None:
+        """The client ended the session with a DISCONNECT over DTLS."""
+        self._end("client-disconnect", None, detail=reason)
+        self._close()
+
+    def _end(self, reason: str, error: str | None, detail: str | None = None) -> None:
+        if self.dtls is not None:  # the DTLS channel ends with the session
+            self.dtls.close()
+            self.dtls = None
+        super()._end(reason, error, detail)
 
     def terminate(self, reason: str, message: str) -> None:
         """End from the relay's side (shutdown, ban): tell the client, then close."""

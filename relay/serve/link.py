@@ -109,11 +109,23 @@ class LinkHost(Protocol):
         """Why a session for ``link`` must be refused now (for the client), or None."""
 
     async def open_session(self, link: Link, protocol: str, software: dict[str, Any],
-                           mac: bytes | None = None) -> Lease:
-        """A session for ``link``: :class:`SessionRefused` when refused."""
+                           mac: bytes | None = None, data_channel: str | None = None) -> Lease:
+        """A session for ``link``: :class:`SessionRefused` when refused.
+        ``data_channel`` goes into the connect record (CSTP: "DTLS" or "TLS")."""
 
     def handshake_done(self, link: Link) -> None:
         """``link`` has its session: it no longer counts as a handshake."""
+
+    def admit_handshake(self, ip: str) -> str | None:
+        """The abuse defences' admission of a handshake for a session that exists
+        (its DTLS channel, once the peer answered a cookie): bans, rates and
+        handshakes in progress, as for a new connection, but no new session. None
+        to let it in (end it with :meth:`handshake_over`), else the reason."""
+
+    def handshake_over(self, ip: str, strike: bool) -> None:
+        """A handshake :meth:`admit_handshake` let in has ended; ``strike`` when it
+        was abandoned or failed (a strike against the source, as a half-finished
+        TLS handshake is)."""
 
     def close_session(self, link: Link, s: Session, reason: str, error: str | None) -> None: ...
 
@@ -183,11 +195,13 @@ class LinkBase(abc.ABC, Generic[E]):
 
     # -- opening ----------------------------------------------------------------------
 
-    async def _open(self, protocol: str, software: dict[str, Any]) -> Lease | None:
+    async def _open(self, protocol: str, software: dict[str, Any],
+                    data_channel: str | None = None) -> Lease | None:
         """Open the session: its lease, or None when it was refused (the client
         was told) or the client went away meanwhile (the session is closed again)."""
         try:
-            lease = await self.host.open_session(self, protocol, software)
+            lease = await self.host.open_session(self, protocol, software,
+                                                 data_channel=data_channel)
         except SessionRefused as exc:
             self._refuse(str(exc))
             return None

@@ -51,8 +51,8 @@ DESTINATIONS_MAX_BYTES = syslog5424.RECORD_JSON_MAX - DISCONNECT_OTHER_FIELDS_MA
 CHECKPOINT_INTERVAL_S = 60.0
 
 # What a disconnect record repeats of its connect record, in record order.
-_CONNECT_FIELDS = ("session_id", "server", "client", "protocol", "client_software",
-                   "virtual_ip")
+_CONNECT_FIELDS = ("session_id", "server", "client", "protocol", "data_channel",
+                   "client_software", "virtual_ip")
 # The counters that a disconnect record and the journal carry (Session.counters),
 # in record order.
 COUNTER_KEYS = ("packets", "bytes", "destinations", "destinations_dropped")
@@ -140,16 +140,20 @@ class Session:
 
 def connect_record(s: Session, *, server_id: str, server_ip: str,
                    server_hostname: str | None, client_hostname: str | None,
-                   software: Mapping[str, object]) -> dict[str, Any]:
+                   software: Mapping[str, object],
+                   data_channel: str | None = None) -> dict[str, Any]:
     """The connect record of ``s`` (the connection log stamps its ``id`` and
     ``time``). ``software`` is what the client declared about itself: cleaned here,
-    the same way for every protocol."""
+    the same way for every protocol. ``data_channel``: how a CSTP session's packets
+    travel ("DTLS": over DTLS while its channel is up, else over the TLS
+    connection; "TLS": over TLS only); None for other protocols."""
     return {
         "action": "connect",
         "session_id": s.id,
         "server": {"id": server_id, "ip": server_ip, "hostname": server_hostname},
         "client": {"ip": s.client_ip, "port": s.client_port, "hostname": client_hostname},
         "protocol": s.protocol,
+        "data_channel": data_channel,
         "client_software": {key: clean(value) for key, value in software.items()},
         "virtual_ip": s.virtual_ip,
     }
