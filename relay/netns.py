@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -111,8 +112,10 @@ class Topology:
 
     def _veth(self, ns_a: str, if_a: str, ip_a: str, ns_b: str, if_b: str, ip_b: str,
               plen: int) -> None:
-        # Short-lived names, unique per process, renamed once inside the namespaces.
-        tag = f"{self.prefix[:6]}{os.getpid() % 100000}"
+        # Short-lived names in the host's namespace, renamed once inside the test's:
+        # random per pair, so neither another run nor a pair a killed run left
+        # behind can collide with them (IFNAMSIZ: at most 15 characters).
+        tag = f"rv{secrets.token_hex(5)}"
         tmp_a, tmp_b = f"{tag}a", f"{tag}b"
         run(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
         run(["ip", "link", "set", tmp_a, "netns", ns_a, "name", if_a])

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import itertools
 import os
+import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +18,20 @@ from relay.connlog import daylog
 from relay.netns import Topology, run, wait_for
 
 REQUIRED_TOOLS = ("ip", "nft", "openconnect", "openvpn", "nginx", "curl", "ss", "tshark", "tc")
-_counter = itertools.count()
+
+
+# Fixtures that build network namespaces: a test using one must carry the netns
+# marker, so that `./run.sh test -m 'not netns'` is the fast unit run.
+NETNS_FIXTURES = frozenset({"make_topology", "tapns"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = [item.nodeid for item in items
+                if NETNS_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("netns") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests that build network namespaces lack the netns "
+                                f"marker: {unmarked}")
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
@@ -43,7 +56,9 @@ def make_topology(request: pytest.FixtureRequest) -> Iterator[Callable[..., Topo
     made: list[Topology] = []
 
     def make(clients: int = 1) -> Topology:
-        topo = Topology(prefix=f"rt{os.getpid() % 1000}x{next(_counter)}", clients=clients)
+        # Random per topology: two test runs at once (or a leftover of a killed one)
+        # never share a namespace name.
+        topo = Topology(prefix=f"rt{secrets.token_hex(4)}", clients=clients)
         made.append(topo)
         return topo.create()
 

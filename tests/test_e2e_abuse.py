@@ -10,11 +10,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import records, wait_records
 
 from relay.connlog import daylog
 from relay.netns import Topology, client_ip, relay_ip, run, wait_for
 from relay.packetlog import segments
+
+pytestmark = pytest.mark.netns
 
 FLOOD = str(Path(__file__).with_name("flood_client.py"))
 

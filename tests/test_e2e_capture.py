@@ -14,9 +14,13 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from relay.connlog import daylog
 from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_for
 from relay.packetlog import segments
+
+pytestmark = pytest.mark.netns
 
 SCRIPTED = (
     "import socket\n"

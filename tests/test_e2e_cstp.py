@@ -11,9 +11,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import pytest
 from conftest import records, wait_records
 
 from relay.netns import RELAY_UPLINK_IP, Topology, client_ip, relay_ip, run, wait_for
+
+pytestmark = pytest.mark.netns
 
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

@@ -8,10 +8,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import records, scrape
 
 from relay.connlog import daylog
 from relay.netns import Topology, relay_ip, run, wait_for
+
+pytestmark = pytest.mark.netns
 
 HOSTILE = str(Path(__file__).with_name("hostile_client.py"))
 

@@ -20,6 +20,8 @@ from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_fo
 from relay.packetlog import segments
 from relay.serve.openvpn_link import client_config
 
+pytestmark = pytest.mark.netns
+
 OPENVPN_PORT = 1194
 
 

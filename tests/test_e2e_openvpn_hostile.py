@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import records
 from prometheus_client.parser import text_string_to_metric_families
 from test_e2e_openvpn import OPENVPN_PORT, client_port, openvpn_version, start_openvpn
@@ -21,6 +22,8 @@ from relay.config import AbuseConfig, Config
 from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_for
 from relay.protocols import openvpn
 from relay.serve.openvpn_link import LIVE_ADDRESS_QUIET_S, client_config
+
+pytestmark = pytest.mark.netns
 
 HOSTILE = str(Path(__file__).with_name("openvpn_hostile.py"))
 # Forged sources: a part of RFC 2544's block that no test namespace uses, routed

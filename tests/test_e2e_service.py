@@ -10,10 +10,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import records, scrape
 from shiputil import make_pki, read_day_dir
 
 from relay.netns import Topology, run, wait_for
+
+pytestmark = pytest.mark.netns
 
 
 def test_metrics_shipping_reload_and_clean_shutdown(
