@@ -48,9 +48,7 @@ CLIENT_WRITE_HARD_LIMIT = CLIENT_WRITE_HIGH_WATER + cstp.MAX_PENDING_OUTPUT
 
 
 def handshake_failure_reason(exc: BaseException) -> str:
-    """A metric label for a failed TLS handshake."""
-    if isinstance(exc, TimeoutError):
-        return "tls-timeout"
+    """A metric label for a TLS handshake that failed before its deadline."""
     if isinstance(exc, ssl.SSLError):
         return "tls-error"
     return "connection-reset"
@@ -126,9 +124,16 @@ class CstpLink(asyncio.Protocol):
                 lambda: self, sock, ssl=self.listener.ssl_ctx,
                 ssl_handshake_timeout=self.relay.handshake_timeout_s)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
-            self.relay.stats.handshake_failures[handshake_failure_reason(exc)] += 1
-            log.warning("refused %s: TLS handshake failed: %s", self,
-                        str(exc) or type(exc).__name__)
+            # Past the deadline uvloop aborts with ConnectionAbortedError (asyncio
+            # raises TimeoutError): either way it is the deadline, said as such.
+            if time.monotonic() - self.accepted >= self.relay.handshake_timeout_s:
+                self.relay.stats.handshake_failures["tls-timeout"] += 1
+                log.warning("refused %s: no TLS handshake within %g s", self,
+                            self.relay.handshake_timeout_s)
+            else:
+                self.relay.stats.handshake_failures[handshake_failure_reason(exc)] += 1
+                log.warning("refused %s: TLS handshake failed: %s", self,
+                            str(exc) or type(exc).__name__)
             sock.close()
             self._forget()
 
