@@ -229,11 +229,18 @@ http {{
                *extra, f"https://{relay_ip(i)}/"]
         proc = self.spawn(ns, cmd, name or f"openconnect-{i}.log", stdin=b"any password\n")
         if wait:
-            wait_for(lambda: self.tunnel_ip(i) is not None or proc.poll() is not None, 30,
+            wait_for(lambda: self.tunnel_up(i) or proc.poll() is not None, 30,
                      f"openconnect in {ns} to configure tun0")
             if proc.poll() is not None:
                 raise RelayError(f"openconnect exited: {self.log(name or f'openconnect-{i}.log')}")
         return proc
+
+    def tunnel_up(self, i: int) -> bool:
+        """tun0 has its address and the route to the internet namespace. vpnc-script
+        sets the address first: a connection opened before the route moves leaves
+        by eth0, untunnelled, and never gets an answer."""
+        return self.tunnel_ip(i) is not None and "dev tun0" in run(
+            ["ip", "route", "get", INTERNET_IP], self.client_ns(i), check=False).stdout
 
     def tunnel_ip(self, i: int) -> str | None:
         out = run(["ip", "-o", "-4", "addr", "show", "dev", "tun0"], self.client_ns(i),

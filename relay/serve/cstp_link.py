@@ -47,6 +47,10 @@ CLIENT_WRITE_HIGH_WATER = 1024 * 1024
 CLIENT_WRITE_HARD_LIMIT = CLIENT_WRITE_HIGH_WATER + cstp.MAX_PENDING_OUTPUT
 
 
+# libuv's clock, and so a uvloop timer, counts whole milliseconds.
+LOOP_CLOCK_TICK_S = 0.001
+
+
 def handshake_failure_reason(exc: BaseException) -> str:
     """A metric label for a TLS handshake that failed before its deadline."""
     if isinstance(exc, ssl.SSLError):
@@ -119,14 +123,16 @@ class CstpLink(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._lookup = self.relay.lookups.start(self.peer_ip, self.peer_port)
         self._timer = loop.call_later(self.relay.login_timeout_s, self._login_deadline)
+        started = loop.time()
         try:
             await loop.connect_accepted_socket(
                 lambda: self, sock, ssl=self.listener.ssl_ctx,
                 ssl_handshake_timeout=self.relay.handshake_timeout_s)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             # Past the deadline uvloop aborts with ConnectionAbortedError (asyncio
-            # raises TimeoutError): either way it is the deadline, said as such.
-            if time.monotonic() - self.accepted >= self.relay.handshake_timeout_s:
+            # raises TimeoutError): either way it is the deadline, said as such. The
+            # loop's clock, as its timer's: that fires by it, never early.
+            if loop.time() - started >= self.relay.handshake_timeout_s - LOOP_CLOCK_TICK_S:
                 self.relay.stats.handshake_failures["tls-timeout"] += 1
                 log.warning("refused %s: no TLS handshake within %g s", self,
                             self.relay.handshake_timeout_s)
