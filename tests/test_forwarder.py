@@ -231,7 +231,9 @@ def test_confirmation_rules(tmp_path: Path, pki, alpn: bool) -> None:
             assert status["backlog_records"] == 20 and status["last_success"] is None
             assert "without TLS close_notify" in status["last_error"]
         else:
-            wait_until(lambda: ship_status(relay)["backlog_records"] == 0, what="confirmed")
+            # The position is saved before the status that says how it was confirmed.
+            wait_until(lambda: ship_status(relay)["backlog_records"] == 0
+                       and "confirmation" in ship_status(relay), what="confirmed")
             assert ship_status(relay)["confirmation"] == "fin"
             assert receiver.connections == 1
     finally:
