@@ -28,6 +28,10 @@ class ConfigError(RelayError):
     pass
 
 
+# The shortest packet-log segment: the writer syncs once a second
+# (relay.packetlog.segments.FLUSH_INTERVAL) and a zero period divides by zero.
+# Short segments are for tests; an hour is the default.
+MIN_PACKET_SEGMENT_S = 1
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -313,6 +317,10 @@ def _validate(cfg: Config) -> None:
     check("[server] keepalive", parse_duration, cfg.server.keepalive)
     check("[server] handshake_timeout", parse_duration, cfg.server.handshake_timeout)
     check("[server] login_timeout", parse_duration, cfg.server.login_timeout)
+    for key in ("dpd", "keepalive", "handshake_timeout", "login_timeout"):
+        # Zero would end every session or handshake at once (and spin the DPD timer).
+        if parse_duration(getattr(cfg.server, key)) < 1:
+            raise ConfigError(f"[server] {key}: at least 1s")
     check("[openvpn] listen", parse_hostport, cfg.openvpn.listen)
     if cfg.server.max_sessions <= 0:
         raise ConfigError(f"[server] max_sessions: must be positive, got {cfg.server.max_sessions}")
@@ -344,6 +352,8 @@ def _validate(cfg: Config) -> None:
                                   "clients are told to use")
     for key in ("packet_segment", "compress_after", "connlog_keep"):
         check(f"[logs] {key}", parse_duration, getattr(cfg.logs, key))
+    if parse_duration(cfg.logs.packet_segment) < MIN_PACKET_SEGMENT_S:
+        raise ConfigError(f"[logs] packet_segment: at least {MIN_PACKET_SEGMENT_S}s")
     if cfg.logs.delete_after:
         check("[logs] delete_after", parse_duration, cfg.logs.delete_after)
         if parse_duration(cfg.logs.delete_after) < 14 * 86400:

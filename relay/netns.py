@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -117,8 +118,10 @@ class Topology:
 
     def _veth(self, ns_a: str, if_a: str, ip_a: str, ns_b: str, if_b: str, ip_b: str,
               plen: int) -> None:
-        # Short-lived names, unique per process, renamed once inside the namespaces.
-        tag = f"{self.prefix[:6]}{os.getpid() % 100000}"
+        # Short-lived names in the host's namespace, renamed once inside the test's:
+        # random per pair, so neither another run nor a pair a killed run left
+        # behind can collide with them (IFNAMSIZ: at most 15 characters).
+        tag = f"rv{secrets.token_hex(5)}"
         tmp_a, tmp_b = f"{tag}a", f"{tag}b"
         run(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
         run(["ip", "link", "set", tmp_a, "netns", ns_a, "name", if_a])
@@ -232,7 +235,7 @@ http {{
                *extra, f"https://{relay_ip(i)}/"]
         proc = self.spawn(ns, cmd, name or f"openconnect-{i}.log", stdin=b"any password\n")
         if wait:
-            wait_for(lambda: self.tunnel_ip(i) is not None or proc.poll() is not None, 30,
+            wait_for(lambda: self.tunnel_up(i) or proc.poll() is not None, 30,
                      f"openconnect in {ns} to configure tun0")
             if proc.poll() is not None:
                 raise RelayError(f"openconnect exited: {self.log(name or f'openconnect-{i}.log')}")
@@ -259,6 +262,13 @@ http {{
                 ipr.tc("add-filter", "bpf", index, 1, fd=fn.fd, name="relay_loss",
                        parent=parent, prio=1, protocol=ETH_P_ALL, direct_action=True)
             bpf.cleanup()
+
+    def tunnel_up(self, i: int) -> bool:
+        """tun0 has its address and the route to the internet namespace. vpnc-script
+        sets the address first: a connection opened before the route moves leaves
+        by eth0, untunnelled, and never gets an answer."""
+        return self.tunnel_ip(i) is not None and "dev tun0" in run(
+            ["ip", "route", "get", INTERNET_IP], self.client_ns(i), check=False).stdout
 
     def tunnel_ip(self, i: int) -> str | None:
         out = run(["ip", "-o", "-4", "addr", "show", "dev", "tun0"], self.client_ns(i),

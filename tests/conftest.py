@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import os
+import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,14 +20,36 @@ from relay.connlog import reader
 from relay.netns import Topology, run, wait_for
 
 REQUIRED_TOOLS = ("ip", "nft", "openconnect", "openvpn", "nginx", "curl", "ss", "tshark", "tc")
-_counter = itertools.count()
 
 
-@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+# Fixtures that build network namespaces: a test using one must carry the netns
+# marker, so that `./run.sh test -m 'not netns'` is the fast unit run.
+NETNS_FIXTURES = frozenset({"make_topology", "make_module_topology", "tapns"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = [item.nodeid for item in items
+                if NETNS_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("netns") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests that build network namespaces lack the netns "
+                                f"marker: {unmarked}")
+
+
+# Topologies alive now: a failing test's report carries their logs.
+LIVE_TOPOLOGIES: list[Topology] = []
+LOG_TAIL_CHARS = 4000
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     outcome = yield
     report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)
+    if report.when == "call" and report.failed:
+        for topo in LIVE_TOPOLOGIES:
+            for path in sorted(topo.workdir.glob("*.log")) + sorted(topo.workdir.glob("*.out")):
+                report.sections.append((f"{topo.prefix} {path.name}",
+                                        path.read_text(errors="replace")[-LOG_TAIL_CHARS:]))
 
 
 def require_root_and_tools() -> None:
@@ -37,24 +60,41 @@ def require_root_and_tools() -> None:
         pytest.fail(f"missing tools {missing}: run ./run.sh setup (or ./run.sh test)")
 
 
-@pytest.fixture
-def make_topology(request: pytest.FixtureRequest) -> Iterator[Callable[..., Topology]]:
-    """Build a namespace topology; on failure, print every log it collected."""
+@contextlib.contextmanager
+def topologies() -> Iterator[Callable[..., Topology]]:
+    """A factory of namespace topologies, all destroyed at the end."""
     require_root_and_tools()
     made: list[Topology] = []
 
     def make(clients: int = 1) -> Topology:
-        topo = Topology(prefix=f"rt{os.getpid() % 1000}x{next(_counter)}", clients=clients)
+        # Random per topology: two test runs at once (or a leftover of a killed one)
+        # never share a namespace name.
+        topo = Topology(prefix=f"rt{secrets.token_hex(4)}", clients=clients)
         made.append(topo)
+        LIVE_TOPOLOGIES.append(topo)
         return topo.create()
 
-    yield make
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    for topo in made:
-        if failed:
-            for path in sorted(topo.workdir.glob("*.log")) + sorted(topo.workdir.glob("*.out")):
-                print(f"----- {path.name} -----\n{path.read_text(errors='replace')[-4000:]}")
-        topo.destroy()
+    try:
+        yield make
+    finally:
+        for topo in made:
+            LIVE_TOPOLOGIES.remove(topo)
+            topo.destroy()
+
+
+@pytest.fixture
+def make_topology() -> Iterator[Callable[..., Topology]]:
+    """Build namespace topologies for one test."""
+    with topologies() as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def make_module_topology() -> Iterator[Callable[..., Topology]]:
+    """Build namespace topologies shared by the tests of one module (each relay
+    start compiles the eBPF capture: seconds on a loaded machine)."""
+    with topologies() as make:
+        yield make
 
 
 @pytest.fixture

@@ -3,9 +3,10 @@
 ``python flood_client.py cycles N HOST PORT``: N TLS connect/disconnect cycles;
 prints JSON {"completed": handshakes done, "refused": connections reset or closed}.
 
-``python flood_client.py stall N HOLD_S HOST PORT SRC...``: N TCP connections
-spread over the source addresses, sending half a ClientHello and nothing more;
-holds them HOLD_S seconds; prints JSON {"opened": ..., "refused": ...}.
+``python flood_client.py stall N HOST PORT SRC...``: N TCP connections spread
+over the source addresses, sending half a ClientHello and nothing more; holds them
+until its standard input is closed; prints JSON {"opened": ..., "refused": ...,
+"alive_after_hold": connections the relay had not closed by then}.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import socket
 import ssl
 import sys
-import time
 
 
 def cycles(n: int, host: str, port: int) -> dict[str, int]:
@@ -34,7 +34,7 @@ def cycles(n: int, host: str, port: int) -> dict[str, int]:
     return out
 
 
-def stall(n: int, hold: float, host: str, port: int, sources: list[str]) -> dict[str, int]:
+def stall(n: int, host: str, port: int, sources: list[str]) -> dict[str, int]:
     socks, refused = [], 0
     for i in range(n):
         s = socket.socket()
@@ -47,7 +47,7 @@ def stall(n: int, hold: float, host: str, port: int, sources: list[str]) -> dict
         except OSError:
             refused += 1
             s.close()
-    time.sleep(hold)
+    sys.stdin.read()  # held until the test closes our standard input
     # Connections the relay has closed meanwhile read EOF or fail.
     alive = 0
     for s in socks:
@@ -67,6 +67,5 @@ if __name__ == "__main__":
     if mode == "cycles":
         result = cycles(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
     else:
-        result = stall(int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5]),
-                       sys.argv[6:])
+        result = stall(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5:])
     print(json.dumps(result), flush=True)

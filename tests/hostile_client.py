@@ -14,6 +14,9 @@ import time
 NON_READER_RCVBUF = 4096
 # DPD requests carry a payload the relay echoes; 1 KiB each fills its queue fast.
 DPD_PAYLOAD = b"d" * 1024
+# How long a stalling client waits for the relay to close on it: far past any
+# deadline the tests configure, so a missed deadline shows as "still open".
+STALL_WAIT_S = 30
 
 
 def tls(host: str, port: int, rcvbuf: int | None = None) -> ssl.SSLSocket:
@@ -38,6 +41,20 @@ def read_all(s: socket.socket) -> bytes:
     return out
 
 
+def wait_for_close(s: socket.socket, started: float) -> str:
+    """Read until the relay closes the connection or STALL_WAIT_S pass; say which,
+    and after how long (from ``started``: the TCP connect)."""
+    try:
+        while s.recv(65536):
+            pass
+        outcome = "closed"
+    except TimeoutError:
+        outcome = "still open"
+    except (OSError, ssl.SSLError):
+        outcome = "closed"
+    return f"{outcome} after {time.monotonic() - started:.2f} s"
+
+
 def login(s: ssl.SSLSocket) -> str:
     body = (b'<config-auth client="vpn" type="auth-reply"><auth><username>x</username>'
             b"<password>y</password></auth></config-auth>")
@@ -58,10 +75,13 @@ def main(scenario: str, host: str, port: int) -> str:
         s.sendall(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
         return f"closed after {len(read_all(s))} bytes"
     if scenario == "stall":  # TCP connect, then nothing: the handshake deadline
-        s = socket.create_connection((host, port), timeout=30)
+        s = socket.create_connection((host, port), timeout=STALL_WAIT_S)
+        return wait_for_close(s, time.monotonic())
+    if scenario == "login-stall":  # TLS, then nothing: the login deadline
         started = time.monotonic()
-        read_all(s)
-        return f"closed after {time.monotonic() - started:.1f} s"
+        s = tls(host, port)
+        s.settimeout(STALL_WAIT_S)
+        return wait_for_close(s, started)
     if scenario == "half-hello":  # stop in the middle of the ClientHello
         s = socket.create_connection((host, port), timeout=10)
         s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")

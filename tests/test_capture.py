@@ -32,6 +32,8 @@ from relay.packetlog.capture import Capture, FilterWatcher, wait_for
 from relay.packetlog.segments import PacketLogWriter
 from relay.times import parse_rfc3339
 
+pytestmark = pytest.mark.netns
+
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000

@@ -136,6 +136,32 @@ def test_tunnel_frames_split_at_every_byte() -> None:
     assert c.data_to_send() == frame(PacketType.DPD_RESP, b"probe")
 
 
+# An IPv4/UDP packet of 28 bytes (0x1c), as any client sends in a DATA frame.
+IP_PACKET = bytes.fromhex("4500001c00004000401100000ad300020a000001") + b"\x30\x39\x00\x35" \
+    + b"\x00\x08\x00\x00"
+
+
+def test_tunnel_frames_byte_for_byte_as_the_protocol_spells_them() -> None:
+    """Frames written by hand, not with cstp.frame: the OpenConnect protocol
+    (draft-mavrogiannopoulos-openconnect-03 section 2.2.2, and openconnect's
+    cstp.c) puts "STF", version 1, the payload length as 16 bits big-endian, the
+    type (0 data, 3 DPD request, 4 DPD response, 5 disconnect, 7 keepalive), a zero
+    byte, then the payload."""
+    c = tunnel()
+    [batch] = c.receive_data(b"STF\x01\x00\x1c\x00\x00" + IP_PACKET
+                             + b"STF\x01\x00\x00\x07\x00"
+                             + b"STF\x01\x00\x05\x03\x00probe", 0.0)
+    assert isinstance(batch, Packets) and batch.payloads() == [IP_PACKET]
+    assert c.data_to_send() == b"STF\x01\x00\x05\x04\x00probe"  # the DPD answer echoes
+    assert cstp.data_header(1400) == b"STF\x01\x05\x78\x00\x00"
+    # The relay's disconnect: reason code 0xb0 then the text, as openconnect sends its own.
+    c.disconnect("bye")
+    assert c.data_to_send() == b"STF\x01\x00\x04\x05\x00\xb0bye"
+    client_leaves = tunnel()
+    assert client_leaves.receive_data(b"STF\x01\x00\x04\x05\x00\xb0bye", 0.0) == [
+        PeerDisconnected("bye")]
+
+
 def test_data_pipelined_right_after_connect_waits_for_the_decision() -> None:
     c = CstpServer()
     [req] = c.receive_data(connect() + frame(PacketType.DATA, b"early"), 0.0)

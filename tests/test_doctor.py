@@ -4,6 +4,7 @@ broken (kernel headers hidden, a read-only data directory, a port taken)."""
 from __future__ import annotations
 
 import json
+import platform
 import socket
 import subprocess
 import sys
@@ -45,9 +46,23 @@ def test_doctor_passes_on_a_set_up_host(tmp_path: Path) -> None:
     rc, checks, err = doctor(config(tmp_path, free_port(), free_port()))
     assert rc == 0, err
     for name in ("root or capabilities", "BPF syscall and ring buffer", "TUN/TAP",
-                 "tc clsact", "bcc and kernel headers", "nftables", "free space", "clock",
-                 "collector", "open-files limit"):
-        assert checks[name]["status"] in ("ok", "warn"), checks[name]
+                 "tc clsact", "nftables", "free space", "collector", "open-files limit"):
+        assert checks[name]["status"] == "ok", checks[name]
+    # Two checks warn for a reason this test can see for itself: the kernel headers
+    # fallback (build points at another kernel's tree) and an unconfirmed NTP sync.
+    build = Path("/lib/modules", platform.release(), "build").resolve()
+    headers = checks["bcc and kernel headers"]
+    if platform.release() in str(build):
+        assert headers["status"] == "ok", headers
+    else:
+        assert headers["status"] == "warn" and f"fallback: build -> {build}" in \
+            headers["detail"], headers
+    clock = checks["clock"]
+    if Path("/run/systemd/timesync/synchronized").exists():
+        assert clock["status"] == "ok", clock
+    else:
+        assert clock["status"] == "warn" and "NTP synchronisation not confirmed" in \
+            clock["detail"], clock
     # The egress policy in force, checked by the kernel (nft -c).
     egress = checks["egress policy"]
     assert egress["status"] == "ok", egress
@@ -83,7 +98,7 @@ def test_doctor_names_the_fix_for_missing_headers_a_bad_dir_and_a_taken_port(
     assert "python" in busy["detail"]  # who holds it
     assert "required check(s) failed" in err
     # The host itself is untouched by the private mounts.
-    assert Path(f"/lib/modules/{__import__('platform').release()}/build").exists()
+    assert Path(f"/lib/modules/{platform.release()}/build").exists()
 
 
 def test_doctor_checks_the_open_files_limit_against_the_caps(tmp_path: Path) -> None:

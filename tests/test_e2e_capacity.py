@@ -9,11 +9,14 @@ import re
 import signal
 from collections.abc import Callable
 
+import pytest
 from conftest import records, scrape, wait_records
 
 from relay.clientconfig import openvpn_config
 from relay.config import Config
 from relay.netns import Topology, client_ip, relay_ip, wait_for
+
+pytestmark = pytest.mark.netns
 
 FULL = "the relay is full; try again later or another relay"
 

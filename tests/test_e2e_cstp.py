@@ -11,9 +11,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import pytest
 from conftest import records, wait_records
 
 from relay.netns import RELAY_UPLINK_IP, Topology, client_ip, relay_ip, run, wait_for
+
+pytestmark = pytest.mark.netns
 
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -90,7 +93,7 @@ def test_five_clients_at_once(make_topology: Callable[..., Topology]) -> None:
     topo.start_relay(data)
     clients = [topo.connect_openconnect(i, data, wait=False) for i in range(1, 6)]
     for i in range(1, 6):
-        wait_for(lambda i=i: topo.tunnel_ip(i) is not None, 30, f"client {i}")
+        wait_for(lambda i=i: topo.tunnel_up(i), 30, f"client {i}")
     vips = {i: topo.tunnel_ip(i) for i in range(1, 6)}
     assert len(set(vips.values())) == 5
     ports = {i: client_tcp_port(topo, i) for i in range(1, 6)}

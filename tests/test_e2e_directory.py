@@ -26,6 +26,8 @@ from shiputil import _ca, _leaf
 from relay.connlog import reader
 from relay.netns import Topology, relay_command, relay_ip, run, wait_for
 
+pytestmark = pytest.mark.netns
+
 ROOT = Path(__file__).resolve().parent.parent
 VPNGATE_NPM = ROOT / ".node" / "node_modules" / "vpn-gate"
 DIRECTORY_PORT = 8443

@@ -15,9 +15,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import records, scrape, wait_records
 
 from relay.netns import Topology, client_ip, relay_ip, run, wait_for
+
+pytestmark = pytest.mark.netns
 
 DTLS_UP = "Established DTLS connection"
 DTLS_DEAD = "DTLS Dead Peer Detection detected dead peer"

@@ -11,10 +11,13 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import pytest
+from conftest import scrape
 from test_e2e_openvpn import interface, openvpn_version, start_openvpn
-from test_e2e_service import scrape
 
 from relay.netns import INTERNET_IP, RELAY_UPLINK_IP, Topology, relay_ip, run, wait_for
+
+pytestmark = pytest.mark.netns
 
 PROBE = str(Path(__file__).with_name("egress_probe.py"))
 # Every namespace of the test listens here (tests/egress_probe.py).

@@ -20,6 +20,8 @@ from relay.config import Config, OpenVPNConfig
 from relay.netns import INTERNET_IP, Topology, client_ip, relay_ip, run, wait_for
 from relay.packetlog import segments
 
+pytestmark = pytest.mark.netns
+
 OPENVPN_PORT = 1194
 
 

@@ -13,8 +13,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import records
-from prometheus_client.parser import text_string_to_metric_families
+import pytest
+from conftest import records, scrape
 from test_e2e_openvpn import OPENVPN_PORT, client_port, openvpn_version, start_openvpn
 
 from relay.clientconfig import openvpn_config
@@ -24,6 +24,8 @@ from relay.protocols.openvpn.keys import HAND_WINDOW_S
 from relay.protocols.openvpn.reliable import TLS_TIMEOUT_S
 from relay.protocols.openvpn.wire import Opcode
 from relay.serve.openvpn_link import LIVE_ADDRESS_QUIET_S
+
+pytestmark = pytest.mark.netns
 
 HOSTILE = str(Path(__file__).with_name("openvpn_hostile.py"))
 # Forged sources: a part of RFC 2544's block that no test namespace uses, routed
@@ -37,12 +39,6 @@ DISTINCT_SOURCES = AbuseConfig().handshakes_total + 128
 # A retransmission of the relay's would come within this; the capture waits that
 # long after the last packet before it reports.
 QUIET_S = 2 * TLS_TIMEOUT_S + 1
-
-
-def scrape(topo: Topology) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = run(["curl", "-sS", "--fail", "http://127.0.0.1:9810/metrics"], topo.relay_ns).stdout
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def forge_resets(topo: Topology, src: str, count: int, sources: int = 1) -> dict[str, list]:

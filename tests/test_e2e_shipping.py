@@ -12,12 +12,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import records, wait_records
 from shiputil import make_pki, read_day_dir
 
 from relay.netns import INTERNET_IP, Topology, run, wait_for
 from relay.protocols import syslog5424 as s5
 from relay.serve.hotpath_py import HOST_MAX
+
+pytestmark = pytest.mark.netns
 
 HOSTS = 256
 # One keep-alive connection, one request per distinct Host, each answered before

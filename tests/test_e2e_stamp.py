@@ -10,9 +10,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import pytest
 from conftest import wait_records
 
 from relay.netns import INTERNET_IP, WEB_TLS_NAME, Topology, run
+
+pytestmark = pytest.mark.netns
 
 PIPELINED = (
     "import socket\n"

@@ -140,6 +140,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.netns
 def test_install_replace_remove_in_a_private_network_namespace() -> None:
     require_nft()
     proc = subprocess.run(["unshare", "--net", sys.executable, "-c", LIFECYCLE],

@@ -292,7 +292,7 @@ class StandInStreamLink(StreamLink[str]):
     def _refusal(self, message: str) -> list[str]:
         return []
 
-    def _start_failed(self, exc: OSError) -> None:
+    def _start_failed(self, exc: OSError, elapsed_s: float) -> None:
         pass
 
     def from_kernel(self, frame: bytes) -> None:

@@ -3,6 +3,7 @@ here from the same wire formats (the stock client is in test_e2e_openvpn.py)."""
 
 from __future__ import annotations
 
+import hmac
 import os
 import ssl
 import struct
@@ -322,6 +323,69 @@ def tunnel(tls: tuple[ssl.SSLContext, Path], tcp: bool = False,
     assert client.keys[0].plaintext.startswith(b"PUSH_REPLY,")
     feed(server, client, [client.ack_packet()])
     return server, client
+
+
+# --- the PRF and the reset exchange, against references written here ----------------
+
+
+def _p_hash(algorithm: str, secret: bytes, seed: bytes, size: int) -> bytes:
+    """P_hash of RFC 2246 section 5, written from the RFC for this test."""
+    out, a = b"", seed
+    while len(out) < size:
+        a = hmac.new(secret, a, algorithm).digest()
+        out += hmac.new(secret, a + seed, algorithm).digest()
+    return out[:size]
+
+
+def _rfc2246_prf(secret: bytes, label_and_seed: bytes, size: int) -> bytes:
+    half = (len(secret) + 1) // 2
+    return bytes(a ^ b for a, b in zip(_p_hash("md5", secret[:half], label_and_seed, size),
+                                       _p_hash("sha1", secret[-half:], label_and_seed, size),
+                                       strict=True))
+
+
+def test_key_expansion_against_a_prf_written_from_the_rfc() -> None:
+    """Independent of the relay's PRF: RFC 2246's PRF written out here (checked on
+    OpenVPN's own vector first), with the labels and order of OpenVPN's
+    generate_key_expansion_openvpn_prf (ssl.c)."""
+    secret = (b"Lorem ipsum dolor sit amet, consectetur adipisici elit, sed eiusmod tempor "
+              b"incidunt ut labore et dolore magna aliqua.")
+    seed = b"Quis aute iure reprehenderit in voluptate velit esse cillum dolore"
+    assert _rfc2246_prf(secret, seed, 32) == bytes.fromhex(
+        "d98c8518c85e946927916acfc2d592fbb1567e4b4b1459e6a904ac2ddab72d67")
+    pre, cr1, sr1, cr2, sr2 = (os.urandom(n) for n in (48, 32, 32, 32, 32))
+    csid, ssid = os.urandom(8), os.urandom(8)
+    master = _rfc2246_prf(pre, b"OpenVPN master secret" + cr1 + sr1, 48)
+    assert derive_key2(pre, cr1, sr1, cr2, sr2, csid, ssid) == _rfc2246_prf(
+        master, b"OpenVPN key expansion" + cr2 + sr2 + csid + ssid, 256)
+
+
+def test_the_reset_exchange_byte_for_byte_as_openvpn_writes_it(
+        tls: tuple[ssl.SSLContext, Path]) -> None:
+    """Packets written and read by hand from OpenVPN's layout (ssl_pkt.h,
+    reliable.c), not with build_control/parse_control: opcode << 3 | key id, the
+    8-byte session id, the ACK count, the acknowledged packet ids (32 bits each)
+    and the peer's session id when there are any, then the packet id (32 bits),
+    which P_ACK_V1 lacks."""
+    csid = bytes.fromhex("0102030405060708")
+    zero_pid = b"\x00\x00\x00\x00"
+    # P_CONTROL_HARD_RESET_CLIENT_V2 (7), key 0, no ACK, packet id 0: 14 bytes.
+    reset = b"\x38" + csid + b"\x00" + zero_pid
+    reply = reset_reply(COOKIE_KEY, PEER, reset, T0)
+    # P_CONTROL_HARD_RESET_SERVER_V2 (8), key 0, the cookie as session id, no ACK,
+    # packet id 0: as small as the reset.
+    assert reply is not None and len(reply) == 14
+    assert reply[0] == 0x40 and reply[9] == 0 and reply[10:] == zero_pid
+    cookie = reply[1:9]
+    # The stock client sends its reset again with the ACK of the server's: 26 bytes.
+    again = b"\x38" + csid + b"\x01" + zero_pid + cookie + zero_pid
+    proof = check_proof(COOKIE_KEY, PEER, again, T0)
+    assert proof is not None and proof.client_session_id == csid
+    server = OpenVPNServer(tls[0], tcp=False, peer_id=7, now=T0, proof=proof,
+                              wall=int(T0))
+    assert server.receive_datagram(again, T0) == []
+    # P_ACK_V1 (5) of the client's packet 0, back to the client's session: 22 bytes.
+    assert server.packets_to_send() == [b"\x28" + cookie + b"\x01" + zero_pid + csid]
 
 
 # --- the handshake ------------------------------------------------------------------------

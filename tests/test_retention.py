@@ -61,14 +61,57 @@ def test_archive_after_14_days_and_still_readable(tmp_path: Path) -> None:
     assert ret.disk_too_full() is False
 
 
-def test_delete_after_configured_age(tmp_path: Path) -> None:
-    audit, _, _, _ = _simulate(tmp_path, {"delete_after": 14.5 * DAY})
+def _segments_by_age(data: Path, now: float, ages: dict[str, float]) -> dict[str, Path]:
+    """One closed segment per name, whose newest record is ``ages[name]`` seconds
+    before ``now`` and whose oldest is an hour older still."""
+    clock = [now - 40 * DAY]
+    rotated: list[dict[str, Any]] = []
+    w = segments.PacketLogWriter(data, segment_seconds=SEGMENT, clock=lambda: clock[0],
+                                  audit=rotated.append)
+    w.open()
+    for i, age in enumerate(ages.values()):
+        recs = make_records(2, seed=i)
+        recs[0]["time_ns"] = int((now - age - 3600) * 1e9)
+        recs[1]["time_ns"] = int((now - age) * 1e9)
+        w.write(to_c(recs), len(recs))
+        clock[0] += SEGMENT
+        w.tick()
+    assert [r["action"] for r in rotated] == ["packetlog-rotate"] * len(ages)
+    return {name: Path(r["file"]) for name, r in zip(ages, rotated, strict=True)}
+
+
+def test_delete_after_cuts_at_the_newest_record_to_the_second(tmp_path: Path) -> None:
+    """The cut-off: a file whose newest record is delete_after old or older goes,
+    one a second younger stays (archived), whatever the age of its oldest record."""
+    delete_after = 20 * DAY
+    now = START + 60 * DAY
+    files = _segments_by_age(tmp_path, now, {
+        "a second past": delete_after + 1, "exactly at": delete_after,
+        "a second short": delete_after - 1, "fifteen days": 15 * DAY, "today": 3600})
+    audit: list[dict[str, Any]] = []
+    Retention(tmp_path, audit=audit.append, clock=lambda: now, delete_after=delete_after).run()
+    def archive(name: str) -> Path:
+        return files[name].with_name(files[name].name.removesuffix(segments.SEGMENT_SUFFIX)
+                                     + segments.ARCHIVE_SUFFIX)
+
+    # Every file past 14 days is archived first; the deletion pass then takes the
+    # archives at or past the cut-off.
+    archived = {a["file"] for a in audit if a["action"] == "packetlog-archive"}
+    assert archived == {str(files[n]) for n in
+                        ("a second past", "exactly at", "a second short", "fifteen days")}
     deleted = [a for a in audit if a["action"] == "packetlog-delete"]
-    assert deleted and all(a["reason"] == "older than delete_after" for a in deleted)
-    for a in deleted:
-        assert not Path(a["file"]).exists()
-    with pytest.raises(ValueError):
-        Retention(tmp_path, audit=print, delete_after=3 * DAY)
+    assert {a["file"] for a in deleted} == {str(archive("a second past")),
+                                            str(archive("exactly at"))}
+    assert {a["reason"] for a in deleted} == {"older than delete_after"}
+    assert not archive("a second past").exists() and not archive("exactly at").exists()
+    assert archive("a second short").exists() and archive("fifteen days").exists()
+    assert files["today"].exists()
+
+
+def test_delete_after_is_at_least_14_days() -> None:
+    Retention("/nonexistent", audit=print, delete_after=SEARCHABLE_SECONDS)
+    with pytest.raises(ValueError, match="at least 14 days"):
+        Retention("/nonexistent", audit=print, delete_after=SEARCHABLE_SECONDS - 1)
 
 
 def test_disk_guard_deletes_oldest_archives_only(tmp_path: Path) -> None:

@@ -39,6 +39,10 @@ COOKIE_TTL_S = 300.0
 CLIENT_WRITE_HARD_LIMIT = CLIENT_WRITE_HIGH_WATER + cstp.MAX_PENDING_OUTPUT
 
 
+# libuv's clock, and so a uvloop timer, counts whole milliseconds.
+LOOP_CLOCK_TICK_S = 0.001
+
+
 def handshake_failure_reason(exc: BaseException) -> str:
     """A metric label for a failed TLS handshake."""
     if isinstance(exc, TimeoutError):
@@ -102,7 +106,15 @@ class CstpLink(StreamLink[cstp.Event]):
     def __repr__(self) -> str:
         return f"{self.peer_ip}:{self.peer_port}"
 
-    def _start_failed(self, exc: OSError) -> None:
+    def _start_failed(self, exc: OSError, elapsed_s: float) -> None:
+        # Past the deadline uvloop aborts with ConnectionAbortedError (asyncio raises
+        # TimeoutError): either way it is the deadline, said as such. The loop's
+        # clock, as its timer's: that fires by it, never early.
+        deadline = self.host.settings.handshake_timeout_s
+        if elapsed_s >= deadline - LOOP_CLOCK_TICK_S:
+            self.host.count_handshake_failure("tls-timeout")
+            log.warning("refused %s: no TLS handshake within %g s", self, deadline)
+            return
         self.host.count_handshake_failure(handshake_failure_reason(exc))
         log.warning("refused %s: TLS handshake failed: %s", self, str(exc) or type(exc).__name__)
 

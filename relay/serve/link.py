@@ -283,17 +283,19 @@ class StreamLink(LinkBase[E], asyncio.Protocol):
         protocol takes over; a failure is the subclass's to tell (:meth:`_start_failed`)."""
         self.begin()
         timeout = self.host.settings.handshake_timeout_s if tls is not None else None
+        started = self.loop.time()
         try:
             await self.loop.connect_accepted_socket(lambda: self, sock, ssl=tls,
                                                     ssl_handshake_timeout=timeout)
         except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError are too
-            self._start_failed(exc)
+            self._start_failed(exc, self.loop.time() - started)
             sock.close()
             self._forget()
 
     @abc.abstractmethod
-    def _start_failed(self, exc: OSError) -> None:
-        """Count and log a connection that failed before it started."""
+    def _start_failed(self, exc: OSError, elapsed_s: float) -> None:
+        """Count and log a connection that failed ``elapsed_s`` (by the loop's
+        clock) into its start."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.closed:  # the login deadline passed meanwhile (a slow TLS handshake)

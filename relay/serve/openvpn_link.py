@@ -411,7 +411,7 @@ class OpenVPNTcpLink(OpenVPNLink, StreamLink[Event]):
     def __init__(self, listener: OpenVPNListener, peer: Peer, local_ip: str) -> None:
         super().__init__(listener, peer, local_ip, tcp=True)
 
-    def _start_failed(self, exc: OSError) -> None:
+    def _start_failed(self, exc: OSError, elapsed_s: float) -> None:
         log.warning("refused %s: %s", self, exc.strerror)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
