@@ -140,3 +140,14 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     path.write_bytes(b'[directory]\noperator = "M\xfcller"\n')
     with pytest.raises(ConfigError, match=r"relay.toml: not UTF-8 text \(byte 25\)"):
         config.load(path)
+
+
+def test_the_demo_config_is_the_example_with_its_values(tmp_path: Path) -> None:
+    from relay.demo import demo_config
+
+    text = demo_config(tmp_path / "data", "veth-up0")
+    cfg = config.from_text(text.encode(), "demo")
+    assert cfg.server.uplink == "veth-up0" and cfg.data_dir == tmp_path / "data"
+    assert config.changed_keys(cfg) == ["[server] uplink", "[logs] data_dir"]
+    assert text == config.example({"server": {"listen": "0.0.0.0:443", "uplink": "veth-up0"},
+                                   "logs": {"data_dir": str(tmp_path / "data")}})
