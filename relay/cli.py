@@ -383,7 +383,7 @@ def _directory_config(args: argparse.Namespace) -> configmod.Config:
     try:
         return configmod.from_dict({
             "server": {"id": args.id},
-            "logs": {"data_dir": args.data_dir, "connlog_keep": f"{args.keep}d"},
+            "logs": {"data_dir": args.data_dir, "connlog_keep": args.keep},
             "forward": forward,
             "metrics": {"listen": args.metrics_listen},
             # A list download is one short request: short connections are the
@@ -409,6 +409,8 @@ def cmd_directory(args: argparse.Namespace) -> int:
     if not (args.cert and args.key and args.ca):
         raise RelayError("directory: --cert, --key and --ca are required (see relay "
                          "directory --help)")
+    if configmod.parse_duration_arg(args.keep, "--keep") < 90 * 86400:
+        raise RelayError(f"directory --keep {args.keep}: the access log is kept at least 90d")
     cfg = _directory_config(args)
     window = float(configmod.parse_duration_arg(args.window, "--window"))
     if window < 1 or args.partial < 0:
@@ -695,8 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial", type=int, default=0, metavar="N",
                    help="give each requester network (/24, /48) only N relays, a subset "
                         "fixed per network and UTC day (default 0: the whole list)")
-    p.add_argument("--keep", type=int, default=90, metavar="DAYS",
-                   help="days of access log kept (default and minimum 90)")
+    p.add_argument("--keep", default="90d", metavar="DURATION",
+                   help="how long the access log is kept (default and minimum 90d)")
     p.add_argument("--metrics-listen", default="127.0.0.1:9811", metavar="HOST:PORT",
                    help="Prometheus metrics (default 127.0.0.1:9811; empty = off)")
     p.add_argument("--rate-per-ip", type=float, default=5.0, metavar="N",

@@ -159,6 +159,10 @@ def bad_inputs(tmp: Path, data: Path) -> list[tuple[str, list[str], int, str]]:
         ("access slack nan", ["logs", "access", *d, *at, "--slack", "nan"], 2, "--slack"),
         ("directory window", ["directory", "--cert", "c", "--key", "k", "--ca", "a",
                               "--window", "soon"], 2, "--window"),
+        ("directory keep", ["directory", "--cert", "c", "--key", "k", "--ca", "a",
+                            "--keep", "30d"], 2, "at least 90d"),
+        ("directory keep in days", ["directory", "--cert", "c", "--key", "k", "--ca", "a",
+                                    "--keep", "90"], 2, "--keep"),
         ("install-service, no config", ["install-service", "-o", str(tmp / "u.service")], 2,
          "--config"),
     ]
