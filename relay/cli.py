@@ -18,7 +18,15 @@ from typing import Any, NoReturn
 import relay
 from relay import config as configmod
 from relay import sessionid, times
-from relay.errors import EXIT_BUG, EXIT_INCOMPLETE, EXIT_NOTHING, EXIT_OK, EXIT_USAGE, RelayError
+from relay.errors import (
+    EXIT_BUG,
+    EXIT_INCOMPLETE,
+    EXIT_MEANINGS,
+    EXIT_NOTHING,
+    EXIT_OK,
+    EXIT_USAGE,
+    RelayError,
+)
 from relay.investigate.options import add_filters, add_output
 from relay.safeout import escape_text, json_text
 
@@ -528,6 +536,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="relay",
+        epilog="exit status: " + ", ".join(
+            f"{status} {short}" for status, (short, _) in sorted(EXIT_MEANINGS.items()))
+        + " (relay(8): EXIT STATUS)",
         description="Packet-logging VPN relay: serves stock VPN clients, keeps the "
                     "connection log and the packet log that trace abuse to one session.")
     parser.add_argument("--version", action="version", version=f"relay {relay.__version__}")

@@ -128,8 +128,8 @@ def man_relay(parser: argparse.ArgumentParser) -> str:
                 lines += [".TP", f"\\fI{roff(_metavar(a))}\\fR"]
             lines += _para(a.help or "")
     lines += [".SH EXIT STATUS"]
-    for status, meaning in sorted(EXIT_MEANINGS.items()):
-        lines += [".TP", f"\\fB{status}\\fR", *_para(meaning)]
+    for status, (short, meaning) in sorted(EXIT_MEANINGS.items()):
+        lines += [".TP", f"\\fB{status}\\fR ({roff(short)})", *_para(meaning)]
     lines += [".SH ENVIRONMENT", ".TP", "\\fBRELAY_DEBUG\\fR",
               *_para("set: an internal error shows its traceback instead of one line"),
               ".SH FILES", ".TP", "\\fI/var/lib/relay\\fR",
