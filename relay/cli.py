@@ -187,13 +187,15 @@ def _connection_line(row: dict[str, Any]) -> str:
     parts = [escape_text(row.get("time", "?")), escape_text(row["action"]).ljust(10)]
     if "detail" in row:  # an audit record: its own fields, compactly, as JSON
         return "  ".join([*parts, json_text(row["detail"])])
-    fields = [row["session_id"], row["client"], row["protocol"], row["virtual_ip"],
+    def v(key: str) -> object:
+        return "-" if row[key] is None else row[key]
+
+    fields = [v("session_id"), row["client"], v("protocol"), v("virtual_ip"),
               row["client_software"]]
     if row["action"] == "disconnect":
-        fields += [f"pkts {row['packets_in']}/{row['packets_out']}",
-                   f"bytes {row['bytes_in']}/{row['bytes_out']}", f"{row['duration_s']}s",
-                   row["reason"]]
-    return "  ".join([*parts, *(escape_text(f if f is not None else "-") for f in fields)])
+        fields += [f"pkts {v('packets_in')}/{v('packets_out')}",
+                   f"bytes {v('bytes_in')}/{v('bytes_out')}", f"{v('duration_s')}s", v("reason")]
+    return "  ".join([*parts, *(escape_text(f) for f in fields)])
 
 
 def cmd_logs_access(args: argparse.Namespace) -> int:
