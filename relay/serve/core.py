@@ -413,9 +413,11 @@ class Relay:
     def _directory_state(self) -> dict[str, int]:
         """What a heartbeat reports of the relay's life (relay.serve.registration)."""
         st = self.stats
+        assert self.datapath is not None
+        traffic = self.datapath.traffic
         return {"sessions_active": sum(st.sessions_active.values()),
                 "sessions_total": sum(st.sessions_total.values()),
-                "traffic_bytes": st.bytes_in + st.bytes_out}
+                "traffic_bytes": traffic.bytes_in + traffic.bytes_out}
 
     async def _start_metrics(self) -> None:
         if not self.cfg.metrics.listen:
