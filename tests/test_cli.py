@@ -407,3 +407,13 @@ def test_client_config_never_makes_a_certificate_the_relay_would_not_use(
     assert code == EXIT_OK and out_file.stat().st_mode & 0o777 == 0o600
     assert "<ca>" in out_file.read_text()
 
+
+
+def test_ipv6_clients_of_the_directory_access_log_print_with_brackets(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    log = daylog.ConnectionLog(tmp_path)
+    log.append({"action": "list-download", "client": {"ip": "2001:db8::7", "port": 443},
+                "status": 200, "request": {"method": "GET", "path": "/api/iphone/"}})
+    log.close()
+    code, out, _ = run(capsys, "logs", "access", "--data-dir", str(tmp_path))
+    assert code == EXIT_OK and "[2001:db8::7]:443" in out
