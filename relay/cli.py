@@ -27,7 +27,6 @@ from relay.errors import (
     EXIT_USAGE,
     RelayError,
 )
-from relay.investigate.options import add_filters, add_output
 from relay.safeout import escape_text, json_text
 
 # Set to see the traceback of an internal error (a bug) instead of its one line.
@@ -536,6 +535,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from relay.investigate.options import add_filters, add_output
+
     parser = Parser(
         prog="relay",
         epilog="exit status: " + ", ".join(

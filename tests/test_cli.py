@@ -214,6 +214,31 @@ def test_a_stale_c_module_while_the_parser_is_built_is_one_line(tmp_path: Path) 
                           "pip install .\n"
 
 
+STALE_C_MODULE = """
+import sys, types
+from types import SimpleNamespace as NS
+fake = types.ModuleType("relay._cext")
+fake.lib = NS(RELAY_HP_TAG_LEN=8, relay_cext_abi=lambda: 0)
+fake.ffi = NS(typeof=lambda s: NS(fields=[("session_id", NS(type=NS(length=16)))]))
+sys.modules["relay._cext"] = fake
+from relay import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_stale_c_module_is_one_line_and_version_still_answers(data: Path) -> None:
+    """A C module of another ABI: importing the command needs none of it (before,
+    importing relay.cli reached it and every command ended in a traceback);
+    commands that read the packet log say so in one line."""
+    proc = subprocess.run([sys.executable, "-c", STALE_C_MODULE, "--version"],
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (EXIT_OK, ""), proc.stderr
+    proc = subprocess.run([sys.executable, "-c", STALE_C_MODULE, "logs", "packets",
+                           "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_USAGE and proc.stderr == (
+        "relay: error: relay._cext is stale (ABI 0, want 1); rebuild with pip install .\n")
+
+
 def test_an_internal_error_is_one_line_unless_debugging(tmp_path: Path) -> None:
     code = ("import sys\n"
             "from relay import cli, opscli\n"

@@ -18,14 +18,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import tzinfo
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from relay import chain, sessionid, times
 from relay.config import parse_duration_arg
 from relay.connlog import daylog
 from relay.errors import EXIT_INCOMPLETE, EXIT_NOTHING, EXIT_OK, RelayError
-from relay.investigate.search import Query, normalize_ip, parse_dst
 from relay.safeout import csv_cell, escape_text, json_text, private_file
+
+if TYPE_CHECKING:  # search reads the packet log, whose C module the parser must not need
+    from relay.investigate.search import Query
 
 FORMATS = ("table", "json", "csv")
 # --slack widens --at; a week either side of a reported moment already names
@@ -90,6 +92,8 @@ def query_of(args: argparse.Namespace) -> tuple[Query, tzinfo]:
     """(the search Query, the --tz zone) from whichever filters the command has.
     Every time given without a zone is said on stderr with the UTC time it was
     read as, so the investigator sees which zone was used."""
+    from relay.investigate.search import Query, normalize_ip, parse_dst
+
     def opt(name: str) -> Any:
         return getattr(args, name, None)
 
