@@ -1,4 +1,5 @@
-"""The ``relay`` command. Errors are one line on stderr and a non-zero exit."""
+"""The ``relay`` command. Errors are one line on stderr, never a traceback, and
+every command ends with one of the exit statuses of relay.errors."""
 
 from __future__ import annotations
 
@@ -8,23 +9,44 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
+from datetime import UTC
 from pathlib import Path
+from typing import Any, NoReturn
 
+import relay
 from relay import config as configmod
-from relay import sessionid
-from relay.errors import RelayError
+from relay import sessionid, times
+from relay.errors import (
+    EXIT_BUG,
+    EXIT_INCOMPLETE,
+    EXIT_MEANINGS,
+    EXIT_NOTHING,
+    EXIT_OK,
+    EXIT_USAGE,
+    RelayError,
+)
 from relay.safeout import escape_text, json_text
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+# Set to see the traceback of an internal error (a bug) instead of its one line.
+DEBUG_ENV = "RELAY_DEBUG"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"relay: error: {escape_text(self.prog)}: {escape_text(message)} "
+              f"(see {escape_text(self.prog)} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR",
                    help=f"the relay's data directory (default {configmod.DEFAULT_DATA_DIR}, "
                         "or [logs] data_dir of --config)")
-    p.add_argument("--config", metavar="FILE", help="TOML config file (see relay serve --help)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (see relay.toml(5))")
 
 
 def _config(args: argparse.Namespace) -> configmod.Config:
@@ -32,6 +54,14 @@ def _config(args: argparse.Namespace) -> configmod.Config:
     if args.data_dir:
         cfg = cfg.with_data_dir(args.data_dir)
     return cfg
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    """The data directory a read command reads: refused unless it holds relay
+    data (investigate.options.require_relay_data)."""
+    from relay.investigate.options import require_relay_data
+
+    return require_relay_data(_config(args).data_dir)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -66,136 +96,199 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+CONNECTION_FIELDS = ("time", "action", "session_id", "client", "protocol", "virtual_ip",
+                     "client_software", "packets_in", "packets_out", "bytes_in", "bytes_out",
+                     "duration_s", "reason", "detail")
+
+
 def cmd_logs_connections(args: argparse.Namespace) -> int:
+    """The log's records, filtered: --from/--to on the record's time; --at names
+    the sessions connected at T (as search does) and prints their records;
+    --session and --client-ip keep the session records that match."""
     from relay.connlog import reader
+    from relay.investigate import search
+    from relay.investigate.options import (
+        Results,
+        RowWriter,
+        open_output,
+        output_format,
+        query_of,
+    )
+    from relay.sessionview import record_time
 
-    def warn(msg: str) -> None:
-        print(f"relay: warning: {escape_text(msg)}", file=sys.stderr)
+    data_dir = _data_dir(args)
+    q, tz = query_of(args)
+    results = Results()
+    named = None
+    if q.at is not None:
+        named = set(search.find_sessions(data_dir, q, on_error=results.warn)[0])
+    session_filter = named is not None or q.session or q.client_ip
+    found = 0
+    with open_output(args) as out:
+        fmt = output_format(args)
+        w = RowWriter(out, fmt, CONNECTION_FIELDS, line=_connection_line)
+        for rec in reader.iter_records(data_dir, on_error=results.warn):
+            sid = rec.get("session_id")
+            if session_filter:
+                client = rec.get("client")
+                if rec.get("action") not in ("connect", "disconnect") \
+                        or not isinstance(sid, str) \
+                        or (named is not None and sid not in named) \
+                        or (q.session and not sid.startswith(q.session)) \
+                        or (q.client_ip and not (isinstance(client, dict)
+                                                 and client.get("ip") == q.client_ip)):
+                    continue
+            if q.lo is not None or q.hi is not None:
+                t = record_time(rec.get("time"))
+                if t is None or (q.lo is not None and t < q.lo) \
+                        or (q.hi is not None and t >= q.hi):
+                    continue
+            found += 1
+            w.write(rec if fmt == "json" else _connection_row(rec, tz))
+        w.close()
+    return results.status(bool(found))
 
-    cfg = _config(args)
-    out = sys.stdout
-    for rec in reader.iter_records(cfg.data_dir, on_error=warn):
-        if args.json:
-            out.write(json_text(rec) + "\n")
-        else:
-            out.write(_connection_line(rec) + "\n")
-    return 0
+
+def _connection_row(rec: dict[str, Any], tz: Any) -> dict[str, Any]:
+    """A record as a table or CSV row: the session fields flattened, an audit
+    record's own fields as JSON in ``detail``; a field of the wrong type (an older
+    relay, a forged copy) shows as it is."""
+    from relay.netaddr import hostport
+    from relay.sessionview import record_time
+
+    def obj(key: str) -> dict[str, Any]:
+        value = rec.get(key)
+        return value if isinstance(value, dict) else {}
+
+    t = record_time(rec.get("time"))
+    action = rec.get("action", "?")
+    row: dict[str, Any] = {"time": times.format_in(t, tz) if t is not None else rec.get("time"),
+                           "action": action}
+    if action not in ("connect", "disconnect"):
+        row["detail"] = {k: v for k, v in rec.items()
+                         if k not in ("id", "time", "action", "server")}
+        return row
+    client, sw = obj("client"), obj("client_software")
+    p, b = obj("packets"), obj("bytes")
+    row.update(session_id=rec.get("session_id"),
+               client=hostport(client.get("ip", "-"), client.get("port", "-")),
+               protocol=rec.get("protocol"), virtual_ip=rec.get("virtual_ip"),
+               client_software=f"{sw.get('name')} {sw.get('version')}")
+    if action == "disconnect":
+        row.update(packets_in=p.get("in"), packets_out=p.get("out"), bytes_in=b.get("in"),
+                   bytes_out=b.get("out"), duration_s=rec.get("duration_s"),
+                   reason=rec.get("reason"))
+    return row
+
+
+def _connection_line(row: dict[str, Any]) -> str:
+    """A table line of a _connection_row, every field escaped (escape_text)."""
+    parts = [escape_text(row.get("time", "?")), escape_text(row["action"]).ljust(10)]
+    if "detail" in row:  # an audit record: its own fields, compactly, as JSON
+        return "  ".join([*parts, json_text(row["detail"])])
+    def v(key: str) -> object:
+        return "-" if row[key] is None else row[key]
+
+    fields = [v("session_id"), row["client"], v("protocol"), v("virtual_ip"),
+              row["client_software"]]
+    if row["action"] == "disconnect":
+        fields += [f"pkts {v('packets_in')}/{v('packets_out')}",
+                   f"bytes {v('bytes_in')}/{v('bytes_out')}", f"{v('duration_s')}s", v("reason")]
+    return "  ".join([*parts, *(escape_text(f) for f in fields)])
 
 
 def cmd_logs_access(args: argparse.Namespace) -> int:
-    from relay import times
-    from relay.investigate.access import (
-        COLUMNS,
-        DEFAULT_AT_SLACK_S,
-        record_time,
-        row,
-        search_access,
+    from relay.investigate.access import COLUMNS, record_time, row, search_access
+    from relay.investigate.options import (
+        Results,
+        RowWriter,
+        open_output,
+        output_format,
+        query_of,
     )
 
-    def warn(msg: str) -> None:
-        print(f"relay: warning: {escape_text(msg)}", file=sys.stderr)
-
-    tz = times.parse_zone(args.tz)
-    if args.at and (args.start or args.end):
-        raise RelayError("give --at or --from/--to, not both")
-    lo = hi = None
-    if args.at:
-        at = times.parse_time(args.at, tz, "--at").timestamp()
-        slack = DEFAULT_AT_SLACK_S if args.slack is None else args.slack
-        if not 0 <= slack < float("inf"):
-            raise RelayError(f"--slack {args.slack}: give a number of seconds >= 0")
-        lo, hi = at - slack, at + slack + 0.001
-    if args.start:
-        lo = times.parse_time(args.start, tz, "--from").timestamp()
-    if args.end:
-        hi = times.parse_time(args.end, tz, "--to").timestamp()
-    client_ip = None
-    if args.client_ip:
-        from relay.investigate.search import normalize_ip
-
-        client_ip = normalize_ip(args.client_ip, "--client-ip")
+    q, tz = query_of(args)
+    lo, hi = q.lo, q.hi
+    if q.at is not None:
+        lo, hi = q.at - q.slack, q.at + q.slack + 0.001
+    results = Results()
     found = 0
-    if not args.json:
-        print("  ".join(COLUMNS))
-    for rec in search_access(_config(args).data_dir, lo=lo, hi=hi, client_ip=client_ip,
-                             on_error=warn):
-        found += 1
-        if args.json:
-            print(json_text(rec))
-        else:
+    with open_output(args) as out:
+        fmt = output_format(args)
+        w = RowWriter(out, fmt, COLUMNS, line=lambda r: "  ".join(
+            escape_text(v) if v not in ("", None) else "-" for v in r.values()))
+        if fmt == "table":
+            out.write("  ".join(COLUMNS) + "\n")
+        for rec in search_access(_data_dir(args), lo=lo, hi=hi, client_ip=q.client_ip,
+                                 on_error=results.warn):
+            found += 1
+            if fmt == "json":
+                w.write(rec)
+                continue
             r = row(rec)
             r["time"] = times.format_in(record_time(rec), tz)
-            print("  ".join(escape_text(v) if v != "" else "-" for v in r.values()))
+            w.write(r)
+        w.close()
     if not found:
         print("relay: no matching access record", file=sys.stderr)
-    return 0
+    return results.status(bool(found))
 
 
-def cmd_logs_ua_lookup(args: argparse.Namespace) -> int:
-    """The session(s) whose tag ends a stamped User-Agent (a value shorter than the
-    tag carries the tag's first characters, so it can match several)."""
-    from relay.connlog import reader
-
-    tail = args.user_agent.strip()[-sessionid.TAG_LEN:]
-    if not tail:
-        raise RelayError("empty User-Agent")
-    cfg = _config(args)
-    sessions: dict[str, dict] = {}
-    for rec in reader.iter_records(cfg.data_dir):
-        sid = rec.get("session_id")
-        if not isinstance(sid, str) or rec.get("action") not in ("connect", "disconnect"):
-            continue
-        if not sessionid.tag(sid).startswith(tail):
-            continue
-        row = sessions.setdefault(sid, {"session_id": sid, "relay": None, "connect_time": None,
-                                        "disconnect_time": None, "client_ip": None,
-                                        "client_port": None})
-        server, client = rec.get("server"), rec.get("client")
-        server = server if isinstance(server, dict) else {}
-        client = client if isinstance(client, dict) else {}
-        row["relay"] = server.get("id")
-        row["client_ip"], row["client_port"] = client.get("ip"), client.get("port")
-        row["connect_time" if rec["action"] == "connect" else "disconnect_time"] = \
-            rec.get("time")
-    if not sessions:
-        print(f"relay: no session with tag {tail!r} in {cfg.data_dir}", file=sys.stderr)
-        return EXIT_ERROR
-    for row in sessions.values():
-        if args.json:
-            print(json_text(row))
-        else:
-            print(escape_text(f"{row['session_id']}  relay {row['relay']}  "
-                              f"{row['client_ip']}:{row['client_port']}  "
-                              f"{row['connect_time']} -> {row['disconnect_time'] or '(open)'}"))
-    return 0
+PACKET_FIELDS = ("time", "session_id", "client_ip", "client_port", "direction", "src_ip",
+                 "src_port", "dst_ip", "dst_port", "flags", "seq", "ack", "window", "len")
 
 
 def cmd_logs_packets(args: argparse.Namespace) -> int:
-    from datetime import UTC
-
-    from relay import times
+    from relay.investigate import search
+    from relay.investigate.cli import spans
+    from relay.investigate.options import (
+        Results,
+        RowWriter,
+        open_output,
+        output_format,
+        query_of,
+    )
+    from relay.netaddr import hostport
     from relay.packetlog import segments
 
-    def warn(path: str, reason: str) -> None:
-        print(f"relay: warning: {escape_text(path)}: {escape_text(reason)}", file=sys.stderr)
+    data_dir = _data_dir(args)
+    q, tz = query_of(args)
+    results = Results()
+    # The sessions whose packets the window can hold: the connection log names them.
+    candidates, _ = search.find_sessions(data_dir, q)
+    results.check_packet_log(data_dir, q, spans(list(candidates.values())))
+    lo, hi = q.packet_window
+    whole = q.session if q.session and sessionid.is_valid(q.session) else None
 
-    cfg = _config(args)
-    if args.session:
-        sessionid.check(args.session, "--session")
-    start = times.parse_time(args.start, UTC, "--from") if args.start else None
-    end = times.parse_time(args.end, UTC, "--to") if args.end else None
-    out = sys.stdout
-    for r in segments.iter_records(cfg.data_dir, session=args.session, start=start, end=end,
-                                    on_error=warn):
-        if args.json:
-            out.write(json.dumps(r) + "\n")
-        else:
-            out.write(f"{r['time']}  {r['session_id'] or '-':<{sessionid.TEXT_LEN}}  "
-                      f"{r['client_ip']}:{r['client_port']}  {r['direction']:<3}  "
-                      f"{r['src_ip']}:{r['src_port']} > {r['dst_ip']}:{r['dst_port']}  "
-                      f"[{r['flags']}] seq {r['seq']} ack {r['ack']} win {r['window']} "
-                      f"len {r['len']}\n")
-    return 0
+    def line(r: dict[str, Any]) -> str:
+        when = r["time"] if tz is UTC else \
+            times.format_in(times.parse_rfc3339_ns(r["time"]) / times.NS, tz)
+        return (f"{when}  {r['session_id'] or '-':<{sessionid.TEXT_LEN}}  "
+                f"{hostport(r['client_ip'], r['client_port'])}  {r['direction']:<3}  "
+                f"{hostport(r['src_ip'], r['src_port'])} > {hostport(r['dst_ip'], r['dst_port'])}"
+                f"  [{r['flags']}] seq {r['seq']} ack {r['ack']} win {r['window']} "
+                f"len {r['len']}")
+
+    found = 0
+    with open_output(args) as out:
+        w = RowWriter(out, output_format(args), PACKET_FIELDS, line=line)
+        for r in segments.iter_records(data_dir, session=whole, start=lo, end=hi,
+                                        client_ip=q.client_ip, address=q.dst_ip,
+                                        on_error=results.warn):
+            if q.session and not (r["session_id"] or "").startswith(q.session):
+                continue
+            if (q.dst_ip or q.dst_port) and not _talks_to(r, q.dst_ip, q.dst_port):
+                continue
+            found += 1
+            w.write(r)
+        w.close()
+    return results.status(bool(found))
+
+
+def _talks_to(r: dict[str, Any], ip: str | None, port: int | None) -> bool:
+    """The packet goes to or comes from ``ip`` (and ``port``)."""
+    return any((ip is None or r[f"{end}_ip"] == ip) and (port is None or r[f"{end}_port"] == port)
+               for end in ("src", "dst"))
 
 
 def cmd_logging(args: argparse.Namespace) -> int:
@@ -233,96 +326,24 @@ def cmd_logging(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connection_line(rec: dict) -> str:
-    """One record as a text line, every field from the log escaped (escape_text);
-    a field of the wrong type (an older relay, a forged copy) shows as it is."""
-    def obj(key: str) -> dict:
-        value = rec.get(key)
-        return value if isinstance(value, dict) else {}
-
-    client, sw, action = obj("client"), obj("client_software"), rec.get("action", "?")
-    parts = [escape_text(rec.get("time", "?")), escape_text(action).ljust(10)]
-    if action not in ("connect", "disconnect"):
-        # Audit records: their own fields, compactly, as JSON (json_text escapes).
-        rest = {k: v for k, v in rec.items() if k not in ("id", "time", "action", "server")}
-        return "  ".join([*parts, json_text(rest)])
-    fields = [rec.get("session_id", "-"), f"{client.get('ip', '-')}:{client.get('port', '-')}",
-              rec.get("protocol"), rec.get("virtual_ip"),
-              f"{sw.get('name')} {sw.get('version')}"]
-    if action == "disconnect":
-        p, b = obj("packets"), obj("bytes")
-        fields += [f"pkts {p.get('in')}/{p.get('out')}", f"bytes {b.get('in')}/{b.get('out')}",
-                   f"{rec.get('duration_s')}s", rec.get("reason")]
-    return "  ".join([*parts, *(escape_text(f) for f in fields)])
-
-
-def cmd_ban(args: argparse.Namespace) -> int:
-    """Through the running relay's control socket; straight on the files when no
-    relay runs on this data directory (it then finds the change at its start)."""
-    import time
-
-    from relay import control
-    from relay.connlog import daylog
-    from relay.serve.abuse import Abuse, parse_network
-    from relay.times import rfc3339_ms
-
-    cfg = _config(args)
-    # A clear error before anything is sent; and the canonical network, so a ban
-    # on ::ffff:198.51.100.7 is the ban on 198.51.100.7/32.
-    target = parse_network(args.target) if args.ban_command in ("add", "remove") else ""
-    request: dict = {"cmd": f"ban-{args.ban_command}"}
-    if args.ban_command == "add":
-        request.update(target=target, duration_s=configmod.parse_duration_arg(args.duration),
-                       reason=args.reason)
-    elif args.ban_command == "remove":
-        request["target"] = target
-    try:
-        response = control.request(cfg.data_dir, request)
-    except control.NotRunning:
-        log = daylog.ConnectionLog(cfg.data_dir)
-
-        def audit(record: dict) -> None:
-            log.append({**record, "server": {"id": cfg.server.id}})
-
-        abuse = Abuse(cfg.abuse, cfg.data_dir, audit, time.time)
-        if args.ban_command == "add":
-            response = {"ban": vars(abuse.add_ban(request["target"], request["duration_s"],
-                                                  args.reason, by="operator"))}
-        elif args.ban_command == "remove":
-            if not abuse.remove_ban(target):
-                raise RelayError(f"no ban on {target}") from None
-            response = {}
-        else:
-            abuse.expire()
-            response = {"bans": [vars(b) for b in abuse.bans.values()]}
-        log.close()
-    bans = response.get("bans") or ([response["ban"]] if "ban" in response else [])
-    for ban in bans:
-        if args.json:
-            print(json.dumps({**ban, "until": rfc3339_ms(ban["until"])}))
-        else:
-            print(f"{ban['network']:<20} until {rfc3339_ms(ban['until'])}  "
-                  f"offences {ban['offences']}  {ban['reason']}")
-    if args.ban_command == "remove":
-        print(f"removed the ban on {target}")
-    return 0
-
-
 def cmd_ship_status(args: argparse.Namespace) -> int:
     from relay.connlog.forwarder import ship_status
+    from relay.investigate.options import open_output, output_format
 
     cfg = _config(args)
-    st = ship_status(cfg.data_dir)
-    if args.json:
-        print(json.dumps(st))
-        return 0
-    print(f"collector: {cfg.forward.collector or '(none: the connection log stays local)'}")
-    for key in ("state", "running", "backlog_records", "backlog_bytes", "position",
-                "last_success", "last_error", "last_error_time", "consecutive_failures",
-                "confirmation", "records_sent", "set_aside", "last_note"):
-        if key in st:
-            print(f"{key.replace('_', ' ')}: {st[key]}")
-    return 0
+    st = ship_status(_data_dir(args))
+    with open_output(args) as out:
+        if output_format(args) == "json":
+            out.write(json_text(st) + "\n")
+            return EXIT_OK
+        out.write(f"collector: {cfg.forward.collector or '(none: the connection log stays local)'}"
+                  "\n")
+        for key in ("state", "running", "backlog_records", "backlog_bytes", "position",
+                    "last_success", "last_error", "last_error_time", "consecutive_failures",
+                    "confirmation", "records_sent", "set_aside", "last_note"):
+            if key in st:
+                out.write(f"{key.replace('_', ' ')}: {escape_text(st[key])}\n")
+    return EXIT_OK
 
 
 def cmd_collector(args: argparse.Namespace) -> int:
@@ -359,7 +380,7 @@ def cmd_collector_verify(args: argparse.Namespace) -> int:
 
     report = verify(Path(args.verify_data_dir))
     sys.stdout.write(json.dumps(report.to_dict()) + "\n" if args.json else report.text())
-    return 0 if report.ok else EXIT_ERROR
+    return EXIT_OK if report.ok else EXIT_INCOMPLETE
 
 
 def _directory_config(args: argparse.Namespace) -> configmod.Config:
@@ -371,7 +392,7 @@ def _directory_config(args: argparse.Namespace) -> configmod.Config:
     try:
         return configmod.from_dict({
             "server": {"id": args.id},
-            "logs": {"data_dir": args.data_dir, "connlog_keep": f"{args.keep}d"},
+            "logs": {"data_dir": args.data_dir, "connlog_keep": args.keep},
             "forward": forward,
             "metrics": {"listen": args.metrics_listen},
             # A list download is one short request: short connections are the
@@ -397,8 +418,10 @@ def cmd_directory(args: argparse.Namespace) -> int:
     if not (args.cert and args.key and args.ca):
         raise RelayError("directory: --cert, --key and --ca are required (see relay "
                          "directory --help)")
+    if configmod.parse_duration_arg(args.keep, "--keep") < 90 * 86400:
+        raise RelayError(f"directory --keep {args.keep}: the access log is kept at least 90d")
     cfg = _directory_config(args)
-    window = float(configmod.parse_duration_arg(args.window))
+    window = float(configmod.parse_duration_arg(args.window, "--window"))
     if window < 1 or args.partial < 0:
         raise RelayError("directory: --window must be at least 1s and --partial >= 0")
 
@@ -454,41 +477,55 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if failed:
         print(f"relay: {len(failed)} required check(s) failed: {', '.join(failed)}",
               file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_NOTHING
     return 0
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
     from relay import service
 
+    output = Path(args.output) if args.output else None
+    if args.uninstall:
+        for line in service.uninstall(output):
+            print(line)
+        return EXIT_OK
     if not args.config:
         raise RelayError("--config FILE is required: the service runs relay serve --config FILE")
     cfg = _config(args)
-    path = service.install(Path(args.config).resolve(), cfg,
-                           Path(args.output) if args.output else None)
+    path = service.install(Path(args.config).resolve(), cfg, output,
+                           Path(args.data_dir).resolve() if args.data_dir else None)
     print(f"wrote {path}")
     if not args.output:
         print("then: systemctl daemon-reload && systemctl enable --now relay")
-    return 0
+    return EXIT_OK
 
 
 def cmd_client_config(args: argparse.Namespace) -> int:
     """What a client needs to reach this relay, pinned to its certificate."""
     from relay.clientconfig import openconnect_command, openvpn_config
+    from relay.investigate.options import require_relay_data
+    from relay.safeout import private_file
+    from relay.tlsconf import SELF_SIGNED_CERT
 
     cfg = _config(args)
+    require_relay_data(cfg.data_dir, existing_dir=True)
+    cert = Path(cfg.server.cert) if cfg.server.cert else cfg.data_dir / SELF_SIGNED_CERT
+    if not cert.is_file():
+        # Never a certificate the relay would not use: the pin would fail.
+        raise RelayError(f"[server] cert: no certificate at {cert}" if cfg.server.cert else
+                         f"no certificate at {cert} yet: start relay serve once first (it "
+                         "makes one), or give this relay's --data-dir / --config")
     if args.protocol == "openvpn":
         text = openvpn_config(cfg, cfg.data_dir, args.proto, args.dev, args.remote)
     else:
         text = openconnect_command(cfg, cfg.data_dir, args.remote)
-    if args.output:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
+    if args.output and args.output != "-":
+        with private_file(Path(args.output)) as f:
             f.write(text)
-        print(f"wrote {args.output}")
+        print(f"wrote {escape_text(args.output)}")
     else:
         sys.stdout.write(text)
-    return 0
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -498,10 +535,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from relay.investigate.options import add_filters, add_output
+
+    parser = Parser(
         prog="relay",
+        epilog="exit status: " + ", ".join(
+            f"{status} {short}" for status, (short, _) in sorted(EXIT_MEANINGS.items()))
+        + " (relay(8): EXIT STATUS)",
         description="Packet-logging VPN relay: serves stock VPN clients, keeps the "
                     "connection log and the packet log that trace abuse to one session.")
+    parser.add_argument("--version", action="version", version=f"relay {relay.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -538,11 +581,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.set_defaults(func=cmd_logging)
 
-    logs = sub.add_parser("logs", help="read the relay's logs").add_subparsers(
+    logs = sub.add_parser(
+        "logs", help="read the relay's logs",
+        description="Every logs command reads the data directory (--data-dir, or [logs] "
+                    "data_dir of --config), never changes it, and exits 0 when it found "
+                    "something, 1 when nothing, 2 on an error, 3 when files it needed are "
+                    "damaged or missing (README: Exit status).").add_subparsers(
         dest="logs_command", metavar="WHAT", required=True)
-    p = logs.add_parser("connections", help="print the connection log")
+    p = logs.add_parser(
+        "connections", help="print the connection log",
+        description="The connection log's records (sessions and audit), oldest first. "
+                    "--from/--to keep the records of the window; --at the records of the "
+                    "sessions connected at TIME; --session and --client-ip the session "
+                    "records that match. JSON gives each record exactly as logged.")
     _add_data_dir(p)
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_filters(p, ("at", "slack", "start", "end", "tz", "session", "client_ip"))
+    add_output(p)
     p.set_defaults(func=cmd_logs_connections)
 
     p = logs.add_parser(
@@ -551,66 +605,35 @@ def build_parser() -> argparse.ArgumentParser:
                     "relay-refused, relay-expire) by time and client address; --data-dir is "
                     "the directory's data directory (or a copy).")
     _add_data_dir(p)
-    p.add_argument("--at", metavar="TIME", help="records within --slack of TIME (ISO 8601 or "
-                   "'YYYY-MM-DD HH:MM[:SS]')")
-    p.add_argument("--slack", type=float, metavar="SECONDS",
-                   help="with --at: how far from TIME (default 60)")
-    p.add_argument("--from", dest="start", metavar="TIME", help="window start, inclusive")
-    p.add_argument("--to", dest="end", metavar="TIME", help="window end, exclusive")
-    p.add_argument("--tz", metavar="ZONE", default="UTC",
-                   help="zone of times without one, and of the output (default UTC)")
-    p.add_argument("--client-ip", metavar="IP", help="the client's address")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_filters(p, ("at", "slack", "start", "end", "tz", "client_ip"), slack_default="60s",
+                help_for={"at": "records within --slack of TIME (a time without a zone is "
+                                "read in --tz)"})
+    add_output(p)
     p.set_defaults(func=cmd_logs_access)
 
-    ban = sub.add_parser(
-        "ban", help="list, add or remove bans (works while the relay runs)").add_subparsers(
-        dest="ban_command", metavar="ACTION", required=True)
-    p = ban.add_parser("list", help="bans in force")
-    _add_data_dir(p)
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=cmd_ban)
-    p = ban.add_parser("add", help="ban an IP or CIDR for a while")
-    _add_data_dir(p)
-    p.add_argument("target", metavar="IP|CIDR")
-    p.add_argument("--for", dest="duration", default="1h", metavar="DURATION",
-                   help="how long, e.g. 30m, 12h, 7d (default 1h)")
-    p.add_argument("--reason", default="added by operator", help="recorded in the audit log")
-    p.add_argument("--json", action="store_true", help="print the ban as JSON")
-    p.set_defaults(func=cmd_ban)
-    p = ban.add_parser("remove", help="lift a ban")
-    _add_data_dir(p)
-    p.add_argument("target", metavar="IP|CIDR")
-    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_ban)
-
-    p = logs.add_parser("packets", help="print the packet log")
-    _add_data_dir(p)
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--session", metavar="ID", help="only this session")
-    p.add_argument("--from", dest="start", metavar="TIME", help="RFC 3339, inclusive")
-    p.add_argument("--to", dest="end", metavar="TIME", help="RFC 3339, exclusive")
-    p.set_defaults(func=cmd_logs_packets)
-
     p = logs.add_parser(
-        "ua-lookup", help="which session a stamped User-Agent points to",
-        description=f"Find the session(s) whose {sessionid.TAG_LEN}-character tag ends the "
-                    "given User-Agent (as a web server logged it) and print session ID, "
-                    "relay, client address and connect/disconnect times.")
+        "packets", help="print the packet log",
+        description="The packet log's records (TCP/IP header fields), oldest first per "
+                    "segment. --at TIME gives the packets within --slack and a minute of "
+                    "TIME (a report's clock and its connection's length).")
     _add_data_dir(p)
-    p.add_argument("user_agent", metavar="USER-AGENT")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=cmd_logs_ua_lookup)
+    add_filters(p, ("at", "slack", "start", "end", "tz", "session", "client_ip", "dst"))
+    add_output(p)
+    p.set_defaults(func=cmd_logs_packets)
 
     from relay.investigate.cli import add_parsers as add_investigation_parsers
 
-    add_investigation_parsers(logs, _add_data_dir, lambda args: _config(args).data_dir)
+    add_investigation_parsers(logs, _add_data_dir, _data_dir)
+
+    from relay.opscli import add_parsers as add_operator_parsers
+
+    add_operator_parsers(sub, _add_data_dir, _config)
 
     ship = sub.add_parser("ship", help="the connection log's shipping to the collector") \
         .add_subparsers(dest="ship_command", metavar="WHAT", required=True)
     p = ship.add_parser("status", help="backlog, last success and last error of the forwarder")
     _add_data_dir(p)
-    p.add_argument("--json", action="store_true", help="one JSON object")
+    add_output(p, ("text", "json"))
     p.set_defaults(func=cmd_ship_status)
 
     from relay.central.collector import DEFAULT_QUOTA_BYTES_PER_DAY
@@ -688,8 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial", type=int, default=0, metavar="N",
                    help="give each requester network (/24, /48) only N relays, a subset "
                         "fixed per network and UTC day (default 0: the whole list)")
-    p.add_argument("--keep", type=int, default=90, metavar="DAYS",
-                   help="days of access log kept (default and minimum 90)")
+    p.add_argument("--keep", default="90d", metavar="DURATION",
+                   help="how long the access log is kept (default and minimum 90d)")
     p.add_argument("--metrics-listen", default="127.0.0.1:9811", metavar="HOST:PORT",
                    help="Prometheus metrics (default 127.0.0.1:9811; empty = off)")
     p.add_argument("--rate-per-ip", type=float, default=5.0, metavar="N",
@@ -730,11 +753,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "install-service", help="write the hardened systemd unit",
         description="Writes relay.service (to /etc/systemd/system, or -o FILE): relay serve "
-                    "with a capability bounding set, ProtectSystem=strict with only the data "
-                    "directory and bpffs writable, NoNewPrivileges, restart on failure, logs "
-                    "to the journal.")
+                    "--config FILE (and --data-dir DIR when given) with a capability bounding "
+                    "set, ProtectSystem=strict with only the data directory and bpffs "
+                    "writable, NoNewPrivileges, restart on failure, logs to the journal. "
+                    "--uninstall stops, disables and removes it; the data directory stays.")
     _add_data_dir(p)
     p.add_argument("-o", "--output", metavar="FILE", help="write the unit here instead")
+    p.add_argument("--uninstall", action="store_true",
+                   help="stop and disable the service and remove its unit (the data "
+                        "directory stays)")
     p.set_defaults(func=cmd_install_service)
 
     p = sub.add_parser(
@@ -761,23 +788,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="relay: %(levelname)s: %(message)s")
-    func: Callable[[argparse.Namespace], int] = args.func
     try:
+        # Inside: building the parser imports modules, and one of them may find
+        # the C module stale, which is one line too.
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, --version, or Parser.error's one line
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        if getattr(args, "output", None) not in (None, "-"):
+            from relay.safeout import check_target
+
+            check_target(Path(args.output))  # before the work, not after it
+        func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except RelayError as exc:
         print(f"relay: error: {escape_text(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        return 0
+        return EXIT_OK
     except PermissionError as exc:
-        print(f"relay: error: {exc.filename or ''}: permission denied (run as root?)",
-              file=sys.stderr)
-        return EXIT_ERROR
+        print(f"relay: error: {escape_text(exc.filename or '')}: permission denied "
+              "(run as root?)", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a bug: one line that says where, the rest on request
+        if os.environ.get(DEBUG_ENV):
+            raise
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        print(f"relay: internal error (a bug; please report it): {type(exc).__name__}: "
+              f"{escape_text(exc)} at {Path(where.filename).name}:{where.lineno}; "
+              f"{DEBUG_ENV}=1 shows the traceback", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

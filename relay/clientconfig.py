@@ -30,7 +30,11 @@ def openvpn_config(cfg: Config, data_dir: Path, proto: str, dev: str,
         cert_path = Path(cfg.server.cert)
     else:
         cert_path, _ = ensure_self_signed(data_dir, socket.gethostname())
-    ca = cert_path.read_text().strip()
+    try:
+        ca = cert_path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RelayError(f"[server] cert: cannot read {cert_path}: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
     lines = [
         f"# OpenVPN client configuration for relay {cfg.server.id}",
         "client",

@@ -9,7 +9,9 @@ silently leave a default in force on a relay that logs for abuse handling.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+import textwrap
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -22,6 +24,11 @@ DEFAULT_DATA_DIR = Path("/var/lib/relay")
 # [server] id: a name in every record, a directory name at the collector and the CN
 # of the relay's client certificate there.
 SERVER_ID_RULE = r"[A-Za-z0-9._-]{1,64}"
+
+
+# The widest [abuse] ipv6_prefix: ISPs assign at most a /32 to anyone but another
+# registry (RIPE-690), so a wider key would lump unrelated networks together.
+IPV6_PREFIX_MIN = 32
 
 
 class ConfigError(RelayError):
@@ -44,12 +51,13 @@ def parse_duration(text: str) -> int:
     return int(m.group(1)) * _UNIT_S[m.group(2)]
 
 
-def parse_duration_arg(text: str) -> int:
-    """A duration given on the command line: ConfigError (one line) when bad."""
+def parse_duration_arg(text: str, option: str) -> int:
+    """A duration given on the command line as ``option``: ConfigError (one line,
+    naming the option) when bad."""
     try:
         return parse_duration(text)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"{option}: {exc}") from None
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -66,138 +74,169 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def setting(default: Any, doc: str) -> Any:
+    """A config key: its default, and the words that ``relay config example``,
+    relay.toml(5) and the README's table show for it (one place for all three)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    id: str = "relay-1"
-    listen: str = "0.0.0.0:443"
-    # A DTLS data channel (UDP, the listen port's number) for clients that ask for
-    # it, as stock openconnect does: TCP over TCP collapses on lossy, long paths.
-    dtls: bool = True
-    uplink: str = ""
-    cert: str = ""
-    key: str = ""
-    # Seconds between dead-peer-detection probes announced to clients
-    # (X-CSTP-DPD). Cisco ASA's default client DPD interval is 30 s.
-    dpd: str = "30s"
-    # Seconds between keepalives announced to clients (X-CSTP-Keepalive); ASA
-    # uses 20 s so that NAT boxes on the path keep the TCP mapping open.
-    keepalive: str = "20s"
-    # TLS handshake deadline; nginx's ssl_handshake_timeout default is 60 s, a VPN
-    # client on a working path finishes in well under a second, so 15 s is generous
-    # and frees the slot of a stalled (slowloris) client sooner.
-    handshake_timeout: str = "15s"
-    # From TCP accept to an open tunnel: openconnect needs three round trips after
-    # the handshake; a minute also covers a human typing a password.
-    login_timeout: str = "60s"
-    # Optional user list: a file of `name:password` lines. Empty = anonymous,
-    # any user name and password accepted, as a public relay does.
-    users: str = ""
-    # Sessions open at once, all protocols; past this (or with the address pool
-    # used up) a new one is refused with the reason (CSTP 503, OpenVPN
-    # AUTH_FAILED,TEMP). 4x OpenVPN's max-clients default (1024): a 2-core relay
-    # forwards ~800 Mbit/s (bench/), ~200 kbit/s each for 4096 busy sessions, the
-    # least that keeps browsing usable. It sizes the open-files limit too
-    # (relay.fdlimit.nofile_needed).
-    max_sessions: int = 4096
+    """The relay's identity, its CSTP listener and its sessions."""
+
+    id: str = setting("relay-1", "shown in every record; the subject CN of the relay's client "
+                             "certificate at the collector and the directory")
+    listen: str = setting("0.0.0.0:443", "AnyConnect (CSTP) over TLS, HOST:PORT ([::]:443 for "
+                                     "IPv6 and IPv4; restart to change)")
+    # TCP over TCP collapses on lossy, long paths; stock openconnect asks for DTLS.
+    dtls: bool = setting(True, "offer a DTLS data channel (UDP, the listen port's number) to "
+                         "clients that ask for it, as stock openconnect does (restart to "
+                         "change)")
+    uplink: str = setting("", "NAT towards this interface (e.g. eth0); empty = no NAT (restart "
+                          "to change)")
+    cert: str = setting("", "PEM certificate for clients (with key); empty = a self-signed one "
+                        "in DATA_DIR/tls/ (restart to change)")
+    key: str = setting("", "the certificate's private key (PEM)")
+    # Cisco ASA's default client DPD interval is 30 s.
+    dpd: str = setting("30s", "dead-peer-detection interval announced to clients "
+                          "(X-CSTP-DPD); 3 silent intervals end a session")
+    # ASA uses 20 s so that NAT boxes on the path keep the TCP mapping open.
+    keepalive: str = setting("20s", "keepalive interval announced to clients "
+                                "(X-CSTP-Keepalive)")
+    # nginx's ssl_handshake_timeout default is 60 s, a VPN client on a working path
+    # finishes in well under a second, so 15 s is generous and frees the slot of a
+    # stalled (slowloris) client sooner.
+    handshake_timeout: str = setting("15s", "TLS handshake deadline (slowloris)")
+    # openconnect needs three round trips after the handshake; a minute also covers
+    # a human typing a password.
+    login_timeout: str = setting("60s", "from TCP accept to an open tunnel")
+    users: str = setting("", "a file of name:password lines; empty = anonymous, any name and "
+                         "password accepted, as a public relay does")
+    # 4x OpenVPN's max-clients default (1024): a 2-core relay forwards ~800 Mbit/s
+    # (bench/), ~200 kbit/s each for 4096 busy sessions, the least that keeps
+    # browsing usable. It sizes the open-files limit too (relay.fdlimit.nofile_needed).
+    max_sessions: int = setting(4096, "sessions open at once, all protocols; past this (or with "
+                                  "the pool used up) a new one is refused with the reason "
+                                  "(CSTP 503, OpenVPN AUTH_FAILED,TEMP)")
 
 
 @dataclass(frozen=True)
 class TapConfig:
-    name: str = "relay0"
-    pool: str = "10.211.0.0/16"
+    """The TAP device the sessions' packets cross, and their addresses (restart to
+    change)."""
+
+    name: str = setting("relay0", "the TAP device")
+    pool: str = setting("10.211.0.0/16", "virtual IPs (IPv4, at most a /29); the first host "
+                                     "address is the relay's")
     # 1400 leaves room for TLS + TCP + IP over a 1500-byte path, as ocserv's default.
-    mtu: int = 1400
-    dns: list[str] = field(default_factory=list)
+    mtu: int = setting(1400, "tunnel MTU (576..9000)")
+    dns: list[str] = setting([], "DNS servers pushed to clients (the egress policy lets port 53 "
+                             "to them through)")
 
 
 @dataclass(frozen=True)
 class LogsConfig:
-    data_dir: str = str(DEFAULT_DATA_DIR)
-    packet_segment: str = "1h"
-    compress_after: str = "14d"
-    delete_after: str = ""
-    connlog_keep: str = "90d"
-    # Connection-log days older than this are recompressed to .jsonl.zst.
-    connlog_compress_after: str = "1d"
+    """What the relay keeps, where, and for how long."""
+
+    data_dir: str = setting(str(DEFAULT_DATA_DIR), "everything the relay keeps: connection log, "
+                                               "packet log, chains, bans, TLS keys "
+                                               "(restart to change)")
+    packet_segment: str = setting("1h", "packet-log segment length")
+    compress_after: str = setting("14d", "packet logs stay fully searchable this long (at least "
+                                     "14d), then are archived: smaller, still searchable")
+    delete_after: str = setting("", "delete packet logs older than this (at least 14d); empty = "
+                                "never: they are kept until the free-disk guard deletes the "
+                                "oldest archives")
+    connlog_keep: str = setting("90d", "connection-log retention (at least 90d)")
+    connlog_compress_after: str = setting("1d", "connection-log days older than this are "
+                                            "zstd-compressed (at least 1d)")
 
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    # The bpffs where the capture programs and maps are pinned (under relay/<dev>/)
-    # for `relay logging`. Where none is mounted there (as under `ip netns exec`,
-    # which remounts /sys), the relay mounts one of its own; `relay logging` reaches
-    # it through /proc/PID/root, so the default works in namespaces too.
-    bpffs: str = "/sys/fs/bpf"
+    """The eBPF packet capture."""
+
+    # Where none is mounted there (as under `ip netns exec`, which remounts /sys), the
+    # relay mounts one of its own; `relay logging` reaches it through /proc/PID/root,
+    # so the default works in namespaces too.
+    bpffs: str = setting("/sys/fs/bpf", "the bpffs where the capture is pinned (under relay/DEV/) "
+                                    "for relay logging; the relay mounts one there if none is")
 
 
 @dataclass(frozen=True)
 class ForwardConfig:
-    # RFC 5425 shipping of the connection log; empty = local only.
-    collector: str = ""
-    ca: str = ""
-    cert: str = ""
-    key: str = ""
-    # Syslog facility of the messages (local0..local7 or authpriv).
-    facility: str = "local0"
-    # Longest wait between reconnection attempts (exponential back-off with jitter).
-    retry_max: str = "60s"
+    """Shipping the connection log to a collector (RFC 5425, syslog over TLS)."""
+
+    collector: str = setting("", "HOST:PORT of the collector (6514 is RFC 5425's port); empty = "
+                             "the connection log stays local")
+    ca: str = setting("", "CA the collector's certificate must chain to (required with a "
+                      "collector)")
+    cert: str = setting("", "client certificate for the collector; relay collector wants one "
+                        "whose subject CN is [server] id")
+    key: str = setting("", "its private key")
+    facility: str = setting("local0", "syslog facility of the messages (local0..local7, authpriv)")
+    retry_max: str = setting("60s", "longest wait between reconnection attempts (exponential "
+                                "back-off with jitter)")
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    # Prometheus text format at http://listen/metrics. Loopback: the counters
-    # describe users' traffic and are nobody else's business. Empty = off.
-    listen: str = "127.0.0.1:9810"
+    """Prometheus metrics."""
+
+    # Loopback: the counters describe users' traffic and are nobody else's business.
+    listen: str = setting("127.0.0.1:9810", "Prometheus text format at http://HOST:PORT/metrics; "
+                                        "empty = off")
 
 
 @dataclass(frozen=True)
 class OpenVPNConfig:
-    listen: str = "0.0.0.0:1194"
-    # tls-crypt: every control packet under a static key that client configs carry
-    # (DATA_DIR/tls/tls-crypt.key, made on first use); peers without it get no answer.
-    tls_crypt: bool = False
+    """The OpenVPN listener (restart to change)."""
+
+    listen: str = setting("0.0.0.0:1194", "OpenVPN over TCP and UDP, HOST:PORT")
+    tls_crypt: bool = setting(False, "tls-crypt: every control packet under a static key "
+                                 "(DATA_DIR/tls/tls-crypt.key, made on first use) that "
+                                 "relay client-config openvpn writes inline; peers without "
+                                 "it get no answer, and existing client configs stop working")
 
 
 @dataclass(frozen=True)
 class AbuseConfig:
     """Listener defences (relay.serve.abuse): every threshold of the ``[abuse]`` table."""
 
-    # Per source: 5 new connections/s sustained, bursts of 20. An openconnect
-    # client makes 1-2 connections per session and reconnects at most every 10 s.
-    rate_per_ip: float = 5.0
-    burst_per_ip: int = 20
-    # Overall: what one relay on 2 cores handshakes comfortably (TLS 1.3 ECDHE
-    # costs ~1 ms of CPU), leaving CPU for forwarding.
-    rate_total: float = 200.0
-    burst_total: int = 400
-    # Handshakes in progress. Per IP 16 leaves room for a CGNAT'd neighbourhood;
-    # the total bounds memory and CPU held by stalled (slowloris) clients.
-    handshakes_per_ip: int = 16
-    handshakes_total: int = 512
-    # Concurrent sessions from one address (households and CGNAT share one).
-    sessions_per_ip: int = 32
-    # Strikes (see the module docstring).
-    short_session: str = "10s"
-    strikes: int = 20
-    strike_window: str = "60s"
-    # First ban 10 min, doubled per repeat offence, at most a day (fail2ban's
-    # bantime default is 10 min; its recidive jail bans for a day).
-    ban: str = "10m"
-    ban_max: str = "1d"
-    # How often refusals are summarised into the audit log.
-    summary_interval: str = "60s"
-    # Limits and bans hold an IPv6 source to this prefix: one subscriber's LAN
-    # is a /64 (RFC 6177, RFC 7421), which fail2ban-style tools and Cloudflare
-    # key IPv6 rate limits on. Between IPV6_PREFIX_MIN and 128 (one address).
-    ipv6_prefix: int = 64
+    # An openconnect client makes 1-2 connections per session and reconnects at most
+    # every 10 s.
+    rate_per_ip: float = setting(5.0, "new connections per second per source, sustained (token "
+                                  "bucket)")
+    burst_per_ip: int = setting(20, "... and its burst")
+    # What one relay on 2 cores handshakes comfortably (TLS 1.3 ECDHE costs ~1 ms of
+    # CPU), leaving CPU for forwarding.
+    rate_total: float = setting(200.0, "new connections per second overall")
+    burst_total: int = setting(400, "... and its burst")
+    # Per IP 16 leaves room for a CGNAT'd neighbourhood; the total bounds memory and
+    # CPU held by stalled (slowloris) clients.
+    handshakes_per_ip: int = setting(16, "handshakes in progress per source")
+    handshakes_total: int = setting(512, "handshakes in progress overall")
+    # Households and CGNAT share one address.
+    sessions_per_ip: int = setting(32, "sessions open at once per source")
+    short_session: str = setting("10s", "a connection that closes sooner is a strike (0s: none "
+                                    "is)")
+    strikes: int = setting(20, "this many strikes (short connections, refusals) within "
+                           "strike_window ban the source")
+    strike_window: str = setting("60s", "the window strikes are counted in")
+    # fail2ban's bantime default is 10 min; its recidive jail bans for a day.
+    ban: str = setting("10m", "the first automatic ban, doubled per repeat offence within a day")
+    ban_max: str = setting("1d", "the longest automatic ban")
+    summary_interval: str = setting("60s", "refusals are summarised into the audit log this often")
+    # One subscriber's LAN is a /64 (RFC 6177, RFC 7421), which fail2ban-style tools
+    # and Cloudflare key IPv6 rate limits on.
+    ipv6_prefix: int = setting(64, f"an IPv6 source is its covering /ipv6_prefix network "
+                               f"({IPV6_PREFIX_MIN}..128): limits, strikes and automatic bans "
+                               "hold the whole prefix (restart to change)")
 
     def seconds(self, key: str) -> float:
         return float(parse_duration(getattr(self, key)))
-
-
-# The widest [abuse] ipv6_prefix: ISPs assign at most a /32 to anyone but another
-# registry (RIPE-690), so a wider key would lump unrelated networks together.
-IPV6_PREFIX_MIN = 32
 
 
 @dataclass(frozen=True)
@@ -205,35 +244,33 @@ class EgressConfig:
     """Adjustments to the egress policy's default block (relay.serve.egress): lists of
     networks (CIDR) or addresses, IPv4 or IPv6."""
 
-    # Exempt from the default block: e.g. a resolver or proxy on the volunteer's LAN.
-    allow: list[str] = field(default_factory=list)
-    # Always dropped, whatever allow says.
-    deny: list[str] = field(default_factory=list)
+    allow: list[str] = setting([], "exempt from the default block of private, link-local, CGNAT, "
+                               "multicast and reserved ranges (e.g. a resolver on the "
+                               "volunteer's LAN)")
+    deny: list[str] = setting([], "always dropped, whatever allow says")
 
 
 @dataclass(frozen=True)
 class DirectoryConfig:
     """Registration with a relay directory (relay.serve.registration)."""
 
-    # https://HOST[:PORT] of `relay directory`; empty = not listed anywhere.
-    url: str = ""
-    # CA the directory's certificate must chain to (empty = the system store).
-    ca: str = ""
-    # Client certificate whose subject CN is [server] id (as for the collector).
-    cert: str = ""
-    key: str = ""
-    # Shown in the public list (Operator and Message columns).
-    operator: str = ""
-    message: str = ""
-    # The address clients use (IP or host name); empty = the [server] listen
-    # address, or this host's name when that is a wildcard.
-    address: str = ""
-    # ISO 3166-1 alpha-2 code and name shown in the list (CountryShort/Long).
-    country: str = ""
-    country_name: str = ""
-    # Heartbeat interval (with +-10% jitter). VPN Gate's relays report every
-    # minute or so; the directory drops a relay after its own window (default 3).
-    heartbeat: str = "60s"
+    url: str = setting("", "https://HOST[:PORT] of relay directory; empty = not listed anywhere")
+    ca: str = setting("", "CA the directory's certificate must chain to (empty = the system "
+                      "store)")
+    cert: str = setting("", "client certificate whose subject CN is [server] id (required with "
+                        "a url)")
+    key: str = setting("", "its private key")
+    operator: str = setting("", "shown in the public list (Operator column; at most 256 "
+                            "printable characters)")
+    message: str = setting("", "shown in the public list (Message column; at most 256 printable "
+                           "characters)")
+    address: str = setting("", "the address clients use (IP or host name); empty = the [server] "
+                           "listen address, or this host's name when that is a wildcard")
+    country: str = setting("", "ISO 3166-1 alpha-2 code shown in the list (e.g. JP)")
+    country_name: str = setting("", "the country's name shown in the list")
+    # VPN Gate's relays report every minute or so; the directory drops a relay after
+    # its own window (default 3 beats).
+    heartbeat: str = setting("60s", "heartbeat interval (with +-10% jitter)")
 
 
 @dataclass(frozen=True)
@@ -368,6 +405,9 @@ def _validate(cfg: Config) -> None:
             check(f"[abuse] {f.name}", parse_duration, value)
         elif value <= 0:
             raise ConfigError(f"[abuse] {f.name}: must be positive, got {value}")
+    for key in ("ban", "ban_max", "strike_window", "summary_interval"):
+        if cfg.abuse.seconds(key) < 1:
+            raise ConfigError(f"[abuse] {key}: at least 1s")
     if not IPV6_PREFIX_MIN <= cfg.abuse.ipv6_prefix <= 128:
         raise ConfigError(f"[abuse] ipv6_prefix: expected {IPV6_PREFIX_MIN}..128, "
                           f"got {cfg.abuse.ipv6_prefix}")
@@ -458,30 +498,91 @@ def load(path: str | Path | None) -> Config:
         _validate(cfg)
         return cfg
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    return from_text(data, str(path))
+
+
+def from_text(data: bytes, name: str) -> Config:
+    """The config in the TOML bytes ``data`` (of the file ``name``, for errors)."""
     try:
-        data = tomllib.loads(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: not UTF-8 text (byte {exc.start}): TOML files are "
+                          "UTF-8") from None
+    try:
+        parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return from_dict(data)
+        raise ConfigError(f"{name}: not valid TOML: {exc}") from None
+    return from_dict(parsed)
+
+
+def sections() -> list[tuple[str, type, str]]:
+    """(name, dataclass, what it is for) of every section, in order."""
+    return [(name, cls, " ".join((cls.__doc__ or "").split()))
+            for name, cls in _SECTION_TYPES.items()]
+
+
+def keys(cls: type) -> list[tuple[str, Any, str]]:
+    """(name, default, documentation) of every key of a section's dataclass."""
+    defaults = cls()
+    return [(f.name, getattr(defaults, f.name), f.metadata.get("doc", ""))
+            for f in fields(cls)]
+
+
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it (a JSON string is a TOML basic string)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+# Width of the example's comment lines.
+EXAMPLE_WIDTH = 88
+
+
+def example(values: dict[str, dict[str, Any]] | None = None) -> str:
+    """A config file with every key and what it does: the keys of ``values``
+    (section -> key -> value) set, every other one commented out at its default,
+    so that the file follows the defaults of later versions. ``relay config
+    example`` prints it with no values; the demo writes its config with some."""
+    values = values or {}
+    from_dict(values)  # a value that would be refused is refused here
+    lines = ["# relay.toml: the configuration of relay serve (relay.toml(5)).",
+             "# Every key is here with what it does, commented out at its default:",
+             "# uncomment and change what you need. Durations are written 30s, 5m, 1h",
+             "# or 14d. relay config check FILE checks a file as relay serve would."]
+    for name, cls, about in sections():
+        lines += ["", f"[{name}]", *textwrap.wrap(about, EXAMPLE_WIDTH - 2,
+                                                   initial_indent="# ",
+                                                   subsequent_indent="# ")]
+        given = values.get(name, {})
+        for key_name, default, doc in keys(cls):
+            lines += ["", *textwrap.wrap(doc, EXAMPLE_WIDTH - 2, initial_indent="# ",
+                                         subsequent_indent="# ")]
+            if key_name in given:
+                lines.append(f"{key_name} = {toml_value(given[key_name])}")
+            else:
+                lines.append(f"#{key_name} = {toml_value(default)}")
+    return "\n".join(lines) + "\n"
+
+
+def changed_keys(cfg: Config) -> list[str]:
+    """The keys of ``cfg`` that differ from their defaults, as ``[section] key``."""
+    default = Config()
+    return [f"[{name}] {f.name}" for name in _SECTION_TYPES for f in fields(_SECTION_TYPES[name])
+            if getattr(getattr(cfg, name), f.name) != getattr(getattr(default, name), f.name)]
 
 
 def describe() -> str:
-    """Every key with its default, as TOML, for ``--help`` and the README."""
+    """Every key with its default, as TOML, for ``relay serve --help``."""
     lines = []
-    cfg = Config()
-    for name in _SECTION_TYPES:
+    for name, cls, _ in sections():
         lines.append(f"[{name}]")
-        section = getattr(cfg, name)
-        for f in fields(section):
-            value = getattr(section, f.name)
-            if isinstance(value, bool):
-                rendered = str(value).lower()
-            elif isinstance(value, list):
-                rendered = str(value)
-            else:
-                rendered = repr(value).replace("'", '"')
-            lines.append(f"  {f.name} = {rendered}")
+        lines += [f"  {key_name} = {toml_value(default)}" for key_name, default, _ in keys(cls)]
     return "\n".join(lines)

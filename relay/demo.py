@@ -15,7 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+from relay import config
 from relay.connlog import reader
 from relay.errors import RelayError
 from relay.netns import INTERNET_IP, Topology, relay_ip, wait_for
@@ -27,6 +29,13 @@ DEMO_PACKET_LINES = 6
 
 def _say(text: str) -> None:
     print(f"\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"==> {text}", flush=True)
+
+
+def demo_config(data: Path, uplink: str) -> str:
+    """The demo relay's config, made as relay config example makes one: every key
+    with what it does, the demo's own values set."""
+    return config.example({"server": {"listen": "0.0.0.0:443", "uplink": uplink},
+                           "logs": {"data_dir": str(data)}})
 
 
 def run_demo(keep_going: bool = False) -> int:
@@ -41,7 +50,7 @@ def run_demo(keep_going: bool = False) -> int:
         access = topo.start_web()
         _say(f"starting relay serve in {topo.relay_ns} (TAP relay0, NAT towards "
              f"{topo.uplink} only, data in {data})")
-        relay = topo.start_relay(data)
+        relay = topo.start_relay(data, config=demo_config(data, topo.uplink))
         _say(f"connecting the stock openconnect client from {topo.client_ns(1)} "
              f"to https://{relay_ip(1)}/")
         client = topo.connect_openconnect(1, data)

@@ -90,3 +90,11 @@ def abuse_key(ip: str | Address, ipv6_prefix: int) -> str:
     if isinstance(addr, ipaddress.IPv4Address):
         return str(addr)
     return str(ipaddress.IPv6Network((addr, ipv6_prefix), strict=False))
+
+
+def hostport(ip: object, port: object) -> str:
+    """An address and port as every command prints them: ``a.b.c.d:port``, and
+    ``[v6]:port`` for IPv6 (RFC 3986 section 3.2.2), so the port never reads as
+    part of the address."""
+    text = str(ip)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"

@@ -199,17 +199,18 @@ http {{
     def start_relay(self, data_dir: Path, server_keys: str = "", name: str = "relay",
                     wait: bool = True, abuse_keys: str = "", logs_keys: str = "",
                     extra_tables: str = "", nat: bool = True,
-                    listen: str = "0.0.0.0:443") -> subprocess.Popen[bytes]:
+                    listen: str = "0.0.0.0:443",
+                    config: str | None = None) -> subprocess.Popen[bytes]:
         """``relay serve`` in the relay namespace on ``listen``, NAT towards the
         internet namespace unless ``nat`` is false; ``server_keys``, ``logs_keys``
         and ``abuse_keys`` are extra TOML lines for those tables, ``extra_tables``
-        whole tables more."""
+        whole tables more; or ``config``, the whole file."""
         conf = self.workdir / f"{name}.toml"
         uplink = f'uplink = "{self.uplink}"\n' if nat else ""
-        conf.write_text(
-            f'[server]\nlisten = "{listen}"\n{uplink}{server_keys}\n'
-            f'[logs]\ndata_dir = "{data_dir}"\n{logs_keys}\n'
-            f'[abuse]\n{abuse_keys}\n{extra_tables}')
+        conf.write_text(config if config is not None else
+                        f'[server]\nlisten = "{listen}"\n{uplink}{server_keys}\n'
+                        f'[logs]\ndata_dir = "{data_dir}"\n{logs_keys}\n'
+                        f'[abuse]\n{abuse_keys}\n{extra_tables}')
         log_name = f"{name}.log"
         proc = self.spawn(self.relay_ns, [*relay_command(), "serve", "--config", str(conf)],
                           log_name)

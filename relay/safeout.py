@@ -96,6 +96,28 @@ def csv_cell(value: Any) -> str:
     return cell
 
 
+def check_target(path: Path) -> str:
+    """Refuse (one error line) an ``-o`` path that private_file would refuse, or
+    whose directory does not exist, so a command can say so before its work;
+    the ``-o PATH`` words of its errors."""
+    where = f"-o {escape_text(path)}"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise RelayError(f"{where}: no directory {escape_text(path.parent)} to write "
+                             "into") from None
+    except OSError as exc:
+        raise RelayError(f"{where}: {exc.strerror}") from None
+    else:
+        if stat.S_ISLNK(st.st_mode):
+            raise RelayError(f"{where}: is a symbolic link; refusing to write through it "
+                             "(remove it or choose another name)")
+        if not stat.S_ISREG(st.st_mode):
+            raise RelayError(f"{where}: exists and is not a regular file")
+    return where
+
+
 @contextmanager
 def private_file(path: Path, *, binary: bool = False) -> Iterator[IO[Any]]:
     """A file at ``path``, mode 0600 whatever the umask, that appears there only
@@ -105,19 +127,7 @@ def private_file(path: Path, *, binary: bool = False) -> Iterator[IO[Any]]:
     through them); a symbolic link, or anything else that is not a regular file,
     is refused with one error line and left as it is. A link planted after the
     check is replaced by the rename, never followed."""
-    where = f"-o {escape_text(path)}"
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise RelayError(f"{where}: {exc.strerror}") from None
-    else:
-        if stat.S_ISLNK(st.st_mode):
-            raise RelayError(f"{where}: is a symbolic link; refusing to write through it "
-                             "(remove it or choose another name)")
-        if not stat.S_ISREG(st.st_mode):
-            raise RelayError(f"{where}: exists and is not a regular file")
+    where = check_target(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,

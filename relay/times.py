@@ -30,6 +30,11 @@ NS = 1_000_000_000
 _OFFSET = re.compile(r"^(?:UTC|GMT)?([+-])(\d{1,2})(?::?(\d{2}))?$", re.IGNORECASE)
 # What the error for an unreadable time shows (datetime.fromisoformat reads both).
 _ACCEPTED = "ISO 8601 (2026-03-29T02:30:00+02:00) or YYYY-MM-DD HH:MM[:SS]"
+# The times an investigator may name: the logs stamp UTC times since the epoch, and
+# a window built around a time (--at with --slack, the packet window) must still
+# be a datetime, whose range ends with the year 9999: a year's margin is plenty.
+TIME_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+TIME_MAX = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 # ------------------------------------------------------------ the logs' forms
@@ -141,9 +146,26 @@ def parse_time(text: str, tz: tzinfo, what: str = "time") -> datetime:
         dt = _fromiso(text.strip())
     except ValueError:
         raise RelayError(f"{what} {text!r}: not a valid time; use {_ACCEPTED}") from None
-    if dt.tzinfo is None:
-        dt = localize(dt, tz, what)
-    return dt.astimezone(UTC)
+    try:
+        if dt.tzinfo is None:
+            dt = localize(dt, tz, what)
+        dt = dt.astimezone(UTC)
+        in_range = TIME_MIN <= dt < TIME_MAX
+    except OverflowError:  # a zone's offset took it past year 1 or 9999
+        in_range = False
+    if not in_range:
+        raise RelayError(f"{what} {text!r}: out of range; the logs hold times from "
+                         f"{_utc_text(TIME_MIN)} to {_utc_text(TIME_MAX)}")
+    return dt
+
+
+def has_zone(text: str) -> bool:
+    """Whether the time ``text`` names its zone (an offset or Z); a time that does
+    not is read in ``--tz``, which the commands then say."""
+    try:
+        return _fromiso(text.strip()).tzinfo is not None
+    except ValueError:
+        return False
 
 
 def format_in(ts: float | datetime | None, tz: tzinfo) -> str:

@@ -281,7 +281,8 @@ def test_ban_lookup_agrees_with_a_linear_scan(tmp_path: Path) -> None:
         else:
             net = ipaddress.ip_network((0x20010DB8 << 96 | rng.getrandbits(64) << 32,
                                         rng.choice((32, 48, 56, 64, 128))), strict=False)
-        bans.append(a.add_ban(str(net), rng.uniform(-10, 100), "t"))
+        bans.append(a.add_ban(str(net), rng.uniform(1, 100), "t", force=True))
+    clock.t += 30  # some have ended
     probes = [ipaddress.ip_address(int(ipaddress.ip_network(b.network).network_address)
                                    + rng.randrange(4)) for b in bans]
     probes += [ipaddress.ip_address(rng.getrandbits(32)) for _ in range(300)]
@@ -299,19 +300,19 @@ def test_the_longest_ban_in_force_is_reported(tmp_path: Path) -> None:
     a.add_ban("198.51.0.0/16", 500, "wider, middle")
     assert a.banned("198.51.100.7").reason == "narrow, long"  # type: ignore[union-attr]
     assert a.banned("198.51.100.8").reason == "wider, middle"  # type: ignore[union-attr]
-    # Replacing a ban with a shorter one: the old end time must not outlive it ...
-    a.add_ban("198.51.100.7", 10, "narrow, now short")
+    # A shorter ban never shortens a longer one on the same network: it stays as it is.
+    written = len(journal(tmp_path))
+    assert a.add_ban("198.51.100.7", 10, "narrow, now short").reason == "narrow, long"
+    assert len(journal(tmp_path)) == written and audit[-1]["reason"] == "wider, middle"
     clock.t += 11
-    assert a.banned("198.51.100.7").reason == "wider, middle"  # type: ignore[union-attr]
-    a.expire()
-    assert [r["network"] for r in audit if r["action"] == "unban"] == ["198.51.100.7/32"]
-    # ... nor a longer one's end be cut short by the old end time.
+    assert a.banned("198.51.100.7").reason == "narrow, long"  # type: ignore[union-attr]
+    # A longer one replaces it, and the old end time does not cut it short.
     a.add_ban("203.0.113.1", 10, "short")
     a.add_ban("203.0.113.1", 1000, "long")
     clock.t += 20
     a.expire()
     assert a.banned("203.0.113.1").reason == "long"  # type: ignore[union-attr]
-    assert len(a.bans) == 3 and audit[-1]["action"] == "ban"
+    assert len(a.bans) == 4 and audit[-1]["action"] == "ban"
 
 
 # -- the ban journal ------------------------------------------------------------------
@@ -451,3 +452,49 @@ def test_ban_cli_on_the_files_takes_any_spelling(tmp_path: Path,
     assert "no ban on 198.51.100.7/32" in capsys.readouterr().err
     assert [r["action"] for r in reader.iter_records(tmp_path)] == ["ban", "ban", "unban"]
     assert stat.S_IMODE((tmp_path / "bans.jsonl").stat().st_mode) == 0o600
+
+
+def test_wide_bans_need_force_and_every_ban_has_a_duration(tmp_path: Path) -> None:
+    """A typo must not ban a continent: /0 to /8 (IPv6 up to /31) only with force;
+    a ban of 0s (or beyond a year) is refused, not recorded."""
+    from relay.errors import RelayError
+    from relay.serve.abuse import BAN_MAX_S
+
+    a, _, audit = make(tmp_path)
+    for net in ("0.0.0.0/0", "10.0.0.0/8", "::/0", "2001:db8::/31"):
+        with pytest.raises(RelayError, match="only with --force"):
+            a.add_ban(net, 60, "typo")
+    for seconds in (0, -5, BAN_MAX_S + 1):
+        with pytest.raises(RelayError, match="give a duration from 1s to 366d"):
+            a.add_ban("192.0.2.1", seconds, "t")
+    assert audit == [] and not (tmp_path / "bans.jsonl").exists()
+    assert a.add_ban("10.0.0.0/9", 60, "narrower").network == "10.0.0.0/9"
+    assert a.add_ban("2001:db8::/32", 60, "one ISP").network == "2001:db8::/32"
+    assert a.add_ban("10.0.0.0/8", 60, "meant", force=True).network == "10.0.0.0/8"
+    assert [r["network"] for r in audit] == ["10.0.0.0/9", "2001:db8::/32", "10.0.0.0/8"]
+
+
+def test_ban_cli_show_keeps_longer_and_refuses_wide(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """relay ban show IP names every ban over the address, the longest first; a
+    shorter ban add keeps the longer ban and says so; --force for a wide range."""
+    from relay import cli
+
+    data = ["--data-dir", str(tmp_path)]
+    assert cli.main(["ban", "add", "198.51.100.0/24", "--for", "2h", *data]) == 0
+    assert cli.main(["ban", "add", "198.51.100.7", "--for", "7d", *data]) == 0
+    capsys.readouterr()
+    assert cli.main(["ban", "add", "198.51.100.7", "--for", "1h", "--json", *data]) == 0
+    captured = capsys.readouterr()
+    assert "a longer ban on 198.51.100.7/32 is in force until" in captured.err
+    assert json.loads(captured.out)["reason"] == "added by operator"
+    assert cli.main(["ban", "show", "::ffff:198.51.100.7", "--json", *data]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [b["network"] for b in shown] == ["198.51.100.7/32", "198.51.100.0/24"]
+    assert cli.main(["ban", "show", "198.51.100.9", *data]) == 0
+    assert "198.51.100.0/24" in capsys.readouterr().out
+    assert cli.main(["ban", "show", "192.0.2.1", *data]) == 1
+    assert capsys.readouterr().err == "relay: no ban covers 192.0.2.1\n"
+    assert cli.main(["ban", "add", "198.0.0.0/8", *data]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(["ban", "add", "198.0.0.0/8", "--force", *data]) == 0

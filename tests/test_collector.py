@@ -385,7 +385,7 @@ def test_plain_syslog_is_refused_unless_accepted(tmp_path: Path, pki) -> None:
                           str(pki.ca), "--listen", f"127.0.0.1:{port}", "--data-dir",
                           str(tmp_path / "c2"), "--plain-listen", f"127.0.0.1:{free_port()}"],
                          capture_output=True, text=True, timeout=30)
-    assert out.returncode == 1 and "add --accept-syslog" in out.stderr
+    assert out.returncode == 2 and "add --accept-syslog" in out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -454,7 +454,7 @@ def test_verify_reports_tampering(tmp_path: Path) -> None:
     original = reader.uncompressed(z3)
     z3.write_bytes(pack(original.replace(b"relay-7", b"relay-X", 1)))
     rc, report = verify_cli(tmp_path)
-    assert rc == 1 and kinds(report) == {("modified", f"relay-7/{day(3)}")}
+    assert rc == 3 and kinds(report) == {("modified", f"relay-7/{day(3)}")}
     z3.write_bytes(pack(original[: len(original) // 2]))
     assert kinds(verify_cli(tmp_path)[1]) == {("truncated", f"relay-7/{day(3)}")}
     a, b = reader.uncompressed(z2), original

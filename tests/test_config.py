@@ -74,7 +74,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path: Path) -> None:
     path = write(tmp_path, '[tap]\npool = "banana"\n')
     proc = subprocess.run([sys.executable, "-m", "relay.cli", "serve", "--config", str(path)],
                           capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("relay: error: [tap] pool")
     assert "Traceback" not in proc.stderr
 
@@ -82,7 +82,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path: Path) -> None:
 def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "relay.cli", "serve", "--config",
                            str(tmp_path / "absent.toml")], capture_output=True, text=True)
-    assert proc.returncode == 1 and "cannot read config" in proc.stderr
+    assert proc.returncode == 2 and "cannot read config" in proc.stderr
     assert proc.stderr.count("\n") == 1
 
 
@@ -93,3 +93,64 @@ def test_help_lists_every_key() -> None:
         assert f"[{section}]" in out
         for name in cls.__dataclass_fields__:
             assert f"  {name} = " in out
+
+
+def test_every_key_is_documented_once() -> None:
+    """The example, relay.toml(5) and the README's table all come from the
+    schema's field metadata: a key without words there fails here."""
+    for name, cls, about in config.sections():
+        assert about, f"[{name}] has no docstring"
+        for key, _, doc in config.keys(cls):
+            assert doc, f"[{name}] {key} has no documentation"
+
+
+def test_example_has_every_key_commented_at_its_default_and_checks(tmp_path: Path) -> None:
+    text = config.example()
+    for name, cls, _ in config.sections():
+        assert f"\n[{name}]\n" in text
+        for key, default, doc in config.keys(cls):
+            assert f"\n#{key} = {config.toml_value(default)}\n" in text, key
+            assert doc.split()[0] in text
+    assert config.from_text(text.encode(), "example") == config.Config()
+    # relay config example | relay config check -
+    example = subprocess.run([sys.executable, "-m", "relay.cli", "config", "example"],
+                             capture_output=True, check=True)
+    assert example.stdout.decode() == text
+    check = subprocess.run([sys.executable, "-m", "relay.cli", "config", "check", "-"],
+                           input=example.stdout, capture_output=True)
+    assert (check.returncode, check.stdout) == (0, b"-: ok (every key at its default)\n")
+
+
+def test_example_with_values_sets_them_and_is_refused_when_bad(tmp_path: Path) -> None:
+    text = config.example({"server": {"uplink": "eth0", "id": "relay-7"},
+                           "tap": {"dns": ["192.0.2.53"]}, "openvpn": {"tls_crypt": True}})
+    assert '\nuplink = "eth0"\n' in text and '\n#listen = "0.0.0.0:443"\n' in text
+    cfg = config.from_text(text.encode(), "x")
+    assert (cfg.server.uplink, cfg.tap.dns, cfg.openvpn.tls_crypt) == (
+        "eth0", ["192.0.2.53"], True)
+    assert config.changed_keys(cfg) == ["[server] id", "[server] uplink", "[tap] dns",
+                                        "[openvpn] tls_crypt"]
+    with pytest.raises(ConfigError, match=r"\[server\] id"):
+        config.example({"server": {"id": "relay-\"7\""}, "tap": {}})
+    path = write(tmp_path, config.example({"server": {"uplink": "eth0"}}))
+    check = subprocess.run([sys.executable, "-m", "relay.cli", "config", "check", str(path)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.endswith("(1 keys set: [server] uplink)\n")
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_bytes(b'[directory]\noperator = "M\xfcller"\n')
+    with pytest.raises(ConfigError, match=r"relay.toml: not UTF-8 text \(byte 25\)"):
+        config.load(path)
+
+
+def test_the_demo_config_is_the_example_with_its_values(tmp_path: Path) -> None:
+    from relay.demo import demo_config
+
+    text = demo_config(tmp_path / "data", "veth-up0")
+    cfg = config.from_text(text.encode(), "demo")
+    assert cfg.server.uplink == "veth-up0" and cfg.data_dir == tmp_path / "data"
+    assert config.changed_keys(cfg) == ["[server] uplink", "[logs] data_dir"]
+    assert text == config.example({"server": {"listen": "0.0.0.0:443", "uplink": "veth-up0"},
+                                   "logs": {"data_dir": str(tmp_path / "data")}})

@@ -322,3 +322,47 @@ def test_a_killed_relays_session_is_closed_at_restart_byte_for_byte(
     restarted._close_leftover_sessions()
     assert _log_lines(tmp_path, s.id) == [GOLDEN_CONNECT, GOLDEN_RESTART]
     assert list(restarted.journal.dir.iterdir()) == []
+
+
+def test_operator_sessions_disconnect_and_status(tmp_path: Path,
+                                                 loop: asyncio.AbstractEventLoop) -> None:
+    """The control socket's sessions, session-disconnect and status commands: the
+    open sessions with their records and counters, an operator's disconnect ends
+    the named ones (by ID or every session of an address) with its reason, and
+    status reads the same samples as a metrics scrape."""
+    from relay.metrics import render
+
+    relay = make_relay(tmp_path)
+    links = [FakeLink(1), FakeLink(2), FakeLink(3, "2001:db8::9")]
+    leases = [loop.run_until_complete(relay.open_session(link, "SSL-VPN", {"name": "oc"}))
+              for link in links]
+    leases[0].session.bytes_in, leases[0].session.bytes_out = 1234, 5678
+
+    def control(**req: Any) -> dict[str, Any]:
+        return loop.run_until_complete(relay._control(req))
+
+    views = control(cmd="sessions")["sessions"]
+    assert [v["connect"]["session_id"] for v in views] == [le.session.id for le in leases]
+    first = views[0]
+    assert first["connect"]["client"] == {"ip": "198.51.100.7", "port": 1, "hostname": None}
+    assert first["counters"]["bytes"] == {"in": 1234, "out": 5678}
+    assert first["connect"]["virtual_ip"] == leases[0].address
+
+    ended = control(cmd="session-disconnect", session=leases[1].session.id, reason="abuse")
+    assert ended == {"ok": True, "disconnected": [leases[1].session.id]}
+    assert links[1].terminated == ("operator-disconnect: abuse",
+                                   "disconnected by the relay's operator: abuse")
+    assert links[0].terminated is None and links[2].terminated is None
+    by_ip = control(cmd="session-disconnect", client_ip="2001:db8::9")
+    assert by_ip["disconnected"] == [leases[2].session.id]
+    assert links[2].terminated == ("operator-disconnect", "disconnected by the relay's operator")
+    assert control(cmd="session-disconnect", session="nope")["disconnected"] == []
+
+    status = control(cmd="status")["status"]
+    scrape = render(relay._metrics())
+    assert status["running"] and status["sessions"]["active"] == 3
+    assert f'relay_sessions_active{{protocol="SSL-VPN"}} {3.0!r}' in scrape
+    assert status["sessions"]["by_protocol"] == {"SSL-VPN": 3}
+    assert status["workers"] == [{"pid": os.getpid(), "sessions": 3}]
+    assert status["bans"] == 0 and status["free_disk_bytes"] > 0
+    assert status["capture"] is None and status["shipping"] is None

@@ -253,7 +253,7 @@ def test_logging_off_on_and_tc_filter_del_are_audited(
     for state in ("on", "status"):
         res = in_ns("logging", state, "--data-dir", str(other))
         if state == "on":
-            assert res.returncode == 1 and "Traceback" not in res.stderr
+            assert res.returncode == 2 and "Traceback" not in res.stderr
             assert res.stderr.strip().splitlines() == [
                 f"relay: error: no relay is running on {other} ({other}/control.sock): "
                 "start relay serve first"]

@@ -101,7 +101,7 @@ def test_metrics_shipping_reload_and_clean_shutdown(
     conf.write_text(good.replace("sessions_per_ip = 1", 'sessions_per_ip = "lots"'))
     bad = run([sys.executable, "-m", "relay.cli", "reload", "--config", str(conf)],
               topo.relay_ns, check=False)
-    assert bad.returncode == 1 and "reload refused" in bad.stderr
+    assert bad.returncode == 2 and "reload refused" in bad.stderr
     assert "[abuse] sessions_per_ip" in bad.stderr
     relay.send_signal(signal.SIGHUP)  # the relay itself refuses it too
     wait_for(lambda: "reload refused" in topo.log("relay.log"), 10, "the relay's refusal")

@@ -156,9 +156,10 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def search(capsys: pytest.CaptureFixture[str], data: Path, *argv: str) -> list[dict]:
     code, out, err = run(capsys, "logs", "search", "--data-dir", str(data), "--json", *argv)
-    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == (0 if rows else 1), err  # 1: nothing found
     assert "warning" not in err, err
-    return [json.loads(line) for line in out.splitlines()]
+    return rows
 
 
 def names(rows: list[dict]) -> list[str]:
@@ -233,14 +234,14 @@ def test_search_across_dst_change(capsys: pytest.CaptureFixture[str], data: Path
     assert names(rows) == ["A", "B"]
     code, _, err = run(capsys, "logs", "search", "--data-dir", str(data), "--at",
                        "2026-03-29 02:30", *berlin)
-    assert code == 1 and "does not exist in Europe/Berlin" in err
+    assert code == 2 and "does not exist in Europe/Berlin" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     code, _, err = run(capsys, "logs", "search", "--data-dir", str(data), "--at",
                        "2026-10-25 02:30", *berlin)
-    assert code == 1 and "ambiguous in Europe/Berlin" in err and "2026-10-25T00:30:00Z" in err
+    assert code == 2 and "ambiguous in Europe/Berlin" in err and "2026-10-25T00:30:00Z" in err
     code, _, err = run(capsys, "logs", "search", "--data-dir", str(data), "--at",
                        "2026-02-30 10:00", *berlin)
-    assert code == 1 and "not a valid time" in err
+    assert code == 2 and "not a valid time" in err
 
 
 def test_search_formats(capsys: pytest.CaptureFixture[str], data: Path) -> None:
@@ -260,23 +261,24 @@ def test_search_formats(capsys: pytest.CaptureFixture[str], data: Path) -> None:
 
 def test_a_session_filter_that_names_no_session_is_a_one_line_error(
         capsys: pytest.CaptureFixture[str], data: Path) -> None:
-    """--session takes an ID or its start (search) or a whole ID (logs packets):
-    anything else is said in one line, not answered with nothing or a traceback."""
+    """--session takes an ID or its start (a tag), in every command: anything else
+    is said in one line, not answered with nothing or a traceback."""
     # Not URL-safe base64; past 22 characters; 22 characters that spell no ID (the
     # last one's unused bits set: it would decode to session A's bytes).
     for bad in ("A B", SID["A"] + "A", SID["A"][:-1] + "B"):
         code, out, err = run(capsys, "logs", "search", "--data-dir", str(data),
                              "--session", bad)
-        assert code == 1 and out == "" and "Traceback" not in err
+        assert code == 2 and out == "" and "Traceback" not in err
         assert err.startswith("relay: error: --session") and err.count("\n") == 1, err
-    # logs packets filters by a whole ID: a tag is refused, the whole ID answers.
-    code, out, err = run(capsys, "logs", "packets", "--data-dir", str(data),
-                         "--session", SID["A"][:8])
-    assert code == 1 and out == "" and err.count("\n") == 1 and "--session" in err, err
-    code, out, err = run(capsys, "logs", "packets", "--data-dir", str(data), "--json",
-                         "--session", SID["A"])
-    rows = [json.loads(line) for line in out.splitlines()]
-    assert code == 0 and len(rows) == 2 * PACKETS_PER_FLOW
+    # logs packets takes the same option: a tag and the whole ID give the same packets.
+    for session in (SID["A"][:8], SID["A"]):
+        code, out, err = run(capsys, "logs", "packets", "--data-dir", str(data), "--json",
+                             "--session", session)
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert code == 0 and len(rows) == 2 * PACKETS_PER_FLOW, err
+        assert {r["session_id"] for r in rows} == {SID["A"]}
+    code, out, err = run(capsys, "logs", "packets", "--data-dir", str(data), "--session", "A B")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "--session" in err, err
     assert {r["session_id"] for r in rows} == {SID["A"]}
 
 
@@ -357,7 +359,7 @@ def test_at_is_exact(capsys: pytest.CaptureFixture[str], at_built: Path) -> None
         assert rows["starts"]["packets"] == PACKETS_PER_FLOW
         assert rows["pkts_both"]["packets"] == 2 * PACKETS_PER_FLOW
         assert not rows["pkts_both"]["in_connection_log"]
-        assert rows["open"]["disconnect"] == ""
+        assert rows["open"]["disconnect"] is None
     assert sorted(at_search(capsys, at_built, "--dst", "203.0.113.9")) == ["other"]
     # A second after T: "ends" is gone, nothing else changes.
     rows = search(capsys, at_built, "--at", at_plus(1))
@@ -374,15 +376,15 @@ def names_at(rows: list[dict]) -> list[str]:
 def test_at_slack_marks_near_matches(capsys: pytest.CaptureFixture[str],
                                      at_built: Path) -> None:
     for at in AT_ZONES:
-        rows = at_search(capsys, at_built, "--slack", "30", at=at)
+        rows = at_search(capsys, at_built, "--slack", "30s", at=at)
         assert {n: r["match"] for n, r in rows.items()} == {
             **dict.fromkeys(COVER_T, "exact"),
             "late": "near", "early": "near", "pkts_after": "near", "skewed": "near"}, at
-        rows = at_search(capsys, at_built, "--slack", "10", "--dst", "203.0.113.7:443", at=at)
+        rows = at_search(capsys, at_built, "--slack", "10s", "--dst", "203.0.113.7:443", at=at)
         assert {n: r["match"] for n, r in rows.items()} == {
             "ends": "exact", "open": "exact", "pkts_both": "exact", "starts": "exact",
             "early": "near"}, at
-    base = ("logs", "search", "--data-dir", str(at_built), "--at", AT, "--slack", "30")
+    base = ("logs", "search", "--data-dir", str(at_built), "--at", AT, "--slack", "30s")
     code, out, _ = run(capsys, *base, "--format", "csv")
     assert code == 0
     got = {r["session_id"]: r["match"] for r in csv.DictReader(io.StringIO(out))}
@@ -394,10 +396,11 @@ def test_at_slack_marks_near_matches(capsys: pytest.CaptureFixture[str],
 
 
 def test_at_bad_slack(capsys: pytest.CaptureFixture[str], at_built: Path) -> None:
-    for argv in (("--at", AT, "--slack", "-1"), ("--at", AT, "--slack", "nan"),
-                 ("--from", AT, "--slack", "5")):
+    for argv in (("--at", AT, "--slack=-1s"), ("--at", AT, "--slack", "nan"),
+                 ("--at", AT, "--slack", "inf"), ("--at", AT, "--slack", "30"),
+                 ("--at", AT, "--slack", "8d"), ("--from", AT, "--slack", "5s")):
         code, _, err = run(capsys, "logs", "search", "--data-dir", str(at_built), *argv)
-        assert code == 1 and err.startswith("relay: error: --slack") and \
+        assert code == 2 and err.startswith("relay: error: --slack") and \
             err.count("\n") == 1, err
 
 
@@ -454,7 +457,7 @@ def test_out_of_window_segments_are_never_opened(capsys: pytest.CaptureFixture[s
                          "seg-20260329T020000Z.rpl"}
     code, _, err = run(capsys, "logs", "search", "--data-dir", str(data), "--from",
                        "2026-03-29 05:00", "--to", "2026-03-29 06:00")
-    assert code == 0 and "bad or missing file header" in err
+    assert code == 3 and "bad or missing file header" in err  # 3: incomplete
 
 
 # ------------------------------------------------------------------ pcapng
@@ -546,14 +549,14 @@ def test_verify_detects_tampering(capsys: pytest.CaptureFixture[str], data: Path
     segs[5].write_bytes(a)
     shutil.copy(segs[0], segs[0].with_name("seg-20260330T000000Z.rpl"))
     code, report = verify(capsys, data)
-    assert code == 1
+    assert code == 3
     assert kinds(report) == {
         ("modified", segs[1].name), ("modified", "connlog 2026-03-29"),
         ("missing", segs[2].name), ("truncated", segs[3].name),
         ("reordered", segs[4].name), ("reordered", segs[5].name),
         ("reordered", "seg-20260330T000000Z.rpl")}
     code, out, _ = run(capsys, "logs", "verify", "--data-dir", str(data))
-    assert code == 1 and out.splitlines()[-1].startswith("FAILED")
+    assert code == 3 and out.splitlines()[-1].startswith("FAILED")
 
 
 def test_verify_detects_chain_edits(capsys: pytest.CaptureFixture[str], data: Path) -> None:
@@ -562,11 +565,11 @@ def test_verify_detects_chain_edits(capsys: pytest.CaptureFixture[str], data: Pa
     lines[2], lines[3] = lines[3], lines[2]
     path.write_bytes(b"".join(lines))
     code, report = verify(capsys, data)
-    assert code == 1 and {p["kind"] for p in report["problems"]} == {"broken-chain"}
+    assert code == 3 and {p["kind"] for p in report["problems"]} == {"broken-chain"}
     # Cutting the chain back: the files of the dropped links are unchained.
     path.write_bytes(b"".join(sorted(lines[:5], key=lambda x: json.loads(x)["n"])))
     code, report = verify(capsys, data)
-    assert code == 1 and {p["kind"] for p in report["problems"]} == {"unchained"}
+    assert code == 3 and {p["kind"] for p in report["problems"]} == {"unchained"}
     # ... and a head recorded by the connection log (shipped off the relay) is gone.
     log = daylog.ConnectionLog(data, clock=lambda: ts("2026-03-29 09:00:00"))
     log.append({"action": "packetlog-rotate", "chain_link":
@@ -597,7 +600,7 @@ def test_archives_and_compression_stay_verifiable(capsys: pytest.CaptureFixture[
     arch = sorted(segments.packets_dir(data).glob("*.rpa"))
     flip(arch[0], 60)
     code, report = verify(capsys, data)
-    assert code == 1 and kinds(report) == {("modified", arch[0].name)}
+    assert code == 3 and kinds(report) == {("modified", arch[0].name)}
 
 
 def rewrite_member(bundle: Path, name: str, change: Any) -> None:
@@ -639,15 +642,15 @@ def test_disclose_and_verify_bundle(capsys: pytest.CaptureFixture[str], data: Pa
     # The data directory changed since the disclosure: the bundle no longer matches it.
     flip(data / daylog.SUBDIR / "2026-03-29.jsonl", 200)
     code, out, _ = run(capsys, "logs", "verify-bundle", str(bundle), "--data-dir", str(data))
-    assert code == 1 and "connlog 2026-03-29" in out
+    assert code == 3 and "connlog 2026-03-29" in out
     # A member edited after the fact.
     rewrite_member(bundle, "packets.jsonl", lambda b: b.replace(b'"len": 300', b'"len": 301'))
     code, out, _ = run(capsys, "logs", "verify-bundle", str(bundle))
-    assert code == 1 and "MODIFIED: packets.jsonl" in out
+    assert code == 3 and "MODIFIED: packets.jsonl" in out
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"nonsense")
     code, _, err = run(capsys, "logs", "verify-bundle", str(bad))
-    assert code == 1 and err.startswith("relay: error:") and err.count("\n") == 1
+    assert code == 2 and err.startswith("relay: error:") and err.count("\n") == 1
 
 
 def test_verify_reports_a_deleted_or_replaced_segment(capsys: pytest.CaptureFixture[str],
@@ -658,7 +661,7 @@ def test_verify_reports_a_deleted_or_replaced_segment(capsys: pytest.CaptureFixt
     segs[0].unlink()
     segs[1].write_bytes(segs[6].read_bytes()[:100] + segs[1].read_bytes()[100:])
     code, report = verify(capsys, data)
-    assert code == 1
+    assert code == 3
     assert kinds(report) == {("missing", segs[0].name), ("modified", segs[1].name)}
     detail = {p["file"]: p["detail"] for p in report["problems"]}
     assert "chain link 0 (close, " in detail[segs[0].name]
@@ -686,7 +689,7 @@ def test_verify_reports_a_segment_renamed_over_a_chained_one(
     os.rename(seg.path, first)
     segments.link_closed(seg, first, lambda: clock[0])
     code, report = verify(capsys, data)
-    assert code == 1 and kinds(report) == {("replaced", first.name)}
+    assert code == 3 and kinds(report) == {("replaced", first.name)}
     [problem] = report["problems"]
     assert "chain link 0 (close, " in problem["detail"] and "overwritten" in problem["detail"]
 
@@ -717,7 +720,7 @@ def test_torn_chain_line_is_reported_once_and_appends_go_on(
     new = json.loads(lines[3])
     assert new["n"] == 2 and new["prev"] == chain.line_digest(lines[1])
     code, report = verify(capsys, tmp_path)
-    assert code == 1
+    assert code == 3
     assert report["problems"] == [{
         "kind": "broken-chain", "file": "packets chain line 3",
         "detail": "not a link (after link 1): a write cut short by a crash, or an edit"}]

@@ -20,7 +20,8 @@ import relay
 
 PACKAGE = Path(relay.__file__).parent
 # Top-level modules that are applications (commands), not shared building blocks.
-APPS = {"relay.cli", "relay.doctor", "relay.service", "relay.demo", "relay.netns"}
+APPS = {"relay.cli", "relay.opscli", "relay.docgen", "relay.doctor", "relay.service",
+        "relay.demo", "relay.netns"}
 # Sub-packages by layer (the top-level modules not in APPS are layer 0).
 LAYERS = {"relay.protocols": 0, "relay.connlog": 1, "relay.packetlog": 1,
           "relay.investigate": 2, "relay.central": 2, "relay.serve": 3}

@@ -48,10 +48,10 @@ def test_open_files_limit_follows_the_caps(tmp_path: Path) -> None:
     assert fdlimit.nofile_needed(config.load(conf)) == 20000 + 1000 + fdlimit.FD_RESERVE
 
 
-def test_install_service_needs_a_config() -> None:
+def test_install_service_needs_a_config(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "relay.cli", "install-service", "-o",
-                           "/dev/null"], capture_output=True, text=True)
-    assert proc.returncode == 1 and "--config FILE is required" in proc.stderr
+                           str(tmp_path / "relay.service")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--config FILE is required" in proc.stderr
 
 
 def raise_nofile_under(soft: int, hard: int, need: int) -> list[str]:
@@ -70,3 +70,29 @@ def test_relay_raises_its_soft_open_files_limit_within_the_hard_one() -> None:
     assert soft == "2000"
     assert problem.startswith("open-files limit 2000 is under the 4864 the caps need")
     assert "LimitNOFILE=4864" in problem
+
+
+def test_data_dir_goes_to_exec_start_and_uninstall_removes_the_unit(tmp_path: Path) -> None:
+    """install-service --data-dir DIR: the service runs relay serve with that
+    --data-dir (before, the flag only changed ReadWritePaths, and the relay wrote
+    elsewhere); --uninstall removes the unit and leaves the data."""
+    assert shutil.which("systemd-analyze"), "systemd-analyze missing: apt-get install systemd"
+    conf = tmp_path / "relay.toml"
+    conf.write_text("")
+    data = tmp_path / "relay data"  # a space: quoted in the command line
+    data.mkdir()
+    unit = tmp_path / "relay.service"
+    subprocess.run([sys.executable, "-m", "relay.cli", "install-service", "--config",
+                    str(conf), "--data-dir", str(data), "-o", str(unit)], check=True,
+                   capture_output=True)
+    directives = dict(line.split("=", 1) for line in unit.read_text().splitlines()
+                      if "=" in line and not line.startswith("#"))
+    assert directives["ExecStart"].endswith(f'relay serve --config {conf} --data-dir "{data}"')
+    assert f'"{data}"' in directives["ReadWritePaths"]
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True)
+    assert verify.returncode == 0, verify.stderr
+    out = subprocess.run([sys.executable, "-m", "relay.cli", "install-service", "--uninstall",
+                          "-o", str(unit)], capture_output=True, text=True, check=True).stdout
+    assert f"removed {unit}" in out and "data directory and its logs stay" in out
+    assert not unit.exists() and data.is_dir()

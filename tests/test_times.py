@@ -97,3 +97,16 @@ def test_the_logs_forms_read_back() -> None:
     for bad in ("2026-03-29T00:45:00", "2026-02-30T00:00:00Z", "", "None", "\x1b[2J"):
         with pytest.raises(ValueError):
             parse_rfc3339(bad)
+
+
+def test_times_past_the_logs_range_are_refused_not_overflowed() -> None:
+    """Year 1 in Tokyo or year 9999 west of Greenwich do not exist in UTC: one
+    error naming the option (before, an OverflowError traceback)."""
+    tokyo = parse_zone("Asia/Tokyo")
+    for text, tz in (("0001-01-01", tokyo), ("0001-01-01T00:00+09:00", UTC),
+                     ("9999-12-31T23:00-05:00", UTC), ("1969-12-31T23:59:59Z", UTC),
+                     ("9999-06-01T00:00Z", UTC)):
+        with pytest.raises(RelayError, match=r"^--at .*: out of range; the logs hold times "
+                                             r"from 1970-01-01T00:00:00Z"):
+            parse_time(text, tz, "--at")
+    assert parse_time("1970-01-01T09:00", tokyo) == utc("1970-01-01 00:00")

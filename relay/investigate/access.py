@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.connlog import reader
-from relay.netaddr import AddressError, canonical_ip
+from relay.netaddr import AddressError, canonical_ip, hostport
 from relay.times import parse_rfc3339, utc_date
 
 ACCESS_ACTIONS = frozenset({"list-download", "relay-register", "relay-refused", "relay-expire"})
@@ -77,7 +77,7 @@ def row(rec: dict[str, Any]) -> dict[str, Any]:
     served = rec.get("served") if isinstance(rec.get("served"), dict) else {}
     relay = rec.get("relay") if isinstance(rec.get("relay"), dict) else {}
     return {"time": rec.get("time"), "action": rec.get("action"),
-            "client": f"{client.get('ip', '')}:{client.get('port', '')}" if client else "",
+            "client": hostport(client.get("ip", ""), client.get("port", "")) if client else "",
             "status": rec.get("status", ""), "format": rec.get("format") or "",
             "relays": served.get("count", relay.get("id", "")),
             "user_agent": rec.get("user_agent") or "", "reason": rec.get("reason") or ""}

@@ -4,179 +4,187 @@ disclose, verify-bundle (registered by relay/cli.py's build_parser)."""
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import tzinfo
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from relay import sessionid
-from relay.errors import RelayError
-from relay.safeout import csv_cell, escape_text, json_text, private_file
+from relay.errors import EXIT_INCOMPLETE, EXIT_OK, RelayError
+from relay.investigate.options import (
+    Results,
+    RowWriter,
+    add_filters,
+    add_output,
+    open_output,
+    output_format,
+    query_of,
+    require_relay_data,
+)
+from relay.netaddr import hostport
+from relay.safeout import escape_text, json_text
 
-TABLE_COLUMNS = ("session_id", "match", "client", "client_hostname", "client_software", "protocol",
-                 "connect", "connect_utc", "disconnect", "disconnect_utc", "packets",
-                 "first_packet_utc", "last_packet_utc")
+# The table's columns (JSON and CSV carry every field of search.row_dict).
+TABLE_COLUMNS = tuple((c, "session" if c == "session_id" else c) for c in (
+    "session_id", "match", "client", "client_hostname", "client_software", "protocol",
+    "connect", "connect_utc", "disconnect", "disconnect_utc", "packets", "first_packet_utc",
+    "last_packet_utc"))
+UA_LOOKUP_COLUMNS = (("session_id", "session"), ("server_id", "relay"), ("client", "client"),
+                     ("client_software", "client_software"), ("connect", "connect"),
+                     ("disconnect", "disconnect"))
 
 AddDataDir = Callable[[argparse.ArgumentParser], None]
 DataDirOf = Callable[[argparse.Namespace], Path]
-
-
-def _warn(path: str, reason: str) -> None:
-    print(f"relay: warning: {escape_text(path)}: {escape_text(reason)}", file=sys.stderr)
+SEARCH_FILTERS = ("at", "slack", "start", "end", "tz", "server_ip", "dst", "host", "client_ip",
+                  "session")
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("filters (all optional, combined with AND)")
-    g.add_argument("--at", metavar="TIME",
-                   help="sessions connected at TIME (ISO 8601 or 'YYYY-MM-DD HH:MM[:SS]'): "
-                        "connect <= TIME <= disconnect, or still open; their packets near "
-                        "TIME are counted (README: Investigation)")
-    g.add_argument("--slack", type=float, default=0.0, metavar="SECONDS",
-                   help="with --at: also the sessions connected within SECONDS of TIME, "
-                        "shown as match 'near' (default 0: exact matches only)")
-    g.add_argument("--from", dest="start", metavar="TIME", help="window start, inclusive")
-    g.add_argument("--to", dest="end", metavar="TIME", help="window end, exclusive")
-    g.add_argument("--tz", metavar="ZONE", default="UTC",
-                   help="zone of times without one, and of the output: an IANA name "
-                        "(Asia/Tokyo) or an offset (+09:00); default UTC")
-    g.add_argument("--server-ip", metavar="IP", help="the relay address the client reached")
-    g.add_argument("--dst", metavar="IP[:PORT]", help="packets to or from this destination")
-    g.add_argument("--host", metavar="FQDN", help="sessions that visited this host name "
-                   "(HTTP Host / TLS SNI, from the disconnect record)")
-    g.add_argument("--client-ip", metavar="IP", help="the client's physical address")
-    g.add_argument("--session", metavar="ID", help="a session ID or its prefix (UA tag)")
+    add_filters(p, SEARCH_FILTERS, help_for={
+        "at": "sessions connected at TIME (ISO 8601 or 'YYYY-MM-DD HH:MM[:SS]', read in "
+              "--tz): connect <= TIME <= disconnect, or still open; their packets near "
+              "TIME are counted (README: Investigation)",
+        "slack": "with --at: also the sessions connected within DURATION of TIME, shown "
+                 "as match 'near'"})
 
 
-def query_of(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(investigate.Query, tzinfo) from the filter options."""
-    from relay import times
+def search_fields(tz: tzinfo) -> list[str]:
+    """The fields of a session as search prints it (JSON keys, CSV columns)."""
     from relay.investigate import search
 
-    tz = times.parse_zone(args.tz)
-    q = search.Query()
-    if args.at and (args.start or args.end):
-        raise RelayError("give --at or --from/--to, not both")
-    if not (math.isfinite(args.slack) and args.slack >= 0):
-        raise RelayError(f"--slack {args.slack}: give a number of seconds >= 0")
-    if args.slack and not args.at:
-        raise RelayError("--slack widens --at: give --at too")
-    if args.at:
-        q.at = times.parse_time(args.at, tz, "--at").timestamp()
-        q.slack = args.slack
-    if args.start:
-        q.lo = times.parse_time(args.start, tz, "--from").timestamp()
-    if args.end:
-        q.hi = times.parse_time(args.end, tz, "--to").timestamp()
-    if q.lo is not None and q.hi is not None and q.hi <= q.lo:
-        raise RelayError("the window is empty: --to must be after --from")
-    q.server_ip = search.normalize_ip(args.server_ip, "--server-ip")
-    q.client_ip = search.normalize_ip(args.client_ip, "--client-ip")
-    if args.dst:
-        q.dst_ip, q.dst_port = search.parse_dst(args.dst)
-    q.host = args.host.lower().rstrip(".") if args.host else None
-    if args.session:
-        q.session = sessionid.check(args.session, "--session", prefix=True)
-    return q, tz
+    return list(search.row_dict(search.SessionRow(""), tz))
 
 
-@contextmanager
-def _output(path: str | None, binary: bool = False) -> Iterator[IO[Any]]:
-    """stdout for no -o or "-o -", else a private file (safeout.private_file)."""
-    if not path or path == "-":
-        yield sys.stdout.buffer if binary else sys.stdout
-        return
-    with private_file(Path(path), binary=binary) as f:
-        yield f
+def write_sessions(args: argparse.Namespace, rows: list[Any], tz: tzinfo,
+                   columns: tuple[tuple[str, str], ...] = TABLE_COLUMNS) -> None:
+    """Sessions as search prints them: table, JSON lines or CSV (-o too)."""
+    from relay.investigate import search
+
+    with open_output(args) as out:
+        w = RowWriter(out, output_format(args), search_fields(tz), columns=columns)
+        for r in rows:
+            d = search.row_dict(r, tz)
+            d["client"] = hostport(d["client_ip"], d["client_port"]) if d["client_ip"] else ""
+            if w.fmt != "table":
+                del d["client"]
+            w.write(d)
+        w.close()
+
+
+def spans(rows: list[Any]) -> list[tuple[float | None, float | None]]:
+    """(start, end) of each session row, for Results.check_packet_log: a session
+    the connection log lost starts with its first packet."""
+    from relay.times import NS
+
+    return [(r.connect_ts if r.connect_ts is not None
+             else (r.first_ns / NS if r.first_ns is not None else None), r.disconnect_ts)
+            for r in rows]
+
+
+def searched(data_dir: Path, q: Any, results: Results,
+             keep_packets: bool = False) -> tuple[list[Any], list[Any]]:
+    """search.search, its warnings and the packet log's reach counted in
+    ``results``: the sessions it names, and with --dst also those it could not
+    rule in or out without packets."""
+    from relay.investigate import search
+
+    rows, kept = search.search(data_dir, q, on_error=results.warn,
+                               progress=search.Progress(0), keep_packets=keep_packets)
+    needed = spans(rows)
+    if q.packet_filter:
+        candidates, _ = search.find_sessions(data_dir, q)
+        needed += spans(list(candidates.values()))
+    results.check_packet_log(data_dir, q, needed)
+    return rows, kept
 
 
 def cmd_search(args: argparse.Namespace, data_dir: Path) -> int:
-    from relay.investigate import search
-
     q, tz = query_of(args)
-    fmt = "json" if args.json else args.format
-    rows, _ = search.search(data_dir, q, on_error=_warn,
-                                 progress=search.Progress(0))
-    dicts = [search.row_dict(r, tz) for r in rows]
-    with _output(args.output) as out:
-        if fmt == "json":
-            for d in dicts:
-                out.write(json_text(d) + "\n")
-        elif fmt == "csv":
-            fields = list(search.row_dict(search.SessionRow(""), tz))
-            w = csv.writer(out)
-            w.writerow(fields)
-            w.writerows([csv_cell(d[f]) for f in fields] for d in dicts)
-        else:
-            _table(out, dicts)
+    results = Results()
+    rows, _ = searched(data_dir, q, results)
+    write_sessions(args, rows, tz)
     if not rows:
         print("relay: no matching session", file=sys.stderr)
-    return 0
+    return results.status(bool(rows))
 
 
-def _table(out: IO[str], dicts: list[dict[str, Any]]) -> None:
-    cells = [[("session" if c == "session_id" else c) for c in TABLE_COLUMNS]]
-    for d in dicts:
-        d = {**d, "client": f"{d['client_ip']}:{d['client_port']}" if d["client_ip"] else ""}
-        cells.append([escape_text(d[c]) if d[c] not in (None, "") else "-"
-                      for c in TABLE_COLUMNS])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
-    for row in cells:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                  + "\n")
+def cmd_ua_lookup(args: argparse.Namespace, data_dir: Path) -> int:
+    """search --session TAG, the tag read off the end of a stamped User-Agent."""
+    from relay.investigate import search
+
+    tail = args.user_agent.strip()[-sessionid.TAG_LEN:]
+    if not tail:
+        raise RelayError("ua-lookup: the User-Agent is empty")
+    if not sessionid.is_prefix(tail):
+        raise RelayError(f"ua-lookup: {tail!r} ends the User-Agent, and no tag looks like "
+                         f"that ({sessionid.TAG_LEN} URL-safe base64 characters)")
+    q, tz = query_of(args)
+    q.session = tail
+    results = Results()
+    # The connection log names the sessions; each one's packets are then counted
+    # by its whole ID, which the segments' indexes find without a full scan.
+    named, _ = search.find_sessions(data_dir, q, on_error=results.warn)
+    rows = [row for sid in named
+            for row in searched(data_dir, replace(q, session=sid), results)[0]]
+    write_sessions(args, rows, tz, UA_LOOKUP_COLUMNS)
+    if not rows:
+        print(f"relay: no session with tag {escape_text(tail)} in {escape_text(data_dir)}",
+              file=sys.stderr)
+    return results.status(bool(rows))
 
 
 def cmd_export_pcap(args: argparse.Namespace, data_dir: Path) -> int:
-    from relay.investigate import pcapng, search
+    from relay.investigate import pcapng
 
     q, _ = query_of(args)
-    if not args.output:
-        raise RelayError("export-pcap needs -o FILE (pcapng)")
-    rows, kept = search.search(data_dir, q, on_error=_warn,
-                                    progress=search.Progress(0), keep_packets=True)
-    with _output(args.output, binary=True) as out:
+    results = Results()
+    rows, kept = searched(data_dir, q, results, keep_packets=True)
+    with open_output(args, binary=True) as out:
         n = pcapng.write(out, (rec for _, rec in kept), app="relay logs export-pcap")
-    print(f"{n} packets of {len(rows)} sessions written to {args.output}", file=sys.stderr)
-    return 0
+    print(f"{n} packets of {len(rows)} sessions written to {escape_text(args.output)}",
+          file=sys.stderr)
+    return results.status(bool(n))
 
 
 def cmd_verify(args: argparse.Namespace, data_dir: Path) -> int:
     from relay.investigate import evidence
 
     report = evidence.verify(data_dir)
-    with _output(args.output) as out:
-        if args.json:
+    with open_output(args) as out:
+        if output_format(args) == "json":
             out.write(json_text(report.to_dict()) + "\n")
         else:
             out.write(report.text())
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_INCOMPLETE
 
 
 def cmd_disclose(args: argparse.Namespace, data_dir: Path) -> int:
-    from relay.investigate import evidence
+    from relay.investigate import evidence, search
 
     q, tz = query_of(args)
-    if not args.output:
-        raise RelayError("disclose needs -o FILE (the bundle, a tar file)")
-    summary = evidence.disclose(data_dir, q, tz, Path(args.output), on_error=_warn,
+    results = Results()
+    summary = evidence.disclose(data_dir, q, tz, Path(args.output), on_error=results.warn,
                                 argv=sys.argv[1:])
+    # The sessions the bundle can hold packets of: the connection log names them.
+    candidates, _ = search.find_sessions(data_dir, q)
+    results.check_packet_log(data_dir, q, spans(list(candidates.values())))
     print(f"{summary['sessions']} sessions, {summary['packets']} packets written to "
-          f"{args.output}", file=sys.stderr)
-    return 0
+          f"{escape_text(args.output)}", file=sys.stderr)
+    return results.status(bool(summary["sessions"]))
 
 
 def cmd_verify_bundle(args: argparse.Namespace, data_dir: Path | None) -> int:
     from relay.investigate import evidence
 
     report = evidence.verify_bundle(Path(args.bundle), data_dir)
-    with _output(args.output) as out:
-        if args.json:
+    with open_output(args) as out:
+        if output_format(args) == "json":
             out.write(json_text(report.to_dict()) + "\n")
         else:
             out.write(report.text())
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_INCOMPLETE
 
 
 def add_parsers(logs: Any, add_data_dir: AddDataDir, data_dir_of: DataDirOf) -> None:
@@ -192,10 +200,20 @@ def add_parsers(logs: Any, add_data_dir: AddDataDir, data_dir_of: DataDirOf) -> 
                     "Times print in --tz and in UTC.")
     add_data_dir(p)
     _filters(p)
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    p.add_argument("--json", action="store_true", help="same as --format json")
-    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    add_output(p)
     p.set_defaults(func=run(cmd_search))
+
+    p = logs.add_parser(
+        "ua-lookup", help="which session a stamped User-Agent points to",
+        description=f"The session(s) whose {sessionid.TAG_LEN}-character tag ends the "
+                    "given User-Agent (as a web server logged it), as search prints them; "
+                    "a value shorter than the tag carries the tag's first characters, so "
+                    "it can match several.")
+    add_data_dir(p)
+    p.add_argument("user_agent", metavar="USER-AGENT")
+    add_filters(p, ("at", "slack", "start", "end", "tz", "client_ip"))
+    add_output(p)
+    p.set_defaults(func=run(cmd_ua_lookup))
 
     p = logs.add_parser(
         "export-pcap", help="matching packets as a pcapng file (synthesized headers)",
@@ -205,19 +223,18 @@ def add_parsers(logs: Any, add_data_dir: AddDataDir, data_dir_of: DataDirOf) -> 
                     "each packet's comment.")
     add_data_dir(p)
     _filters(p)
-    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the pcapng file")
-    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-o", "--output", metavar="FILE", required=True,
+                   help="the pcapng file (mode 0600)")
     p.set_defaults(func=run(cmd_export_pcap))
 
     p = logs.add_parser(
         "verify", help="check the SHA-256 chain over closed log files",
         description="Checks every closed packet-log segment and archive and every sealed "
                     "connection-log day against the evidence chain (DATA_DIR/chain); "
-                    "reports modified, missing, reordered, truncated and unchained files "
-                    "and broken links, and exits non-zero if there is any.")
+                    "reports modified, missing, reordered, truncated, unreadable and "
+                    "unchained files and broken links, and exits 3 if there is any.")
     add_data_dir(p)
-    p.add_argument("--json", action="store_true", help="the report as one JSON object")
-    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    add_output(p, ("text", "json"))
     p.set_defaults(func=run(cmd_verify))
 
     p = logs.add_parser(
@@ -228,19 +245,19 @@ def add_parsers(logs: Any, add_data_dir: AddDataDir, data_dir_of: DataDirOf) -> 
                     "files to this relay's chain. Check it with verify-bundle.")
     add_data_dir(p)
     _filters(p)
-    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the bundle (.tar)")
-    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-o", "--output", metavar="FILE", required=True,
+                   help="the bundle (.tar, mode 0600)")
     p.set_defaults(func=run(cmd_disclose))
 
     p = logs.add_parser(
         "verify-bundle", help="check a bundle written by disclose",
         description="Checks the manifest's digests of every member and the continuity "
                     "of its chain links; with --data-dir, also that the links are in "
-                    "that relay's chain and the records are the ones its files hold.")
+                    "that relay's chain and the records are the ones its files hold. "
+                    "Exits 3 if there is any problem.")
     p.add_argument("bundle", metavar="FILE")
     p.add_argument("--data-dir", metavar="DIR",
                    help="a copy of the relay's data directory to check the bundle against")
-    p.add_argument("--json", action="store_true", help="the report as one JSON object")
-    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    add_output(p, ("text", "json"))
     p.set_defaults(func=lambda args: cmd_verify_bundle(
-        args, Path(args.data_dir) if args.data_dir else None))
+        args, require_relay_data(Path(args.data_dir)) if args.data_dir else None))

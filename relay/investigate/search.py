@@ -31,7 +31,8 @@ from relay.errors import RelayError
 from relay.netaddr import AddressError, canonical_ip
 from relay.packetlog import segments
 from relay.packetlog.blockcodec_py import BlockError
-from relay.times import NS, format_in, format_utc, parse_rfc3339, parse_rfc3339_ns, utc_date
+from relay.sessionview import record_time, session_json
+from relay.times import NS, format_in, format_utc, parse_rfc3339_ns, utc_date
 
 # The progress bar appears only when a scan outlives this: a quick answer should
 # not flash a bar.
@@ -93,16 +94,6 @@ class Query:
             return EXACT
         if start <= self.at + self.slack and (end is None or end >= self.at - self.slack):
             return NEAR
-        return None
-
-
-def record_time(text: Any) -> float | None:
-    """Epoch seconds of a record's RFC 3339 time; None unless it is one."""
-    if not isinstance(text, str):
-        return None
-    try:
-        return parse_rfc3339(text).timestamp()
-    except ValueError:
         return None
 
 
@@ -433,24 +424,17 @@ def search(data_dir: Path, q: Query, *, on_error: ErrorReport,
 
 
 def row_dict(row: SessionRow, tz: tzinfo) -> dict[str, Any]:
-    """One session as search prints it (both the asked zone and UTC)."""
-    client, server, sw = row.obj("client"), row.obj("server"), row.obj("client_software")
+    """One session as search prints it: relay.sessionview's schema, with ``match``
+    and the count and first/last time of its matching packet-log records."""
     first = row.first_ns / NS if row.first_ns is not None else None
     last = row.last_ns / NS if row.last_ns is not None else None
+    session = session_json(row.session_id, row.connect, row.disconnect, tz)
     return {
-        "session_id": row.session_id,
+        "session_id": session.pop("session_id"),
         "match": row.match,
-        "server_id": server.get("id"), "server_ip": server.get("ip"),
-        "client_ip": client.get("ip"), "client_port": client.get("port"),
-        "client_hostname": client.get("hostname"),
-        "client_software": " ".join(str(v) for v in (sw.get("name"), sw.get("version")) if v),
-        "protocol": row.value("protocol"), "virtual_ip": row.value("virtual_ip"),
-        "connect": format_in(row.connect_ts, tz), "connect_utc": format_utc(row.connect_ts),
-        "disconnect": format_in(row.disconnect_ts, tz),
-        "disconnect_utc": format_utc(row.disconnect_ts),
+        **session,
         "packets": row.packets,
-        "first_packet": format_in(first, tz), "first_packet_utc": format_utc(first),
-        "last_packet": format_in(last, tz), "last_packet_utc": format_utc(last),
+        "first_packet": format_in(first, tz) or None, "first_packet_utc": format_utc(first) or None,
+        "last_packet": format_in(last, tz) or None, "last_packet_utc": format_utc(last) or None,
         "in_connection_log": row.connect is not None or row.disconnect is not None,
     }
-

@@ -67,6 +67,16 @@ OFFENCE_MEMORY_S = 86400.0
 SUMMARY_TOP_SOURCES = 50
 
 
+# The widest bans that need an operator's --force: an IPv4 /8 is a whole legacy
+# allocation (16.7 M addresses), and in IPv6 anything wider than a /32, the
+# largest assignment to one ISP (RIPE-690, as IPV6_PREFIX_MIN in relay.config),
+# spans several networks. A typo in a CIDR must not lock a continent out.
+WIDE_BAN_MAX_PREFIX = {4: 8, 6: 31}
+# The longest ban: past a year an address has usually changed hands. A ban is
+# never for ever; re-add one that must last longer.
+BAN_MAX_S = 366 * 86400
+
+
 @dataclass
 class Ban:
     network: str  # canonical CIDR: "198.51.100.7/32", "2001:db8:1:2::/64", ...
@@ -129,6 +139,18 @@ class BanIndex:
                 best = ban
         return best
 
+    def all_covering(self, addr: Address, now: float) -> list[Ban]:
+        """Every ban in force over ``addr``, the longest-lasting first (the one
+        :meth:`covering` gives)."""
+        value, bits = int(addr), addr.max_prefixlen
+        found = []
+        for prefixlen, bans in self._tables[addr.version].items():
+            shift = bits - prefixlen
+            ban = bans.get(value >> shift << shift)
+            if ban is not None and ban.until > now:
+                found.append(ban)
+        return sorted(found, key=lambda b: -b.until)
+
     def pop_expired(self, now: float) -> Iterator[Ban]:
         """Remove the bans whose time is up, yielding each."""
         while self._ends and self._ends[0][0] <= now:
@@ -152,11 +174,18 @@ class BanJournal:
         self.legacy = Path(data_dir) / LEGACY_BANS_FILE
         self.records = 0  # lines in the file
 
-    def load(self) -> list[Ban]:
+    def load(self, repair: bool = True) -> list[Ban]:
         """Every ban the journal leaves in place (expired ones too, for
-        :meth:`Abuse.expire` to record); migrates a legacy ``bans.json``."""
+        :meth:`Abuse.expire` to record); migrates a legacy ``bans.json`` and cuts
+        a torn last line off, unless ``repair`` is false (a reader's look, which
+        changes nothing on disk)."""
         if self.legacy.exists():
+            if not repair:
+                return self._legacy() if not self.path.exists() else self._read(repair)
             self._migrate()
+        return self._read(repair)
+
+    def _read(self, repair: bool) -> list[Ban]:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -164,7 +193,8 @@ class BanJournal:
         except OSError as exc:
             raise RelayError(f"{self.path}: unreadable ban journal ({exc.strerror})") from None
         whole = data.rfind(b"\n") + 1
-        if whole < len(data):  # a crash cut the last append short: it never happened
+        if whole < len(data) and repair:
+            # A crash cut the last append short: it never happened.
             os.truncate(self.path, whole)
         bans: dict[str, Ban] = {}
         lines = data[:whole].splitlines()
@@ -184,15 +214,17 @@ class BanJournal:
         self.records = len(lines)
         return list(bans.values())
 
+    def _legacy(self) -> list[Ban]:
+        try:
+            raw = json.loads(self.legacy.read_text())
+            return [Ban(**b) for b in raw]
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise RelayError(f"{self.legacy}: unreadable ban list ({exc}); fix or remove "
+                             "it") from None
+
     def _migrate(self) -> None:
         if not self.path.exists():
-            try:
-                raw = json.loads(self.legacy.read_text())
-                bans = [Ban(**b) for b in raw]
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                raise RelayError(f"{self.legacy}: unreadable ban list ({exc}); fix or remove "
-                                 "it") from None
-            self.compact(bans)
+            self.compact(self._legacy())
         # The journal is on disk (now, or by a start that stopped before this).
         self.legacy.unlink()
         fsync_dir(self.legacy.parent)
@@ -376,7 +408,7 @@ class Abuse:
         src.offences += 1
         src.last_offence = now
         duration = min(self.cfg.seconds("ban") * 2 ** (src.offences - 1),
-                       self.cfg.seconds("ban_max"))
+                       self.cfg.seconds("ban_max"), BAN_MAX_S)
         # The key: an IPv6 offender's whole prefix, as its limits were.
         self.add_ban(key, duration,
                      f"{self.cfg.strikes} strikes in {self.cfg.strike_window} ({why})",
@@ -387,9 +419,24 @@ class Abuse:
         return self.bans.covering(canonical_address(ip), self.clock() if now is None else now)
 
     def add_ban(self, target: str, duration_s: float, reason: str, offences: int = 1,
-                by: str = "relay") -> Ban:
+                by: str = "relay", force: bool = False) -> Ban:
+        """Ban ``target`` (an IP or CIDR) for ``duration_s``; the ban in force on
+        that network afterwards. A ban already there that lasts longer stays as it
+        is and is returned: a new ban never shortens one. A network as wide as
+        WIDE_BAN_MAX_PREFIX needs ``force``."""
         network = parse_network(target)
-        ban = Ban(network, self.clock() + duration_s, reason, offences)
+        if not 0 < duration_s <= BAN_MAX_S:
+            raise RelayError(f"ban for {duration_s:g}s: give a duration from 1s to "
+                             f"{BAN_MAX_S // 86400}d")
+        net = ipaddress.ip_network(network)
+        if net.prefixlen <= WIDE_BAN_MAX_PREFIX[net.version] and not force:
+            raise RelayError(f"{network} covers {net.num_addresses:,} addresses; ban a "
+                             "range this wide only with --force")
+        current = self.bans.by_network.get(network)
+        until = self.clock() + duration_s
+        if current is not None and current.until >= until:
+            return current
+        ban = Ban(network, until, reason, offences)
         self.journal.append({"op": "add", **asdict(ban)})
         self.bans.put(ban)
         self._compact_if_due()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -36,7 +37,7 @@ from relay.fsutil import listen_tcp
 from relay.metrics import Collector, Metric, MetricsServer
 from relay.netaddr import canonical_address, canonical_ip
 from relay.packetlog.recording import Recording
-from relay.serve.abuse import Abuse
+from relay.serve.abuse import Abuse, parse_network
 from relay.serve.cstp_link import CstpListener
 from relay.serve.datapath import Datapath
 from relay.serve.dtls_link import DtlsEndpoint
@@ -69,6 +70,9 @@ log = logging.getLogger("relay")
 ACCEPT_ERROR_BACKOFF_S = 0.1
 # SO_LINGER on, zero timeout: close() sends RST and frees the socket at once.
 LINGER_RESET = struct.pack("ii", 1, 0)
+# The disconnect record's reason for a session an operator ended (relay sessions
+# disconnect), followed by their words when they gave any.
+OPERATOR_DISCONNECT = "operator-disconnect"
 
 
 class Stats:
@@ -89,6 +93,7 @@ class Relay:
     def __init__(self, cfg: Config, load_config: Callable[[], Config] | None = None) -> None:
         self.load_config = load_config
         self.data_dir = cfg.data_dir
+        self.started = time.time()
         self.hostname = socket.gethostname()
         self._apply(cfg)
         self.stats = Stats()
@@ -242,16 +247,106 @@ class Relay:
         if cmd == "ban-list":
             self.abuse.expire()
             return {"ok": True, "bans": [vars(b) for b in self.abuse.bans.values()]}
+        if cmd == "ban-show":
+            bans = self.abuse.bans.all_covering(canonical_address(str(req.get("target"))),
+                                                self.abuse.clock())
+            return {"ok": True, "bans": [vars(b) for b in bans]}
         if cmd == "ban-add":
-            ban = self.abuse.add_ban(str(req.get("target")), float(req.get("duration_s", 0)),
+            network = parse_network(str(req.get("target")))
+            before = self.abuse.bans.by_network.get(network)
+            ban = self.abuse.add_ban(network, float(req.get("duration_s", 0)),
                                      str(req.get("reason") or "added by operator"),
-                                     by="operator")
-            return {"ok": True, "ban": vars(ban)}
+                                     by="operator", force=bool(req.get("force")))
+            return {"ok": True, "ban": vars(ban), "kept": ban is before}
         if cmd == "ban-remove":
-            if not self.abuse.remove_ban(str(req.get("target"))):
-                return {"ok": False, "error": f"no ban on {req.get('target')}"}
-            return {"ok": True}
+            return {"ok": True, "removed": self.abuse.remove_ban(str(req.get("target")))}
+        if cmd == "sessions":
+            return {"ok": True, "sessions": [self._session_view(s)
+                                             for s in self.sessions.by_id.values()]}
+        if cmd == "session-disconnect":
+            return {"ok": True, "disconnected": self._disconnect(req)}
+        if cmd == "status":
+            return {"ok": True, "status": self._status()}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    # -- what the operator sees and does (relay sessions, relay status) ---------------
+
+    def _session_view(self, s: Session) -> dict[str, Any]:
+        """An open session for ``relay sessions``: its connect record (the reverse
+        lookup's answer so far in it) and its counters (relay.sessionview)."""
+        assert self.datapath is not None
+        link = self.datapath.links.get(s.mac)
+        connect = dict(s.connect_record)
+        if link is not None and isinstance(connect.get("client"), dict):
+            connect["client"] = {**connect["client"], "hostname": link.client_hostname()}
+        return {"connect": connect, "counters": s.counters()}
+
+    def _disconnect(self, req: dict[str, Any]) -> list[str]:
+        """End the sessions an operator named (a session ID, or every session of a
+        client address); their disconnect records give ``operator-disconnect`` and
+        the operator's words. The IDs of the sessions ended."""
+        assert self.datapath is not None
+        sid, client_ip = req.get("session"), req.get("client_ip")
+        chosen = [s for s in self.sessions.by_id.values()
+                  if (isinstance(sid, str) and s.id == sid)
+                  or (isinstance(client_ip, str) and s.client_ip == client_ip)]
+        words = clean(str(req.get("reason") or ""))
+        reason = f"{OPERATOR_DISCONNECT}: {words}" if words else OPERATOR_DISCONNECT
+        ended = []
+        for s in chosen:
+            link = self.datapath.links.get(s.mac)
+            if link is not None:
+                link.terminate(reason, "disconnected by the relay's operator"
+                               + (f": {words}" if words else ""))
+                ended.append(s.id)
+        return ended
+
+    def _status(self) -> dict[str, Any]:
+        """``relay status``: read off the same samples a metrics scrape returns,
+        so the two always agree."""
+        samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        for collect in (self._metrics, *self.collectors):
+            for m in collect():
+                for labels, value in m.samples:
+                    samples.setdefault(m.name, {})[tuple(sorted(labels.items()))] = value
+
+        def one(name: str) -> float | None:
+            return samples.get(name, {}).get(())
+
+        active = {dict(k)["protocol"]: int(v)
+                  for k, v in samples.get("relay_sessions_active", {}).items()}
+        shipping = None
+        if "relay_ship_backlog_records" in samples:
+            last = one("relay_ship_last_success_timestamp_seconds")
+            shipping = {"collector": self.cfg.forward.collector,
+                        "backlog_records": int(one("relay_ship_backlog_records") or 0),
+                        "backlog_bytes": int(one("relay_ship_backlog_bytes") or 0),
+                        "last_success": rfc3339_ms(last) if last else None,
+                        "consecutive_failures": int(one("relay_ship_consecutive_failures")
+                                                    or 0)}
+        capture = None
+        if "relay_capture_attached" in samples:
+            capture = {"attached": one("relay_capture_attached") == 1,
+                       "ring_fill_ratio": one("relay_capture_ring_fill_ratio"),
+                       "records": int(one("relay_capture_records_total") or 0),
+                       "drops": int(sum(samples.get("relay_capture_drops_total", {}).values()))}
+        return {
+            "running": True, "pid": os.getpid(), "server_id": self.cfg.server.id,
+            "data_dir": str(self.data_dir), "started": rfc3339_ms(self.started),
+            "uptime_s": round(time.time() - self.started, 3),
+            # One worker, this process, until the relay runs one per core: each
+            # will be an entry of its own.
+            "workers": [{"pid": os.getpid(), "sessions": sum(active.values())}],
+            "sessions": {"active": sum(active.values()), "by_protocol": active,
+                         "total": int(sum(samples.get("relay_sessions_total", {}).values()))},
+            "capture": capture,
+            "packet_log": {"bytes": int(one("relay_packetlog_bytes") or 0),
+                           "files": int(one("relay_packetlog_segments") or 0)}
+            if "relay_packetlog_bytes" in samples else None,
+            "shipping": shipping,
+            "bans": int(one("relay_bans_active") or 0),
+            "free_disk_bytes": int(one("relay_data_dir_free_bytes") or 0),
+        }
 
     def _apply(self, cfg: Config) -> None:
         """Take the values that can change while running."""
@@ -326,10 +421,11 @@ class Relay:
     def _directory_state(self) -> dict[str, int]:
         """What a heartbeat reports of the relay's life (relay.serve.registration)."""
         st = self.stats
-        traffic = self.datapath.traffic if self.datapath is not None else None
+        assert self.datapath is not None
+        traffic = self.datapath.traffic
         return {"sessions_active": sum(st.sessions_active.values()),
                 "sessions_total": sum(st.sessions_total.values()),
-                "traffic_bytes": traffic.bytes_in + traffic.bytes_out if traffic else 0}
+                "traffic_bytes": traffic.bytes_in + traffic.bytes_out}
 
     async def _start_metrics(self) -> None:
         if not self.cfg.metrics.listen:
