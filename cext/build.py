@@ -27,6 +27,8 @@ ffibuilder.set_source(
     # setuptools wants source paths relative to the project root, where pip runs this.
     sources=[f"cext/{p.name}" for p in SOURCES],
     include_dirs=[str(HERE), str(HERE.parent / "ebpf")],
+    # OpenSSL's libcrypto (Debian's libssl-dev): the OpenVPN data channel's AEAD (ovpn.c).
+    libraries=["crypto"],
     extra_compile_args=CFLAGS,
 )
 

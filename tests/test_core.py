@@ -66,7 +66,7 @@ class FakeLink:
     def client_hostname(self) -> str | None:
         return None
 
-    def from_kernel(self, frame: bytes) -> None:
+    def from_kernel_batch(self, buf: bytearray, spans: array[int]) -> None:
         pass
 
     def terminate(self, reason: str, message: str) -> None:
@@ -211,7 +211,7 @@ def test_metrics_scrape_keeps_totals_without_walking_sessions(
         relay.datapath.to_kernel_batch(s, packet + packet, array("I", (0, 100, 100, 100)))
     arp = (b"\xff" * 6 + sessions[2].mac + b"\x08\x06" + bytes(8) + sessions[2].mac
            + sessions[2].vip_bytes + bytes(10))
-    relay.datapath.to_kernel_frame(sessions[2], bytearray(arp))
+    relay.datapath.to_kernel_frames(sessions[2], bytearray(arp), array("I", (0, len(arp))))
     relay.close_session(links[0], sessions[0], "client-disconnect", None)
 
     class NoWalking(dict):  # type: ignore[type-arg]
@@ -263,7 +263,7 @@ GOLDEN_DISCONNECT = (
     b'"virtual_ip":"10.211.0.2","connect_time":"2026-11-25T21:05:32.123Z",'
     b'"packets":{"in":3,"out":4},"bytes":{"in":300,"out":400},'
     b'"destinations":[{"host":"example.com","ip":"93.184.216.34","port":80,"scheme":"http"}],'
-    b'"destinations_dropped":0,"duration_s":9.877,"reason":"client-disconnect: bye[2J",'
+    b'"destinations_dropped":0,"floats":[],"duration_s":9.877,"reason":"client-disconnect: bye[2J",'
     b'"error":null}')
 GOLDEN_RESTART = (
     b'{"id":"rec-2","time":"2026-11-25T21:05:42.123Z","action":"disconnect",'
@@ -273,7 +273,7 @@ GOLDEN_RESTART = (
     b'"virtual_ip":"10.211.0.2","connect_time":"2026-11-25T21:05:32.123Z",'
     b'"packets":{"in":3,"out":4},"bytes":{"in":300,"out":400},'
     b'"destinations":[{"host":"example.com","ip":"93.184.216.34","port":80,"scheme":"http"}],'
-    b'"destinations_dropped":0,"duration_s":9.877,"reason":"relay-restart",'
+    b'"destinations_dropped":0,"floats":[],"duration_s":9.877,"reason":"relay-restart",'
     b'"error":"the relay stopped without closing this session (killed or crashed); '
     b'counters are from its last checkpoint and the end time is the restart"}')
 

@@ -11,20 +11,17 @@ import secrets
 import socket
 import ssl
 import time
+from array import array
 from dataclasses import dataclass
 
 from relay.config import Config
 from relay.protocols import cstp
-from relay.serve.datapath import ETHERTYPE_IPV4, Datapath
+from relay.serve import batch
+from relay.serve.datapath import Datapath
 from relay.serve.link import CLIENT_WRITE_HIGH_WATER, LinkHost, StreamLink
-from relay.serve.tap import ETH_HLEN
 from relay.tlsconf import server_context
 
 log = logging.getLogger("relay")
-
-# The frames from the kernel a CSTP client gets, as IP packets: its tunnel carries no
-# Ethernet.
-IP_ETHERTYPES = (ETHERTYPE_IPV4, b"\x86\xdd")
 
 # A cookie from a successful login must be used for a tunnel within this time
 # (ocserv's cookie-timeout default is 300 s).
@@ -173,21 +170,29 @@ class CstpLink(StreamLink[cstp.Event]):
 
     # -- output ---------------------------------------------------------------------
 
-    def from_kernel(self, frame: bytes) -> None:
+    def from_kernel_batch(self, buf: bytearray, spans: array[int]) -> None:
         s = self.session
         t = self.transport
-        if s is None or t is None or frame[12:14] not in IP_ETHERTYPES:
+        if s is None or t is None:
+            return
+        payloads = batch.ip_payloads(buf, spans, allow_ipv6=True)
+        count = len(payloads) // 2
+        if not count:
             return
         if self.paused:
-            self.traffic.dropped["client-queue-full"] += 1
+            self.traffic.dropped["client-queue-full"] += count
             return
-        n = len(frame) - ETH_HLEN
-        s.packets_out += 1
-        s.bytes_out += n
+        view = memoryview(buf)
+        total = 0
+        for i in range(0, len(payloads), 2):
+            off, n = payloads[i], payloads[i + 1]
+            t.write(cstp.data_header(n) + view[off:off + n])
+            total += n
+        s.packets_out += count
+        s.bytes_out += total
         traffic = self.traffic
-        traffic.packets_out += 1
-        traffic.bytes_out += n
-        t.write(cstp.data_header(n) + frame[ETH_HLEN:])
+        traffic.packets_out += count
+        traffic.bytes_out += total
 
     def _flush(self) -> None:
         out = self.proto.data_to_send()
