@@ -211,7 +211,9 @@ class OpenVPNListener:
         if buf[first] >> OPCODE_SHIFT == Opcode.DATA_V2:
             moving = self.udp_by_peer_id.get(int.from_bytes(buf[first + 1:first + 4], "big"))
         if moving is not None and moving.may_float():
-            moving.float_datagrams(buf, spans, addr)
+            if not moving.float_datagrams(buf, spans, addr):
+                self._drop(addr, "data packet(s) that do not authenticate for their peer id",
+                           len(spans) // 2)
         elif self.lingering.get(addr, 0.0) < time.monotonic():
             self._drop(addr, "data packet(s) of no session", len(spans) // 2)
 
@@ -404,14 +406,17 @@ class OpenVPNLink(LinkBase[Event]):
         return (self.session is not None and not self.closed and not self.tcp
                 and self.listener.udp_links.get((self.peer_ip, self.peer_port)) is self)
 
-    def float_datagrams(self, buf: bytearray, spans: array[int], addr: Peer) -> None:
+    def float_datagrams(self, buf: bytearray, spans: array[int], addr: Peer) -> bool:
         """Data packets of this session's peer id from ``addr``, where no session
-        is: if one authenticates, the client has moved there (OpenVPN's float)."""
+        is: if one authenticates, the client has moved there (OpenVPN's float).
+        Whether it moved."""
         events = self.proto.receive_datagrams(buf, spans, self.loop.time(), moved=True)
-        if events and isinstance(events[0], Floated):
-            self.listener.moved(self, addr)
-            events = events[1:]
-        self._handle(events)
+        if not events:
+            return False
+        assert isinstance(events[0], Floated)
+        self.listener.moved(self, addr)
+        self._handle(events[1:])
+        return True
 
     def moved(self, addr: Peer) -> None:
         """The client sends from ``addr`` now (the listener's tables say so already)."""
