@@ -319,3 +319,50 @@ def test_a_killed_relays_session_is_closed_at_restart_byte_for_byte(
     restarted._close_leftover_sessions()
     assert _log_lines(tmp_path, s.id) == [GOLDEN_CONNECT, GOLDEN_RESTART]
     assert list(restarted.journal.dir.iterdir()) == []
+
+
+def test_a_client_that_moved_is_audited_and_named_at_its_last_address(
+        tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    relay = make_relay(tmp_path)
+    link = FakeLink(40000)
+    assert relay.admit(link.peer_ip) is None  # as the UDP endpoint admits a proven peer
+    s = link.session = loop.run_until_complete(
+        relay.open_session(link, "OpenVPN", {"name": "OpenVPN"})).session  # type: ignore[assignment]
+    relay.handshake_done(link)
+
+    async def move(ip: str, port: int) -> None:  # a reverse lookup starts on the loop
+        old = (link.peer_ip, link.peer_port)
+        link.peer_ip, link.peer_port = ip, port
+        relay.client_moved(link, old)  # type: ignore[arg-type]
+
+    loop.run_until_complete(move("::ffff:203.0.113.9", 50000))
+    [moved] = records(tmp_path, "client-float")
+    assert (moved["session_id"], moved["from"], moved["to"]) == (
+        s.id, {"ip": "198.51.100.7", "port": 40000}, {"ip": "203.0.113.9", "port": 50000})
+    assert (s.client_ip, s.client_port) == ("203.0.113.9", 50000)
+    # The session counts at its new address, so it ends where it is counted.
+    assert relay.abuse.sources[relay.abuse.key("203.0.113.9")].sessions == 1
+    assert relay.abuse.sources[relay.abuse.key("198.51.100.7")].sessions == 0
+    # A killed relay's journal knows the move too.
+    relay.journal.write(s)
+    restarted = make_relay(tmp_path)
+    restarted._close_leftover_sessions()
+    [after_restart] = records(tmp_path, "disconnect")
+    assert after_restart["client"] == {"ip": "203.0.113.9", "port": 50000, "hostname": None}
+    relay.close_session(link, s, "dead-peer", None)  # type: ignore[arg-type]
+    relay.link_ended(link, 100.0, True)  # type: ignore[arg-type]
+    [_, disconnect] = records(tmp_path, "disconnect")
+    assert disconnect["client"] == {"ip": "203.0.113.9", "port": 50000, "hostname": None}
+    assert disconnect["floats"] == [{k: moved[k] for k in ("time", "from", "to")}]
+    assert records(tmp_path, "connect")[0]["client"]["port"] == 40000
+    assert link.terminated is None
+    # Moving into a banned network ends the session, as the ban would have.
+    relay.abuse.add_ban("192.0.2.0/24", 600, "flood")
+    other = FakeLink(40001)
+    assert relay.admit(other.peer_ip) is None
+    other.session = loop.run_until_complete(  # type: ignore[assignment]
+        relay.open_session(other, "OpenVPN", {"name": "OpenVPN"})).session
+    relay.handshake_done(other)
+    link = other
+    loop.run_until_complete(move("192.0.2.77", 1194))
+    assert other.terminated == ("banned", "source banned: flood")
