@@ -17,7 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.protocols.openvpn.cookie import Proof, check_proof, reset_reply
-from relay.protocols.openvpn.datachannel import AEADS, DataChannel, PyDataChannel
+from relay.protocols.openvpn.datachannel import (
+    AEADS,
+    STREAM_BATCH,
+    DataChannel,
+    PyDataChannel,
+)
 from relay.protocols.openvpn.events import (
     ClientAuth,
     Closed,
@@ -666,6 +671,14 @@ def test_tcp_data_frames_of_one_read_are_one_batch_around_control(
     client.absorb(server.packets_to_send())
     client.tls_packets()
     assert client.keys[0].plaintext.count(b"PUSH_REPLY,") == 2  # the control frame was read
+
+
+def test_a_tcp_read_longer_than_a_batch_is_read_whole(tls: tuple[ssl.SSLContext, Path]) -> None:
+    server, client = tunnel(tls, tcp=True)
+    pkts = [client.data(IP[:-2] + i.to_bytes(2, "big")) for i in range(STREAM_BATCH + 6)]
+    events = server.receive_data(b"".join(pkts), T0)
+    assert [len(e.payloads()) for e in events if isinstance(e, Packets)] == [STREAM_BATCH, 6]
+    assert events[1].payloads()[-1] == IP[:-2] + (STREAM_BATCH + 5).to_bytes(2, "big")
 
 
 def test_a_float_needs_a_packet_that_authenticates(tls: tuple[ssl.SSLContext, Path]) -> None:

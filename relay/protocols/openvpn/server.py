@@ -33,6 +33,7 @@ from relay.protocols.openvpn.cookie import Proof
 from relay.protocols.openvpn.datachannel import (
     DROP_REASONS,
     OCC,
+    STREAM_BATCH,
     DataChannel,
     Opened,
     PyDataChannel,
@@ -208,7 +209,9 @@ class OpenVPNServer:
                 if opened.status:
                     pos = opened.end
                     self._opened(opened, now)
-                    continue
+                    if (len(opened.status) == STREAM_BATCH or self.closed
+                            or len(buf) - pos < TCP_LENGTH.size):
+                        continue  # more data frames may follow, or the loop is done
             (n,) = TCP_LENGTH.unpack_from(buf, pos)
             if not 0 < n <= MAX_PACKET_BYTES:
                 self._fail(f"{n}-byte packet in the TCP stream (at most {MAX_PACKET_BYTES})",
