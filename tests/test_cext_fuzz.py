@@ -1,8 +1,8 @@
 """Fuzzing of the C parsers under AddressSanitizer and UBSan, for a bounded time
 each: the hot path and the OpenVPN data channel (packets from the network), and the
 packet-log block codec (segments read back, maybe corrupt). libFuzzer through
-tests/fuzz/run.sh, the documented command for longer runs. A missing clang or libFuzzer runtime fails the
-test: it is never skipped."""
+tests/fuzz/run.sh, the documented command for longer runs. A missing clang or
+libFuzzer runtime fails the test: it is never skipped."""
 
 from __future__ import annotations
 

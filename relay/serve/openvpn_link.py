@@ -403,7 +403,7 @@ class OpenVPNLink(LinkBase[Event]):
     def may_float(self) -> bool:
         """Whether data packets from another address may move this link there: a
         UDP session that holds its address (not a handshake beside another)."""
-        return (self.session is not None and not self.closed and not self.tcp
+        return (self.session is not None and not self.closed
                 and self.listener.udp_links.get((self.peer_ip, self.peer_port)) is self)
 
     def float_datagrams(self, buf: bytearray, spans: array[int], addr: Peer) -> bool:
