@@ -3,7 +3,7 @@
 #ifndef RELAY_ABI_H
 #define RELAY_ABI_H
 
-#define RELAY_CEXT_ABI 2
+#define RELAY_CEXT_ABI 3
 
 int relay_cext_abi(void);
 

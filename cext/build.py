@@ -28,7 +28,8 @@ ffibuilder.set_source(
     sources=[f"cext/{p.name}" for p in SOURCES],
     include_dirs=[str(HERE), str(HERE.parent / "ebpf")],
     extra_compile_args=CFLAGS,
-    # OpenSSL (libssl-dev) for the DTLS data channel (dtls.c).
+    # OpenSSL (Debian's libssl-dev): libssl for the DTLS data channel (dtls.c),
+    # libcrypto for it and the OpenVPN data channel's AEAD (ovpn.c).
     libraries=["ssl", "crypto"],
 )
 

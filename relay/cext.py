@@ -6,7 +6,7 @@ from relay import sessionid
 from relay.errors import RelayError
 
 # Bump together with RELAY_CEXT_ABI in cext/abi.h whenever a C signature changes.
-EXPECTED_ABI = 2
+EXPECTED_ABI = 3
 _REBUILD = "rebuild with pip install ."
 
 try:

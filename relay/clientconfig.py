@@ -10,6 +10,7 @@ from pathlib import Path
 
 from relay.config import Config, parse_hostport
 from relay.errors import RelayError
+from relay.protocols.openvpn.keys import DATA_CIPHERS
 from relay.tlsconf import SELF_SIGNED_CERT, ensure_self_signed, pin_sha256, tls_crypt_key
 
 
@@ -43,7 +44,7 @@ def openvpn_config(cfg: Config, data_dir: Path, proto: str, dev: str,
         f"remote {remote} {port}",
         "nobind",
         "persist-key",
-        "data-ciphers AES-256-GCM",
+        f"data-ciphers {':'.join(DATA_CIPHERS)}",
         "verb 3",
     ]
     if proto == "udp":

@@ -18,7 +18,7 @@ command -v apt-get >/dev/null || die "apt-get not found: relay's set-up targets 
 # Runtime: bcc, netlink tools, nftables, the stock clients and peers used by the demo,
 # the tests and the benchmarks. Build: compiler and headers for the cffi module.
 PACKAGES=(
-  python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libffi-dev gcc make
+  python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libffi-dev libssl-dev gcc make
   iproute2 nftables procps psmisc ca-certificates openssl kmod
   openconnect vpnc-scripts curl nginx-light
   ocserv openvpn tshark tcpdump rsyslog rsyslog-gnutls iperf3 wrk zstd

@@ -1,8 +1,8 @@
 """Fuzzing of the C parsers under AddressSanitizer and UBSan, for a bounded time
-each: the hot path (packets from the network) and the packet-log block codec
-(segments read back, maybe corrupt). libFuzzer through tests/fuzz/run.sh, the
-documented command for longer runs. A missing clang or libFuzzer runtime fails the
-test: it is never skipped."""
+each: the hot path and the OpenVPN data channel (packets from the network), and the
+packet-log block codec (segments read back, maybe corrupt). libFuzzer through
+tests/fuzz/run.sh, the documented command for longer runs. A missing clang or
+libFuzzer runtime fails the test: it is never skipped."""
 
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ def test_seed_corpus_is_up_to_date(tmp_path: Path) -> None:
     ):
         assert any(kind in n for n in names), kind
     assert {"blockcodec/block-web", "blockcodec/records-web"} <= set(expected)
+    assert {"ovpn/open-genuine", "ovpn/stream-genuine", "ovpn/runs", "ovpn/seal"} <= set(expected)
 
 
-@pytest.mark.parametrize("target", ["hotpath", "blockcodec"])
+@pytest.mark.parametrize("target", ["hotpath", "blockcodec", "ovpn"])
 def test_fuzz_bounded(tmp_path: Path, target: str) -> None:
     assert shutil.which("clang"), "clang is needed to fuzz the C code (apt-get install clang)"
     proc = subprocess.run(

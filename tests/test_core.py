@@ -66,7 +66,7 @@ class FakeLink:
     def client_hostname(self) -> str | None:
         return None
 
-    def from_kernel(self, frame: bytes) -> None:
+    def from_kernel_batch(self, buf: bytearray, spans: array[int]) -> None:
         pass
 
     def terminate(self, reason: str, message: str) -> None:
@@ -211,7 +211,7 @@ def test_metrics_scrape_keeps_totals_without_walking_sessions(
         relay.datapath.to_kernel_batch(s, packet + packet, array("I", (0, 100, 100, 100)))
     arp = (b"\xff" * 6 + sessions[2].mac + b"\x08\x06" + bytes(8) + sessions[2].mac
            + sessions[2].vip_bytes + bytes(10))
-    relay.datapath.to_kernel_frame(sessions[2], bytearray(arp))
+    relay.datapath.to_kernel_frames(sessions[2], bytearray(arp), array("I", (0, len(arp))))
     relay.close_session(links[0], sessions[0], "client-disconnect", None)
 
     class NoWalking(dict):  # type: ignore[type-arg]
@@ -264,7 +264,7 @@ GOLDEN_DISCONNECT = (
     b'"virtual_ip":"10.211.0.2","connect_time":"2026-11-25T21:05:32.123Z",'
     b'"packets":{"in":3,"out":4},"bytes":{"in":300,"out":400},'
     b'"destinations":[{"host":"example.com","ip":"93.184.216.34","port":80,"scheme":"http"}],'
-    b'"destinations_dropped":0,"duration_s":9.877,"reason":"client-disconnect: bye[2J",'
+    b'"destinations_dropped":0,"floats":[],"duration_s":9.877,"reason":"client-disconnect: bye[2J",'
     b'"error":null}')
 GOLDEN_RESTART = (
     b'{"id":"rec-2","time":"2026-11-25T21:05:42.123Z","action":"disconnect",'
@@ -275,7 +275,7 @@ GOLDEN_RESTART = (
     b'"virtual_ip":"10.211.0.2","connect_time":"2026-11-25T21:05:32.123Z",'
     b'"packets":{"in":3,"out":4},"bytes":{"in":300,"out":400},'
     b'"destinations":[{"host":"example.com","ip":"93.184.216.34","port":80,"scheme":"http"}],'
-    b'"destinations_dropped":0,"duration_s":9.877,"reason":"relay-restart",'
+    b'"destinations_dropped":0,"floats":[],"duration_s":9.877,"reason":"relay-restart",'
     b'"error":"the relay stopped without closing this session (killed or crashed); '
     b'counters are from its last checkpoint and the end time is the restart"}')
 
@@ -366,3 +366,50 @@ def test_operator_sessions_disconnect_and_status(tmp_path: Path,
     assert status["workers"] == [{"pid": os.getpid(), "sessions": 3}]
     assert status["bans"] == 0 and status["free_disk_bytes"] > 0
     assert status["capture"] is None and status["shipping"] is None
+
+
+def test_a_client_that_moved_is_audited_and_named_at_its_last_address(
+        tmp_path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    relay = make_relay(tmp_path)
+    link = FakeLink(40000)
+    assert relay.admit(link.peer_ip) is None  # as the UDP endpoint admits a proven peer
+    s = link.session = loop.run_until_complete(
+        relay.open_session(link, "OpenVPN", {"name": "OpenVPN"})).session  # type: ignore[assignment]
+    relay.handshake_done(link)
+
+    async def move(ip: str, port: int) -> None:  # a reverse lookup starts on the loop
+        old = (link.peer_ip, link.peer_port)
+        link.peer_ip, link.peer_port = ip, port
+        relay.client_moved(link, old)  # type: ignore[arg-type]
+
+    loop.run_until_complete(move("::ffff:203.0.113.9", 50000))
+    [moved] = records(tmp_path, "client-float")
+    assert (moved["session_id"], moved["from"], moved["to"]) == (
+        s.id, {"ip": "198.51.100.7", "port": 40000}, {"ip": "203.0.113.9", "port": 50000})
+    assert (s.client_ip, s.client_port) == ("203.0.113.9", 50000)
+    # The session counts at its new address, so it ends where it is counted.
+    assert relay.abuse.sources[relay.abuse.key("203.0.113.9")].sessions == 1
+    assert relay.abuse.sources[relay.abuse.key("198.51.100.7")].sessions == 0
+    # A killed relay's journal knows the move too.
+    relay.journal.write(s)
+    restarted = make_relay(tmp_path)
+    restarted._close_leftover_sessions()
+    [after_restart] = records(tmp_path, "disconnect")
+    assert after_restart["client"] == {"ip": "203.0.113.9", "port": 50000, "hostname": None}
+    relay.close_session(link, s, "dead-peer", None)  # type: ignore[arg-type]
+    relay.link_ended(link, 100.0, True)  # type: ignore[arg-type]
+    [_, disconnect] = records(tmp_path, "disconnect")
+    assert disconnect["client"] == {"ip": "203.0.113.9", "port": 50000, "hostname": None}
+    assert disconnect["floats"] == [{k: moved[k] for k in ("time", "from", "to")}]
+    assert records(tmp_path, "connect")[0]["client"]["port"] == 40000
+    assert link.terminated is None
+    # Moving into a banned network ends the session, as the ban would have.
+    relay.abuse.add_ban("192.0.2.0/24", 600, "flood")
+    other = FakeLink(40001)
+    assert relay.admit(other.peer_ip) is None
+    other.session = loop.run_until_complete(  # type: ignore[assignment]
+        relay.open_session(other, "OpenVPN", {"name": "OpenVPN"})).session
+    relay.handshake_done(other)
+    link = other
+    loop.run_until_complete(move("192.0.2.77", 1194))
+    assert other.terminated == ("banned", "source banned: flood")

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import pytest
 from hotpath_packets import SERVER_V4, http_request, ipv4, ipv6
 
-from relay.serve.datapath import ETHERTYPE_ARP, ETHERTYPE_IPV4, TAP_READ_BATCH, Datapath
+from relay.serve.batch_py import ETHERTYPE_ARP, ETHERTYPE_IPV4
+from relay.serve.datapath import TAP_READ_BATCH, Datapath
 from relay.serve.hotpath import Destination
 from relay.serve.sessions import AddressPool, Session, SessionTable
 from relay.serve.tap import ETH_HLEN
@@ -41,8 +42,9 @@ class RecordingLink:
     def client_hostname(self) -> str | None:
         return None
 
-    def from_kernel(self, frame: bytes) -> None:
-        self.frames.append(frame)
+    def from_kernel_batch(self, buf: bytearray, spans: array[int]) -> None:
+        self.frames += [bytes(buf[spans[i]:spans[i] + spans[i + 1]])
+                        for i in range(0, len(spans), 2)]
 
     def terminate(self, reason: str, message: str) -> None:
         raise AssertionError("the datapath ends no link")
@@ -121,7 +123,7 @@ def test_spoofed_and_non_ipv4_packets_are_dropped_and_counted(rig: Rig) -> None:
     assert rig.datapath.traffic.dropped == {"spoofed-source": 4}
     assert (s.packets_in, rig.datapath.traffic.packets_in) == (1, 1)
     # A batch of nothing but spoofs writes nothing and calls no hot path.
-    rig.datapath.to_kernel(s, from_session(s, src="203.0.113.9"))
+    rig.datapath.to_kernel_batch(s, *batch(from_session(s, src="203.0.113.9")))
     assert rig.written() == [] and rig.datapath.traffic.dropped["spoofed-source"] == 5
 
 
@@ -129,11 +131,12 @@ def test_user_agent_stamped_in_place_and_destination_noted(rig: Rig) -> None:
     s = rig.session()
     assert s.virtual_ip == "10.211.0.2"  # the hot-path packets' client address
     request = ipv4(http_request(host="example.com", ua="curl/8.1.2"))
-    rig.datapath.to_kernel(s, request)
+    data, spans = batch(request)
+    rig.datapath.to_kernel_batch(s, data, spans)
     [frame] = rig.written()
     stamped = frame[ETH_HLEN:]
     assert b"User-Agent: cu" + s.tag_bytes + b"\r\n" in stamped  # the last 8 characters
-    assert stamped == bytes(request)  # in place: what was handed over is what went in
+    assert stamped == bytes(data)  # in place: what was handed over is what went in
     assert rig.datapath.traffic.ua_stamped == 1 and rig.datapath.traffic.ua_missed == 0
     assert s.destinations == {Destination(host="example.com", ip=SERVER_V4, port=80, scheme="http")}
 
@@ -144,18 +147,17 @@ def test_bridged_frames_checked_by_mac_address_and_type(rig: Rig) -> None:
     honest = bytearray(TAP_MAC + s.mac + ETHERTYPE_IPV4) + from_session(s)
     arp = bytearray(b"\xff" * 6 + s.mac + ETHERTYPE_ARP + bytes(8) + s.mac + s.vip_bytes
                     + bytes(10))
-    for frame in (honest, arp):
-        dp.to_kernel_frame(s, frame)
+    dp.to_kernel_frames(s, *batch(honest, arp))
     assert rig.written() == [bytes(honest), bytes(arp)]
     assert (s.packets_in, s.bytes_in) == (2, len(honest) + len(arp) - 2 * ETH_HLEN)
     other_mac = bytes(6)
-    dp.to_kernel_frame(s, bytearray(TAP_MAC + other_mac + ETHERTYPE_IPV4) + from_session(s))
-    dp.to_kernel_frame(s, bytearray(TAP_MAC + s.mac + ETHERTYPE_IPV4)
-                       + from_session(s, src="203.0.113.9"))
-    dp.to_kernel_frame(s, bytearray(b"\xff" * 6 + s.mac + ETHERTYPE_ARP + bytes(8) + s.mac
-                                    + bytes(4) + bytes(10)))  # ARP for another address
-    dp.to_kernel_frame(s, bytearray(s.mac[:4]))  # a runt
-    dp.to_kernel_frame(s, bytearray(TAP_MAC + s.mac + ETHERTYPE_IPV6) + ipv6())
+    dp.to_kernel_frames(s, *batch(
+        bytearray(TAP_MAC + other_mac + ETHERTYPE_IPV4) + from_session(s),
+        bytearray(TAP_MAC + s.mac + ETHERTYPE_IPV4) + from_session(s, src="203.0.113.9"),
+        bytearray(b"\xff" * 6 + s.mac + ETHERTYPE_ARP + bytes(8) + s.mac + bytes(4)
+                  + bytes(10)),  # ARP for another address
+        bytearray(s.mac[:4]),  # a runt
+        bytearray(TAP_MAC + s.mac + ETHERTYPE_IPV6) + ipv6()))
     assert rig.written() == []
     assert dp.traffic.dropped == {"spoofed-source": 4, "not-ipv4": 1}
     assert dp.traffic.packets_in == 2
@@ -194,8 +196,8 @@ def test_write_errors_are_counted_not_raised(rig: Rig) -> None:
     s = rig.session()
     rig.kernel.close()  # writes to the "TAP" now fail (ECONNREFUSED)
     rig.datapath.to_kernel_batch(s, *batch(from_session(s), from_session(s)))
-    rig.datapath.to_kernel_frame(s, bytearray(TAP_MAC + s.mac + ETHERTYPE_IPV4)
-                                 + from_session(s))
+    rig.datapath.to_kernel_frames(s, *batch(bytearray(TAP_MAC + s.mac + ETHERTYPE_IPV4)
+                                            + from_session(s)))
     assert rig.datapath.traffic.dropped == {"tap-write-error": 3}
     # Reading a failing device logs and returns rather than raising.
     rig.datapath.tap.fd = os.open(os.devnull, os.O_WRONLY)

@@ -1,5 +1,7 @@
 """End to end: the stock ``openvpn`` 2.6 client through ``relay serve`` in
-namespaces, over TCP and UDP, ``dev tun`` and ``dev tap``."""
+namespaces, over TCP and UDP, ``dev tun`` and ``dev tap``, with AES-256-GCM and
+CHACHA20-POLY1305, with and without tls-crypt; a client whose NAT rebinds keeps
+its session."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import records
+from conftest import records, scrape, wait_records
 
 from relay.clientconfig import openvpn_config
 from relay.config import Config, OpenVPNConfig
@@ -67,16 +69,26 @@ def client_port(topo: Topology, proto: str, i: int = 1) -> int:
     return int(out[3].rsplit(":", 1)[1])  # openvpn's is the namespace's only UDP socket
 
 
+@pytest.mark.parametrize("tls_crypt", [False, True], ids=["", "tls-crypt"])
+@pytest.mark.parametrize("cipher", ["AES-256-GCM", "CHACHA20-POLY1305"])
 @pytest.mark.parametrize(("proto", "dev"), [("tcp", "tun"), ("udp", "tun"), ("tcp", "tap"),
                                             ("udp", "tap")])
 def test_stock_openvpn_client_fetches_a_page_with_records_and_stamp(
-        make_topology: Callable[..., Topology], proto: str, dev: str) -> None:
+        make_topology: Callable[..., Topology], proto: str, dev: str, cipher: str,
+        tls_crypt: bool) -> None:
     version = openvpn_version()
     topo = make_topology(1)
     data = topo.workdir / "data"
     topo.start_web()
-    topo.start_relay(data)
-    client = start_openvpn(topo, data, proto, dev)
+    topo.start_relay(data, extra_tables=f"[openvpn]\ntls_crypt = {str(tls_crypt).lower()}\n")
+    # The relay's .ovpn offers both ciphers (the relay picks AES-256-GCM); a client
+    # that offers only CHACHA20-POLY1305 (no AES instructions) gets that.
+    client = start_openvpn(topo, data, proto, dev,
+                           cfg=Config(openvpn=OpenVPNConfig(tls_crypt=tls_crypt)),
+                           extra=f"data-ciphers {cipher}\n")
+    # (With tls_crypt the relay answers only wrapped packets: the client connected, so
+    # it wrapped them.)
+    assert f"Data Channel: cipher '{cipher}'" in topo.log("openvpn-1.log")
     vip, mac = interface(topo, dev)
     port = client_port(topo, proto)
 
@@ -204,3 +216,88 @@ def test_hostile_input_is_dropped_with_a_log_line_and_the_relay_keeps_serving(
     start_openvpn(topo, data, "udp", "tun")
     assert "hello" in topo.curl(1, "/")
     assert "dev tun0" in run(["ip", "route", "get", INTERNET_IP], topo.client_ns(1)).stdout
+
+
+# The client's NAT rebinding, done statelessly by nftables in the client's namespace
+# from the moment the rules go in: its datagrams to the relay leave from NEW_PORT,
+# and the relay's answers to NEW_PORT reach the client's socket.
+NEW_PORT = 40001
+REBIND = """
+table ip rebind {{
+  chain out {{
+    type filter hook output priority raw; policy accept;
+    ip daddr {relay} udp dport {relay_port} udp sport {port} notrack udp sport set {new}
+  }}
+  chain in {{
+    type filter hook prerouting priority raw; policy accept;
+    ip saddr {relay} udp sport {relay_port} udp dport {new} notrack udp dport set {port}
+  }}
+}}
+"""
+FORGE = r"""
+import os, socket, sys
+host, port, peer_id = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 40998))
+for i in range(5):  # P_DATA_V2 of the session's peer id, a fresh packet id, no valid tag
+    s.sendto(bytes([9 << 3]) + peer_id.to_bytes(3, "big") + ((1 << 31) + i).to_bytes(4, "big")
+             + os.urandom(60), (host, port))
+"""
+
+
+def test_a_client_whose_nat_rebinds_keeps_its_session(
+        make_topology: Callable[..., Topology]) -> None:
+    openvpn_version()
+    topo = make_topology(1)
+    data = topo.workdir / "data"
+    topo.start_web()
+    topo.start_relay(data)
+    client = start_openvpn(topo, data, "udp", "tun")
+    port = client_port(topo, "udp")
+    assert "hello" in topo.curl(1, "/")
+    [connect] = records(data, "connect")
+    sid = connect["session_id"]
+    peer_id = int(re.search(r"peer-id (\d+)", topo.log("openvpn-1.log")).group(1))  # type: ignore[union-attr]
+
+    # Packets of the session's peer id from another port that do not authenticate
+    # move nothing: they are dropped and counted, and the session stays.
+    unproven = ("relay_dropped_packets_total", (("reason", "openvpn-unproven"),))
+    before = scrape(topo).get(unproven, 0)
+    run([sys.executable, "-c", FORGE, relay_ip(1), str(OPENVPN_PORT), str(peer_id)],
+        topo.client_ns(1))
+    wait_for(lambda: scrape(topo).get(unproven, 0) >= before + 5, 10,
+             "the forged packets counted")
+    assert "hello" in topo.curl(1, "/")
+    assert records(data, "client-float") == []
+
+    # The NAT rebinds: the next packets come from NEW_PORT, and the session follows.
+    run(["nft", "-f", "-"], topo.client_ns(1), input=REBIND.format(
+        relay=relay_ip(1), relay_port=OPENVPN_PORT, port=port, new=NEW_PORT))
+    ua = "e2e-float/1.0"
+    assert "hello" in topo.curl(1, "/", "-A", ua)
+    [moved] = wait_records(data, "client-float", 1)
+    assert moved["session_id"] == sid
+    assert moved["from"] == {"ip": client_ip(1), "port": port}
+    assert moved["to"] == {"ip": client_ip(1), "port": NEW_PORT}
+    assert moved["server"]["id"] == "relay-1"
+    assert scrape(topo)[("relay_openvpn_floats_total", ())] == 1
+    # Still the same session: the stamp and the packet log name it, at the new port.
+    topo.access_log(f'"GET / HTTP/1.1" 200 "{ua[:-8]}{sid[:8]}"')
+
+    def after() -> list[dict[str, Any]]:
+        return [r for r in segments.iter_records(data)
+                if r["session_id"] == sid and r["dst_port"] == 80
+                and r["client_port"] == NEW_PORT]
+
+    wait_for(after, 20, "packet records at the new port")
+    assert {r["client_ip"] for r in after()} == {client_ip(1)}
+
+    client.send_signal(signal.SIGTERM)
+    client.wait(15)
+    [disconnect] = wait_records(data, "disconnect", 1)
+    assert disconnect["reason"] == "client-disconnect: exit notification (OCC_EXIT)"
+    assert disconnect["client"]["ip"] == client_ip(1)
+    assert disconnect["client"]["port"] == NEW_PORT
+    assert disconnect["floats"] == [{"time": moved["time"], "from": moved["from"],
+                                     "to": moved["to"]}]
+    assert len(records(data, "connect")) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from array import array
 from collections.abc import Awaitable
 from typing import Any
 
@@ -123,7 +124,7 @@ class StandInLink(LinkBase[str]):
         self.refusals.append(message)
         return []
 
-    def from_kernel(self, frame: bytes) -> None:
+    def from_kernel_batch(self, buf: bytearray, spans: array[int]) -> None:
         raise AssertionError("not in these tests")
 
     def terminate(self, reason: str, message: str) -> None:
@@ -295,7 +296,7 @@ class StandInStreamLink(StreamLink[str]):
     def _start_failed(self, exc: OSError, elapsed_s: float) -> None:
         pass
 
-    def from_kernel(self, frame: bytes) -> None:
+    def from_kernel_batch(self, buf: bytearray, spans: array[int]) -> None:
         pass
 
     def terminate(self, reason: str, message: str) -> None:

@@ -1,5 +1,6 @@
 """The sans-IO OpenVPN server, byte by byte, against a minimal client written
-here from the same wire formats (the stock client is in test_e2e_openvpn.py)."""
+here from the same wire formats (the stock client is in test_e2e_openvpn.py).
+Every session runs once with the Python data channel and once with the C one."""
 
 from __future__ import annotations
 
@@ -7,19 +8,28 @@ import hmac
 import os
 import ssl
 import struct
+from array import array
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.protocols.openvpn.cookie import Proof, check_proof, reset_reply
+from relay.protocols.openvpn.datachannel import (
+    AEADS,
+    STREAM_BATCH,
+    DataChannel,
+    PyDataChannel,
+)
 from relay.protocols.openvpn.events import (
     ClientAuth,
     Closed,
     Event,
-    Packet,
+    Floated,
+    Packets,
     PeerDead,
     PeerExit,
     ProtocolError,
@@ -58,6 +68,7 @@ from relay.protocols.openvpn.wire import (
     build_control,
     parse_control,
 )
+from relay.serve.datachannel import CDataChannel
 from relay.tlsconf import server_context
 
 T0 = 1000.0
@@ -72,6 +83,26 @@ PEER = ("198.18.1.2", 40000)
 STATIC_KEY = bytes(range(256))
 # The client's side of tls-crypt (KEY_DIRECTION_INVERSE): the server's key halves swapped.
 CLIENT_TLS_CRYPT = TlsCrypt(STATIC_KEY[128:] + STATIC_KEY[:128])
+IP = bytes.fromhex("4500001c000000004011") + bytes(10) + b"payload!"
+# The data channel the sessions of a test get (the channel fixture sets it).
+CHANNEL: list[Callable[[], DataChannel]] = [PyDataChannel]
+
+
+@pytest.fixture(autouse=True, params=["python", "c"])
+def channel(request: pytest.FixtureRequest) -> Iterator[str]:
+    CHANNEL[0] = PyDataChannel if request.param == "python" else CDataChannel
+    yield request.param
+    CHANNEL[0] = PyDataChannel
+
+
+def server_for(ctx: ssl.SSLContext, **kw: object) -> OpenVPNServer:
+    return OpenVPNServer(ctx, data_channel=CHANNEL[0](), **kw)  # type: ignore[arg-type]
+
+
+def encrypt(server: OpenVPNServer, payload: bytes) -> bytes | None:
+    """One data packet from the server, as it goes on the wire."""
+    sealed = server.seal(payload, array("I", (0, len(payload))))
+    return None if sealed is None or not sealed.count else bytes(sealed.data[:sealed.size])
 
 
 # --- a minimal client ------------------------------------------------------------------
@@ -97,8 +128,9 @@ def string(text: str) -> bytes:
 
 class Client:
     def __init__(self, cert: Path, tcp: bool = False, options: str = OPTIONS,
-                 tls_crypt: bool = False) -> None:
+                 tls_crypt: bool = False, cipher: str = "AES-256-GCM") -> None:
         self.tcp = tcp
+        self.cipher = cipher  # what the server is expected to choose
         self.options = options
         self.tls_crypt = CLIENT_TLS_CRYPT if tls_crypt else None
         self.wrap_pid = 0
@@ -199,8 +231,9 @@ class Client:
         k.plaintext = msg[end:]
         key2 = derive_key2(k.pre_master, k.random1, s_random1, k.random2, s_random2,
                            self.sid, self.remote_sid)
-        k.enc, k.enc_iv = AESGCM(key2[:32]), key2[64:72]
-        k.dec, k.dec_iv = AESGCM(key2[128:160]), key2[192:200]
+        aead = AEADS[self.cipher]
+        k.enc, k.enc_iv = aead(key2[:32]), key2[64:72]
+        k.dec, k.dec_iv = aead(key2[128:160]), key2[192:200]
 
     def data(self, payload: bytes, key_id: int = 0, peer_id: int = 7,
              pid: int | None = None) -> bytes:
@@ -238,7 +271,8 @@ class ClientKey:
         self.acks: list[int] = []
         self.send_pid = 0
         self.pre_master = self.random1 = self.random2 = b""
-        self.enc = self.dec = AESGCM(bytes(32))
+        self.enc: AESGCM | ChaCha20Poly1305 = AESGCM(bytes(32))
+        self.dec: AESGCM | ChaCha20Poly1305 = self.enc
         self.enc_iv = self.dec_iv = b""
 
 
@@ -279,8 +313,8 @@ def start(tls: tuple[ssl.SSLContext, Path], client: Client,
     tls_crypt = TlsCrypt(STATIC_KEY) if client.tls_crypt else None
     reset = client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)
     if client.tcp:
-        server = OpenVPNServer(ctx, tcp=True, peer_id=7, now=now, tls_crypt=tls_crypt,
-                               wall=int(now))
+        server = server_for(ctx, tcp=True, peer_id=7, now=now, tls_crypt=tls_crypt,
+                            wall=int(now))
         assert server.receive_data(reset, now) == []
     else:
         reply = reset_reply(COOKIE_KEY, PEER, reset, now, tls_crypt)
@@ -291,17 +325,18 @@ def start(tls: tuple[ssl.SSLContext, Path], client: Client,
         again = client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)
         proof = check_proof(COOKIE_KEY, PEER, again, now, tls_crypt)
         assert proof is not None
-        server = OpenVPNServer(ctx, tcp=False, peer_id=7, now=now, proof=proof,
-                               tls_crypt=tls_crypt, wall=int(now))
+        server = server_for(ctx, tcp=False, peer_id=7, now=now, proof=proof,
+                            tls_crypt=tls_crypt, wall=int(now))
         assert server.receive_datagram(again, now) == []
     client.absorb(server.packets_to_send())
     return server
 
 
 def connect(tls: tuple[ssl.SSLContext, Path], tcp: bool = False, tls_crypt: bool = False,
-            **km2: str) -> tuple[OpenVPNServer, Client, list[Event]]:
+            cipher: str = "AES-256-GCM", **km2: str
+            ) -> tuple[OpenVPNServer, Client, list[Event]]:
     """Reset, TLS handshake and key-method 2: the server's ClientAuth event."""
-    client = Client(tls[1], tcp=tcp, tls_crypt=tls_crypt)
+    client = Client(tls[1], tcp=tcp, tls_crypt=tls_crypt, cipher=cipher)
     server = start(tls, client)
     events = exchange(server, client, client.tls_packets())
     assert client.keys[0].handshake_done and not events
@@ -312,8 +347,9 @@ def connect(tls: tuple[ssl.SSLContext, Path], tcp: bool = False, tls_crypt: bool
 
 
 def tunnel(tls: tuple[ssl.SSLContext, Path], tcp: bool = False,
-           tls_crypt: bool = False) -> tuple[OpenVPNServer, Client]:
-    server, client, events = connect(tls, tcp, tls_crypt)
+           tls_crypt: bool = False, cipher: str = "AES-256-GCM",
+           peer_info: str = PEER_INFO) -> tuple[OpenVPNServer, Client]:
+    server, client, events = connect(tls, tcp, tls_crypt, cipher, peer_info=peer_info)
     events = exchange(server, client, client.send_text(b"PUSH_REQUEST\0"))
     assert events == [PushRequest()]
     exchange(server, client, [])
@@ -404,10 +440,9 @@ def test_handshake_push_and_data_both_ways(tls: tuple[ssl.SSLContext, Path], tcp
         "PUSH_REPLY", "redirect-gateway def1", "route-gateway 10.211.0.1", "topology subnet",
         "ping 10", "ping-restart 60", "ifconfig 10.211.0.5 255.255.0.0", "tun-mtu 1400",
         "peer-id 7", "cipher AES-256-GCM"]
-    ip = bytes.fromhex("4500001c000000004011") + bytes(10) + b"payload!"
-    [ev] = feed(server, client, [client.data(ip)])
-    assert ev == Packet(bytearray(ip))
-    out = server.encrypt(b"to the client")
+    [ev] = feed(server, client, [client.data(IP)])
+    assert isinstance(ev, Packets) and ev.payloads() == [IP]
+    out = encrypt(server, b"to the client")
     assert out is not None and client.open_data(out) == b"to the client"
 
 
@@ -427,10 +462,44 @@ def test_tap_client_gets_lladdr_and_no_topology(tls: tuple[ssl.SSLContext, Path]
     assert "lladdr 02:11:22:33:44:55" in reply and "topology" not in reply
 
 
-def test_a_client_without_aes_256_gcm_is_refused(tls: tuple[ssl.SSLContext, Path]) -> None:
-    _, _, events = connect(tls, peer_info="IV_VER=2.3.0\nIV_CIPHERS=BF-CBC\n")
+def test_a_client_without_an_aead_cipher_is_refused(tls: tuple[ssl.SSLContext, Path]) -> None:
+    _, _, events = connect(tls, peer_info="IV_VER=2.3.0\nIV_CIPHERS=BF-CBC:AES-256-CBC\n")
     [err] = events
-    assert isinstance(err, ProtocolError) and "AES-256-GCM" in err.message
+    assert isinstance(err, ProtocolError)
+    assert "AES-256-GCM, CHACHA20-POLY1305" in err.message and "non-AEAD" in err.message
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+def test_chacha20_poly1305_for_a_client_that_offers_only_it(tls: tuple[ssl.SSLContext, Path],
+                                                             tcp: bool) -> None:
+    server, client = tunnel(tls, tcp, cipher="CHACHA20-POLY1305",
+                            peer_info=PEER_INFO.replace(
+                                "IV_CIPHERS=AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305",
+                                "IV_CIPHERS=CHACHA20-POLY1305"))
+    reply = client.keys[0].plaintext.rstrip(b"\0").decode()
+    assert reply.endswith(",cipher CHACHA20-POLY1305")
+    [ev] = feed(server, client, [client.data(IP)])
+    assert isinstance(ev, Packets) and ev.payloads() == [IP]
+    out = encrypt(server, b"to the client")
+    assert out is not None and client.open_data(out) == b"to the client"
+    # A renegotiated key keeps the session's cipher.
+    client.new_key(1)
+    exchange(server, client, [client.control(Opcode.CONTROL_SOFT_RESET_V1, key_id=1)], key_id=1)
+    exchange(server, client, client.send_text(client.key_method_2(1), 1), key_id=1)
+    client.derive(1)
+    out = encrypt(server, b"new key")
+    assert out is not None and client.open_data(out) == b"new key"
+    assert (unframe(out)[0] if tcp else out)[0] & 7 == 1
+
+
+def test_the_relay_prefers_aes_256_gcm_and_a_2_4_client_gets_it(
+        tls: tuple[ssl.SSLContext, Path]) -> None:
+    for peer_info in ("IV_VER=2.6.14\nIV_CIPHERS=CHACHA20-POLY1305:AES-256-GCM\n",
+                      "IV_VER=2.4.12\nIV_NCP=2\n"):  # 2.4: IV_NCP=2 means AES-GCM
+        server, client = tunnel(tls, peer_info=peer_info)
+        assert client.keys[0].plaintext.rstrip(b"\0").endswith(b",cipher AES-256-GCM")
+        [ev] = feed(server, client, [client.data(IP)])
+        assert isinstance(ev, Packets)
 
 
 def test_auth_failed_reaches_the_client_then_closed(tls: tuple[ssl.SSLContext, Path]) -> None:
@@ -455,7 +524,7 @@ def test_auth_failed_closes_after_the_exit_interval_without_ack(
 def test_unacknowledged_reset_is_retransmitted_with_back_off(
         tls: tuple[ssl.SSLContext, Path]) -> None:
     ctx, cert = tls
-    server = OpenVPNServer(ctx, tcp=True, peer_id=1, now=T0)
+    server = server_for(ctx, tcp=True, peer_id=1, now=T0)
     client = Client(cert, tcp=True)
     server.receive_data(client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2), T0)
     [first] = unframe(b"".join(server.packets_to_send()))
@@ -548,7 +617,7 @@ def test_bad_gcm_tag_is_dropped(tls: tuple[ssl.SSLContext, Path]) -> None:
     pkt = bytearray(client.data(b"\x45" + bytes(27)))
     pkt[-1] ^= 1  # inside the ciphertext
     assert server.receive_datagram(bytes(pkt), T0) == []
-    assert server.drops["data packet failed authentication (GCM tag)"] == 2
+    assert server.drops["data packet failed authentication (tag)"] == 2
     # A forged packet does not burn its packet id: the genuine one still passes.
     good = client.data(b"\x45" + bytes(27), pid=client.keys[0].send_pid)
     assert len(server.receive_datagram(good, T0)) == 1
@@ -618,7 +687,7 @@ def test_renegotiation_with_soft_reset(tls: tuple[ssl.SSLContext, Path]) -> None
     events = exchange(server, client, client.send_text(client.key_method_2(1), 1), key_id=1)
     assert events == []  # no second login or push for a renegotiation
     client.derive(1)
-    out = server.encrypt(b"new key")
+    out = encrypt(server, b"new key")
     assert out is not None and out[0] & 7 == 1 and client.open_data(out) == b"new key"
     assert len(server.receive_datagram(client.data(b"\x45" + bytes(27), key_id=1), T0)) == 1
     # The old key still decrypts in the transition window, then expires.
@@ -627,25 +696,94 @@ def test_renegotiation_with_soft_reset(tls: tuple[ssl.SSLContext, Path]) -> None
     assert server.receive_datagram(client.data(b"\x45" + bytes(27)), T0) == []
 
 
+def batch(pkts: list[bytes]) -> tuple[bytearray, array[int]]:
+    buf, spans = bytearray(), array("I")
+    for p in pkts:
+        spans.extend((len(buf), len(p)))
+        buf += p
+    return buf, spans
+
+
+def test_the_data_packets_of_one_receive_are_one_batch(tls: tuple[ssl.SSLContext, Path]) -> None:
+    server, client = tunnel(tls)
+    payloads = [IP[:-1] + bytes([i]) for i in range(10)]
+    pkts = [client.data(p) for p in payloads]
+    forged = bytearray(pkts[3])
+    forged[-1] ^= 1
+    buf, spans = batch([*pkts[:3], bytes(forged), pkts[3], pkts[3], client.data(PING_MAGIC),
+                        *pkts[4:]])
+    [ev] = server.receive_datagrams(buf, spans, T0 + 5)
+    assert isinstance(ev, Packets) and ev.payloads() == payloads
+    assert ev.data is buf  # decrypted in place
+    assert server.drops == {"data packet failed authentication (tag)": 1,
+                            "replayed or too old data packet id": 1}
+    assert server.last_rx == T0 + 5
+
+
+def test_tcp_data_frames_of_one_read_are_one_batch_around_control(
+        tls: tuple[ssl.SSLContext, Path]) -> None:
+    server, client = tunnel(tls, tcp=True)
+    first = [client.data(IP[:-1] + bytes([i])) for i in range(5)]
+    push = client.send_text(b"PUSH_REQUEST\0")  # answered again after the holdoff
+    later = [client.data(IP[:-1] + bytes([i])) for i in range(5, 8)]
+    stream = b"".join([*first, *push, *later])
+    events = server.receive_data(stream[:-3], T0 + PUSH_REPLY_HOLDOFF_S)
+    assert [type(e) for e in events] == [Packets, Packets]  # the last frame is incomplete
+    assert [len(e.payloads()) for e in events if isinstance(e, Packets)] == [5, 2]
+    [ev] = server.receive_data(stream[-3:], T0 + PUSH_REPLY_HOLDOFF_S)
+    assert isinstance(ev, Packets) and ev.payloads() == [IP[:-1] + bytes([7])]
+    client.absorb(server.packets_to_send())
+    client.tls_packets()
+    assert client.keys[0].plaintext.count(b"PUSH_REPLY,") == 2  # the control frame was read
+
+
+def test_a_tcp_read_longer_than_a_batch_is_read_whole(tls: tuple[ssl.SSLContext, Path]) -> None:
+    server, client = tunnel(tls, tcp=True)
+    pkts = [client.data(IP[:-2] + i.to_bytes(2, "big")) for i in range(STREAM_BATCH + 6)]
+    events = server.receive_data(b"".join(pkts), T0)
+    assert [len(e.payloads()) for e in events if isinstance(e, Packets)] == [STREAM_BATCH, 6]
+    assert events[1].payloads()[-1] == IP[:-2] + (STREAM_BATCH + 5).to_bytes(2, "big")
+
+
+def test_a_float_needs_a_packet_that_authenticates(tls: tuple[ssl.SSLContext, Path]) -> None:
+    server, client = tunnel(tls)
+    accepted = client.data(IP)
+    assert len(server.receive_datagrams(*batch([accepted]), T0)) == 1
+    garbage = bytes([Opcode.DATA_V2 << 3]) + (7).to_bytes(3, "big") + os.urandom(60)
+    forged = bytearray(client.data(IP))
+    forged[30] ^= 1
+    no_key = bytearray(client.data(IP))
+    no_key[0] |= 3
+    # From a new address: forgeries, a replay of what was accepted, and a packet of
+    # no key move nothing, and are not even counted against the session.
+    for pkts in ([garbage], [bytes(forged)], [accepted], [bytes(no_key)]):
+        assert server.receive_datagrams(*batch(pkts), T0 + 1, moved=True) == []
+    assert server.drops == {} and server.last_rx == T0
+    # One that authenticates among them: the session follows it, the rest as ever.
+    events = server.receive_datagrams(*batch([garbage, client.data(IP)]), T0 + 2, moved=True)
+    assert [type(e) for e in events] == [Floated, Packets]
+    assert server.drops == {"data packet failed authentication (tag)": 1}
+
+
 # --- hostile input -------------------------------------------------------------------------
 
 
 def test_tcp_stream_garbage_is_a_protocol_error(tls: tuple[ssl.SSLContext, Path]) -> None:
     ctx, _ = tls
-    server = OpenVPNServer(ctx, tcp=True, peer_id=1, now=T0)
+    server = server_for(ctx, tcp=True, peer_id=1, now=T0)
     [err] = server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", T0)
     assert isinstance(err, ProtocolError)
-    server = OpenVPNServer(ctx, tcp=True, peer_id=1, now=T0)
+    server = server_for(ctx, tcp=True, peer_id=1, now=T0)
     [err] = server.receive_data(b"\x00\x00", T0)
     assert isinstance(err, ProtocolError) and "0-byte" in err.message
-    server = OpenVPNServer(ctx, tcp=True, peer_id=1, now=T0)
+    server = server_for(ctx, tcp=True, peer_id=1, now=T0)
     [err] = server.receive_data(struct.pack("!H", MAX_PACKET_BYTES + 1), T0)
     assert isinstance(err, ProtocolError)
 
 
 def test_tcp_framing_split_anywhere(tls: tuple[ssl.SSLContext, Path]) -> None:
     ctx, cert = tls
-    server = OpenVPNServer(ctx, tcp=True, peer_id=1, now=T0)
+    server = server_for(ctx, tcp=True, peer_id=1, now=T0)
     client = Client(cert, tcp=True)
     reset = client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)
     for byte in reset:
@@ -677,7 +815,7 @@ def test_a_udp_session_starts_from_a_proof_and_a_tcp_one_from_a_reset(
     with pytest.raises(ValueError):
         OpenVPNServer(tls[0], tcp=True, peer_id=1, now=T0, proof=proof)
     # From the proof on, the server ACKs the client's reset and speaks as the cookie.
-    server = OpenVPNServer(tls[0], tcp=False, peer_id=1, now=T0, proof=proof)
+    server = server_for(tls[0], tcp=False, peer_id=1, now=T0, proof=proof)
     ack = build_control(Opcode.ACK_V1, 0, b"C" * 8, [0], b"S" * 8, None)
     assert server.receive_datagram(ack, T0) == []
     [out] = [parse_control(p) for p in server.packets_to_send()]
@@ -737,8 +875,8 @@ def test_a_peer_that_never_acknowledges_is_closed_at_the_send_cap(
 def test_tls_crypt_session_from_reset_to_data(tls: tuple[ssl.SSLContext, Path],
                                               tcp: bool) -> None:
     server, client = tunnel(tls, tcp, tls_crypt=True)
-    ip = bytes.fromhex("4500001c000000004011") + bytes(10) + b"payload!"
-    assert feed(server, client, [client.data(ip)]) == [Packet(bytearray(ip))]
+    [ev] = feed(server, client, [client.data(IP)])
+    assert isinstance(ev, Packets) and ev.payloads() == [IP]
     # A control packet replayed, or one that does not authenticate, is not used.
     ping = client.send_text(b"PUSH_REQUEST\0")
     feed(server, client, ping + ping)
@@ -765,7 +903,7 @@ def fuzz_session(tls: tuple[ssl.SSLContext, Path], tcp: bool,
     client = Client(tls[1], tcp=tcp)
     if state == "reset":
         if tcp:
-            server = OpenVPNServer(tls[0], tcp=True, peer_id=1, now=T0)
+            server = server_for(tls[0], tcp=True, peer_id=1, now=T0)
             return server, [client.control(Opcode.CONTROL_HARD_RESET_CLIENT_V2)]
         server = start(tls, client)
         return server, client.tls_packets()

@@ -379,6 +379,13 @@ class Abuse:
         if strike:
             self._strike(key, addr, now, "abandoned handshakes")
 
+    def moved(self, old_ip: str, new_ip: str) -> None:
+        """A session's client now sends from ``new_ip`` (an OpenVPN float): its
+        session counts there from now on, so it ends where it is counted."""
+        now = self.clock()
+        self.sources[self.key(old_ip)].sessions -= 1
+        self._source(self.key(new_ip), now).sessions += 1
+
     def connection_closed(self, ip: str, lifetime_s: float, had_session: bool) -> None:
         now = self.clock()
         addr = canonical_address(ip)

@@ -225,10 +225,10 @@ class Relay:
             if summary is not None:
                 self.audit(summary)
 
-    def audit(self, record: dict[str, Any]) -> None:
-        """An audit record in the connection log (shipped like the others)."""
+    def audit(self, record: dict[str, Any]) -> dict[str, Any]:
+        """An audit record in the connection log (shipped like the others), as logged."""
         assert self.connlog is not None
-        self.connlog.append(
+        logged = self.connlog.append(
             {**record, "server": {"id": self.cfg.server.id, "hostname": self.hostname}})
         if record["action"] == "ban":
             log.warning("banned %s until %s: %s", record["network"],
@@ -239,6 +239,7 @@ class Relay:
                     link.terminate("banned", f"source banned: {record['reason']}")
         elif record["action"] == "unban":
             log.info("unbanned %s: %s", record["network"], record["reason"])
+        return logged
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -559,6 +560,25 @@ class Relay:
 
     def handshake_over(self, ip: str, strike: bool) -> None:
         self.abuse.handshake_over(ip, strike)
+
+    def client_moved(self, link: Link, old: tuple[str, int]) -> asyncio.Future[Any] | None:
+        s = link.session
+        assert s is not None
+        client_ip = canonical_ip(link.peer_ip)
+        self.abuse.moved(old[0], link.peer_ip)
+        if self.recording is not None:  # the packets from now on carry the new address
+            self.recording.add_session(s.mac, s.id, client_ip, link.peer_port)
+        logged = self.audit({"action": "client-float", "session_id": s.id,
+                             "from": {"ip": s.client_ip, "port": s.client_port},
+                             "to": {"ip": client_ip, "port": link.peer_port}})
+        s.moved(client_ip, link.peer_port, logged["time"])
+        self.journal.write(s)
+        log.info("session %s: client moved from %s:%d to %s:%d", s.id, old[0], old[1],
+                 client_ip, link.peer_port)
+        banned = self.abuse.banned(link.peer_ip)
+        if banned is not None:  # as a ban ends the sessions it covers
+            link.terminate("banned", f"source banned: {banned.reason}")
+        return self.lookups.start(link.peer_ip, link.peer_port)
 
     def count_handshake_failure(self, reason: str) -> None:
         self.stats.handshake_failures[reason] += 1

@@ -11,21 +11,18 @@ import secrets
 import socket
 import ssl
 import time
+from array import array
 from dataclasses import dataclass
 
 from relay.config import Config
 from relay.protocols import cstp
-from relay.serve.datapath import ETHERTYPE_IPV4, Datapath
+from relay.serve import batch
+from relay.serve.datapath import Datapath
 from relay.serve.dtls_link import DtlsEndpoint, DtlsSession, tls_psk
 from relay.serve.link import CLIENT_WRITE_HIGH_WATER, LinkHost, StreamLink
-from relay.serve.tap import ETH_HLEN
 from relay.tlsconf import server_context
 
 log = logging.getLogger("relay")
-
-# The frames from the kernel a CSTP client gets, as IP packets: its tunnel carries no
-# Ethernet.
-IP_ETHERTYPES = (ETHERTYPE_IPV4, b"\x86\xdd")
 
 # A cookie from a successful login must be used for a tunnel within this time
 # (ocserv's cookie-timeout default is 300 s).
@@ -201,22 +198,33 @@ class CstpLink(StreamLink[cstp.Event]):
 
     # -- output ---------------------------------------------------------------------
 
-    def from_kernel(self, frame: bytes) -> None:
+    def from_kernel_batch(self, buf: bytearray, spans: array[int]) -> None:
         s = self.session
         t = self.transport
-        if s is None or t is None or frame[12:14] not in IP_ETHERTYPES:
+        if s is None or t is None:
             return
-        n = len(frame) - ETH_HLEN
-        if self.dtls is None or not self.dtls.send(frame):  # DTLS while its channel is up
-            if self.paused:
-                self.traffic.dropped["client-queue-full"] += 1
-                return
-            t.write(cstp.data_header(n) + frame[ETH_HLEN:])
-        s.packets_out += 1
-        s.bytes_out += n
+        payloads = batch.ip_payloads(buf, spans, allow_ipv6=True)
+        count = len(payloads) // 2
+        if not count:
+            return
+        view = memoryview(buf)
+        dtls = self.dtls
+        sent = total = 0
+        for i in range(0, len(payloads), 2):
+            off, n = payloads[i], payloads[i + 1]
+            # Over DTLS while its channel is up, else over the TLS connection.
+            if dtls is None or not dtls.send(buf, off, n):
+                if self.paused:
+                    self.traffic.dropped["client-queue-full"] += 1
+                    continue
+                t.write(cstp.data_header(n) + view[off:off + n])
+            sent += 1
+            total += n
+        s.packets_out += sent
+        s.bytes_out += total
         traffic = self.traffic
-        traffic.packets_out += 1
-        traffic.bytes_out += n
+        traffic.packets_out += sent
+        traffic.bytes_out += total
 
     def _flush(self) -> None:
         out = self.proto.data_to_send()

@@ -1,15 +1,17 @@
 """The datapath of ``relay serve``: packets between the links and the TAP device.
 
-Client -> kernel: a link hands over its client's IP packets (CSTP: all those of
-one receive at once, :meth:`Datapath.to_kernel_batch`) or, from a bridged client,
-whole Ethernet frames (:meth:`Datapath.to_kernel_frame`). Each must come from the
+Client -> kernel: a link hands over its client's IP packets, all those of one
+receive at once (:meth:`Datapath.to_kernel_batch`), or, from a bridged client,
+whole Ethernet frames (:meth:`Datapath.to_kernel_frames`). Each must come from the
 session's own address (attribution in the logs relies on no client sending as
 another); then the hot path stamps the User-Agent in place and notes new
-destinations (one call into C per batch), and each packet is written into the TAP
-as a frame from the session's MAC.
+destinations, and the packets are written into the TAP as frames from the
+session's MAC: one call into C for each step of a batch
+(:mod:`relay.serve.batch`, :mod:`relay.serve.hotpath`), none per packet.
 
-Kernel -> client: frames the kernel sends into the TAP are routed by destination
-MAC, the session's own, to its link (:class:`relay.serve.link.Link`).
+Kernel -> client: the frames the kernel sends into the TAP are read in batches
+(one call), grouped by destination MAC, the session's own, and each group goes to
+its link in one call (:meth:`relay.serve.link.Link.from_kernel_batch`).
 
 What the datapath counts is in :class:`Traffic`; the core exports it.
 """
@@ -22,21 +24,21 @@ from array import array
 from collections import Counter
 from typing import Protocol
 
-from relay.serve import hotpath
+from relay.serve import batch, hotpath
+from relay.serve.batch_py import ETHERTYPE_IPV4
 from relay.serve.link import Link
 from relay.serve.sessions import Session
 from relay.serve.tap import ETH_HLEN
 
 log = logging.getLogger("relay")
 
-ETHERTYPE_IPV4 = b"\x08\x00"
-ETHERTYPE_ARP = b"\x08\x06"
-# An ARP packet for IPv4 over Ethernet: 8-byte header, sender and target MAC + IP.
-ARP_IPV4_LEN = 28
 # Frames read from the TAP per wake-up before yielding to the other sockets.
 TAP_READ_BATCH = 256
 # Largest frame the TAP can hand us (64 KiB IP packet + Ethernet header).
 TAP_READ_SIZE = 65536 + ETH_HLEN
+# The read buffer: a whole batch of frames of the relay's MTU (at most 9000, a
+# jumbo frame) fits, and a read always has room for the largest frame.
+TAP_READ_BUFFER = TAP_READ_BATCH * (9000 + ETH_HLEN) + TAP_READ_SIZE
 
 
 class Device(Protocol):
@@ -65,70 +67,44 @@ class Datapath:
         self.tap = tap
         self.links: dict[bytes, Link] = {}  # by session MAC
         self.traffic = Traffic()
+        self._read_buffer = bytearray(TAP_READ_BUFFER)
 
     # -- kernel -> client -----------------------------------------------------------
 
     def on_tap_readable(self) -> None:
-        fd = self.tap.fd
+        """The frames waiting in the TAP, to their sessions' links a group at a
+        time. The buffer is reused: a link sends (or copies) before it returns."""
+        buf = self._read_buffer
+        spans, err = batch.tap_read(self.tap.fd, buf, TAP_READ_SIZE, TAP_READ_BATCH)
+        if err:
+            log.error("reading %s: %s", self.tap.name, os.strerror(err))
+        if not spans:
+            return
+        groups = batch.group_by_mac(buf, spans)
         links = self.links
-        for _ in range(TAP_READ_BATCH):
-            try:
-                frame = os.read(fd, TAP_READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.error("reading %s: %s", self.tap.name, exc.strerror)
-                return
-            link = links.get(frame[:6])
+        for g in range(0, len(groups), 2):
+            first, n = groups[g], groups[g + 1]
+            at = spans[2 * first]
+            link = links.get(bytes(buf[at:at + 6]))
             if link is None:
-                self.traffic.dropped["no-session"] += 1
+                self.traffic.dropped["no-session"] += n
                 continue
-            link.from_kernel(frame)
+            link.from_kernel_batch(buf, spans[2 * first:2 * (first + n)])
 
     # -- client -> kernel -----------------------------------------------------------
-
-    def to_kernel(self, s: Session, packet: bytearray) -> None:
-        """One IP packet from a session's client (see :meth:`to_kernel_batch`)."""
-        self.to_kernel_batch(s, packet, array("I", (0, len(packet))))
 
     def to_kernel_batch(self, s: Session, data: bytearray, spans: array[int]) -> None:
         """The IP packets ``data[spans[2i] : spans[2i] + spans[2i+1]]`` from a
         session's client, into the TAP as frames from the session's MAC: source
-        check, then the hot path over the whole batch in one call into C (it may
-        stamp ``data`` in place), then one write each."""
-        ok = array("I")
-        for i in range(0, len(spans), 2):
-            off, n = spans[i], spans[i + 1]
-            if self._source_ok(s, data, off, n):
-                ok.append(off)
-                ok.append(n)
-        if not ok:
-            return
-        self._hot_path(s, data, ok)
-        fd, head, view = self.tap.fd, self.tap.mac + s.mac + ETHERTYPE_IPV4, memoryview(data)
-        packets = total = 0
-        for i in range(0, len(ok), 2):
-            off, n = ok[i], ok[i + 1]
-            try:
-                os.writev(fd, (head, view[off:off + n]))
-            except OSError as exc:
-                self.traffic.dropped["tap-write-error"] += 1
-                log.debug("TAP write failed: %s", exc.strerror)
-                continue
-            packets += 1
-            total += n
-        s.packets_in += packets
-        s.bytes_in += total
-        self.traffic.packets_in += packets
-        self.traffic.bytes_in += total
-
-    def _source_ok(self, s: Session, data: bytearray, off: int, n: int) -> bool:
-        """An IPv4 packet from the session's own address: attribution in the logs
-        relies on no client sending as another."""
-        if n < 20 or data[off] >> 4 != 4 or data[off + 12:off + 16] != s.vip_bytes:
-            self.traffic.dropped["spoofed-source"] += 1
-            return False
-        return True
+        check, the hot path (it may stamp ``data`` in place) and the writes, each
+        one call into C for the whole batch."""
+        ok = batch.from_ipv4(data, spans, s.vip_bytes)
+        spoofed = (len(spans) - len(ok)) // 2
+        if spoofed:
+            self.traffic.dropped["spoofed-source"] += spoofed
+        if ok:
+            self._hot_path(s, data, ok)
+            self._write(s, self.tap.mac + s.mac + ETHERTYPE_IPV4, data, ok, 0)
 
     def _hot_path(self, s: Session, data: bytearray, spans: array[int]) -> None:
         """User-Agent stamps (in place) and new destinations of a session's packets."""
@@ -138,35 +114,32 @@ class Datapath:
         for d in seen.destinations:
             s.add_destination(d)
 
-    def to_kernel_frame(self, s: Session, frame: bytearray) -> None:
-        """A whole Ethernet frame from a bridged (OpenVPN ``dev tap``) client, into
-        the TAP; IPv4 goes through the hot path as in :meth:`to_kernel`. The source
-        MAC must be the session's, and the IPv4 source or ARP sender the session's
-        address; other frames (IPv6, which the relay does not route, ...) are dropped."""
-        if len(frame) < ETH_HLEN or frame[6:12] != s.mac:
-            self.traffic.dropped["spoofed-source"] += 1
-            return
-        ethertype = frame[12:14]
-        if ethertype == ETHERTYPE_IPV4:
-            n = len(frame) - ETH_HLEN
-            if not self._source_ok(s, frame, ETH_HLEN, n):
-                return
-            self._hot_path(s, frame, array("I", (ETH_HLEN, n)))
-        elif ethertype == ETHERTYPE_ARP:
-            if (len(frame) < ETH_HLEN + ARP_IPV4_LEN or frame[22:28] != s.mac
-                    or frame[28:32] != s.vip_bytes):
-                self.traffic.dropped["spoofed-source"] += 1
-                return
-        else:
-            self.traffic.dropped["not-ipv4"] += 1
-            return
-        n = len(frame) - ETH_HLEN
-        s.packets_in += 1
+    def to_kernel_frames(self, s: Session, data: bytearray, spans: array[int]) -> None:
+        """Whole Ethernet frames from a bridged (OpenVPN ``dev tap``) client, into
+        the TAP; IPv4 goes through the hot path as in :meth:`to_kernel_batch`. The
+        source MAC must be the session's, and the IPv4 source or ARP sender the
+        session's address; other frames (IPv6, which the relay does not route, ...)
+        are dropped."""
+        kept = batch.frames_from(data, spans, s.mac, s.vip_bytes)
+        if kept.spoofed:
+            self.traffic.dropped["spoofed-source"] += kept.spoofed
+        if kept.not_ipv4:
+            self.traffic.dropped["not-ipv4"] += kept.not_ipv4
+        if kept.ips:
+            self._hot_path(s, data, kept.ips)
+        if kept.frames:
+            self._write(s, b"", data, kept.frames, ETH_HLEN)
+
+    def _write(self, s: Session, head: bytes, data: bytearray, spans: array[int],
+               header_bytes: int) -> None:
+        """Write the packets, each after ``head``, and count them (without the
+        ``header_bytes`` of Ethernet each one carries)."""
+        done = batch.tap_write(self.tap.fd, head, data, spans)
+        if done.errors:
+            self.traffic.dropped["tap-write-error"] += done.errors
+            log.debug("TAP write failed: %s", os.strerror(done.errno))
+        n = done.bytes - header_bytes * done.packets
+        s.packets_in += done.packets
         s.bytes_in += n
-        self.traffic.packets_in += 1
+        self.traffic.packets_in += done.packets
         self.traffic.bytes_in += n
-        try:
-            os.write(self.tap.fd, frame)
-        except OSError as exc:
-            self.traffic.dropped["tap-write-error"] += 1
-            log.debug("TAP write failed: %s", exc.strerror)

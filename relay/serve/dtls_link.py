@@ -48,7 +48,6 @@ from relay.protocols import cstp, dtls
 from relay.serve.datapath import Datapath
 from relay.serve.link import LinkHost, LinkSettings
 from relay.serve.sessions import Session
-from relay.serve.tap import ETH_HLEN
 
 log = logging.getLogger("relay")
 
@@ -370,14 +369,14 @@ class DtlsSession:
 
     # -- kernel -> client -------------------------------------------------------------
 
-    def send(self, frame: bytes) -> bool:
-        """Send a frame's IP packet over DTLS if the channel is up (else False: the
-        caller sends it over TLS)."""
+    def send(self, buf: bytearray, off: int, n: int) -> bool:
+        """Send the IP packet ``buf[off:off + n]`` over DTLS if the channel is up
+        (else False: the caller sends it over TLS)."""
         ch = self.channel
         if ch is None or self.machine is None:
             return False
-        r = lib.relay_dtls_send(ch.c, self.endpoint.fd, cstp.PacketType.DATA, frame, ETH_HLEN,
-                                len(frame) - ETH_HLEN)
+        r = lib.relay_dtls_send(ch.c, self.endpoint.fd, cstp.PacketType.DATA,
+                                ffi.from_buffer(buf), off, n)
         if r == -1:
             self._down("OpenSSL refused to seal a record", close=True)
             return False

@@ -23,6 +23,7 @@ import logging
 import socket
 import ssl
 import time
+from array import array
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -74,8 +75,10 @@ class Link(Protocol):
     def client_hostname(self) -> str | None:
         """The reverse lookup of the client's address, if it has answered."""
 
-    def from_kernel(self, frame: bytes) -> None:
-        """A frame the kernel sent to this link's session MAC."""
+    def from_kernel_batch(self, buf: bytearray, spans: array[int]) -> None:
+        """Frames the kernel sent to this link's session MAC, ``buf[spans[2i] :
+        spans[2i] + spans[2i+1]]``; ``buf`` is the datapath's, reused once this
+        returns."""
 
     def terminate(self, reason: str, message: str) -> None:
         """End from the relay's side (shutdown, ban): tell the client, then close."""
@@ -126,6 +129,13 @@ class LinkHost(Protocol):
         """A handshake :meth:`admit_handshake` let in has ended; ``strike`` when it
         was abandoned or failed (a strike against the source, as a half-finished
         TLS handshake is)."""
+
+    def client_moved(self, link: Link, old: tuple[str, int]) -> asyncio.Future[Any] | None:
+        """``link``'s client now sends from ``link.peer_ip``, ``link.peer_port``
+        instead of ``old`` (an OpenVPN float): the session's address, the capture's
+        attribution and the abuse accounting follow, and an audit record says so.
+        Returns the reverse lookup of the new address (None when too many are
+        pending)."""
 
     def close_session(self, link: Link, s: Session, reason: str, error: str | None) -> None: ...
 

@@ -15,6 +15,18 @@ handshake slot. A reset with a new session id from the address of a session hear
 from within the last minute gets no answer (the stock client would take the answer
 for a new session); a proven handshake from the address of a session runs beside it
 and takes the address over only when its TLS handshake and login complete.
+
+The data channel runs in batches, with no Python per packet: the UDP endpoint
+takes up to :data:`UDP_BATCH` datagrams per ``recvmmsg`` and hands each run of
+data packets from one address to its session in one call (decrypt, replay
+window, source check, stamp, TAP writes); frames from the TAP reach a session a
+batch at a time and leave encrypted in one call, with one ``sendmmsg`` (UDP) or
+one write (TCP).
+
+A client whose address changes (a NAT rebinding) keeps its session once a data
+packet from the new address authenticates under the session's keys (found by the
+peer id in its header), as OpenVPN's float does: the session moves, with a
+``client-float`` audit record; a packet that does not authenticate moves nothing.
 """
 
 from __future__ import annotations
@@ -23,19 +35,23 @@ import asyncio
 import logging
 import socket
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from relay.config import Config, parse_hostport
+from relay.errors import RelayError
 from relay.fsutil import listen_tcp
 from relay.metrics import Metric
 from relay.protocols.openvpn.cookie import Peer, Proof, check_proof, new_cookie_key, reset_reply
+from relay.protocols.openvpn.datachannel import V2_OVERHEAD, Sealed
 from relay.protocols.openvpn.events import (
     ClientAuth,
     Closed,
     Event,
-    Packet,
+    Floated,
+    Packets,
     PeerDead,
     PeerExit,
     ProtocolError,
@@ -43,10 +59,19 @@ from relay.protocols.openvpn.events import (
 )
 from relay.protocols.openvpn.server import PING_RESTART_S, OpenVPNServer, PushParams
 from relay.protocols.openvpn.tlscrypt import TlsCrypt, parse_static_key
-from relay.protocols.openvpn.wire import PEER_ID_MAX, control_session_id
-from relay.serve.datapath import ETHERTYPE_IPV4, Datapath
+from relay.protocols.openvpn.wire import (
+    MAX_PACKET_BYTES,
+    OPCODE_SHIFT,
+    PEER_ID_MAX,
+    Opcode,
+    control_session_id,
+)
+from relay.serve import batch
+from relay.serve.batch import ADDR_SIZE, decode_address, encode_address
+from relay.serve.datachannel import CDataChannel, udp_runs
+from relay.serve.datapath import Datapath
 from relay.serve.link import LinkBase, LinkHost, StreamLink
-from relay.serve.tap import ETH_HLEN, mac_str
+from relay.serve.tap import mac_str
 from relay.tlsconf import server_context, tls_crypt_key
 
 log = logging.getLogger("relay")
@@ -65,6 +90,14 @@ LIVE_ADDRESS_QUIET_S = PING_RESTART_S
 # After a UDP session ends, the client's last datagrams (explicit-exit-notify
 # repeats its exit message once a second) are ignored quietly for this long.
 UDP_LINGER_S = 5.0
+# Datagrams taken per recvmmsg: wireguard-go's batch (conn.IdealBatchSize, 128).
+UDP_BATCH = 128
+# recvmmsg calls per wake-up before the other sockets get their turn (as the
+# datapath reads at most TAP_READ_BATCH frames per wake-up).
+UDP_BATCHES_PER_WAKEUP = 4
+# A datagram's room in the receive buffer: one byte more than the largest packet
+# accepted, so that a longer one shows as too long instead of arriving cut.
+UDP_SLOT = MAX_PACKET_BYTES + 1
 
 
 def client_software(peer_info: dict[str, str]) -> dict[str, Any]:
@@ -88,12 +121,14 @@ class OpenVPNListener:
         self.udp_links: dict[Peer, OpenVPNLink] = {}  # the address's session
         # A proven handshake from the address of a live session, until it completes.
         self.udp_pending: dict[Peer, OpenVPNLink] = {}
+        self.udp_by_peer_id: dict[int, OpenVPNLink] = {}  # where a float looks
         self.lingering: dict[Peer, float] = {}  # ended UDP peers -> until
         self.counts: Counter[str] = Counter()  # resets answered, proofs
         self.peer_ids: set[int] = set()
         self._next_peer_id = 0
-        self.udp: asyncio.DatagramTransport | None = None
+        self.udp: socket.socket | None = None
         self.tcp: socket.socket | None = None
+        self._receive = bytearray(UDP_BATCH * UDP_SLOT)
         self._dropped = 0
         self._last_drop_log = 0.0
 
@@ -102,10 +137,17 @@ class OpenVPNListener:
         accept loop admits each connection, as the UDP endpoint does a proven peer)."""
         host, port = self.listen
         self.tcp = listen_tcp(host, port)
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpEndpoint(self), local_addr=(host, port))
-        self.udp = cast(asyncio.DatagramTransport, transport)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.udp = socket.socket(family, socket.SOCK_DGRAM)
+        self.udp.setblocking(False)
+        try:
+            self.udp.bind((host, port))
+        except OSError as exc:
+            self.udp.close()
+            self.udp = None
+            raise RelayError(f"[openvpn] listen: cannot listen on UDP {host}:{port}: "
+                             f"{exc.strerror}") from None
+        asyncio.get_running_loop().add_reader(self.udp.fileno(), self._on_udp_readable)
         log.info("listening on %s:%d (OpenVPN, TCP and UDP)", host, port)
         return self.tcp
 
@@ -113,18 +155,67 @@ class OpenVPNListener:
         if self.tcp is not None:
             self.tcp.close()
         if self.udp is not None:
+            asyncio.get_running_loop().remove_reader(self.udp.fileno())
             self.udp.close()
+            self.udp = None
 
     def allocate_peer_id(self) -> int:
         while self._next_peer_id in self.peer_ids:
             self._next_peer_id = (self._next_peer_id + 1) % (PEER_ID_MAX + 1)
         pid = self._next_peer_id
         self.peer_ids.add(pid)
+        # The next one starts after it: a freed id is not reused at once, so a late
+        # packet of an ended session meets no new one under its peer id.
+        self._next_peer_id = (pid + 1) % (PEER_ID_MAX + 1)
         return pid
 
     def accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         link = OpenVPNTcpLink(self, peer, sock.getsockname()[0])
         self.host.spawn(link.start(sock))
+
+    # -- UDP input ----------------------------------------------------------------
+
+    def _on_udp_readable(self) -> None:
+        """Datagrams in batches: each run of data packets from one address goes to
+        its session in one call, anything else a datagram at a time."""
+        assert self.udp is not None
+        buf = self._receive
+        for _ in range(UDP_BATCHES_PER_WAKEUP):
+            try:
+                spans, addrs = batch.udp_recv(self.udp, buf, UDP_SLOT, UDP_BATCH)
+            except OSError as exc:
+                log.debug("OpenVPN/UDP: %s", exc.strerror)
+                return
+            runs = udp_runs(buf, spans, addrs, ADDR_SIZE, MAX_PACKET_BYTES)
+            for r in range(0, len(runs), 3):
+                first, count, data = runs[r], runs[r + 1], runs[r + 2]
+                addr = decode_address(addrs[first * ADDR_SIZE:(first + 1) * ADDR_SIZE])
+                if data:
+                    self._data_run(buf, spans[2 * first:2 * (first + count)], addr)
+                    continue
+                for i in range(first, first + count):
+                    off, n = spans[2 * i], spans[2 * i + 1]
+                    self.datagram(bytes(buf[off:off + n]), addr)
+            if len(spans) < 2 * UDP_BATCH:
+                return
+
+    def _data_run(self, buf: bytearray, spans: array[int], addr: Peer) -> None:
+        """Data packets from one address (of one peer id): to the address's session,
+        or to the session of their peer id, which moves here if one authenticates."""
+        link = self.udp_links.get(addr)
+        if link is not None:
+            link.datagrams(buf, spans)
+            return
+        first = spans[0]
+        moving = None
+        if buf[first] >> OPCODE_SHIFT == Opcode.DATA_V2:
+            moving = self.udp_by_peer_id.get(int.from_bytes(buf[first + 1:first + 4], "big"))
+        if moving is not None and moving.may_float():
+            if not moving.float_datagrams(buf, spans, addr):
+                self._drop(addr, "data packet(s) that do not authenticate for their peer id",
+                           len(spans) // 2)
+        elif self.lingering.get(addr, 0.0) < time.monotonic():
+            self._drop(addr, "data packet(s) of no session", len(spans) // 2)
 
     def datagram(self, data: bytes, addr: Peer) -> None:
         link = self.udp_links.get(addr)
@@ -152,7 +243,7 @@ class OpenVPNListener:
         reply = reset_reply(self.cookie_key, addr, data, now, self.tls_crypt)
         if reply is not None:
             self.counts["resets-answered"] += 1
-            self._sendto(reply, addr)
+            self.sendto(reply, addr)
         elif self.lingering.get(addr, 0.0) < time.monotonic():
             self._drop(addr, f"{len(data)}-byte datagram that is neither a reset nor the "
                        "answer to the relay's")
@@ -162,7 +253,8 @@ class OpenVPNListener:
         if self.host.admit(addr[0]) is not None:
             return
         link = OpenVPNLink(self, addr, _local_ip_towards(addr), tcp=False, proof=proof)
-        link.transport_send = lambda pkt: self._sendto(pkt, addr)
+        link.transport_send = link.send_datagram
+        self.udp_by_peer_id[link.proto.peer_id] = link
         if addr not in self.udp_links:
             self.udp_links[addr] = link
         else:
@@ -184,6 +276,19 @@ class OpenVPNListener:
         self.udp_links[addr] = link
         log.info("%s: a new session from the same address replaces the old one", link)
         old.end_quietly("client-restart")
+
+    def moved(self, link: OpenVPNLink, addr: Peer) -> None:
+        """A session's client now sends from ``addr`` (no session has it): the
+        session takes it, and a handshake beside it takes its old address."""
+        old = (link.peer_ip, link.peer_port)
+        pending = self.udp_pending.pop(old, None)
+        if pending is not None:
+            self.udp_links[old] = pending
+        else:
+            del self.udp_links[old]
+        self.udp_links[addr] = link
+        self.lingering.pop(addr, None)
+        link.moved(addr)
 
     def ended(self, addr: Peer) -> None:
         """A UDP link ended: a handshake beside it takes its place; else forget the
@@ -207,18 +312,39 @@ class OpenVPNListener:
                    "OpenVPN UDP peers that echoed a cookie (proved their address); the "
                    "abuse defences admit them or not.")
             .add(self.counts["proofs"]),
+            Metric("relay_openvpn_floats_total", "counter",
+                   "OpenVPN UDP sessions that followed their client to a new address.")
+            .add(self.counts["floats"]),
             Metric("relay_openvpn_udp_peers", "gauge",
                    "OpenVPN UDP peers with state: sessions and handshakes.")
             .add(len(self.udp_links) + len(self.udp_pending)),
         ]
 
-    def _sendto(self, pkt: bytes, addr: Peer) -> None:
-        if self.udp is not None:
-            self.udp.sendto(pkt, addr)
+    # -- UDP output ---------------------------------------------------------------
 
-    def _drop(self, addr: Peer, why: str) -> None:
-        self.datapath.traffic.dropped["openvpn-unproven"] += 1
-        self._dropped += 1
+    def sendto(self, pkt: bytes, addr: Peer) -> None:
+        """One control packet. When the socket's buffer is full it is dropped: the
+        control channel's reliability layer sends it again."""
+        if self.udp is None:
+            return
+        try:
+            self.udp.sendto(pkt, addr)
+        except OSError as exc:
+            log.debug("OpenVPN/UDP: sending to %s:%d: %s", addr[0], addr[1], exc.strerror)
+
+    def send_batch(self, sealed: Sealed, sockaddr: bytes) -> int:
+        """Data packets to one address in one sendmmsg; how many the kernel took."""
+        if self.udp is None:
+            return 0
+        try:
+            return batch.udp_send(self.udp, sealed.data, sealed.spans, sockaddr)
+        except OSError as exc:
+            log.debug("OpenVPN/UDP: sending data: %s", exc.strerror)
+            return 0
+
+    def _drop(self, addr: Peer, why: str, count: int = 1) -> None:
+        self.datapath.traffic.dropped["openvpn-unproven"] += count
+        self._dropped += count
         now = time.monotonic()
         if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
             log.warning("OpenVPN/UDP: dropped %d datagram(s) from unknown peers, the last "
@@ -236,17 +362,6 @@ def _local_ip_towards(addr: Peer) -> str:
         return str(probe.getsockname()[0])
 
 
-class _UdpEndpoint(asyncio.DatagramProtocol):
-    def __init__(self, listener: OpenVPNListener) -> None:
-        self.listener = listener
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
-        self.listener.datagram(data, (addr[0], addr[1]))
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("OpenVPN/UDP: %s", exc)
-
-
 class OpenVPNLink(LinkBase[Event]):
     """One client, over UDP (driven by the listener's endpoint) or TCP (see
     :class:`OpenVPNTcpLink`), from its first packet to its end."""
@@ -262,11 +377,12 @@ class OpenVPNLink(LinkBase[Event]):
         # TCP link before that, and then there is no one to tell).
         self.transport_send: Callable[[bytes], None] = lambda pkt: None
         self.proto = OpenVPNServer(listener.ssl_ctx, tcp=tcp,
-                                           peer_id=listener.allocate_peer_id(),
-                                           now=self.loop.time(), proof=proof,
-                                           tls_crypt=listener.tls_crypt, wall=int(time.time()))
+                                   peer_id=listener.allocate_peer_id(), now=self.loop.time(),
+                                   proof=proof, tls_crypt=listener.tls_crypt,
+                                   wall=int(time.time()), data_channel=CDataChannel())
         self.software: dict[str, Any] | None = None
         self.opening = False
+        self.sockaddr = encode_address(peer)  # UDP: where data packets go, for sendmmsg
 
     def __repr__(self) -> str:
         return f"{'TCP' if self.tcp else 'UDP'} {self.peer_ip}:{self.peer_port}"
@@ -280,16 +396,46 @@ class OpenVPNLink(LinkBase[Event]):
     def datagram(self, data: bytes) -> None:
         self._handle(self.proto.receive_datagram(data, self.loop.time()))
 
+    def datagrams(self, buf: bytearray, spans: array[int]) -> None:
+        """Data packets from the client's address, all those of one receive."""
+        self._handle(self.proto.receive_datagrams(buf, spans, self.loop.time()))
+
+    def may_float(self) -> bool:
+        """Whether data packets from another address may move this link there: a
+        UDP session that holds its address (not a handshake beside another)."""
+        return (self.session is not None and not self.closed
+                and self.listener.udp_links.get((self.peer_ip, self.peer_port)) is self)
+
+    def float_datagrams(self, buf: bytearray, spans: array[int], addr: Peer) -> bool:
+        """Data packets of this session's peer id from ``addr``, where no session
+        is: if one authenticates, the client has moved there (OpenVPN's float).
+        Whether it moved."""
+        events = self.proto.receive_datagrams(buf, spans, self.loop.time(), moved=True)
+        if not events:
+            return False
+        assert isinstance(events[0], Floated)
+        self.listener.moved(self, addr)
+        self._handle(events[1:])
+        return True
+
+    def moved(self, addr: Peer) -> None:
+        """The client sends from ``addr`` now (the listener's tables say so already)."""
+        old = (self.peer_ip, self.peer_port)
+        self.peer_ip, self.peer_port = addr
+        self.sockaddr = encode_address(addr)
+        self.listener.counts["floats"] += 1
+        self._lookup = self.host.client_moved(self, old)
+
     def _handle(self, events: list[Event]) -> None:
         host = self.host
         for ev in events:
-            if isinstance(ev, Packet):
+            if isinstance(ev, Packets):
                 s = self.session
                 if s is not None:
                     if self.proto.dev_type == "tap":
-                        self.datapath.to_kernel_frame(s, ev.data)
+                        self.datapath.to_kernel_frames(s, ev.data, ev.spans)
                     else:
-                        self.datapath.to_kernel(s, ev.data)
+                        self.datapath.to_kernel_batch(s, ev.data, ev.spans)
             elif isinstance(ev, ClientAuth):
                 if host.check_login(self, ev.username, ev.password):
                     self.software = client_software(ev.peer_info)
@@ -345,29 +491,41 @@ class OpenVPNLink(LinkBase[Event]):
 
     # -- output ---------------------------------------------------------------------
 
-    def from_kernel(self, frame: bytes) -> None:
+    def from_kernel_batch(self, buf: bytearray, spans: array[int]) -> None:
         s = self.session
         if s is None or self.closed:
             return
-        if self.proto.dev_type == "tap":
-            payload = frame
-        elif frame[12:14] == ETHERTYPE_IPV4:
-            payload = frame[ETH_HLEN:]
-        else:
+        # A tap client's device takes whole frames; a tun client's, IPv4 packets.
+        payloads = spans if self.proto.dev_type == "tap" else \
+            batch.ip_payloads(buf, spans, allow_ipv6=False)
+        count = len(payloads) // 2
+        if not count:
             return
-        if self.paused:
-            self.traffic.dropped["client-queue-full"] += 1
-            return
-        pkt = self.proto.encrypt(payload)
-        if pkt is None:
-            return
-        s.packets_out += 1
-        s.bytes_out += len(payload)
         traffic = self.traffic
-        traffic.packets_out += 1
-        traffic.bytes_out += len(payload)
-        self.transport_send(pkt)
+        if self.paused:
+            traffic.dropped["client-queue-full"] += count
+            return
+        sealed = self.proto.seal(buf, payloads)
+        if sealed is None or not sealed.count:
+            return
+        if self.tcp:
+            self.transport_send(bytes(sealed.data))  # the channel reuses its buffer
+            sent, sent_bytes = sealed.count, sealed.payload_bytes
+        else:
+            sent = self.listener.send_batch(sealed, self.sockaddr)
+            sent_bytes = sealed.payload_bytes if sent == sealed.count else \
+                sum(sealed.spans[2 * i + 1] - V2_OVERHEAD for i in range(sent))
+            if sent < sealed.count:  # the socket's buffer is full
+                traffic.dropped["client-queue-full"] += sealed.count - sent
+        s.packets_out += sent
+        s.bytes_out += sent_bytes
+        traffic.packets_out += sent
+        traffic.bytes_out += sent_bytes
         self.proto.note_sent(self.loop.time())
+
+    def send_datagram(self, pkt: bytes) -> None:
+        """A control packet (or keepalive ping) to the client's address (UDP)."""
+        self.listener.sendto(pkt, (self.peer_ip, self.peer_port))
 
     def _flush(self) -> None:
         for pkt in self.proto.packets_to_send():
@@ -399,6 +557,8 @@ class OpenVPNLink(LinkBase[Event]):
         self.listener.peer_ids.discard(self.proto.peer_id)
         addr = (self.peer_ip, self.peer_port)
         if not self.tcp:
+            if self.listener.udp_by_peer_id.get(self.proto.peer_id) is self:
+                del self.listener.udp_by_peer_id[self.proto.peer_id]
             if self.listener.udp_links.get(addr) is self:
                 self.listener.ended(addr)
             elif self.listener.udp_pending.get(addr) is self:

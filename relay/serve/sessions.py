@@ -45,7 +45,15 @@ MAX_DESTINATIONS = 256
 # record: about 25 values, the client-declared ones at most 256 characters
 # (relay.protocols.cstp), at most 6 bytes per character once escaped in JSON.
 DISCONNECT_OTHER_FIELDS_MAX = 16 << 10
-DESTINATIONS_MAX_BYTES = syslog5424.RECORD_JSON_MAX - DISCONNECT_OTHER_FIELDS_MAX
+# Moves of an OpenVPN client to a new address (float) a disconnect record lists,
+# the latest ones; each move also has its own client-float audit record. Mobile
+# clients change networks a few times a session; past this the list is only a tail.
+MAX_FLOATS = 16
+# ... each at most: the time (24 characters), two IPv6 addresses (39) and ports,
+# with their JSON keys and punctuation.
+FLOAT_MAX_BYTES = 160
+DESTINATIONS_MAX_BYTES = (syslog5424.RECORD_JSON_MAX - DISCONNECT_OTHER_FIELDS_MAX
+                          - MAX_FLOATS * FLOAT_MAX_BYTES)
 # How stale the counters of a killed relay's sessions may be in their
 # disconnect record. A minute keeps the journal's write load negligible.
 CHECKPOINT_INTERVAL_S = 60.0
@@ -55,7 +63,7 @@ _CONNECT_FIELDS = ("session_id", "server", "client", "protocol", "data_channel",
                    "client_software", "virtual_ip")
 # The counters that a disconnect record and the journal carry (Session.counters),
 # in record order.
-COUNTER_KEYS = ("packets", "bytes", "destinations", "destinations_dropped")
+COUNTER_KEYS = ("packets", "bytes", "destinations", "destinations_dropped", "floats")
 
 _TAG_IN_LOG = re.compile(rb'"session_id":"(%s)' % sessionid.TAG_PATTERN)
 
@@ -104,6 +112,7 @@ class Session:
     destinations: set[Destination] = field(default_factory=set)
     destinations_dropped: int = 0
     destinations_bytes: int = 0  # of the "destinations" list in the record's JSON
+    floats: list[dict[str, Any]] = field(default_factory=list)  # the latest MAX_FLOATS
     vip_bytes: bytes = field(init=False)  # the packed virtual IP, checked per packet
     tag_bytes: bytes = field(init=False)  # the User-Agent stamp
     seen: Any = field(init=False)  # the hot path's record of reported destinations
@@ -125,6 +134,16 @@ class Session:
         else:
             self.destinations_dropped += 1
 
+    def moved(self, ip: str, port: int, time: str) -> dict[str, Any]:
+        """The client sends from ``ip``, ``port`` since ``time`` (RFC 3339): the
+        move, as the disconnect record lists it."""
+        move = {"time": time, "from": {"ip": self.client_ip, "port": self.client_port},
+                "to": {"ip": ip, "port": port}}
+        self.client_ip, self.client_port = ip, port
+        self.floats.append(move)
+        del self.floats[:-MAX_FLOATS]
+        return move
+
     def counters(self) -> dict[str, Any]:
         """The disconnect record's (and the journal's) counters and destinations."""
         return {
@@ -135,6 +154,7 @@ class Session:
                 for d in sorted(self.destinations, key=lambda d: (d.scheme, d.host, d.ip, d.port))
             ],
             "destinations_dropped": self.destinations_dropped,
+            "floats": list(self.floats),
         }
 
 
@@ -169,12 +189,18 @@ def disconnect_record(connect: Mapping[str, Any], counters: Mapping[str, Any], *
     lacks is null). ``client_hostname`` is the reverse lookup's answer at the end,
     or AS_CONNECTED (a session closed after a restart: the lookup died with the
     relay). The connect record may come from a journal on disk: any value is
-    copied, none is trusted to be a dict."""
+    copied, none is trusted to be a dict. A client that moved (OpenVPN's float) is
+    named at its last address, whose reverse lookup the connect record lacks."""
     record: dict[str, Any] = {"action": "disconnect"}
     for key in _CONNECT_FIELDS:
         value = connect.get(key)
         record[key] = dict(value) if isinstance(value, dict) else value
-    if client_hostname is not AS_CONNECTED:
+    floats = counters.get("floats")
+    if isinstance(floats, list) and floats and isinstance(floats[-1], dict) \
+            and isinstance(floats[-1].get("to"), dict):
+        last = floats[-1]["to"]
+        record["client"] = {"ip": last.get("ip"), "port": last.get("port"), "hostname": None}
+    if client_hostname is not AS_CONNECTED and isinstance(record["client"], dict):
         record["client"]["hostname"] = client_hostname
     record["connect_time"] = connect.get("time")
     record.update({key: counters.get(key) for key in COUNTER_KEYS})

@@ -12,6 +12,12 @@ see blockcodec_fuzz.c) followed by blocks the C encoder makes from synthetic
 records (tests/packetlog_synth.py), cut, padded and with impossible counts, or
 the records themselves.
 
+ovpn: a mode byte (0: open a batch, 1: open a TCP stream, 2: UDP runs, 3: seal
+and open again, see ovpn_fuzz.c), a count byte and the data: genuine data packets
+the client seals with the harness's keys (both ciphers, data, ping, OCC exit, the
+same one twice), cut, with a bad tag or of another key, framed for TCP with a
+control frame between, and payloads to seal.
+
 Deterministic: tests/test_cext_fuzz.py checks that the committed corpora are
 what this script writes.
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 import random
 import struct
 import sys
+from array import array
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -42,6 +49,9 @@ from hotpath_packets import (  # noqa: E402 - after the path set-up
 from packetlog_synth import make_records, to_c  # noqa: E402
 
 from relay.cext import ffi, lib  # noqa: E402
+from relay.protocols.openvpn.datachannel import PyDataChannel  # noqa: E402
+from relay.protocols.openvpn.keys import DataKeys  # noqa: E402
+from relay.protocols.openvpn.wire import OCC_EXIT, OCC_MAGIC, PING_MAGIC  # noqa: E402
 
 ONE, SCAN = b"\0", b"\1"
 
@@ -147,9 +157,55 @@ def block_seeds() -> dict[str, bytes]:
     }
 
 
+def ovpn_keys(cipher: str, send: int, recv: int) -> DataKeys:
+    """ovpn_fuzz.c's key(): each byte repeated, the implicit IV the next byte."""
+    return DataKeys(cipher, bytes([send]) * 32, bytes([send + 1]) * 8, bytes([recv]) * 32,
+                    bytes([recv + 1]) * 8)
+
+
+def ovpn_seeds() -> dict[str, bytes]:
+    client = PyDataChannel()  # what the harness's server keys open
+    client.install(0, ovpn_keys("AES-256-GCM", 0x11, 0x55))
+    client.install(1, ovpn_keys("CHACHA20-POLY1305", 0x33, 0x77))
+
+    def sealed(key_id: int, payload: bytes) -> bytes:
+        out = client.seal(key_id, 7, payload, array("I", (0, len(payload))), tcp=False)
+        return bytes(out.data[:out.size])
+
+    ip = bytes(ipv4(http_request()))
+    pkts = [sealed(0, ip), sealed(1, ip), sealed(0, PING_MAGIC),
+            sealed(1, OCC_MAGIC + bytes([OCC_EXIT]))]
+    bad_tag = bytearray(sealed(0, ip))
+    bad_tag[10] ^= 1
+
+    def batch(items: list[bytes]) -> bytes:
+        spans, pos = b"", 0
+        for p in items:
+            spans += struct.pack("=2I", pos, len(p))
+            pos += len(p)
+        return bytes([len(items)]) + spans + b"".join(items)
+
+    def framed(items: list[bytes]) -> bytes:
+        return b"".join(struct.pack("!H", len(p)) + p for p in items)
+
+    control = bytes([4 << 3]) + bytes(13)
+    addrs = b"\x01\x02\x03\x04" * 3 + b"\x05\x06\x07\x08"
+    runs = [pkts[0], pkts[2], control, pkts[1]]
+    return {
+        "open-genuine": b"\0" + batch(pkts),
+        "open-replay-cut-forged": b"\0" + batch([pkts[0], pkts[0], pkts[1][:30],
+                                                 bytes(bad_tag), bytes([9 << 3 | 5]) + ip]),
+        "stream-genuine": b"\1\0" + framed([pkts[0], pkts[2], control, pkts[1]]),
+        "stream-cut": b"\1\0" + framed(pkts)[:-7],
+        "runs": b"\2" + batch(runs)[:1 + 8 * len(runs)] + addrs + b"".join(runs),
+        "seal": b"\3\3\1" + struct.pack("=6I", 0, 40, 10, 0, 40, 100) + ip,
+    }
+
+
 def main(argv: list[str]) -> None:
     root = Path(argv[0]) if argv else HERE / "corpus"
-    for target, corpus in (("hotpath", seeds()), ("blockcodec", block_seeds())):
+    for target, corpus in (("hotpath", seeds()), ("blockcodec", block_seeds()),
+                           ("ovpn", ovpn_seeds())):
         outdir = root / target
         outdir.mkdir(parents=True, exist_ok=True)
         for name, data in corpus.items():

@@ -4,9 +4,11 @@ Each part is its own module; users import a name from the module that holds it:
 
 - :mod:`~relay.protocols.openvpn.wire`: opcodes, the control packet codec, the data
   packet header's sizes, TCP framing (``ssl_pkt.h``);
-- :mod:`~relay.protocols.openvpn.keys`: the TLS-PRF, struct key2, the data channel's
-  AES-256-GCM keys and replay window, key lifetimes (``ssl.c``, ``crypto.c``,
-  ``packet_id.c``);
+- :mod:`~relay.protocols.openvpn.keys`: the TLS-PRF, struct key2, cipher
+  negotiation, the data channel's keys and replay window, key lifetimes (``ssl.c``,
+  ``ssl_ncp.c``, ``crypto.c``, ``packet_id.c``);
+- :mod:`~relay.protocols.openvpn.datachannel`: the data channel in batches
+  (AES-256-GCM, CHACHA20-POLY1305), the reference for its C twin (``crypto.c``);
 - :mod:`~relay.protocols.openvpn.tlscrypt`: tls-crypt wrapping and the static key
   file (``tls_crypt.c``);
 - :mod:`~relay.protocols.openvpn.cookie`: the stateless HMAC answer to a UDP reset
@@ -33,8 +35,8 @@ The exchange, as the stock ``openvpn`` 2.6 client runs it::
                                          <-  TLS data: key-method 2 (randoms, options)
       both sides derive data keys with the OpenVPN TLS-PRF
     TLS data: "PUSH_REQUEST"             ->  PushRequest event
-                                         <-  "PUSH_REPLY,ifconfig ...,peer-id N,cipher ..."
-    P_DATA_V2 (AES-256-GCM)             <->  Packet events / encrypt()
+                                         <-  "PUSH_REPLY,ifconfig ...,peer-id N,cipher C"
+    P_DATA_V2 (the pushed cipher)       <->  Packets events / seal()
 
 Wire formats follow OpenVPN's ``ssl_pkt.h``, ``reliable.c``, ``ssl.c``
 (key_method_2_read/write, openvpn_PRF) and ``crypto.c`` (openvpn_encrypt_aead).

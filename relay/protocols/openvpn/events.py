@@ -3,6 +3,7 @@ slotted dataclasses, as :mod:`relay.protocols.cstp`'s events are."""
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 
@@ -23,10 +24,24 @@ class PushRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class Packet:
-    # An IP packet (dev tun) or an Ethernet frame (dev tap), writable: the relay's
-    # hot path stamps it in place.
+class Packets:
+    """What the client sent for the tunnel in the data packets that arrived
+    together: IP packets (dev tun) or Ethernet frames (dev tap), packet i being
+    ``data[spans[2i] : spans[2i] + spans[2i+1]]``. ``data`` is the relay's own,
+    writable: its hot path stamps it in place."""
+
     data: bytearray
+    spans: array[int]
+
+    def payloads(self) -> list[bytes]:
+        return [bytes(self.data[self.spans[i]:self.spans[i] + self.spans[i + 1]])
+                for i in range(0, len(self.spans), 2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Floated:
+    """An authenticated data packet came from another address than the
+    session's (OpenVPN's float, a NAT rebinding): the session moves there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,4 +67,5 @@ class Closed:
     """What had to reach the client (AUTH_FAILED) did, or its time ran out."""
 
 
-Event = ClientAuth | PushRequest | Packet | PeerExit | PeerDead | ProtocolError | Closed
+Event = (ClientAuth | PushRequest | Packets | Floated | PeerExit | PeerDead | ProtocolError
+         | Closed)

@@ -1,21 +1,28 @@
 """Key derivation and the data channel's keys: OpenVPN's TLS-PRF (``ssl.c``
-openvpn_PRF, ``crypto_openssl.c`` ssl_tls1_PRF), struct key2, AES-256-GCM keys per
-key id and the replay window (``packet_id.c``), with how long a key may take to
-negotiate and how long it outlives its successor."""
+openvpn_PRF, ``crypto_openssl.c`` ssl_tls1_PRF), struct key2, the cipher and keys
+of each key id, cipher negotiation (``ssl_ncp.c``) and the replay window
+(``packet_id.c``), with how long a key may take to negotiate and how long it
+outlives its successor."""
 
 from __future__ import annotations
 
 import hmac
-
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from dataclasses import dataclass
 
 # --- Sizes (crypto.h, crypto.c) --------------------------------------------------------
 
 # The implicit part of the AEAD nonce, taken from the "HMAC" half of each key
 # (crypto.c: iv length 12 minus the 4-byte packet id).
 IMPLICIT_IV_SIZE = 8
-AES_256_KEY_SIZE = 32
-CIPHER = "AES-256-GCM"
+AES_256_KEY_SIZE = 32  # AES-256 and ChaCha20 alike
+# The data ciphers the relay negotiates, in its order of preference (OpenVPN 2.6's
+# default data-ciphers, less AES-128-GCM: AES-256-GCM first, as openvpn's server
+# prefers it; CHACHA20-POLY1305 for clients without AES instructions). Both are
+# AEAD with the same packet layout; the relay has no non-AEAD data channel.
+DATA_CIPHERS = ("AES-256-GCM", "CHACHA20-POLY1305")
+# What a client that announces IV_NCP=2 but no IV_CIPHERS (OpenVPN 2.4) can do
+# (ssl_ncp.c tls_peer_ncp_list).
+NCP2_CIPHERS = ("AES-256-GCM", "AES-128-GCM")
 # struct key2 (crypto.h): two keys, each cipher[64] + hmac[64] (MAX_CIPHER_KEY_LENGTH,
 # MAX_HMAC_KEY_LENGTH); the client sends with keys[0], the server with keys[1].
 KEY_HALF = 64
@@ -65,21 +72,48 @@ def derive_key2(pre_master: bytes, client_random1: bytes, server_random1: bytes,
                     + client_sid + server_sid, KEY2_SIZE)
 
 
-# --- The data channel's keys (crypto.c openvpn_encrypt_aead, packet_id.c) -----------
+# --- Cipher negotiation (ssl_ncp.c) ------------------------------------------------------
 
 
+def negotiate_cipher(peer_info: dict[str, str]) -> str | None:
+    """The data cipher for a client (ncp_get_best_cipher): the first of the relay's
+    :data:`DATA_CIPHERS` that the client's IV_CIPHERS lists, or None."""
+    listed = peer_info.get("IV_CIPHERS")
+    if listed is not None:
+        offered = {c.upper() for c in listed.split(":")}
+    else:
+        try:
+            ncp = int(peer_info.get("IV_NCP", "0"))
+        except ValueError:
+            ncp = 0
+        offered = set(NCP2_CIPHERS) if ncp >= 2 else set()
+    return next((c for c in DATA_CIPHERS if c in offered), None)
+
+
+# --- The data channel's keys (crypto.c openvpn_encrypt_aead) -----------------------------
+
+
+@dataclass(frozen=True, slots=True)
 class DataKeys:
-    """AES-256-GCM for one key id, in the server's direction: it sends with
-    key2.keys[1] and receives with keys[0]."""
+    """One key id's cipher and keys in the server's direction: it sends with
+    key2.keys[1] and receives with keys[0], each cipher[64] then hmac[64] (the
+    AEAD key is the cipher half's start, the implicit IV the hmac half's)."""
 
-    def __init__(self, key2: bytes) -> None:
+    cipher: str  # one of DATA_CIPHERS
+    encrypt_key: bytes
+    encrypt_iv: bytes
+    decrypt_key: bytes
+    decrypt_iv: bytes
+
+    @classmethod
+    def from_key2(cls, cipher: str, key2: bytes) -> DataKeys:
         client, server = key2[:2 * KEY_HALF], key2[2 * KEY_HALF:]
-        self.decrypt_aead = AESGCM(client[:AES_256_KEY_SIZE])
-        self.decrypt_iv = client[KEY_HALF:KEY_HALF + IMPLICIT_IV_SIZE]
-        self.encrypt_aead = AESGCM(server[:AES_256_KEY_SIZE])
-        self.encrypt_iv = server[KEY_HALF:KEY_HALF + IMPLICIT_IV_SIZE]
-        self.send_pid = 0
-        self.replay = ReplayWindow()
+        return cls(cipher, server[:AES_256_KEY_SIZE],
+                   server[KEY_HALF:KEY_HALF + IMPLICIT_IV_SIZE], client[:AES_256_KEY_SIZE],
+                   client[KEY_HALF:KEY_HALF + IMPLICIT_IV_SIZE])
+
+
+# --- The replay window (packet_id.c) ----------------------------------------------------
 
 
 class ReplayWindow:

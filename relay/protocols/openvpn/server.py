@@ -11,23 +11,40 @@ Each key (key id 0, then 1..7 for renegotiations the client starts with
 P_CONTROL_SOFT_RESET_V1) has its own reliability layer, TLS session and data
 keys, as in OpenVPN's ``key_state``; the previous key keeps decrypting for the
 transition window.
+
+Data packets go through the session's data channel
+(:mod:`relay.protocols.openvpn.datachannel`), all those of one receive at once:
+a TCP read's consecutive data frames, a UDP batch's datagrams
+(:meth:`~OpenVPNServer.receive_datagrams`); what the client sends arrives as one
+:class:`~relay.protocols.openvpn.events.Packets` per call, and
+:meth:`~OpenVPNServer.seal` encrypts a batch. The relay passes the C twin of the
+data channel; by default it is the pure-Python reference.
 """
 
 from __future__ import annotations
 
 import secrets
 import ssl
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidTag
-
 from relay.protocols.openvpn.cookie import Proof
+from relay.protocols.openvpn.datachannel import (
+    DROP_REASONS,
+    OCC,
+    STREAM_BATCH,
+    DataChannel,
+    Opened,
+    PyDataChannel,
+    Sealed,
+)
 from relay.protocols.openvpn.events import (
     ClientAuth,
     Closed,
     Event,
-    Packet,
+    Floated,
+    Packets,
     PeerDead,
     PeerExit,
     ProtocolError,
@@ -41,25 +58,23 @@ from relay.protocols.openvpn.keymethod import (
     server_key_method_2,
 )
 from relay.protocols.openvpn.keys import (
-    CIPHER,
+    DATA_CIPHERS,
     HAND_WINDOW_S,
     TRANSITION_WINDOW_S,
     DataKeys,
     ReplayWindow,
     derive_key2,
+    negotiate_cipher,
 )
 from relay.protocols.openvpn.reliable import ReliableReceive, ReliableSend
 from relay.protocols.openvpn.tlscrypt import TLS_CRYPT_RESET_REPLY_PID, TlsCrypt
 from relay.protocols.openvpn.wire import (
     CONTROL_SEND_ACK_MAX,
-    GCM_TAG_SIZE,
-    KEY_ID_MASK,
     MAX_PACKET_BYTES,
     OCC_EXIT,
     OCC_MAGIC,
     OPCODE_SHIFT,
     PACKET_ID_MAX,
-    PACKET_ID_SIZE,
     PEER_ID_MAX,
     PING_MAGIC,
     RELIABLE_ACK_SIZE,
@@ -137,8 +152,9 @@ class OpenVPNServer:
 
     def __init__(self, ctx: ssl.SSLContext, *, tcp: bool, peer_id: int, now: float,
                  proof: Proof | None = None, tls_crypt: TlsCrypt | None = None,
-                 wall: int = 0) -> None:
-        """``wall``: the wall-clock second, which tls-crypt's packet ids carry."""
+                 wall: int = 0, data_channel: DataChannel | None = None) -> None:
+        """``wall``: the wall-clock second, which tls-crypt's packet ids carry;
+        ``data_channel``: where the data keys live (default: the Python reference)."""
         if not 0 <= peer_id <= PEER_ID_MAX:
             raise ValueError(f"peer id {peer_id} out of range")
         if tcp == (proof is not None):
@@ -151,6 +167,8 @@ class OpenVPNServer:
         self.keys: dict[int, KeyState] = {}
         self.active: KeyState | None = None  # newest key with data keys
         self.dev_type = "tun"
+        self.cipher: str | None = None  # negotiated with the first key
+        self.data = data_channel if data_channel is not None else PyDataChannel()
         self.push_reply_text: str | None = None
         self.push_repeat_after = 0.0  # PUSH_REQUESTs before this are not answered again
         self.closing_at: float | None = None  # AUTH_FAILED queued: close when acked
@@ -185,6 +203,15 @@ class OpenVPNServer:
         buf += data
         pos = 0
         while len(buf) - pos >= TCP_LENGTH.size and not self.closed:
+            if self.remote_session_id is not None:
+                # The data frames from here on, in one call; then what stopped them.
+                opened = self.data.open_stream(buf, pos, MAX_PACKET_BYTES)
+                if opened.status:
+                    pos = opened.end
+                    self._opened(opened, now)
+                    if (len(opened.status) == STREAM_BATCH or self.closed
+                            or len(buf) - pos < TCP_LENGTH.size):
+                        continue  # more data frames may follow, or the loop is done
             (n,) = TCP_LENGTH.unpack_from(buf, pos)
             if not 0 < n <= MAX_PACKET_BYTES:
                 self._fail(f"{n}-byte packet in the TCP stream (at most {MAX_PACKET_BYTES})",
@@ -210,13 +237,35 @@ class OpenVPNServer:
             self._packet(pkt, now)
         return self._finish(now)
 
+    def receive_datagrams(self, buf: bytearray, spans: array[int], now: float, *,
+                          moved: bool = False) -> list[Event]:
+        """Data packets that arrived together, ``buf[spans[2i] : spans[2i] +
+        spans[2i+1]]``, in one call of the data channel, which decrypts them in
+        place (the :class:`Packets` are in ``buf``; the bytes of packets that fail
+        are undefined). ``moved``: they came from another address than the
+        session's. Unless one
+        of them authenticates they are then dropped uncounted (anyone can send
+        from anywhere); when one does, :class:`Floated` comes first (OpenVPN's
+        float: the client's address changed, a NAT rebinding)."""
+        if self.closed or not spans:
+            return []
+        opened = self.data.open(buf, spans, MAX_PACKET_BYTES)
+        if moved:
+            if not opened.authenticated:
+                return []
+            self._events.append(Floated())
+        self._opened(opened, now)
+        events, self._events = self._events, []
+        return events
+
     def _packet(self, pkt: bytes, now: float) -> None:
         if not pkt:
             self._drop("empty packet")
             return
         op = pkt[0] >> OPCODE_SHIFT
         if op == Opcode.DATA_V2 or op == Opcode.DATA_V1:
-            self._data(pkt, now)
+            self._opened(self.data.open(bytearray(pkt), array("I", (0, len(pkt))),
+                                        MAX_PACKET_BYTES), now)
             return
         if self.tls_crypt is not None:
             opened = self.tls_crypt.unwrap(pkt)
@@ -272,7 +321,7 @@ class OpenVPNServer:
             self._drop(f"soft reset for key id {key_id} before the first key")
             return None
         for old in [k for k in self.keys.values() if k is not self.active]:
-            del self.keys[old.key_id]  # at most the active key and the new one
+            self._forget_key(old.key_id)  # at most the active key and the new one
         if key_id == self.active.key_id:
             self._drop(f"soft reset for the active key id {key_id}")
             return None
@@ -324,18 +373,24 @@ class OpenVPNServer:
 
     def _key_exchange(self, ks: KeyState, km2: KeyMethod2, now: float) -> None:
         assert self.remote_session_id is not None
-        if ks.key_id == 0:
-            ciphers = km2.peer_info.get("IV_CIPHERS", "")
-            if CIPHER not in ciphers.split(":") and "IV_NCP" not in km2.peer_info:
-                self._fail(f"the client does not offer {CIPHER} (IV_CIPHERS={ciphers!r})")
+        if self.cipher is None:  # renegotiations keep the first key's cipher
+            self.cipher = negotiate_cipher(km2.peer_info)
+            if self.cipher is None:
+                offered = km2.peer_info.get("IV_CIPHERS", "")
+                self._fail(f"the client offers none of the relay's data ciphers "
+                           f"{', '.join(DATA_CIPHERS)} (IV_CIPHERS={offered!r}); the relay has "
+                           "no non-AEAD data channel")
                 return
+        if ks.key_id == 0:
             self.dev_type = "tap" if option_value(km2.options, "dev-type") == "tap" else "tun"
             self._events.append(ClientAuth(km2.username, km2.password, km2.peer_info,
                                            self.dev_type))
         random1, random2 = secrets.token_bytes(RANDOM_SIZE), secrets.token_bytes(RANDOM_SIZE)
         ks.tls.write(server_key_method_2(random1, random2, self._options_string()))
-        ks.keys = DataKeys(derive_key2(km2.pre_master, km2.random1, random1, km2.random2,
-                                       random2, self.remote_session_id, self.session_id))
+        ks.keys = DataKeys.from_key2(self.cipher, derive_key2(
+            km2.pre_master, km2.random1, random1, km2.random2, random2,
+            self.remote_session_id, self.session_id))
+        self.data.install(ks.key_id, ks.keys)
         previous = self.active
         self.active = ks
         if previous is not None:
@@ -344,7 +399,7 @@ class OpenVPNServer:
     def _options_string(self) -> str:
         proto = "TCPv4_SERVER" if self.tcp else "UDPv4"
         return (f"V4,dev-type {self.dev_type},link-mtu 1550,tun-mtu 1500,proto {proto},"
-                f"cipher {CIPHER},auth [null-digest],keysize 256,key-method 2,tls-server")
+                f"cipher {self.cipher},auth [null-digest],keysize 256,key-method 2,tls-server")
 
     def _control_message(self, text: str, now: float) -> None:
         if text == "PUSH_REQUEST":
@@ -375,7 +430,7 @@ class OpenVPNServer:
         items += [f"dhcp-option DNS {ip}" for ip in params.dns]
         if params.lladdr is not None:
             items.append(f"lladdr {params.lladdr}")
-        items += [f"tun-mtu {params.mtu}", f"peer-id {self.peer_id}", f"cipher {CIPHER}"]
+        items += [f"tun-mtu {params.mtu}", f"peer-id {self.peer_id}", f"cipher {self.cipher}"]
         self.push_reply_text = ",".join(items)
         self._send_text(self.push_reply_text)
         self.push_repeat_after = now + PUSH_REPLY_HOLDOFF_S
@@ -398,59 +453,35 @@ class OpenVPNServer:
 
     # -- data channel --------------------------------------------------------------------
 
-    def encrypt(self, payload: bytes) -> bytes | None:
-        """One data packet to send (framed for TCP), None before keys exist or
-        when the key's packet ids are used up (the client renegotiates long before)."""
+    def seal(self, buf: bytes | bytearray, spans: array[int]) -> Sealed | None:
+        """The payloads ``buf[spans[2i] : spans[2i] + spans[2i+1]]`` (IP packets, or
+        frames for dev tap) as data packets to send, framed for TCP, in one call of
+        the data channel; None before keys exist or once closed. The result may
+        share the channel's buffer: send it before the next call."""
         ks = self.active
         if ks is None or ks.keys is None or self.closed:
             return None
-        k = ks.keys
-        pid = k.send_pid + 1
-        if pid > PACKET_ID_MAX:
-            return None
-        k.send_pid = pid
-        pid_bytes = pid.to_bytes(4, "big")
-        head = bytes([(Opcode.DATA_V2 << OPCODE_SHIFT) | ks.key_id]) \
-            + self.peer_id.to_bytes(3, "big") + pid_bytes
-        ct = k.encrypt_aead.encrypt(pid_bytes + k.encrypt_iv, payload, head)
-        pkt = head + ct[-GCM_TAG_SIZE:] + ct[:-GCM_TAG_SIZE]
-        return TCP_LENGTH.pack(len(pkt)) + pkt if self.tcp else pkt
+        return self.data.seal(ks.key_id, self.peer_id, buf, spans, self.tcp)
 
-    def _data(self, pkt: bytes, now: float) -> None:
-        v2 = pkt[0] >> OPCODE_SHIFT == Opcode.DATA_V2
-        head_len = 4 if v2 else 1
-        ks = self.keys.get(pkt[0] & KEY_ID_MASK)
-        if ks is None or ks.keys is None:
-            self._drop("data packet for a key not (yet) negotiated")
+    def _opened(self, opened: Opened, now: float) -> None:
+        """Act on what the data channel made of a batch of data packets."""
+        for status, why in DROP_REASONS.items():
+            if opened.counts[status]:
+                self.drops[why] += opened.counts[status]
+        if not opened.authenticated:
             return
-        if len(pkt) < head_len + PACKET_ID_SIZE + GCM_TAG_SIZE:
-            self._drop("truncated data packet")
-            return
-        k = ks.keys
-        pid_end = head_len + PACKET_ID_SIZE
-        pid_bytes = pkt[head_len:pid_end]
-        pid = int.from_bytes(pid_bytes, "big")
-        if not k.replay.check(pid):
-            self._drop("replayed or too old data packet id")
-            return
-        tag_end = pid_end + GCM_TAG_SIZE
-        aad = pkt[:pid_end] if v2 else pid_bytes
-        try:
-            plain = k.decrypt_aead.decrypt(pid_bytes + k.decrypt_iv,
-                                           pkt[tag_end:] + pkt[pid_end:tag_end], aad)
-        except InvalidTag:
-            self._drop("data packet failed authentication (GCM tag)")
-            return
-        k.replay.commit(pid)
-        self.last_rx = now
-        if plain == PING_MAGIC:
-            return
-        if plain[:len(OCC_MAGIC)] == OCC_MAGIC:
-            if plain[len(OCC_MAGIC):len(OCC_MAGIC) + 1] == bytes([OCC_EXIT]):
-                self._events.append(PeerExit("exit notification (OCC_EXIT)"))
-                self.closed = True
-            return  # other OCC messages only matter in static-key mode
-        self._events.append(Packet(bytearray(plain)))
+        self.last_rx = now  # pings, too, say the client is alive
+        if opened.data:
+            self._events.append(Packets(opened.plain, opened.data))
+        if opened.counts[OCC]:
+            for i, status in enumerate(opened.status):
+                off, n = opened.spans[2 * i], opened.spans[2 * i + 1]
+                # Other OCC messages only matter in static-key mode.
+                if status == OCC and n > len(OCC_MAGIC) \
+                        and opened.plain[off + len(OCC_MAGIC)] == OCC_EXIT:
+                    self._events.append(PeerExit("exit notification (OCC_EXIT)"))
+                    self.closed = True
+                    return
 
     # -- time ----------------------------------------------------------------------------
 
@@ -478,7 +509,7 @@ class OpenVPNServer:
             return self._finish(now)
         for ks in list(self.keys.values()):
             if ks.expires is not None and now >= ks.expires:
-                del self.keys[ks.key_id]
+                self._forget_key(ks.key_id)
             elif ks.keys is None and now >= ks.deadline:
                 if ks.key_id == 0:
                     self._events.append(PeerDead(
@@ -486,7 +517,7 @@ class OpenVPNServer:
                     self.closed = True
                     return self._finish(now)
                 self.drops["renegotiation timed out"] += 1
-                del self.keys[ks.key_id]
+                self._forget_key(ks.key_id)
         if self.push_reply_text is not None:
             if now - self.last_rx >= SERVER_PING_RESTART_S:
                 idle = now - self.last_rx
@@ -494,9 +525,9 @@ class OpenVPNServer:
                 self.closed = True
                 return self._finish(now)
             if now - self.last_tx >= PING_INTERVAL_S:
-                ping = self.encrypt(PING_MAGIC)
-                if ping is not None:
-                    self._out.append(ping)
+                ping = self.seal(PING_MAGIC, array("I", (0, len(PING_MAGIC))))
+                if ping is not None and ping.count:
+                    self._out.append(bytes(ping.data[:ping.size]))
                     self.last_tx = now
         return self._finish(now)
 
@@ -506,6 +537,10 @@ class OpenVPNServer:
         """Packets (UDP) or framed bytes (TCP) to write, in order."""
         out, self._out = self._out, []
         return out
+
+    def _forget_key(self, key_id: int) -> None:
+        del self.keys[key_id]
+        self.data.remove(key_id)
 
     def note_sent(self, now: float) -> None:
         """A data packet went out (keepalive pings are only needed when idle)."""
