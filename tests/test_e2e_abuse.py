@@ -142,8 +142,14 @@ def test_bans_survive_a_restart_and_expire(make_topology: Callable[..., Topology
     assert f"{client_ip(1)}/32" in listed
     refused = run([sys.executable, FLOOD, "cycles", "1", relay_ip(1), "443"], topo.client_ns(1))
     assert json.loads(refused.stdout)["refused"] == 1
-    # The same network banned again for 2 s replaces the ban; after expiry the
-    # source is back in.
+    # A shorter ban never shortens a longer one on the same network.
+    out = relay_cli("ban", "add", f"{client_ip(1)}/32", "--for", "2s", "--reason", "short",
+                    "--data-dir", str(data))
+    assert out.returncode == 0, out.stderr
+    assert "a longer ban" in out.stderr and "it stays as it is" in out.stderr, out.stderr
+    # Removed, then banned for 2 s: after its expiry the source is back in.
+    out = relay_cli("ban", "remove", f"{client_ip(1)}/32", "--data-dir", str(data))
+    assert out.returncode == 0, out.stderr
     out = relay_cli("ban", "add", f"{client_ip(1)}/32", "--for", "2s", "--reason", "short",
                     "--data-dir", str(data))
     assert out.returncode == 0, out.stderr
@@ -151,7 +157,7 @@ def test_bans_survive_a_restart_and_expire(make_topology: Callable[..., Topology
         "ban", "list", "--data-dir", str(data)).stdout, 20, "the ban to expire")
     topo.connect_openconnect(1, data)
     topo.curl(1, "/")
-    assert [r["reason"] for r in records(data, "unban")] == ["expired"]
+    assert [r["reason"] for r in records(data, "unban")] == ["removed by operator", "expired"]
     assert [(r["by"], r["duration_s"]) for r in records(data, "ban")] == [
         ("operator", 600), ("operator", 2)]
 

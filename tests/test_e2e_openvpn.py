@@ -210,7 +210,7 @@ def test_hostile_input_is_dropped_with_a_log_line_and_the_relay_keeps_serving(
     lines = ("OpenVPN/UDP: dropped", "does not start with P_CONTROL_HARD_RESET_CLIENT_V2",
              "0-byte packet in the TCP stream")
     # The relay logs each as its connection ends, which can be after the client is done.
-    wait_for(lambda: all(line in topo.log("relay.log") for line in lines), 10,
+    wait_for(lambda: all(line in topo.log("relay.log") for line in lines), 30,
              "a log line for each hostile input")
     assert "Traceback" not in topo.log("relay.log")
     start_openvpn(topo, data, "udp", "tun")

@@ -16,6 +16,10 @@ from relay.netns import Topology, client_ip, run, wait_for
 
 pytestmark = pytest.mark.netns
 
+# How far the free disk space may move between the status and the scrape read on a
+# machine where other tests write too (a few hundred MB of logs and captures).
+FREE_DISK_DRIFT_BYTES = 1 << 30
+
 
 def relay_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "relay.cli", *args], capture_output=True,
@@ -69,8 +73,9 @@ def test_sessions_list_show_disconnect_and_status(
     assert 0 <= status["capture"]["ring_fill_ratio"] < 1
     assert status["bans"] == metrics[("relay_bans_active", ())] == 0
     assert status["packet_log"]["files"] == metrics[("relay_packetlog_segments", ())]
+    # Other writers on the same disk move the free space between the two reads.
     assert abs(status["free_disk_bytes"] - metrics[("relay_data_dir_free_bytes", ())]) \
-        < 64 << 20
+        < FREE_DISK_DRIFT_BYTES
     assert "running (pid" in relay_cli("status", *d).stdout
 
     # relay sessions disconnect: the first ends (its client sees it, the record names
