@@ -76,10 +76,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def load() -> configmod.Config:
         """The config as the command line asks for it (again on every reload)."""
         cfg = _config(args)
+        if args.workers is not None:
+            cfg = cfg.with_workers(args.workers)
         return cfg.with_listen(args.listen) if args.listen else cfg
 
     serve(load)
     return 0
+
+
+def _workers_arg(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= configmod.WORKERS_MAX:
+        raise argparse.ArgumentTypeError(f"expected 1..{configmod.WORKERS_MAX}, got {text!r}")
+    return int(text)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -555,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="configuration keys and their defaults (TOML):\n\n" + configmod.describe())
     _add_data_dir(p)
     p.add_argument("--listen", metavar="HOST:PORT", help="override [server] listen")
+    p.add_argument("--workers", metavar="N", type=_workers_arg,
+                   help="datapath worker processes (override [server] workers; default one "
+                        "per CPU the relay may use)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import textwrap
 import tomllib
@@ -24,6 +25,11 @@ DEFAULT_DATA_DIR = Path("/var/lib/relay")
 # [server] id: a name in every record, a directory name at the collector and the CN
 # of the relay's client certificate there.
 SERVER_ID_RULE = r"[A-Za-z0-9._-]{1,64}"
+
+
+# The most [server] workers: a worker's index travels in one byte of the OpenVPN
+# peer id and of the DTLS App-ID, which steer datagrams to it (relay.serve.steer).
+WORKERS_MAX = 256
 
 
 # The widest [abuse] ipv6_prefix: ISPs assign at most a /32 to anyone but another
@@ -120,6 +126,11 @@ class ServerConfig:
     max_sessions: int = setting(4096, "sessions open at once, all protocols; past this (or with "
                                   "the pool used up) a new one is refused with the reason "
                                   "(CSTP 503, OpenVPN AUTH_FAILED,TEMP)")
+    # One datapath process per core, as nginx's worker_processes auto: each serves
+    # many sessions (ocserv's one process per client costs ~740 KiB per session).
+    workers: int = setting(0, "datapath worker processes, each with its own TAP queue and "
+                           "listening sockets; 0 = one per CPU the relay may use (relay serve "
+                           "--workers overrides; restart to change)")
 
 
 @dataclass(frozen=True)
@@ -308,6 +319,16 @@ class Config:
     def with_listen(self, listen: str) -> Config:
         return replace(self, server=replace(self.server, listen=listen))
 
+    def with_workers(self, workers: int) -> Config:
+        return replace(self, server=replace(self.server, workers=workers))
+
+    @property
+    def worker_count(self) -> int:
+        """How many datapath workers ``relay serve`` runs: [server] workers, or one
+        per CPU this process may run on (its affinity, as a container or taskset
+        gives it, not the machine's count)."""
+        return self.server.workers or len(os.sched_getaffinity(0))
+
 
 _SECTION_TYPES = {
     "server": ServerConfig,
@@ -359,6 +380,9 @@ def _validate(cfg: Config) -> None:
         if parse_duration(getattr(cfg.server, key)) < 1:
             raise ConfigError(f"[server] {key}: at least 1s")
     check("[openvpn] listen", parse_hostport, cfg.openvpn.listen)
+    if not 0 <= cfg.server.workers <= WORKERS_MAX:
+        raise ConfigError(f"[server] workers: expected 0..{WORKERS_MAX} (0: one per CPU), "
+                          f"got {cfg.server.workers}")
     if cfg.server.max_sessions <= 0:
         raise ConfigError(f"[server] max_sessions: must be positive, got {cfg.server.max_sessions}")
     if cfg.metrics.listen:

@@ -39,11 +39,15 @@ def write_atomic(path: Path, data: bytes, *, mode: int = PRIVATE_FILE) -> None:
     fsync_dir(path.parent)
 
 
-def listen_tcp(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """A non-blocking listening socket, or one clear error line."""
+def listen_tcp(host: str, port: int, backlog: int = LISTEN_BACKLOG,
+               reuseport: bool = False) -> socket.socket:
+    """A non-blocking listening socket, or one clear error line; with
+    ``reuseport``, one of a group of sockets on the same port (SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

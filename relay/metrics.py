@@ -5,7 +5,8 @@ Names follow the Prometheus conventions: ``relay_`` prefix, ``_total`` for
 counters, base units in the name (``_bytes``, ``_seconds``, ``_ratio``).
 Components that are not part of the core (capture, shipping) register a
 :data:`Collector` that returns their samples at scrape time, so nothing is
-computed between scrapes.
+computed between scrapes; figures kept elsewhere (``relay serve``'s workers) are
+fetched by the server's ``refresh`` first.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 log = logging.getLogger("relay")
@@ -59,10 +60,13 @@ def render(metrics: Iterable[Metric]) -> str:
 
 
 class MetricsServer:
-    """``GET /metrics`` on ``host:port``; every collector is asked at each scrape."""
+    """``GET /metrics`` on ``host:port``; every collector is asked at each scrape,
+    after ``refresh`` (when given) has been awaited."""
 
-    def __init__(self, collectors: list[Collector]) -> None:
+    def __init__(self, collectors: list[Collector],
+                 refresh: Callable[[], Awaitable[None]] | None = None) -> None:
         self.collectors = collectors
+        self.refresh = refresh
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -86,6 +90,8 @@ class MetricsServer:
             request_line = head.split(b"\r\n", 1)[0].split()
             if len(request_line) == 3 and request_line[0] == b"GET" \
                     and request_line[1].split(b"?")[0] == b"/metrics":
+                if self.refresh is not None:
+                    await self.refresh()
                 body = self.scrape().encode()
                 status = "200 OK"
             else:

@@ -386,6 +386,15 @@ class Abuse:
         self.sources[self.key(old_ip)].sessions -= 1
         self._source(self.key(new_ip), now).sessions += 1
 
+    def forget(self, ip: str, handshakes: int, sessions: int) -> None:
+        """A worker died with these connections from ``ip`` open: ``handshakes``
+        admitted and not yet a session, ``sessions`` with one. They end without a
+        strike: the relay failed, not the source."""
+        src = self.sources[self.key(ip)]
+        src.handshakes -= handshakes
+        self.handshakes -= handshakes
+        src.sessions -= sessions
+
     def connection_closed(self, ip: str, lifetime_s: float, had_session: bool) -> None:
         now = self.clock()
         addr = canonical_address(ip)

@@ -10,9 +10,7 @@ import logging
 import secrets
 import socket
 import ssl
-import time
 from array import array
-from dataclasses import dataclass
 
 from relay.config import Config
 from relay.protocols import cstp
@@ -24,9 +22,6 @@ from relay.tlsconf import server_context
 
 log = logging.getLogger("relay")
 
-# A cookie from a successful login must be used for a tunnel within this time
-# (ocserv's cookie-timeout default is 300 s).
-COOKIE_TTL_S = 300.0
 # Bytes queued towards a client past which it is closed. Over the high-water mark
 # (relay.serve.link) only control replies are still queued (DPD answers: data is
 # dropped), and the state machine already closes a peer that makes it queue more
@@ -49,22 +44,17 @@ def handshake_failure_reason(exc: BaseException) -> str:
     return "connection-reset"
 
 
-@dataclass
-class PendingLogin:
-    expires: float
-    client: cstp.ClientInfo
-
-
 class CstpListener:
-    """TLS and the login cookies shared by every CSTP connection."""
+    """TLS and the login cookies of every CSTP connection (the cookies are kept by
+    the control plane: a client may redeem its cookie on a new connection, which
+    the kernel may hand to another worker)."""
 
     def __init__(self, host: LinkHost, datapath: Datapath, cfg: Config) -> None:
         self.host = host
         self.datapath = datapath
         self.ssl_ctx, self.cert_path = server_context(cfg.data_dir, cfg.server.cert,
                                                       cfg.server.key)
-        self.cookies: dict[str, PendingLogin] = {}
-        # The UDP endpoint of DTLS channels ([server] dtls); the core opens it.
+        # The UDP endpoint of DTLS channels ([server] dtls); the worker opens it.
         self.dtls: DtlsEndpoint | None = None
 
     def accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
@@ -72,18 +62,13 @@ class CstpListener:
         self.host.spawn(link.start(sock, self.ssl_ctx), link)
 
     def issue_cookie(self, client: cstp.ClientInfo) -> str:
-        now = time.monotonic()
-        for key in [k for k, v in self.cookies.items() if v.expires < now]:
-            del self.cookies[key]
         cookie = secrets.token_urlsafe(32)
-        self.cookies[cookie] = PendingLogin(now + COOKIE_TTL_S, client)
+        self.host.keep_login(cookie, vars(client))
         return cookie
 
-    def redeem_cookie(self, cookie: str) -> PendingLogin | None:
-        pending = self.cookies.pop(cookie, None)
-        if pending is None or pending.expires < time.monotonic():
-            return None
-        return pending
+    async def redeem_cookie(self, cookie: str) -> cstp.ClientInfo | None:
+        client = await self.host.redeem_login(cookie)
+        return cstp.ClientInfo(**client) if client is not None else None
 
 
 class CstpLink(StreamLink[cstp.Event]):
@@ -155,12 +140,13 @@ class CstpLink(StreamLink[cstp.Event]):
         """Open the session, then answer the CONNECT; the state machine buffers
         (a bounded amount of) whatever the client sends meanwhile. Run by
         ``host.spawn``: an exception ends the connection with a log line."""
-        pending = self.listener.redeem_cookie(ev.cookie)
-        if pending is None:
+        client = await self.listener.redeem_cookie(ev.cookie)
+        if self._gone():  # the client went while the cookie was looked up
+            return
+        if client is None:
             log.warning("refused %s: CONNECT with an unknown or expired cookie", self)
             self._handle(self.proto.refuse_tunnel("401 Unauthorized", "unknown or expired cookie"))
             return
-        client = pending.client
         # The tunnel request may come on a new connection: keep what the client
         # said during login and add what it says now.
         for key, value in vars(self.client).items():

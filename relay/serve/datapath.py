@@ -108,6 +108,8 @@ class Datapath:
 
     def _hot_path(self, s: Session, data: bytearray, spans: array[int]) -> None:
         """User-Agent stamps (in place) and new destinations of a session's packets."""
+        if s.seen is None:
+            s.seen = hotpath.new_seen()
         seen = hotpath.inspect_batch(data, spans, s.tag_bytes, s.seen)
         self.traffic.ua_stamped += seen.stamped
         self.traffic.ua_missed += seen.ua_missed

@@ -14,7 +14,9 @@ dropped without an answer; then OpenSSL's stateless cookie exchange
 (DTLSv1_listen) answers it with a HelloVerifyRequest and keeps nothing. Only a
 ClientHello that echoes a good cookie (the peer receives at its address) gets a
 channel, and with it the abuse admission of a handshake (bans, rates, handshakes
-in progress: :meth:`LinkHost.admit_handshake`) and the handshake deadline. A
+in progress: :meth:`LinkHost.admit_handshake`, which also steers the peer's
+datagrams to this worker: the App-ID's first byte brought its ClientHellos here,
+relay.serve.steer) and the handshake deadline. A
 channel carries the session's traffic only once its PSK handshake completed, and
 then replaces the session's previous channel: a datagram that cannot prove the
 PSK never ends a session, moves it to another address or takes its traffic.
@@ -42,9 +44,9 @@ from typing import Any, Protocol
 
 from relay.cext import ffi, lib
 from relay.config import Config
-from relay.errors import RelayError
 from relay.metrics import Metric
 from relay.protocols import cstp, dtls
+from relay.serve import steer
 from relay.serve.datapath import Datapath
 from relay.serve.link import LinkHost, LinkSettings
 from relay.serve.sessions import Session
@@ -73,13 +75,6 @@ HANDSHAKE_MTU = 1200
 # retries every 60 s, dtls_attempt_period), plus one, so that someone who saw the
 # App-ID on the wire cannot block the client's own attempt by starting his.
 MAX_HANDSHAKES_PER_SESSION = 2
-# The UDP socket's buffers: 4 MiB each way, the most Linux lets a TCP socket's
-# buffers grow to by default (tcp_wmem max), so the shared UDP socket can absorb
-# the bursts one TCP connection may send.
-UDP_BUFFER_BYTES = 4 * 1024 * 1024
-# SO_SNDBUFFORCE and SO_RCVBUFFORCE (Linux asm-generic/socket.h; the socket module
-# lacks them): past net.core.[rw]mem_max, with CAP_NET_ADMIN.
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 # Drops of datagrams from unknown peers are summarised in one log line per interval.
 DROP_LOG_INTERVAL_S = 10.0
 # PySSLSocket (CPython Modules/_ssl.c): after PyObject_HEAD (2 words) come
@@ -140,7 +135,7 @@ class Owner(Protocol):
 class Channel:
     """One peer's DTLS connection: its SSL object (cext/dtls.c) and address."""
 
-    __slots__ = ("addr", "c", "deadline", "ip", "port", "timer", "up")
+    __slots__ = ("addr", "c", "deadline", "host", "ip", "port", "timer", "up")
 
     def __init__(self, c: Any, addr: bytes) -> None:
         self.c = c
@@ -149,6 +144,8 @@ class Channel:
         self.up = False
         self.timer: asyncio.TimerHandle | None = None  # retransmission
         self.deadline: asyncio.TimerHandle | None = None
+        # Once admitted: the host that steers the peer's datagrams here.
+        self.host: LinkHost | None = None
 
     def free(self) -> None:
         for timer in (self.timer, self.deadline):
@@ -157,14 +154,18 @@ class Channel:
         if self.c is not None:
             lib.relay_dtls_chan_free(self.c)
             self.c = None
+        if self.host is not None:
+            self.host.release_peer((self.ip, self.port))
+            self.host = None
 
 
 class DtlsEndpoint:
     """The UDP socket, the cookie exchange and the address and App-ID tables."""
 
-    def __init__(self, host: LinkHost, datapath: Datapath, cfg: Config) -> None:
+    def __init__(self, host: LinkHost, datapath: Datapath, cfg: Config, worker: int) -> None:
         self.host = host
         self.datapath = datapath
+        self.worker = worker  # the index App-IDs carry (relay.serve.steer.app_id)
         self.loop = asyncio.get_running_loop()
         server = lib.relay_dtls_server_new(secrets.token_bytes(32), 32, COOKIE_SLOT_S,
                                            HANDSHAKE_MTU)
@@ -176,6 +177,8 @@ class DtlsEndpoint:
         self.port = 0
         self.app_ids: dict[bytes, DtlsSession] = {}
         self.by_addr: dict[bytes, tuple[DtlsSession, Channel]] = {}
+        # Peers whose handshake awaits the abuse defences' admission.
+        self.admitting: set[bytes] = set()
         self.channels_up = 0
         self.counts: Counter[str] = Counter()
         self.slot = max(MIN_SLOT, cfg.tap.mtu + cstp.DTLS_PACKET_OVERHEAD)
@@ -193,23 +196,9 @@ class DtlsEndpoint:
         self._dropped = 0
         self._last_drop_log = 0.0
 
-    def open(self, host: str, port: int) -> None:
-        """Listen on UDP ``host:port`` (the TLS listener's address and port)."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),
-                             (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER_BYTES)
-            except PermissionError:  # without CAP_NET_ADMIN: up to net.core.*mem_max
-                sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER_BYTES)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise RelayError(f"cannot listen on UDP {host}:{port} (DTLS): {exc.strerror}") \
-                from None
+    def open(self, sock: socket.socket) -> None:
+        """Receive on ``sock``, this worker's UDP socket on the TLS listener's
+        address and port (relay.serve.steer.udp_group makes them)."""
         sock.setblocking(False)
         self.sock, self.fd, self.port = sock, sock.fileno(), sock.getsockname()[1]
         self.loop.add_reader(self.fd, self.on_readable)
@@ -224,7 +213,7 @@ class DtlsEndpoint:
 
     def register(self, owner: Owner, psk: bytes, settings: LinkSettings) -> DtlsSession:
         """A session that negotiated DTLS: its App-ID is now known."""
-        app_id = secrets.token_bytes(cstp.DTLS_APP_ID_LEN)
+        app_id = steer.app_id(self.worker)
         session = DtlsSession(self, owner, psk, app_id, settings)
         self.app_ids[app_id] = session
         return session
@@ -283,6 +272,8 @@ class DtlsEndpoint:
     def _unknown(self, i: int, addr: bytes, now: float) -> None:
         """A datagram from an address with no handshake or channel: a ClientHello
         for a known App-ID gets the cookie exchange; anything else is dropped."""
+        if addr in self.admitting:  # a ClientHello sent again while we ask
+            return
         hello = dtls.parse_client_hello(self._datagram(i))
         if hello is None:
             self._drop(addr, "dtls-unknown-peer", "not a ClientHello")
@@ -301,14 +292,31 @@ class DtlsEndpoint:
             self._drop(addr, "dtls-bad-hello", "ClientHello refused by the cookie exchange")
             return
         channel = Channel(self.chan_out[0], addr)
-        refused = self.host.admit_handshake(channel.ip)
+        self.admitting.add(addr)
+        self.host.spawn(self._admit(session, channel))
+
+    async def _admit(self, session: DtlsSession, channel: Channel) -> None:
+        """The channel's handshake goes ahead once the abuse defences admit it."""
+        try:
+            refused = await self.host.admit_handshake((channel.ip, channel.port))
+        except BaseException:
+            channel.free()
+            raise
+        finally:
+            self.admitting.discard(channel.addr)
         if refused is not None:
             channel.free()
             self.counts["handshake-refused"] += 1
             log.debug("DTLS: refused a handshake from %s:%d: %s", channel.ip, channel.port,
                       refused)
             return
-        session.start_handshake(channel, now)
+        channel.host = self.host
+        if self.sock is None or self.app_ids.get(session.app_id) is not session:
+            # The session (or the relay) ended meanwhile: nothing to shake hands for.
+            channel.free()
+            self.host.handshake_over(channel.ip, strike=False)
+            return
+        session.start_handshake(channel, self.loop.time())
 
     def _drop(self, addr: bytes, reason: str, why: str) -> None:
         self.datapath.traffic.dropped[reason] += 1

@@ -1,13 +1,15 @@
-"""The seam between the core of ``relay serve`` and its protocol links.
+"""The seam between a worker of ``relay serve`` and its protocol links.
 
-The core (:mod:`relay.serve.core`) creates the listeners and calls every client
-connection through :class:`Link`; a link calls the core only through
-:class:`LinkHost`, which the core implements, and hands its client's packets to
-the datapath (:mod:`relay.serve.datapath`). The links import this module and the
-datapath, never the core: the import graph runs one way, core -> links -> seam.
+A worker (:mod:`relay.serve.worker`) runs the listeners and calls every client
+connection through :class:`Link`; a link calls the worker only through
+:class:`LinkHost`, which the worker implements (asking the control plane,
+:mod:`relay.serve.core`, for what only it decides), and hands its client's packets
+to the datapath (:mod:`relay.serve.datapath`). The links import this module and
+the datapath, never the worker: the import graph runs one way, worker -> links ->
+seam.
 
 :class:`LinkBase` is the lifecycle every protocol link has in common: counted in
-and out with the core (abuse accounting at the end), the reverse lookup of the
+and out with the worker (abuse accounting at the end), the reverse lookup of the
 client's address, the login deadline, the common half of opening a session,
 ending it, and one timer driven by the sans-IO machine's ``next_timeout()`` /
 ``handle_timeout(now)``. :class:`StreamLink` adds what a link over a TCP stream
@@ -64,7 +66,7 @@ class Lease:
 
 
 class Link(Protocol):
-    """What the core and the datapath need of a client connection, whatever its
+    """What the worker and the datapath need of a client connection, whatever its
     protocol."""
 
     peer_ip: str
@@ -85,15 +87,17 @@ class Link(Protocol):
 
 
 class LinkHost(Protocol):
-    """What the core offers links: admission, logins, sessions and their leases,
-    tasks, and the counters a link bumps. Nothing else of the core is theirs."""
+    """What a worker offers its links (relay.serve.worker): admission, logins,
+    sessions and their leases, tasks, and the counters a link bumps. What only
+    the control plane may decide (admission, sessions, login cookies) it asks the
+    control plane for (relay.serve.wire). Nothing else of the relay is theirs."""
 
     @property
     def settings(self) -> LinkSettings: ...
 
-    def admit(self, ip: str) -> str | None:
+    async def admit(self, ip: str) -> str | None:
         """The abuse defences' admission of a new peer (UDP: once it proved its
-        address; TCP peers are admitted by the core's accept loop): None to let
+        address; TCP peers are admitted by the worker's accept loop): None to let
         it in, else the reason it is refused."""
 
     def link_began(self, link: Link) -> asyncio.Future[Any] | None:
@@ -108,36 +112,47 @@ class LinkHost(Protocol):
 
     def check_login(self, link: Link, username: str, password: str) -> bool: ...
 
-    def refuse_reason(self, link: Link) -> str | None:
-        """Why a session for ``link`` must be refused now (for the client), or None."""
-
     async def open_session(self, link: Link, protocol: str, software: dict[str, Any],
                            mac: bytes | None = None, data_channel: str | None = None) -> Lease:
-        """A session for ``link``: :class:`SessionRefused` when refused.
+        """A session for ``link``: :class:`SessionRefused` (with the reason for the
+        client) when the relay refuses it (full, no address, no disk to log it).
         ``data_channel`` goes into the connect record (CSTP: "DTLS" or "TLS")."""
 
     def handshake_done(self, link: Link) -> None:
         """``link`` has its session: it no longer counts as a handshake."""
 
-    def admit_handshake(self, ip: str) -> str | None:
+    async def admit_handshake(self, peer: tuple[str, int]) -> str | None:
         """The abuse defences' admission of a handshake for a session that exists
         (its DTLS channel, once the peer answered a cookie): bans, rates and
         handshakes in progress, as for a new connection, but no new session. None
-        to let it in (end it with :meth:`handshake_over`), else the reason."""
+        to let it in (end it with :meth:`handshake_over`), and from then on the
+        peer's datagrams to the DTLS port reach this worker until
+        :meth:`release_peer`; else the reason."""
 
     def handshake_over(self, ip: str, strike: bool) -> None:
         """A handshake :meth:`admit_handshake` let in has ended; ``strike`` when it
         was abandoned or failed (a strike against the source, as a half-finished
         TLS handshake is)."""
 
+    def release_peer(self, peer: tuple[str, int]) -> None:
+        """The DTLS channel :meth:`admit_handshake` admitted from ``peer`` is gone."""
+
     def client_moved(self, link: Link, old: tuple[str, int]) -> asyncio.Future[Any] | None:
         """``link``'s client now sends from ``link.peer_ip``, ``link.peer_port``
         instead of ``old`` (an OpenVPN float): the session's address, the capture's
-        attribution and the abuse accounting follow, and an audit record says so.
-        Returns the reverse lookup of the new address (None when too many are
-        pending)."""
+        attribution, the abuse accounting and the steering of its datagrams follow,
+        and an audit record says so. Returns the reverse lookup of the new address
+        (None when too many are pending)."""
 
     def close_session(self, link: Link, s: Session, reason: str, error: str | None) -> None: ...
+
+    def keep_login(self, cookie: str, client: dict[str, Any]) -> None:
+        """A CSTP login succeeded: its cookie, and what the client said about
+        itself, for the tunnel request that redeems it (on any worker)."""
+
+    async def redeem_login(self, cookie: str) -> dict[str, Any] | None:
+        """What :meth:`keep_login` kept for ``cookie``, once and within the
+        cookie's lifetime; else None."""
 
     def count_handshake_failure(self, reason: str) -> None: ...
 

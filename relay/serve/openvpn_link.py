@@ -27,6 +27,9 @@ A client whose address changes (a NAT rebinding) keeps its session once a data
 packet from the new address authenticates under the session's keys (found by the
 peer id in its header), as OpenVPN's float does: the session moves, with a
 ``client-float`` audit record; a packet that does not authenticate moves nothing.
+The peer id's top byte is the worker's index, so the data packets of a client
+that floated still reach this worker, and the rest of its datagrams follow once
+it moved (relay.serve.steer).
 """
 
 from __future__ import annotations
@@ -40,11 +43,10 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from relay.config import Config, parse_hostport
+from relay.config import Config
 from relay.errors import RelayError
-from relay.fsutil import listen_tcp
 from relay.metrics import Metric
-from relay.protocols.openvpn.cookie import Peer, Proof, check_proof, new_cookie_key, reset_reply
+from relay.protocols.openvpn.cookie import Peer, Proof, check_proof, reset_reply
 from relay.protocols.openvpn.datachannel import V2_OVERHEAD, Sealed
 from relay.protocols.openvpn.events import (
     ClientAuth,
@@ -62,11 +64,10 @@ from relay.protocols.openvpn.tlscrypt import TlsCrypt, parse_static_key
 from relay.protocols.openvpn.wire import (
     MAX_PACKET_BYTES,
     OPCODE_SHIFT,
-    PEER_ID_MAX,
     Opcode,
     control_session_id,
 )
-from relay.serve import batch
+from relay.serve import batch, steer
 from relay.serve.batch import ADDR_SIZE, decode_address, encode_address
 from relay.serve.datachannel import CDataChannel, udp_runs
 from relay.serve.datapath import Datapath
@@ -109,13 +110,16 @@ def client_software(peer_info: dict[str, str]) -> dict[str, Any]:
 class OpenVPNListener:
     """TLS settings, peer ids, the UDP cookie key and address tables shared by every link."""
 
-    def __init__(self, host: LinkHost, datapath: Datapath, cfg: Config) -> None:
+    def __init__(self, host: LinkHost, datapath: Datapath, cfg: Config, worker: int,
+                 cookie_key: bytes) -> None:
         self.host = host
         self.datapath = datapath
-        self.listen = parse_hostport(cfg.openvpn.listen)
+        self.worker = worker  # the index peer ids carry (relay.serve.steer.peer_id)
         self.ssl_ctx, self.cert_path = server_context(cfg.data_dir, cfg.server.cert,
                                                       cfg.server.key)
-        self.cookie_key = new_cookie_key()
+        # Every worker's: a client's reset may be answered by one and its proof
+        # reach another, after a restart in between.
+        self.cookie_key = cookie_key
         self.tls_crypt = (TlsCrypt(parse_static_key(tls_crypt_key(
             cfg.data_dir))) if cfg.openvpn.tls_crypt else None)
         self.udp_links: dict[Peer, OpenVPNLink] = {}  # the address's session
@@ -123,33 +127,23 @@ class OpenVPNListener:
         self.udp_pending: dict[Peer, OpenVPNLink] = {}
         self.udp_by_peer_id: dict[int, OpenVPNLink] = {}  # where a float looks
         self.lingering: dict[Peer, float] = {}  # ended UDP peers -> until
+        self.admitting: set[Peer] = set()  # proven peers the abuse defences are asked about
         self.counts: Counter[str] = Counter()  # resets answered, proofs
         self.peer_ids: set[int] = set()
-        self._next_peer_id = 0
+        self._next_peer = 0  # of this worker's peer ids
         self.udp: socket.socket | None = None
         self.tcp: socket.socket | None = None
         self._receive = bytearray(UDP_BATCH * UDP_SLOT)
         self._dropped = 0
         self._last_drop_log = 0.0
 
-    async def start(self) -> socket.socket:
-        """Listen on TCP and UDP; the TCP socket, for the core to accept on (its
-        accept loop admits each connection, as the UDP endpoint does a proven peer)."""
-        host, port = self.listen
-        self.tcp = listen_tcp(host, port)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.udp = socket.socket(family, socket.SOCK_DGRAM)
-        self.udp.setblocking(False)
-        try:
-            self.udp.bind((host, port))
-        except OSError as exc:
-            self.udp.close()
-            self.udp = None
-            raise RelayError(f"[openvpn] listen: cannot listen on UDP {host}:{port}: "
-                             f"{exc.strerror}") from None
-        asyncio.get_running_loop().add_reader(self.udp.fileno(), self._on_udp_readable)
-        log.info("listening on %s:%d (OpenVPN, TCP and UDP)", host, port)
-        return self.tcp
+    def start(self, tcp: socket.socket, udp: socket.socket) -> None:
+        """Serve on this worker's sockets of the ``[openvpn] listen`` address
+        (relay.serve.steer makes them): TCP connections come through the worker's
+        accept loop, which admits each, as the UDP endpoint does a proven peer."""
+        self.tcp, self.udp = tcp, udp
+        udp.setblocking(False)
+        asyncio.get_running_loop().add_reader(udp.fileno(), self._on_udp_readable)
 
     def close(self) -> None:
         if self.tcp is not None:
@@ -160,14 +154,17 @@ class OpenVPNListener:
             self.udp = None
 
     def allocate_peer_id(self) -> int:
-        while self._next_peer_id in self.peer_ids:
-            self._next_peer_id = (self._next_peer_id + 1) % (PEER_ID_MAX + 1)
-        pid = self._next_peer_id
-        self.peer_ids.add(pid)
-        # The next one starts after it: a freed id is not reused at once, so a late
-        # packet of an ended session meets no new one under its peer id.
-        self._next_peer_id = (pid + 1) % (PEER_ID_MAX + 1)
-        return pid
+        """A peer id of this worker's no link holds."""
+        for _ in range(steer.PEER_ID_PER_WORKER):
+            pid = steer.peer_id(self.worker, self._next_peer)
+            # The next one starts after it: a freed id is not reused at once, so a
+            # late packet of an ended session meets no new one under its peer id.
+            self._next_peer = (self._next_peer + 1) % steer.PEER_ID_PER_WORKER
+            if pid not in self.peer_ids:
+                self.peer_ids.add(pid)
+                return pid
+        raise RelayError(f"all {steer.PEER_ID_PER_WORKER} OpenVPN peer ids of worker "
+                         f"{self.worker} are in use")
 
     def accept(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         link = OpenVPNTcpLink(self, peer, sock.getsockname()[0])
@@ -249,8 +246,19 @@ class OpenVPNListener:
                        "answer to the relay's")
 
     def _start(self, addr: Peer, proof: Proof, data: bytes) -> None:
-        """The peer proved its address: its link starts."""
-        if self.host.admit(addr[0]) is not None:
+        """The peer proved its address: its link starts once the abuse defences
+        admit it (a proof sent again meanwhile is ignored)."""
+        if addr in self.admitting:
+            return
+        self.admitting.add(addr)
+        self.host.spawn(self._admit(addr, proof, data))
+
+    async def _admit(self, addr: Peer, proof: Proof, data: bytes) -> None:
+        try:
+            refused = await self.host.admit(addr[0])
+        finally:
+            self.admitting.discard(addr)
+        if refused is not None:
             return
         link = OpenVPNLink(self, addr, _local_ip_towards(addr), tcp=False, proof=proof)
         link.transport_send = link.send_datagram
@@ -447,10 +455,6 @@ class OpenVPNLink(LinkBase[Event]):
                     return
             elif isinstance(ev, PushRequest):
                 if self.session is None and not self.opening and self.software is not None:
-                    refusal = host.refuse_reason(self)
-                    if refusal is not None:
-                        self._refuse(refusal)
-                        return
                     self.opening = True
                     host.spawn(self._open_session(), self)
             elif isinstance(ev, PeerExit):
@@ -476,7 +480,7 @@ class OpenVPNLink(LinkBase[Event]):
 
     async def _open_session(self) -> None:
         assert self.software is not None
-        # Refused here when the relay filled up since the push request was checked.
+        # Refused (AUTH_FAILED,TEMP with the reason) when the relay is full.
         lease = await self._open(PROTOCOL, self.software)
         if lease is None:
             return

@@ -28,7 +28,6 @@ from relay.connlog import daylog, reader
 from relay.errors import RelayError
 from relay.fsutil import write_atomic
 from relay.protocols import syslog5424
-from relay.serve import hotpath
 from relay.serve.hotpath import Destination
 from relay.serve.tap import random_mac
 from relay.times import parse_rfc3339
@@ -62,8 +61,10 @@ CHECKPOINT_INTERVAL_S = 60.0
 _CONNECT_FIELDS = ("session_id", "server", "client", "protocol", "data_channel",
                    "client_software", "virtual_ip")
 # The counters that a disconnect record and the journal carry (Session.counters),
-# in record order.
-COUNTER_KEYS = ("packets", "bytes", "destinations", "destinations_dropped", "floats")
+# in record order: a worker's of its traffic (Session.traffic), then the moves
+# the control plane recorded.
+TRAFFIC_KEYS = ("packets", "bytes", "destinations", "destinations_dropped")
+COUNTER_KEYS = (*TRAFFIC_KEYS, "floats")
 
 _TAG_IN_LOG = re.compile(rb'"session_id":"(%s)' % sessionid.TAG_PATTERN)
 
@@ -115,12 +116,13 @@ class Session:
     floats: list[dict[str, Any]] = field(default_factory=list)  # the latest MAX_FLOATS
     vip_bytes: bytes = field(init=False)  # the packed virtual IP, checked per packet
     tag_bytes: bytes = field(init=False)  # the User-Agent stamp
-    seen: Any = field(init=False)  # the hot path's record of reported destinations
+    # The hot path's record of reported destinations (4 KiB): made by the
+    # datapath of the worker that carries the session's packets, on its first.
+    seen: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.vip_bytes = ipaddress.IPv4Address(self.virtual_ip).packed
         self.tag_bytes = sessionid.tag(self.id).encode()
-        self.seen = hotpath.new_seen()
 
     def add_destination(self, d: Destination) -> None:
         if d in self.destinations:
@@ -144,8 +146,9 @@ class Session:
         del self.floats[:-MAX_FLOATS]
         return move
 
-    def counters(self) -> dict[str, Any]:
-        """The disconnect record's (and the journal's) counters and destinations."""
+    def traffic(self) -> dict[str, Any]:
+        """The counters and destinations of the session's traffic, as the
+        disconnect record carries them (TRAFFIC_KEYS)."""
         return {
             "packets": {"in": self.packets_in, "out": self.packets_out},
             "bytes": {"in": self.bytes_in, "out": self.bytes_out},
@@ -154,8 +157,14 @@ class Session:
                 for d in sorted(self.destinations, key=lambda d: (d.scheme, d.host, d.ip, d.port))
             ],
             "destinations_dropped": self.destinations_dropped,
-            "floats": list(self.floats),
         }
+
+    def counters(self, traffic: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The disconnect record's (and the journal's) counters and destinations:
+        ``traffic`` (a worker's report of them), else the session's own, and its
+        moves."""
+        return {**(traffic if traffic is not None else self.traffic()),
+                "floats": list(self.floats)}
 
 
 def connect_record(s: Session, *, server_id: str, server_ip: str,
@@ -275,9 +284,10 @@ class Journal:
     def __init__(self, data_dir: Path) -> None:
         self.dir = daylog.ensure_dir(Path(data_dir) / JOURNAL_DIR)
 
-    def write(self, s: Session) -> None:
+    def write(self, s: Session, traffic: Mapping[str, Any] | None = None) -> None:
+        """``s``'s entry: its connect record and :meth:`Session.counters`."""
         write_atomic(self.dir / f"{s.id}.json",
-                     json.dumps({"connect": s.connect_record, **s.counters()}).encode())
+                     json.dumps({"connect": s.connect_record, **s.counters(traffic)}).encode())
 
     def remove(self, s: Session) -> None:
         (self.dir / f"{s.id}.json").unlink(missing_ok=True)

@@ -2,8 +2,11 @@
 
 The device is attached with the TUNSETIFF ioctl (the only way to get a file
 descriptor for it) without TUNSETPERSIST, so the kernel removes it when the relay's
-descriptor closes, however the relay ends. Addresses, MTU, link state and the
-per-session permanent neighbour entries are set through rtnetlink (pyroute2).
+descriptors close, however the relay ends. It has one queue per datapath worker
+(IFF_MULTI_QUEUE): the control plane opens them all and lends queue ``i`` to
+worker ``i`` (relay.serve.steer says why it keeps them). Addresses, MTU, link
+state and the per-session permanent neighbour entries are set through rtnetlink
+(pyroute2).
 
 Each session has its own MAC. Client packets are written as Ethernet frames from
 that MAC; the permanent neighbour entry for the session's virtual IP makes the
@@ -34,6 +37,10 @@ from relay.errors import RelayError
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
+# TUNSETIFF fails with EBUSY when the device exists: without it a second relay
+# with the same [tap] name would attach queues to the first one's device.
+IFF_TUN_EXCL = 0x8000
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 ETH_HLEN = 14
@@ -83,28 +90,50 @@ class Netlink:
         self._exec.shutdown()
 
 
+@dataclass(frozen=True)
+class Queue:
+    """One queue of the TAP device, as a worker's datapath uses it."""
+
+    name: str
+    fd: int
+    mac: bytes  # the device's own: the source of the frames it sends sessions
+
+
+def _open_queue(name: str, flags: int) -> int:
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RelayError(f"cannot open /dev/net/tun: {exc.strerror} (TUN/TAP support?)") \
+            from None
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(),
+                                                 IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE | flags))
+    except OSError as exc:
+        os.close(fd)
+        hint = " (is another relay running?)" if exc.errno == errno.EBUSY else ""
+        raise RelayError(f"cannot create TAP device {name}: {exc.strerror}{hint}") from None
+    return fd
+
+
 @dataclass
 class Tap:
     name: str
-    fd: int
+    queues: list[int]  # worker i's queue is queues[i]; empty once closed
     index: int
     mac: bytes
     gateway: ipaddress.IPv4Interface
     netlink: Netlink
 
     @classmethod
-    async def create(cls, name: str, gateway: ipaddress.IPv4Interface, mtu: int) -> Tap:
+    async def create(cls, name: str, gateway: ipaddress.IPv4Interface, mtu: int,
+                     queues: int = 1) -> Tap:
+        fds = [_open_queue(name, IFF_TUN_EXCL)]
         try:
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            raise RelayError(f"cannot open /dev/net/tun: {exc.strerror} (TUN/TAP support?)") \
-                from None
-        try:
-            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
-        except OSError as exc:
-            os.close(fd)
-            hint = " (is another relay running?)" if exc.errno == errno.EBUSY else ""
-            raise RelayError(f"cannot create TAP device {name}: {exc.strerror}{hint}") from None
+            fds += [_open_queue(name, 0) for _ in range(queues - 1)]
+        except RelayError:
+            for fd in fds:
+                os.close(fd)
+            raise
         _disable_ipv6(name)
 
         def configure(ipr: IPRoute) -> tuple[int, str]:
@@ -119,16 +148,21 @@ class Tap:
         try:
             index, mac_text = await netlink.call(configure)
         except NetlinkError as exc:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             netlink.close()
             raise RelayError(f"cannot configure {name}: {exc}") from None
-        return cls(name, fd, index, bytes.fromhex(mac_text.replace(":", "")), gateway, netlink)
+        return cls(name, fds, index, bytes.fromhex(mac_text.replace(":", "")), gateway, netlink)
+
+    def queue(self, i: int) -> Queue:
+        return Queue(self.name, self.queues[i], self.mac)
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if self.queues:
             self.netlink.close()
-            os.close(self.fd)  # the kernel removes the device, and its neighbours with it
-            self.fd = -1
+            for fd in self.queues:  # the kernel removes the device, and its neighbours with it
+                os.close(fd)
+            self.queues = []
 
     async def add_neighbour(self, ip: str, mac: bytes) -> None:
         await self.netlink.call(lambda ipr: ipr.neigh(
