@@ -55,8 +55,10 @@ def _live(cfg: configmod.Config, tz: tzinfo) -> list[dict[str, Any]]:
     out = []
     for view in views:
         connect = view.get("connect") or {}
-        out.append(session_json(str(connect.get("session_id")), connect, None, tz,
-                                counters=view.get("counters")))
+        # A live session also names the worker process that carries it.
+        out.append({**session_json(str(connect.get("session_id")), connect, None, tz,
+                                   counters=view.get("counters")),
+                    "worker": view.get("worker")})
     return sorted(out, key=lambda s: (s["connect_utc"] or "", s["session_id"]))
 
 
@@ -98,7 +100,7 @@ def cmd_sessions(args: argparse.Namespace, cfg: configmod.Config) -> int:
     chosen = [s for s in sessions if (not q.session or s["session_id"].startswith(q.session))
               and (not q.client_ip or s["client_ip"] == q.client_ip)]
     with open_output(args) as out:
-        fields = [*session_json("", None, None, tz), "destination_count"]
+        fields = [*session_json("", None, None, tz), "worker", "destination_count"]
         w = RowWriter(out, output_format(args), fields, columns=SESSION_COLUMNS)
         for s in chosen:
             row = {**s, "destination_count": len(s["destinations"] or [])}
@@ -170,8 +172,10 @@ def status_text(st: dict[str, Any]) -> str:
                 else "NOT running")]
     if st["workers"]:
         lines.append(f"workers: {len(st['workers'])} ("
-                     + ", ".join(f"pid {w['pid']}: {w['sessions']} sessions"
-                                 for w in st["workers"]) + ")")
+                     + ", ".join(f"{w['worker']}: pid {w['pid']}, {w['sessions']} sessions"
+                                 if w["up"] else f"{w['worker']}: DOWN"
+                                 for w in st["workers"])
+                     + f"; {sum(w['restarts'] for w in st['workers'])} restarts)")
     if st["sessions"] is not None:
         by = ", ".join(f"{k} {v}" for k, v in sorted(st["sessions"]["by_protocol"].items()))
         lines.append(f"sessions: {st['sessions']['active']} open"

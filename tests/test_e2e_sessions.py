@@ -4,6 +4,7 @@ disconnect are for ocserv, with two stock openconnect clients."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -67,7 +68,12 @@ def test_sessions_list_show_disconnect_and_status(
     metrics = scrape(topo)
     assert status["running"] and status["sessions"]["active"] == 2 == \
         metrics[("relay_sessions_active", (("protocol", "SSL-VPN"),))]
-    assert status["workers"] == [{"pid": status["pid"], "sessions": 2}]
+    # One worker per CPU, each its own process; every session on one of them.
+    assert len(status["workers"]) == len(os.sched_getaffinity(0))
+    assert all(w["up"] and w["pid"] not in (None, status["pid"]) and w["restarts"] == 0
+               for w in status["workers"])
+    assert sum(w["sessions"] for w in status["workers"]) == 2
+    assert {s["worker"] for s in listed} <= {w["worker"] for w in status["workers"]}
     assert status["capture"]["attached"] is (metrics[("relay_capture_attached", ())] == 1)
     assert status["capture"]["attached"]
     assert 0 <= status["capture"]["ring_fill_ratio"] < 1

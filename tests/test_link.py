@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from relay.serve.core import Relay
 from relay.serve.link import (
     CLIENT_WRITE_HIGH_WATER,
     Lease,
@@ -25,6 +24,7 @@ from relay.serve.link import (
     StreamLink,
 )
 from relay.serve.sessions import AddressPool, Session, SessionRefused, SessionTable
+from relay.serve.worker import WorkerHost
 
 SETTINGS = LinkSettings(login_timeout_s=60, handshake_timeout_s=15, dpd_s=30, keepalive_s=20)
 
@@ -41,7 +41,7 @@ class FakeHost:
         self.release = asyncio.Event()
         self.release.set()
 
-    def admit(self, ip: str) -> str | None:
+    async def admit(self, ip: str) -> str | None:
         return None
 
     def link_began(self, link: Link) -> asyncio.Future[Any] | None:
@@ -57,9 +57,6 @@ class FakeHost:
 
     def check_login(self, link: Link, username: str, password: str) -> bool:
         return True
-
-    def refuse_reason(self, link: Link) -> str | None:
-        return self.refusal
 
     async def open_session(self, link: Link, protocol: str, software: dict[str, Any],
                            mac: bytes | None = None, data_channel: str | None = None) -> Lease:
@@ -348,14 +345,14 @@ def test_a_connection_made_after_the_link_ended_is_closed(
     assert transport.closing and link.transport is None
 
 
-def test_the_core_offers_every_member_of_the_host_interface(tmp_path: Any) -> None:
-    """No type checker runs here: a member of LinkHost missing from the core
-    would only show when a link first calls it."""
+def test_the_worker_offers_every_member_of_the_host_interface(tmp_path: Any) -> None:
+    """No type checker runs here: a member of LinkHost missing from the worker's
+    host would only show when a link first calls it."""
     from relay import config
 
-    relay = Relay(config.Config().with_data_dir(tmp_path))
+    host = WorkerHost(None, None, config.Config().with_data_dir(tmp_path), None)  # type: ignore[arg-type]
     members = [name for name in vars(LinkHost) if not name.startswith("_")]
     assert "open_session" in members and "settings" in members
     for name in members:
-        assert hasattr(relay, name), name
-    assert relay.settings == SETTINGS  # the defaults of [server]
+        assert hasattr(host, name), name
+    assert host.settings == SETTINGS  # the defaults of [server]

@@ -88,7 +88,8 @@ MESSAGES: dict[str, Message] = {
                         "[session_id, client hostname or nil, counters]; more when there "
                         "are others after them."),
     # -- worker -> control plane ------------------------------------------------------
-    "ready": Message(WORKER, False, ("pid",), (), "The worker serves."),
+    "ready": Message(WORKER, False, ("pid",), (),
+                     "The worker serves (its process id), after hello."),
     "admit": Message(WORKER, True, ("ip", "new_session", "steer"), ("refused",),
                      "The abuse defences' admission of a new connection (new_session) or "
                      "of a session's second channel's handshake; steer: nil, or [service, "

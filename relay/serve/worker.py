@@ -314,16 +314,17 @@ class Worker:
         self.cstp_sock: socket.socket | None = None
         self.loops: list[asyncio.Future[None]] = []
         self.control_plane_gone = False
+        # What the control plane's messages do (relay.serve.wire).
+        self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "hello": self._hello, "config": self._config, "ban": self._ban,
+            "disconnect": self._disconnect, "stop": lambda msg: self.stopping.set(),
+            "stats": self._stats, "sessions": self._sessions}
 
     async def run(self, fd: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "hello": self._hello, "config": self._config, "ban": self._ban,
-            "disconnect": self._disconnect, "stop": lambda msg: self.stopping.set(),
-            "stats": self._stats, "sessions": self._sessions}
-        self.peer = Peer(wire.WORKER, handlers, self._lost)
+        self.peer = Peer(wire.WORKER, self.handlers, self._lost)
         await self.peer.connect(socket.socket(fileno=fd))
         await self.stopping.wait()
         await self._shutdown()
