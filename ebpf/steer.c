@@ -19,6 +19,10 @@
  *                        byte of its session_id (the App-ID the worker gave the
  *                        session), anything else from an address in
  *                        relay_steer_dtls_peers to the worker named there.
+ *   relay_steer_tcp      SO_ATTACH_REUSEPORT_EBPF program of the TCP listeners
+ *                        (CSTP, OpenVPN over TCP): a new connection goes to the
+ *                        worker in relay_steer_least, the one with the fewest
+ *                        connections, which the control plane keeps up to date.
  *
  * A reuseport program that returns an index past the group's sockets
  * (RELAY_STEER_HASH) leaves the choice to the kernel's 4-tuple hash, which keeps
@@ -51,6 +55,7 @@ struct relay_peer {
 BPF_HASH(relay_steer_macs, __u64, __u32, RELAY_STEER_SESSIONS);
 BPF_HASH(relay_steer_openvpn_peers, struct relay_peer, __u32, RELAY_STEER_SESSIONS);
 BPF_HASH(relay_steer_dtls_peers, struct relay_peer, __u32, RELAY_STEER_SESSIONS);
+BPF_ARRAY(relay_steer_least, __u32, 1);
 
 int relay_steer_tap(struct __sk_buff *skb)
 {
@@ -117,5 +122,12 @@ int relay_steer_dtls(struct __sk_buff *skb)
 		return sid[1];
 	struct relay_peer peer = {};
 	__u32 *worker = source(skb, &peer) < 0 ? 0 : relay_steer_dtls_peers.lookup(&peer);
+	return worker ? *worker : RELAY_STEER_HASH;
+}
+
+int relay_steer_tcp(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	__u32 *worker = relay_steer_least.lookup(&zero);
 	return worker ? *worker : RELAY_STEER_HASH;
 }

@@ -591,6 +591,51 @@ def test_a_worker_that_dies_has_its_sessions_closed_and_is_started_again(
     assert metrics["relay_worker_up"] == [({"worker": "0"}, 0.0)]
 
 
+def test_new_connections_go_to_the_serving_worker_with_the_fewest(rig: Rig) -> None:
+    """The control plane names the worker new TCP connections go to: the fewest
+    admitted connections among those that serve, the first of equals."""
+    chosen: list[int] = []
+
+    class Steering:
+        def set_least(self, worker: int) -> None:
+            chosen.append(worker)
+
+    relay = rig.relay
+    relay.steering = Steering()  # type: ignore[assignment]
+    slots = [rig.slot, WorkerSlot(1), WorkerSlot(2)]
+    relay.slots = slots
+    theirs = []  # the workers' ends, open while the test runs
+    for slot in slots[1:]:
+        ours, end = socket.socketpair()
+        theirs.append(end)
+        rig.run(relay.connect_worker(slot, ours))
+    for slot in slots:
+        rig.run(relay._on_ready(slot, {"pid": 1}) or asyncio.sleep(0))  # type: ignore[func-returns-value]
+    assert relay.least == 0
+    for ip in ("192.0.2.1", "192.0.2.2"):
+        relay._on_admit(slots[0], {"ip": ip, "new_session": True, "steer": None})
+    relay._on_admit(slots[1], {"ip": "192.0.2.3", "new_session": True, "steer": None})
+    assert relay.least == 2
+    # A second channel's handshake is no new connection.
+    relay._on_admit(slots[2], {"ip": "192.0.2.4", "new_session": False, "steer": None})
+    assert relay.least == 2
+    relay._on_admit(slots[2], {"ip": "192.0.2.5", "new_session": True, "steer": None})
+    assert relay.least == 1
+    relay._on_link_ended(slots[0], {"ip": "192.0.2.1", "lifetime_s": 30.0,
+                                    "had_session": False})
+    assert relay.least == 0
+    # A worker that is not there takes none.
+    assert slots[0].peer is not None and slots[0].peer.transport is not None
+    slots[0].peer.transport.abort()
+    rig.run(asyncio.sleep(0.01))
+    assert relay.least == 1
+    assert chosen == [0, 1, 2, 1, 0, 1]
+    relay.stopping = True  # no restart
+    for end in theirs:
+        end.close()
+    rig.run(asyncio.sleep(0.3))
+
+
 def test_users_file_problems_are_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "users"
     bad.write_text("alice\n")

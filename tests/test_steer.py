@@ -2,8 +2,9 @@
 objects in a network namespace the test makes: the TAP device's frames reach
 the queue of their session MAC's worker, and UDP datagrams the socket of the
 worker their OpenVPN peer id, DTLS App-ID or (once steered) source address
-names; the SO_REUSEPORT groups refuse a port someone else holds; a second relay
-cannot attach to the first one's TAP device."""
+names, and new TCP connections the worker the control plane names; the
+SO_REUSEPORT groups refuse a port someone else holds; a second relay cannot
+attach to the first one's TAP device."""
 
 from __future__ import annotations
 
@@ -105,9 +106,11 @@ def test_frames_reach_the_queue_of_their_sessions_worker(ns: str, steering: Stee
         # The device exists: a second relay's TUNSETIFF is refused, not attached.
         with pytest.raises(RelayError, match="is another relay running"):
             in_netns(ns, lambda: tap._open_queue(dev, tap.IFF_TUN_EXCL))
+        steering.attach_tap(queues[0])
+        # IPv6 would send neighbour solicitations of its own into the device.
+        sh("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1")
         sh("ip", "-n", ns, "addr", "add", "10.9.0.1/24", "dev", dev)
         sh("ip", "-n", ns, "link", "set", dev, "up")
-        steering.attach_tap(queues[0])
         macs = {1: bytes.fromhex("020000000001"), 2: bytes.fromhex("020000000002")}
         for worker, mac in macs.items():
             steering.set_mac(mac, worker)
@@ -204,6 +207,32 @@ def test_udp_datagrams_reach_the_worker_their_peer_id_app_id_or_address_names(
     finally:
         for sock in [*ovpn, *dtls_socks, client]:
             sock.close()
+
+
+def test_new_tcp_connections_go_to_the_worker_the_control_plane_names(
+        ns: str, steering: Steering) -> None:
+    def run() -> list[int]:
+        group = steer.tcp_group("127.0.0.1", 0, 3)
+        steering.attach_tcp(group[0])
+        landed = []
+        try:
+            for least in (2, 0, 1, 2):
+                steering.set_least(least)
+                with socket.create_connection(group[0].getsockname(), timeout=5):
+                    ready, _, _ = select.select(group, [], [], 5)
+                    assert len(ready) == 1
+                    conn, _ = ready[0].accept()
+                    conn.close()
+                    landed.append(group.index(ready[0]))
+            steering.set_least(steer.HASH)  # no worker serves: the kernel's hash
+            with socket.create_connection(group[0].getsockname(), timeout=5):
+                assert len(select.select(group, [], [], 5)[0]) == 1
+        finally:
+            for sock in group:
+                sock.close()
+        return landed
+
+    assert in_netns(ns, run) == [2, 0, 1, 2]
 
 
 def test_a_group_refuses_a_port_another_program_holds(ns: str) -> None:

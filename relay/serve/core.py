@@ -136,6 +136,7 @@ class WorkerSlot:
     # names it.
     handshakes: Counter[str] = dataclasses.field(default_factory=Counter)
     held: Counter[str] = dataclasses.field(default_factory=Counter)
+    connections: int = 0  # admitted and not yet ended: what balancing counts
     steers: set[tuple[str, tuple[str, int]]] = dataclasses.field(default_factory=set)
     stats: dict[str, Any] | None = None  # the last answer to "stats"
     reaping: asyncio.Future[None] | None = None
@@ -143,6 +144,12 @@ class WorkerSlot:
     @property
     def alive(self) -> bool:
         return self.peer is not None and self.peer.alive
+
+    @property
+    def serving(self) -> bool:
+        """Its worker said it serves, and is still there."""
+        return self.alive and self.ready is not None and self.ready.done() \
+            and self.ready.exception() is None
 
     @property
     def pid(self) -> int | None:
@@ -199,6 +206,7 @@ class Relay:
         self.owner: dict[str, WorkerSlot] = {}  # by session ID
         self.steered: dict[tuple[str, tuple[str, int]], tuple[WorkerSlot, int]] = {}
         self.floated: dict[str, tuple[str, int]] = {}  # OpenVPN sessions' steered address
+        self.least = steer.HASH  # the worker new TCP connections go to
         self.logins: dict[str, tuple[float, dict[str, Any]]] = {}  # cookie -> expiry, client
         # Counters of workers that died, so that the sums never go backwards.
         self.retired: MetricAcc = {}
@@ -277,12 +285,14 @@ class Relay:
         assert self.steering is not None
         host, port = self.cfg.listen_addr
         self.sockets["cstp"] = steer.tcp_group(host, port, workers)
+        self.steering.attach_tcp(self.sockets["cstp"][0])
         if self.cfg.server.dtls:  # DTLS on UDP, the TLS listener's port number
             self.sockets["dtls"] = steer.udp_group(
                 host, self.sockets["cstp"][0].getsockname()[1], workers, "DTLS: ")
             self.steering.attach_udp(steer.DTLS, self.sockets["dtls"][0])
         ohost, oport = parse_hostport(self.cfg.openvpn.listen)
         self.sockets["openvpn_tcp"] = steer.tcp_group(ohost, oport, workers, "[openvpn] listen: ")
+        self.steering.attach_tcp(self.sockets["openvpn_tcp"][0])
         self.sockets["openvpn_udp"] = steer.udp_group(ohost, oport, workers, "[openvpn] listen: ")
         self.steering.attach_udp(steer.OPENVPN, self.sockets["openvpn_udp"][0])
         return cert_path
@@ -394,6 +404,7 @@ class Relay:
     def _on_ready(self, slot: WorkerSlot, msg: dict[str, Any]) -> None:
         if slot.ready is not None and not slot.ready.done():
             slot.ready.set_result(None)
+        self._balance()
         if slot.restarts:
             log.info("worker %d serves again (pid %s)", slot.index, msg["pid"])
 
@@ -430,6 +441,8 @@ class Relay:
             self.abuse.forget(ip, handshakes=0, sessions=n)
         slot.handshakes.clear()
         slot.held.clear()
+        slot.connections = 0
+        self._balance()
         for service, peer in list(slot.steers):
             self._unsteer(service, peer)
         if slot.stats is not None:  # its counts stay in the sums
@@ -470,10 +483,23 @@ class Relay:
         refused = self.abuse.admit(ip, new_session=msg["new_session"])
         if refused is None:
             slot.handshakes[ip] += 1
+            if msg["new_session"]:
+                slot.connections += 1
+                self._balance()
             if msg["steer"] is not None:
                 service, peer = msg["steer"]
                 self._steer(slot, service, (peer[0], peer[1]))
         return {"refused": refused}
+
+    def _balance(self) -> None:
+        """New TCP connections go to the serving worker with the fewest (the
+        first of equals): a map update only when that changes."""
+        serving = [s for s in self.slots if s.serving]
+        least = min(serving, key=lambda s: (s.connections, s.index)).index if serving \
+            else steer.HASH
+        if least != self.least and self.steering is not None:
+            self.steering.set_least(least)
+        self.least = least
 
     def _on_handshake_done(self, slot: WorkerSlot, msg: dict[str, Any]) -> None:
         self.abuse.handshake_done(msg["ip"])
@@ -487,6 +513,8 @@ class Relay:
     def _on_link_ended(self, slot: WorkerSlot, msg: dict[str, Any]) -> None:
         self.abuse.connection_closed(msg["ip"], msg["lifetime_s"], msg["had_session"])
         _less(slot.held if msg["had_session"] else slot.handshakes, msg["ip"])
+        slot.connections -= 1
+        self._balance()
 
     def _steer(self, slot: WorkerSlot, service: str, peer: tuple[str, int]) -> None:
         """``peer``'s datagrams to ``service`` go to ``slot``'s worker (counted:
@@ -966,8 +994,7 @@ class Relay:
                      "Resident memory of worker N's current process.")
         for slot in self.slots:
             w = str(slot.index)
-            up.add(1.0 if slot.alive and slot.ready is not None and slot.ready.done()
-                   and slot.ready.exception() is None else 0.0, worker=w)
+            up.add(1.0 if slot.serving else 0.0, worker=w)
             sessions.add(len(slot.sessions), worker=w)
             restarts.add(slot.restarts, worker=w)
             if slot.stats is not None:

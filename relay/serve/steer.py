@@ -19,9 +19,11 @@ What decides, by direction (the programs are ``ebpf/steer.c``):
   began, forgets a flow after 3 s of silence and keeps 1024 buckets for all of
   them; and over a userspace hand-off, which would move every misdelivered frame
   between processes.
-- **client -> kernel over TCP** (CSTP, OpenVPN over TCP): the kernel's
-  ``SO_REUSEPORT`` hash spreads new connections; a connection stays where it
-  landed.
+- **client -> kernel over TCP** (CSTP, OpenVPN over TCP): a new connection goes
+  to the worker with the fewest connections (a ``SO_ATTACH_REUSEPORT_EBPF``
+  program reads it from a map the control plane updates as connections come and
+  go; the kernel's hash would put three of four clients on one of two workers as
+  often as not); a connection stays where it landed.
 - **client -> kernel over UDP**: the hash of the 4-tuple keeps an address on one
   worker; a ``SO_ATTACH_REUSEPORT_EBPF`` program overrides it where that is not
   the owner: OpenVPN's data packets by the peer id's top byte (the worker's index,
@@ -73,6 +75,9 @@ UDP_BUFFER_BYTES = 4 * 1024 * 1024
 # SO_SNDBUFFORCE and SO_RCVBUFFORCE (Linux asm-generic/socket.h; the socket module
 # lacks them): past net.core.[rw]mem_max, with CAP_NET_ADMIN.
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+# relay_steer_least's value that leaves new TCP connections to the kernel's hash
+# (no worker serves).
+HASH = 0xFFFFFFFF
 # The peer maps, by the UDP service whose datagrams they steer.
 OPENVPN, DTLS = "openvpn", "dtls"
 _PEER_MAPS = {OPENVPN: b"relay_steer_openvpn_peers", DTLS: b"relay_steer_dtls_peers"}
@@ -183,10 +188,11 @@ class Steering:
             self._bpf: Any = BPF(src_file=str(STEER_SOURCE).encode(), cflags=cflags)
             self._progs = {name: self._bpf.load_func(name, BPF.SOCKET_FILTER).fd
                            for name in (b"relay_steer_tap", b"relay_steer_openvpn",
-                                        b"relay_steer_dtls")}
+                                        b"relay_steer_dtls", b"relay_steer_tcp")}
         except Exception as exc:
             raise RelayError(f"cannot load the steering programs: {exc}") from exc
         self._macs = self._bpf[b"relay_steer_macs"].map_fd
+        self._least = self._bpf[b"relay_steer_least"].map_fd
         self._peers = {kind: self._bpf[name].map_fd for kind, name in _PEER_MAPS.items()}
 
     def close(self) -> None:
@@ -209,13 +215,26 @@ class Steering:
     def attach_udp(self, kind: str, sock: socket.socket) -> None:
         """Steer the ``SO_REUSEPORT`` group ``sock`` is in (``kind``: OPENVPN or
         DTLS); its sockets must all be bound, in worker order."""
-        prog = self._progs[b"relay_steer_openvpn" if kind == OPENVPN else b"relay_steer_dtls"]
+        self._attach(sock, b"relay_steer_openvpn" if kind == OPENVPN else b"relay_steer_dtls",
+                     kind)
+
+    def attach_tcp(self, sock: socket.socket) -> None:
+        """Balance the TCP listeners' group ``sock`` is in by :meth:`set_least`;
+        its sockets must all be listening, in worker order."""
+        self._attach(sock, b"relay_steer_tcp", "TCP")
+
+    def _attach(self, sock: socket.socket, prog: bytes, what: str) -> None:
         try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, struct.pack("i", prog))
+            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF,
+                            struct.pack("i", self._progs[prog]))
         except OSError as exc:
-            raise RelayError(f"cannot steer the {kind} sockets: {exc.strerror}") from None
+            raise RelayError(f"cannot steer the {what} sockets: {exc.strerror}") from None
 
     # -- the maps -----------------------------------------------------------------
+
+    def set_least(self, worker: int) -> None:
+        """New TCP connections go to ``worker`` (HASH: the kernel's choice)."""
+        self._update(self._least, ffi.new("uint32_t *", 0), worker, "TCP listener")
 
     def set_mac(self, mac: bytes, worker: int) -> None:
         """Frames to ``mac`` go to ``worker``'s queue."""
