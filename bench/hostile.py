@@ -14,7 +14,9 @@ whole measured run:
 - forged OpenVPN ``P_CONTROL_HARD_RESET_CLIENT_V2`` datagrams from thousands of
   spoofed addresses (raw sockets), answered statelessly without state.
 
-Figures: the honest session's Mbit/s under attack vs quiet (goal >= 0.9), the
+The attackers run at the lowest CPU priority (nice 19): on one machine they share
+the cores with the relay and the honest iperf3, where a real attacker's CPU is its
+own. Figures: the honest session's Mbit/s under attack vs quiet (goal >= 0.9), the
 relay's resident memory after the attack rounds vs before them and its peak
 (VmHWM) during them. Variants run round-robin, repeated, medians kept.
 
@@ -65,10 +67,39 @@ SLOWLORIS_HOLD_S = 2.0
 NON_READER_LIMIT = 64 << 20
 # Forged resets per burst (distinct sources), bursts back to back.
 FORGED_BURST = 2000
+# The attackers share the machine's two cores with the relay and the honest iperf3;
+# a real attacker's CPU is its own. At the lowest priority they still flood with
+# whatever CPU is left, and the honest session's loss measures the relay's cost.
+ATTACKER_NICE = 19
 
 
 def _tests_on_path() -> None:
     sys.path.insert(0, str(TESTS))
+
+
+# The first bytes of a TLS ClientHello: the relay waits for the rest until its
+# handshake deadline.
+PARTIAL_CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+
+
+def slowloris_round(host: str) -> tuple[int, int]:
+    """SLOWLORIS_CONNECTIONS connections that stop in their ClientHello, held for
+    SLOWLORIS_HOLD_S; (opened, refused)."""
+    socks, refused = [], 0
+    for _ in range(SLOWLORIS_CONNECTIONS):
+        s = socket.socket()
+        s.settimeout(5)
+        try:
+            s.connect((host, CSTP_PORT))
+            s.sendall(PARTIAL_CLIENT_HELLO)
+            socks.append(s)
+        except OSError:
+            refused += 1
+            s.close()
+    time.sleep(SLOWLORIS_HOLD_S)
+    for s in socks:
+        s.close()
+    return len(socks), refused
 
 
 def attack_child(kind: str, host: str, seconds: float) -> None:
@@ -82,11 +113,9 @@ def attack_child(kind: str, host: str, seconds: float) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
         if kind == "slowloris":
-            from flood_client import stall
-
-            got = stall(SLOWLORIS_CONNECTIONS, SLOWLORIS_HOLD_S, host, CSTP_PORT, ["0.0.0.0"])
-            add("opened", got["opened"])
-            add("refused", got["refused"])
+            opened, refused = slowloris_round(host)
+            add("opened", opened)
+            add("refused", refused)
         elif kind == "non-reader":
             from hostile_client import dpd_flood
 
@@ -163,8 +192,9 @@ def run(quick: bool, attacks: tuple[str, ...] = ATTACKS) -> list[Row]:
                                  ["-m", "bench.hostile", "--attack", kind, relay_ip(client),
                                   str(ATTACK_LEAD + seconds)])
                         procs.append((kind, subprocess.Popen(
-                            ["ip", "netns", "exec", topo.client_ns(client), sys.executable,
-                             *child], stdout=subprocess.PIPE, text=True, cwd=ROOT)))
+                            ["ip", "netns", "exec", topo.client_ns(client), "nice", "-n",
+                             str(ATTACKER_NICE), sys.executable, *child],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)))
                     time.sleep(ATTACK_LEAD)
                 try:
                     return iperf(topo, HONEST, False, seconds)

@@ -68,6 +68,7 @@ from relay.protocols.openvpn.wire import (
     control_session_id,
 )
 from relay.serve import batch, steer
+from relay.serve.abuse import TokenBucket
 from relay.serve.batch import ADDR_SIZE, decode_address, encode_address
 from relay.serve.datachannel import CDataChannel, udp_runs
 from relay.serve.datapath import Datapath
@@ -99,6 +100,19 @@ UDP_BATCHES_PER_WAKEUP = 4
 # A datagram's room in the receive buffer: one byte more than the largest packet
 # accepted, so that a longer one shows as too long instead of arriving cut.
 UDP_SLOT = MAX_PACKET_BYTES + 1
+
+
+# Control datagrams from addresses without a session that the listener looks at
+# (checks a proof, answers a reset: an HMAC each, and a send), per second and in a
+# burst, for each worker's listener (what it protects is that worker's core, so it
+# scales with the workers as the cores they use do). A forger can make every datagram a reset from a
+# new address: past this budget a datagram gets no look (its client sends it again
+# after TLS_TIMEOUT_S, as after any loss) and the forger gets no more of the relay's
+# CPU than the receive. OpenVPN 2.6 bounds the same answers (--connect-freq-initial,
+# 100 per 10 s); 5x the [abuse] rate_total of new connections leaves room for the
+# retransmitting clients of a restart.
+STATELESS_PER_S = 1000.0
+STATELESS_BURST = 2000
 
 
 def client_software(peer_info: dict[str, str]) -> dict[str, Any]:
@@ -136,6 +150,7 @@ class OpenVPNListener:
         self._receive = bytearray(UDP_BATCH * UDP_SLOT)
         self._dropped = 0
         self._last_drop_log = 0.0
+        self._stateless = TokenBucket(STATELESS_PER_S, STATELESS_BURST, time.monotonic())
 
     def start(self, tcp: socket.socket, udp: socket.socket) -> None:
         """Serve on this worker's sockets of the ``[openvpn] listen`` address
@@ -227,6 +242,9 @@ class OpenVPNListener:
                 return
         # Another session id from a link's address is a stranger too: a restarted
         # client, or anyone forging that address.
+        if not self._stateless.take(time.monotonic()):
+            self.counts["unanswered"] += 1
+            return
         now = time.time()
         proof = check_proof(self.cookie_key, addr, data, now, self.tls_crypt)
         if proof is not None:
@@ -316,6 +334,11 @@ class OpenVPNListener:
             Metric("relay_openvpn_resets_answered_total", "counter",
                    "OpenVPN UDP resets answered statelessly (a cookie, no state kept).")
             .add(self.counts["resets-answered"]),
+            Metric("relay_openvpn_unanswered_total", "counter",
+                   "UDP control datagrams from addresses without a session left unlooked "
+                   f"at past the listener's budget of {STATELESS_PER_S:g}/s (a flood; "
+                   "clients send theirs again).")
+            .add(self.counts["unanswered"]),
             Metric("relay_openvpn_proofs_total", "counter",
                    "OpenVPN UDP peers that echoed a cookie (proved their address); the "
                    "abuse defences admit them or not.")
