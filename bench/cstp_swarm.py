@@ -367,7 +367,7 @@ class Session:
             ptype, payload = buf[pos + 6], bytes(buf[pos + CSTP_HEADER_LEN:end])
             pos = end
             if ptype == PacketType.DATA:
-                self.swarm.stats["data-received"] += 1
+                self.swarm.stats[f"data-received-ipv{payload[0] >> 4 if payload else 0}"] += 1
                 if echo_reply_ident(payload) == self.ident and self.pong is not None \
                         and not self.pong.done():
                     self.pong.set_result(None)

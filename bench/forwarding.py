@@ -175,7 +175,10 @@ def iperf_command(udp: bool, seconds: int, port: int = IPERF_PORT) -> list[str]:
 def iperf_result(out: str, udp: bool) -> float:
     """Mbit/s received (TCP) or packets/s received (UDP) by the iperf3 server,
     from the client's JSON."""
-    end = json.loads(out)["end"]
+    result = json.loads(out)
+    if "error" in result:
+        raise RuntimeError(f"iperf3: {result['error']}")
+    end = result["end"]
     if udp:
         s = end["sum"]
         return (s["packets"] - s["lost_packets"]) / s["seconds"]
