@@ -21,6 +21,7 @@ round-robin, repeated, medians kept.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import statistics
@@ -54,7 +55,7 @@ UDP_PAYLOAD = 64
 # ocserv's port beside the relay's 443 in the same namespace.
 OCSERV_PORT = 4443
 # ocserv's address pool: another block than the relay's 10.211.0.0/16.
-OCSERV_NET, OCSERV_MASK, OCSERV_POOL = "10.212.0.0", "255.255.255.0", "10.212.0.0/24"
+OCSERV_POOL = "10.212.0.0/24"
 # The relay's default tunnel MTU, given to ocserv too so both carry the same
 # segment size.
 TUNNEL_MTU = 1400
@@ -95,10 +96,13 @@ def ns_pids(ns: str, comm_prefix: str) -> list[int]:
     return pids
 
 
-def start_ocserv(topo: Topology, udp: bool = False) -> None:
+def start_ocserv(topo: Topology, udp: bool = False, pool: str = OCSERV_POOL,
+                 settings: dict[str, str | int] | None = None) -> subprocess.Popen[bytes]:
     """ocserv on OCSERV_PORT of the relay namespace: plain auth, its own
-    self-signed certificate, its pool masqueraded towards the uplink; with ``udp``,
-    DTLS on UDP OCSERV_PORT (its default PSK-NEGOTIATE for openconnect), else no UDP."""
+    self-signed certificate, ``pool`` its address pool, masqueraded towards the
+    uplink; with ``udp``, DTLS on UDP OCSERV_PORT (its default PSK-NEGOTIATE for
+    openconnect), else no UDP. ``settings`` replace or add ocserv.conf keys
+    (bench/scale.py's thousands of sessions). Returns its main process."""
     d = topo.workdir / "ocserv"
     d.mkdir()
     cert, key = ensure_self_signed(d, "ocserv.bench.test")
@@ -106,43 +110,31 @@ def start_ocserv(topo: Topology, udp: bool = False) -> None:
     subprocess.run(["ocpasswd", "-c", str(passwd), OCSERV_USER],
                    input=f"{OCSERV_PASSWORD}\n{OCSERV_PASSWORD}\n", text=True, check=True,
                    capture_output=True)
+    net = ipaddress.IPv4Network(pool)
+    keys: dict[str, str | int] = {
+        "auth": f'"plain[passwd={passwd}]"', "tcp-port": OCSERV_PORT,
+        **({"udp-port": OCSERV_PORT} if udp else {}),
+        "run-as-user": "root", "run-as-group": "root", "socket-file": f"{d}/ocserv.sock",
+        "pid-file": f"{d}/ocserv.pid", "server-cert": str(cert), "server-key": str(key),
+        "isolate-workers": "false", "max-clients": 16, "max-same-clients": 0,
+        "keepalive": 32400, "dpd": 90, "mobile-dpd": 1800, "try-mtu-discovery": "false",
+        "mtu": TUNNEL_MTU, "cookie-timeout": 300, "deny-roaming": "false",
+        "auth-timeout": 240, "device": "vpns", "predictable-ips": "true",
+        "ipv4-network": str(net.network_address), "ipv4-netmask": str(net.netmask),
+        **(settings or {})}
     conf = d / "ocserv.conf"
-    conf.write_text(f"""\
-auth = "plain[passwd={passwd}]"
-tcp-port = {OCSERV_PORT}
-{f"udp-port = {OCSERV_PORT}" if udp else ""}
-run-as-user = root
-run-as-group = root
-socket-file = {d}/ocserv.sock
-pid-file = {d}/ocserv.pid
-server-cert = {cert}
-server-key = {key}
-isolate-workers = false
-max-clients = 16
-max-same-clients = 0
-keepalive = 32400
-dpd = 90
-mobile-dpd = 1800
-try-mtu-discovery = false
-mtu = {TUNNEL_MTU}
-cookie-timeout = 300
-deny-roaming = false
-auth-timeout = 240
-device = vpns
-predictable-ips = true
-ipv4-network = {OCSERV_NET}
-ipv4-netmask = {OCSERV_MASK}
-""")
+    conf.write_text("".join(f"{k} = {v}\n" for k, v in keys.items()))
     ns_run(["nft", "-f", "-"], topo.relay_ns, input=(
         "table ip bench_ocserv {\n"
         "  chain postrouting {\n"
         "    type nat hook postrouting priority srcnat; policy accept;\n"
-        f'    ip saddr {OCSERV_POOL} oifname "{topo.uplink}" masquerade\n'
+        f'    ip saddr {pool} oifname "{topo.uplink}" masquerade\n'
         "  }\n"
         "}\n"))
-    topo.spawn(topo.relay_ns, ["ocserv", "-f", "-c", str(conf)], "ocserv.log")
+    proc = topo.spawn(topo.relay_ns, ["ocserv", "-f", "-c", str(conf)], "ocserv.log")
     wait_for(lambda: ns_run(["ss", "-ltn", f"sport = :{OCSERV_PORT}"], topo.relay_ns)
              .stdout.count("LISTEN") > 0, START_TIMEOUT, "ocserv to listen")
+    return proc
 
 
 def connect_ocserv(topo: Topology, i: int = OCSERV_CLIENT) -> None:
@@ -160,23 +152,44 @@ def connect_ocserv(topo: Topology, i: int = OCSERV_CLIENT) -> None:
         raise RuntimeError(f"openconnect to ocserv exited: {topo.log(f'openconnect-{i}.log')}")
 
 
-def start_iperf(topo: Topology) -> None:
-    """The iperf3 server every forwarding benchmark measures against."""
-    topo.spawn(topo.internet_ns, ["iperf3", "-s", "-B", INTERNET_IP], "iperf3.log")
-    wait_for(lambda: ns_run(["ss", "-ltn", f"sport = :{IPERF_PORT}"], topo.internet_ns)
-             .stdout.count("LISTEN") > 0, START_TIMEOUT, "iperf3 to listen")
+def start_iperf(topo: Topology, servers: int = 1) -> None:
+    """The iperf3 servers every forwarding benchmark measures against: one per
+    concurrent client (an iperf3 server runs one test at a time), on
+    IPERF_PORT and the ports after it."""
+    ports = range(IPERF_PORT, IPERF_PORT + servers)
+    for port in ports:
+        topo.spawn(topo.internet_ns, ["iperf3", "-s", "-B", INTERNET_IP, "-p", str(port)],
+                   f"iperf3-{port}.log")
+    wait_for(lambda: ns_run(["ss", "-ltn", f"sport >= :{ports[0]} and sport <= :{ports[-1]}"],
+                            topo.internet_ns).stdout.count("LISTEN") == servers,
+             START_TIMEOUT, "iperf3 to listen")
 
 
-def iperf(topo: Topology, client: int, udp: bool, seconds: int) -> float:
-    """Mbit/s received (TCP) or packets/s received (UDP) by the iperf3 server."""
+def iperf_command(udp: bool, seconds: int, port: int = IPERF_PORT) -> list[str]:
+    """An iperf3 client towards the server on ``port``: TCP, or small UDP packets
+    sent unthrottled."""
     args = ["-u", "-l", str(UDP_PAYLOAD), "-b", "0"] if udp else []
-    out = ns_run(["iperf3", "-c", INTERNET_IP, "-J", "-t", str(seconds), *args],
-              topo.client_ns(client), timeout=seconds + IPERF_GRACE).stdout
-    end = json.loads(out)["end"]
+    return ["iperf3", "-c", INTERNET_IP, "-p", str(port), "-J", "-t", str(seconds), *args]
+
+
+def iperf_result(out: str, udp: bool) -> float:
+    """Mbit/s received (TCP) or packets/s received (UDP) by the iperf3 server,
+    from the client's JSON."""
+    result = json.loads(out)
+    if "error" in result:
+        raise RuntimeError(f"iperf3: {result['error']}")
+    end = result["end"]
     if udp:
         s = end["sum"]
         return (s["packets"] - s["lost_packets"]) / s["seconds"]
     return end["sum_received"]["bits_per_second"] / 1e6
+
+
+def iperf(topo: Topology, client: int, udp: bool, seconds: int) -> float:
+    """Mbit/s received (TCP) or packets/s received (UDP) by the iperf3 server."""
+    out = ns_run(iperf_command(udp, seconds), topo.client_ns(client),
+                 timeout=seconds + IPERF_GRACE).stdout
+    return iperf_result(out, udp)
 
 
 def run(quick: bool) -> list[Row]:
