@@ -36,7 +36,7 @@ def test_stateless_answers_have_a_budget_per_second(tmp_path: Path,
     clock = [1000.0]
     monkeypatch.setattr(openvpn_link.time, "monotonic", lambda: clock[0])
     listener = OpenVPNListener(FakeHost(), Datapath(SimpleNamespace(fd=-1)),  # type: ignore[arg-type]
-                               config.Config().with_data_dir(tmp_path))
+                               config.Config().with_data_dir(tmp_path), 0, os.urandom(32))
     answered: list[Peer] = []
     listener.sendto = lambda pkt, addr: answered.append(addr)  # type: ignore[method-assign]
 
