@@ -169,50 +169,82 @@ def test_an_openvpn_client_that_floats_keeps_its_session_on_its_worker(
 
 def test_a_killed_worker_closes_its_sessions_and_serves_again(
         make_topology: Callable[..., Topology]) -> None:
-    topo = make_topology(3)
+    """Two workers, openconnect and openvpn clients on both; the worker of the
+    first is SIGKILLed mid-session. Its sessions, and only those, get
+    disconnect records saying so; the others carry on; the worker is started
+    again and serves; every session has exactly one connect and one disconnect
+    record when the relay stops."""
+    openvpn_version()
+    topo = make_topology(5)
     data = topo.workdir / "data"
     topo.start_web()
     relay = topo.start_relay(data, server_keys=workers(2))
-    victim_client, other_client = topo.connect_openconnect(1, data), \
-        topo.connect_openconnect(2, data)
-    victim, other = session_of(data, 1), session_of(data, 2)
-    assert {victim["worker"], other["worker"]} == {0, 1}
-    for i in (1, 2):
+    # New TCP connections go to the worker with the fewest (the first of equals):
+    # openconnect 1 to worker 0, openconnect 2 to worker 1, openvpn over TCP 3 to
+    # worker 0; openvpn over UDP 4 where the hash of its address says.
+    clients = {1: topo.connect_openconnect(1, data), 2: topo.connect_openconnect(2, data)}
+    clients[3] = start_openvpn(topo, data, "tcp", "tun", i=3)
+    clients[4] = start_openvpn(topo, data, "udp", "tun", i=4)
+    before = {i: session_of(data, i) for i in (1, 2, 3, 4)}
+    assert [before[i]["worker"] for i in (1, 2, 3)] == [0, 1, 0]
+    for i in (1, 2, 3, 4):
         topo.curl(i, "/big.bin", "-o", "/dev/null")
-    st = status(data)
-    dead_pid = st["workers"][victim["worker"]]["pid"]
+    dead_worker = before[1]["worker"]
+    victims = {i for i, s in before.items() if s["worker"] == dead_worker}
+    others = set(before) - victims
+    dead_pid = status(data)["workers"][dead_worker]["pid"]
 
     os.kill(dead_pid, signal.SIGKILL)
-    [lost] = wait_records(data, "disconnect", 1)
-    assert lost["session_id"] == victim["session_id"]
-    assert lost["reason"] == "worker-lost"
-    assert lost["error"] == (f"worker {victim['worker']} (pid {dead_pid}) was killed by "
-                             "SIGKILL; counters are from the session's last checkpoint")
-    assert lost["virtual_ip"] == victim["virtual_ip"]
-    assert re.search(rf"relay: ERROR: worker {victim['worker']} \(pid {dead_pid}\) was killed "
-                     r"by SIGKILL; 1 session\(s\) closed; starting it again",
+    lost = wait_records(data, "disconnect", len(victims))
+    assert sorted(r["session_id"] for r in lost) == \
+        sorted(before[i]["session_id"] for i in victims)
+    for rec in lost:
+        assert rec["reason"] == "worker-lost"
+        assert rec["error"] == (f"worker {dead_worker} (pid {dead_pid}) was killed by "
+                                "SIGKILL; counters are from the session's last checkpoint")
+        assert rec["virtual_ip"] in {before[i]["virtual_ip"] for i in victims}
+    assert re.search(rf"relay: ERROR: worker {dead_worker} \(pid {dead_pid}\) was killed "
+                     rf"by SIGKILL; {len(victims)} session\(s\) closed; starting it again",
                      topo.log("relay.log"))
-    # The other worker's session never noticed.
-    for _ in range(3):
-        assert "hello from the internet namespace" in topo.curl(2, "/")
-    assert other_client.poll() is None and relay.poll() is None
-    # Its client learns its session is gone (its cookie is spent) and ends.
-    victim_client.wait(60)
+    # The other worker's sessions never noticed: same session, a stamped page each.
+    for i in others:
+        agent = f"survivor-{i}/1.0 (X11)"
+        assert "hello from the internet namespace" in topo.curl(i, "/", "-A", agent)
+        assert session_of(data, i)["session_id"] == before[i]["session_id"]
+        topo.access_log(stamped(agent, before[i]["session_id"]))
+        assert clients[i].poll() is None
+    assert relay.poll() is None
+    # openconnect learns its session is gone (its cookie is spent) and ends.
+    clients[1].wait(60)
 
-    # Started again, with a new process, and it takes the next client (it has the
-    # fewest connections).
     def restarted() -> dict[str, Any]:
-        return status(data)["workers"][victim["worker"]]  # type: ignore[no-any-return]
+        return status(data)["workers"][dead_worker]  # type: ignore[no-any-return]
 
     wait_for(lambda: restarted()["up"], 60, "the worker to serve again")
     assert restarted()["restarts"] == 1 and restarted()["pid"] != dead_pid
-    assert metric(topo, "relay_worker_restarts_total", worker=str(victim["worker"])) == 1
-    topo.connect_openconnect(3, data)
-    assert session_of(data, 3)["worker"] == victim["worker"]
-    assert "hello from the internet namespace" in topo.curl(3, "/", "-A", "again/1.0 (X11)")
-    topo.access_log(stamped("again/1.0 (X11)", session_of(data, 3)["session_id"]))
-    assert {s["session_id"] for s in live_sessions(data)} == {
-        other["session_id"], session_of(data, 3)["session_id"]}
+    assert metric(topo, "relay_worker_restarts_total", worker=str(dead_worker)) == 1
+    # The openvpn client over TCP reconnects, a new session, and fetches a page.
+    wait_for(lambda: topo.log("openvpn-3.log").count("Initialization Sequence Completed") == 2,
+             60, "openvpn over TCP to reconnect")
+    again = session_of(data, 3)
+    assert again["session_id"] != before[3]["session_id"]
+    assert "hello" in topo.curl(3, "/", "-A", "reconnected/1.0 (X11)")
+    topo.access_log(stamped("reconnected/1.0 (X11)", again["session_id"]))
+    # A new client: the restarted worker holds it or the reconnected one (whichever
+    # came to the worker with the fewest connections after the restart).
+    topo.connect_openconnect(5, data)
+    assert "hello" in topo.curl(5, "/", "-A", "again/1.0 (X11)")
+    topo.access_log(stamped("again/1.0 (X11)", session_of(data, 5)["session_id"]))
+    assert dead_worker in {session_of(data, i)["worker"] for i in (3, 5)}
+    assert restarted()["sessions"] >= 1
+
+    # Every session, lost or not, has one connect and one disconnect record.
+    relay.send_signal(signal.SIGTERM)
+    relay.wait(30)
+    opened = [r["session_id"] for r in records(data, "connect")]
+    closed = [r["session_id"] for r in records(data, "disconnect")]
+    assert len(opened) == len(set(opened)) and sorted(opened) == sorted(closed)
+    assert set(opened) >= {s["session_id"] for s in before.values()} | {again["session_id"]}
 
 
 def test_a_reload_reaches_every_worker(make_topology: Callable[..., Topology]) -> None:
