@@ -1,6 +1,6 @@
 """The CSTP side of ``relay serve``: the TLS listener and one asyncio protocol per
 client connection, feeding the sans-IO :class:`relay.protocols.cstp.CstpServer` and acting
-on its events through the core's :class:`relay.serve.link.LinkHost` interface.
+on its events through the worker's :class:`relay.serve.link.LinkHost` interface.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The OpenVPN side of ``relay serve``: a TCP listener and a UDP endpoint on the
 ``[openvpn] listen`` address, one :class:`OpenVPNLink` per client feeding the
 sans-IO :class:`relay.protocols.openvpn.server.OpenVPNServer` and acting on its events through
-the core's :class:`relay.serve.link.LinkHost` interface.
+the worker's :class:`relay.serve.link.LinkHost` interface.
 
 ``dev tun`` clients exchange IP packets, wrapped in Ethernet with the session MAC
 like CSTP's; ``dev tap`` clients exchange whole frames, and the relay pushes
@@ -104,13 +104,13 @@ UDP_SLOT = MAX_PACKET_BYTES + 1
 
 # Control datagrams from addresses without a session that the listener looks at
 # (checks a proof, answers a reset: an HMAC each, and a send), per second and in a
-# burst, for each worker's listener (what it protects is that worker's core, so it
-# scales with the workers as the cores they use do). A forger can make every datagram a reset from a
-# new address: past this budget a datagram gets no look (its client sends it again
-# after TLS_TIMEOUT_S, as after any loss) and the forger gets no more of the relay's
-# CPU than the receive. OpenVPN 2.6 bounds the same answers (--connect-freq-initial,
-# 100 per 10 s); 5x the [abuse] rate_total of new connections leaves room for the
-# retransmitting clients of a restart.
+# burst, for each worker's listener: what it protects is that worker's core, so
+# the relay's whole budget grows with the cores it uses. A forger can make every
+# datagram a reset from a new address: past this budget a datagram gets no look
+# (its client sends it again after TLS_TIMEOUT_S, as after any loss) and the forger
+# gets no more of the relay's CPU than the receive. OpenVPN 2.6 bounds the same
+# answers (--connect-freq-initial, 100 per 10 s); 5x the [abuse] rate_total of new
+# connections leaves room for the retransmitting clients of a restart.
 STATELESS_PER_S = 1000.0
 STATELESS_BURST = 2000
 
