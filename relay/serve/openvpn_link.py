@@ -336,7 +336,7 @@ class OpenVPNListener:
             .add(self.counts["resets-answered"]),
             Metric("relay_openvpn_unanswered_total", "counter",
                    "UDP control datagrams from addresses without a session left unlooked "
-                   f"at past the listener's budget of {STATELESS_PER_S:g}/s (a flood; "
+                   f"at past each worker's listener's budget of {STATELESS_PER_S:g}/s (a flood; "
                    "clients send theirs again).")
             .add(self.counts["unanswered"]),
             Metric("relay_openvpn_proofs_total", "counter",
