@@ -86,15 +86,16 @@ def run(quick: bool) -> list[Row]:
                          str(LISTEN_PORT), str(FLOOD_LEAD + seconds)],
                         stdout=subprocess.PIPE, text=True, cwd=ROOT)
                     time.sleep(FLOOD_LEAD)
-                before = cpu_seconds([relay.pid])
+                pids = common.process_tree(relay.pid)  # the control plane and its workers
+                before = cpu_seconds(pids)
                 try:
                     mbit = iperf(topo, HONEST_CLIENT, False, seconds)
                 finally:
-                    after = cpu_seconds([relay.pid])
+                    after = cpu_seconds(pids)
                     if proc is not None:
                         out, _ = proc.communicate(timeout=FLOOD_GRACE)
                         floods.append(json.loads(out))
-                used = after[relay.pid] - before[relay.pid]
+                used = sum(after[p] - before[p] for p in before if p in after)
                 cpu["flood" if flood else "quiet"].append(used / (mbit * seconds / 1e3))
                 return mbit
             return go

@@ -22,6 +22,27 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it (from /proc/PID/stat's ppid):
+    all of a server's processes, whatever it forks."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
 @dataclass
 class Row:
     benchmark: str

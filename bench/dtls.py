@@ -83,7 +83,9 @@ def run(quick: bool) -> list[Row]:
 
         def variant(k: str, server: str, client: int, udp: bool) -> Callable[[], float]:
             def measure() -> float:
-                pids = ns_pids(topo.relay_ns, "ocserv") if server == "ocserv" else [relay.pid]
+                # The relay: its control plane and workers.
+                pids = ns_pids(topo.relay_ns, "ocserv") if server == "ocserv" else \
+                    common.process_tree(relay.pid)
                 before = cpu_seconds(pids)
                 try:
                     value = iperf(topo, client, udp, seconds)

@@ -213,7 +213,7 @@ def run(quick: bool) -> list[Row]:
             if server == "ocserv":
                 # ocserv-main, ocserv-sm and the session's ocserv-worker.
                 return ns_pids(topo.relay_ns, "ocserv")
-            return [relay.pid]
+            return common.process_tree(relay.pid)  # the control plane and its workers
 
         cpu: dict[str, list[float]] = {}
 

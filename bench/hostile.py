@@ -26,6 +26,7 @@ relay's resident memory after the attack rounds vs before them and its peak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -141,19 +142,28 @@ def attack_child(kind: str, host: str, seconds: float) -> None:
     print(json.dumps(counts), flush=True)
 
 
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, in KiB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0])
+def memory_kib(pids: list[int]) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of processes together, in KiB: the relay's control
+    plane and workers (their peaks summed: an upper bound of the peak of the sum,
+    as they need not peak at once)."""
+    out = {"VmRSS": 0, "VmHWM": 0}
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a short-lived child (tc, nft) gone since the tree was read
+        for line in status.splitlines():
+            key, _, value = line.partition(":")
+            if key in out:
+                out[key] += int(value.split()[0])
     return out
 
 
-def reset_peak(pid: int) -> None:
+def reset_peak(pids: list[int]) -> None:
     """Start VmHWM afresh at the current RSS (proc(5): clear_refs value 5)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 ATTACKS = ("flood", "slowloris", "non-reader", "forged-resets")
@@ -177,13 +187,13 @@ def run(quick: bool, attacks: tuple[str, ...] = ATTACKS) -> list[Row]:
         honest = topo.connect_openconnect(HONEST, data)
         start_iperf(topo)
         iperf(topo, HONEST, False, 1)  # warm-up: the first run pays for slow start
-        before = memory_kib(relay.pid)
+        before = memory_kib(common.process_tree(relay.pid))
 
         def measure(attack: bool) -> Callable[[], float]:
             def go() -> float:
                 procs: list[tuple[str, subprocess.Popen[str]]] = []
                 if attack:
-                    reset_peak(relay.pid)
+                    reset_peak(common.process_tree(relay.pid))
                     for kind in attacks:
                         client = ATTACK_CLIENT[kind]
                         child = (["-m", "bench.abuse", "--flood-child", relay_ip(client),
@@ -203,12 +213,12 @@ def run(quick: bool, attacks: tuple[str, ...] = ATTACKS) -> list[Row]:
                         out, _ = proc.communicate(timeout=ATTACK_GRACE)
                         reports.setdefault(kind, []).append(json.loads(out))
                     if attack:
-                        peaks.append(memory_kib(relay.pid)["VmHWM"])
+                        peaks.append(memory_kib(common.process_tree(relay.pid))["VmHWM"])
             return go
 
         medians = common.interleaved({"quiet": measure(False), "attack": measure(True)},
                                      repeats)
-        after = memory_kib(relay.pid)
+        after = memory_kib(common.process_tree(relay.pid))
         survived = honest.poll() is None and relay.poll() is None
     finally:
         topo.destroy()

@@ -258,7 +258,9 @@ def traffic(quick: bool) -> tuple[list[Row], dict[str, object]]:
 
         def variant(server: str, client: int, udp: bool) -> Callable[[], float]:
             def measure() -> float:
-                pids = [relay.pid] if server == "relay" else ns_pids(topo.relay_ns, "openvpn")
+                # The relay: its control plane and workers.
+                pids = common.process_tree(relay.pid) if server == "relay" else \
+                    ns_pids(topo.relay_ns, "openvpn")
                 before = cpu_seconds(pids)
                 value = iperf(topo, client, udp, seconds)
                 after = cpu_seconds(pids)

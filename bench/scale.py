@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from bench.common import RESULTS, Row
+from bench.common import RESULTS, Row, process_tree
 from bench.cstp_swarm import DEFAULT_CONCURRENCY, DEFAULT_PER_SOURCE
 from bench.forwarding import (
     IPERF_GRACE,
@@ -123,27 +123,6 @@ METRICS_URL = "http://127.0.0.1:9810/metrics"  # the relay's [metrics] listen de
 
 
 # -- processes ------------------------------------------------------------------------
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and every process descended from it (from /proc/PID/stat's ppid):
-    all of a server's processes, whatever it forks."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, ()))
-    return tree
 
 
 @dataclass
