@@ -39,6 +39,7 @@ from relay.errors import RelayError
 from relay.investigate import pcapng, search
 from relay.packetlog import segments
 from relay.safeout import json_text, private_file
+from relay.sessionquery import row_dict
 from relay.times import rfc3339_ms
 
 BUNDLE_FORMAT = "relay-disclosure-1"
@@ -194,7 +195,7 @@ def disclose(data_dir: Path, q: search.Query, tz: tzinfo, out: Path, *,
     pcap = io.BytesIO()
     pcapng.write(pcap, packets, app="relay logs disclose")
     members = {
-        "sessions.json": json_text([search.row_dict(r, tz) for r in rows],
+        "sessions.json": json_text([row_dict(r, tz) for r in rows],
                                    indent=1).encode(),
         "connlog.jsonl": b"".join(json_text(r).encode() + b"\n" for r in records),
         "packets.jsonl": b"".join(json.dumps(p).encode() + b"\n" for p in packets),
