@@ -98,9 +98,11 @@ _TEMPLATE = (
     f {fields} EPHEMERAL JSONExtract(record, '{fields}'),
     server_id LowCardinality(String) MATERIALIZED tupleElement(tupleElement(f, 'server'), 'id'),
     id String MATERIALIZED tupleElement(f, 'id'),
-    time DateTime64(3, 'UTC') MATERIALIZED parseDateTime64BestEffortOrZero(tupleElement(f, 'time'), 3, 'UTC'),
+    time DateTime64(3, 'UTC')
+        MATERIALIZED parseDateTime64BestEffortOrZero(tupleElement(f, 'time'), 3, 'UTC'),
     day Date MATERIALIZED if(tupleElement(tupleElement(f, 'out_of_window'), 'received') != '',
-        toDate(parseDateTime64BestEffortOrZero(tupleElement(tupleElement(f, 'out_of_window'), 'received'), 3, 'UTC')),
+        toDate(parseDateTime64BestEffortOrZero(
+            tupleElement(tupleElement(f, 'out_of_window'), 'received'), 3, 'UTC')),
         toDate(parseDateTime64BestEffortOrZero(tupleElement(f, 'time'), 3, 'UTC'))),
     action LowCardinality(String) MATERIALIZED tupleElement(f, 'action'),
     session_id String MATERIALIZED tupleElement(f, 'session_id'),
