@@ -10,11 +10,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay import config as configmod
 from relay import sessionid
 from relay.errors import RelayError
 from relay.safeout import escape_text, json_text
+
+if TYPE_CHECKING:
+    from relay.central.store import StoreSettings
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -332,6 +336,8 @@ def cmd_collector(args: argparse.Namespace) -> int:
 
     if args.collector_command == "verify":
         return cmd_collector_verify(args)
+    if args.collector_command == "search":
+        return cmd_collector_search(args)
     if not (args.cert and args.key and args.ca):
         raise RelayError("collector: --cert, --key and --ca are required (see relay "
                          "collector --help)")
@@ -348,9 +354,47 @@ def cmd_collector(args: argparse.Namespace) -> int:
                             accept_syslog=args.accept_syslog,
                             allow_no_client_cert=args.allow_no_client_cert,
                             quota_bytes_per_day=args.quota_mb_per_day << 20,
-                            stop_event=stop)
+                            store=_store_settings(args), stop_event=stop)
 
     uvloop.run(main())
+    return 0
+
+
+def _store_settings(args: argparse.Namespace) -> StoreSettings:
+    """[store] of --config, with --store-url and --store-cluster over it."""
+    from relay.central.store import StoreSettings
+
+    store = configmod.load(args.config).store if args.config else configmod.StoreConfig()
+    return StoreSettings(url=args.store_url if args.store_url is not None else store.url,
+                         cluster=args.store_cluster if args.store_cluster is not None
+                         else store.cluster)
+
+
+def cmd_collector_search(args: argparse.Namespace) -> int:
+    from relay.central import fleet
+    from relay.central.store import create_schema, open_backend
+    from relay.querycli import FLEET_COLUMNS, Elapsed, print_sessions, query_of
+
+    q, tz = query_of(args)
+    settings = _store_settings(args)
+    data_dir = Path(args.search_data_dir)
+    with Elapsed("querying the store"):
+        pairs = None if settings.url else fleet.ask_collector(fleet.socket_path(data_dir), q)
+        if pairs is None:  # a server, or no collector running on the embedded store
+            if not settings.url and not (data_dir / "@store").is_dir():
+                raise RelayError(f"{data_dir}: no store here (not a collector's directory)")
+            backend = open_backend(data_dir, settings)
+            try:
+                if not settings.url:
+                    create_schema(backend)  # a store older than a table: created empty
+                pairs = fleet.fetch(backend, q)
+            finally:
+                backend.close()
+
+    def warn(text: str) -> None:
+        print(f"relay: warning: {escape_text(text)}", file=sys.stderr)
+
+    print_sessions(args, fleet.sessions(pairs, q, warn), tz, FLEET_COLUMNS)
     return 0
 
 
@@ -360,6 +404,17 @@ def cmd_collector_verify(args: argparse.Namespace) -> int:
     report = verify(Path(args.verify_data_dir))
     sys.stdout.write(json.dumps(report.to_dict()) + "\n" if args.json else report.text())
     return 0 if report.ok else EXIT_ERROR
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="a TOML file whose [store] section names the store (README)")
+    p.add_argument("--store-url", metavar="URL",
+                   help="a ClickHouse server (http[s]://USER:PASSWORD@HOST:8123/) instead "
+                        "of the embedded store; overrides [store] url")
+    p.add_argument("--store-cluster", metavar="NAME",
+                   help="with --store-url: the cluster of Replicated/Distributed tables; "
+                        "overrides [store] cluster")
 
 
 def _directory_config(args: argparse.Namespace) -> configmod.Config:
@@ -650,8 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain-listen", metavar="HOST:PORT",
                    help="also accept plain TCP syslog here, for local senders (needs "
                         "--accept-syslog: no certificate, so no relay records)")
+    _store_options(p)
     p.set_defaults(func=cmd_collector, collector_command=None)
-    verify = p.add_subparsers(dest="collector_command", metavar="[verify]")
+    verify = p.add_subparsers(dest="collector_command", metavar="[verify|search]")
     q = verify.add_parser(
         "verify", help="check the stored day files against the collector's SHA-256 chain",
         description="Checks every relay's compressed days under DIR against its chain "
@@ -662,6 +718,23 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="DIR", help="the collector's directory (default "
                                        "/var/lib/relay-collector)")
     q.add_argument("--json", action="store_true", help="the report as one JSON object")
+
+    from relay.querycli import add_filters, add_output
+
+    q = verify.add_parser(
+        "search", help="sessions across the fleet, from the collector's store",
+        description="The sessions of every relay that match the filters, from the "
+                    "collector's ClickHouse store (embedded, or [store] url): the same "
+                    "filters, zones, --at rule and output as 'relay logs search', with "
+                    "the relay's id and address in each row. Destinations are the "
+                    "disconnect records' lists (packets stay on the relays).")
+    q.add_argument("--data-dir", dest="search_data_dir", default="/var/lib/relay-collector",
+                   metavar="DIR", help="the collector's directory (default "
+                                       "/var/lib/relay-collector); a running collector "
+                                       "answers for its embedded store")
+    _store_options(q)
+    add_filters(q, fleet=True)
+    add_output(q)
 
     p = sub.add_parser(
         "directory", help="the relay directory: registrations and the public server list",

@@ -230,6 +230,18 @@ class DirectoryConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """The collector's ClickHouse store (relay.central.store)."""
+
+    # http(s)://USER:PASSWORD@HOST:8123/ of a ClickHouse server; empty = the
+    # embedded engine (chDB) in the collector's --data-dir.
+    url: str = ""
+    # With url: the cluster (remote_servers name) the tables are created ON
+    # CLUSTER, Replicated and Distributed; empty = one server, MergeTree.
+    cluster: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tap: TapConfig = field(default_factory=TapConfig)
@@ -241,6 +253,7 @@ class Config:
     abuse: AbuseConfig = field(default_factory=AbuseConfig)
     egress: EgressConfig = field(default_factory=EgressConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -276,6 +289,7 @@ _SECTION_TYPES = {
     "abuse": AbuseConfig,
     "egress": EgressConfig,
     "directory": DirectoryConfig,
+    "store": StoreConfig,
 }
 
 

@@ -9,6 +9,8 @@ import argparse
 import csv
 import math
 import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +37,11 @@ FLEET_COLUMNS = ("session_id", "match", "server_id", "server_ip", "client", "cli
                  "client_software", "protocol", "connect", "connect_utc", "disconnect",
                  "disconnect_utc")
 FORMATS = ("table", "json", "csv")
+# A progress line appears only when a query outlives this (as the relay's
+# segment scan does it: a quick answer should not flash one), and is redrawn
+# this often.
+PROGRESS_AFTER_S = 1.0
+PROGRESS_EVERY_S = 0.2
 
 
 def add_filters(p: argparse.ArgumentParser, *, fleet: bool = False) -> None:
@@ -140,3 +147,35 @@ def table(out: IO[str], dicts: list[dict[str, Any]], columns: Sequence[str]) -> 
     for row in cells:
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                   + "\n")
+
+
+class Elapsed:
+    """"WHAT... 3.2 s" on stderr while a query runs, only on a terminal and only
+    after PROGRESS_AFTER_S (the engine gives no row count to show)."""
+
+    def __init__(self, what: str, stream: IO[str] | None = None) -> None:
+        self.what = what
+        self.stream = stream or sys.stderr
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Elapsed:
+        if self.stream.isatty():
+            self._thread = threading.Thread(target=self._draw, daemon=True)
+            self._thread.start()
+        return self
+
+    def _draw(self) -> None:
+        started = time.monotonic()
+        if self._done.wait(PROGRESS_AFTER_S):
+            return
+        while not self._done.wait(PROGRESS_EVERY_S):
+            self.stream.write(f"\r{self.what}... {time.monotonic() - started:.1f} s")
+            self.stream.flush()
+        self.stream.write("\r\033[K")
+        self.stream.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -64,6 +64,15 @@ from pathlib import Path
 from typing import Any, cast
 
 from relay import chain
+from relay.central import fleet
+from relay.central.store import (
+    LOAD_INTERVAL_S,
+    Loader,
+    StoreError,
+    StoreSettings,
+    create_schema,
+    open_backend,
+)
 from relay.chain import Report, check_links
 from relay.config import parse_hostport
 from relay.connlog import reader
@@ -195,11 +204,14 @@ class DayFile:
 
 
 class Store:
-    """Day files under the collector directory, opened on demand (LRU)."""
+    """Day files under the collector directory, opened on demand (LRU).
+    ``on_synced(subdir, day)`` hears of each day file synced with new lines."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path,
+                 on_synced: Callable[[str, str], None] | None = None) -> None:
         self.root = ensure_dir(Path(root))
         self._open: OrderedDict[tuple[str, str], DayFile] = OrderedDict()
+        self.on_synced = on_synced
 
     def day_file(self, subdir: str, day: str, dedup: bool) -> DayFile:
         key = (subdir, day)
@@ -215,26 +227,33 @@ class Store:
         f = DayFile(directory / f"{day}{SUFFIX}", dedup)
         self._open[key] = f
         while len(self._open) > MAX_OPEN_DAYS:
-            _, old = self._open.popitem(last=False)
-            old.close()
+            self._close(*self._open.popitem(last=False))
         return f
+
+    def _close(self, key: tuple[str, str], f: DayFile) -> None:
+        f.close()
+        if self.on_synced is not None:
+            self.on_synced(*key)
 
     def flush(self) -> None:
         for f in self._open.values():
             f.flush()
 
     def sync(self) -> None:
-        for f in self._open.values():
+        for key, f in self._open.items():
             f.flush()
-            f.sync()
+            if f.dirty:
+                f.sync()
+                if self.on_synced is not None:
+                    self.on_synced(*key)
 
     def close_days_before(self, day: str) -> None:
         for key in [k for k in self._open if k[1] < day]:
-            self._open.pop(key).close()
+            self._close(key, self._open.pop(key))
 
     def close(self) -> None:
-        for f in self._open.values():
-            f.close()
+        for key, f in self._open.items():
+            self._close(key, f)
         self._open.clear()
 
     def relay_directories(self) -> list[Path]:
@@ -301,8 +320,9 @@ class Quota:
 class Collector:
     def __init__(self, data_dir: Path, keep_days: int, *, accept_syslog: bool = False,
                  quota_bytes_per_day: int = DEFAULT_QUOTA_BYTES_PER_DAY,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.store = Store(Path(data_dir))
+                 clock: Callable[[], float] = time.time,
+                 on_synced: Callable[[str, str], None] | None = None) -> None:
+        self.store = Store(Path(data_dir), on_synced)
         self.keep_days = check_keep_days(keep_days)
         self.accept_syslog = accept_syslog
         self.quota = Quota(quota_bytes_per_day, clock)
@@ -610,6 +630,7 @@ async def run_collector(
     accept_syslog: bool = False,
     allow_no_client_cert: bool = False,
     quota_bytes_per_day: int = DEFAULT_QUOTA_BYTES_PER_DAY,
+    store: StoreSettings | None = None,
     stop_event: asyncio.Event | None = None,
 ) -> None:
     """Serve until ``stop_event`` is set (or the task is cancelled).
@@ -631,9 +652,24 @@ async def run_collector(
     if quota_bytes_per_day <= 0:
         raise RelayError("collector: the quota must be positive")
     ctx = server_context(ca, cert, key, allow_no_client_cert)
-    collector = Collector(Path(data_dir), keep_days, accept_syslog=accept_syslog,
-                          quota_bytes_per_day=quota_bytes_per_day)
-    os.chmod(collector.store.root, DIR_MODE)
+    store = store or StoreSettings()
+    ensure_dir(Path(data_dir))
+    os.chmod(data_dir, DIR_MODE)
+    backend = await asyncio.to_thread(open_backend, Path(data_dir), store)
+    try:
+        await asyncio.to_thread(create_schema, backend, keep_days, store.cluster)
+    except StoreError as exc:
+        backend.close()
+        raise RelayError(f"collector: the store: {exc}") from None
+    loader = Loader(Path(data_dir), backend, keep_days)
+    collector = Collector(
+        Path(data_dir), keep_days, accept_syslog=accept_syslog,
+        quota_bytes_per_day=quota_bytes_per_day,
+        on_synced=lambda sub, day: None if sub.startswith("@") else loader.mark(sub, day))
+    queries = None if store.url else await fleet.serve_queries(
+        fleet.socket_path(Path(data_dir)), backend)
+    log.info("store: %s", f"ClickHouse at {store.url}" if store.url
+             else f"embedded (chDB) in {loader.journal.path.parent}")
     listeners = [listen_tcp(host, port, LISTEN_BACKLOG)]
     log.info("listening on %s (RFC 5425, TLS, client certificate %s), storing in %s; "
              "plain syslog %s; quota %d bytes per sender per day", listen,
@@ -642,9 +678,10 @@ async def run_collector(
     if plain:
         listeners.append(listen_tcp(*plain, LISTEN_BACKLOG))
         log.info("listening on %s (plain TCP syslog, for local senders)", plain_listen)
+    stop = stop_event or asyncio.Event()
     tasks = [asyncio.ensure_future(_accept_loop(sock, collector, ctx if i == 0 else None))
              for i, sock in enumerate(listeners)]
-    stop = stop_event or asyncio.Event()
+    tasks.append(asyncio.ensure_future(_load_loop(loader, stop)))
     try:
         while not stop.is_set():
             collector.retention_pass()
@@ -655,5 +692,31 @@ async def run_collector(
             task.cancel()
         for sock in listeners:
             sock.close()
+        if queries is not None:
+            queries.close()
         collector.store.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        loader.close()
+        backend.close()
         log.info("collector stopped")
+
+
+async def _load_loop(loader: Loader, stop: asyncio.Event) -> None:
+    """Load the spool into the store, a pass a second while records arrive; a
+    store that fails is retried (the spool keeps everything meanwhile)."""
+    failing = False
+    while not stop.is_set():
+        try:
+            n = await asyncio.to_thread(loader.run_pass)
+            if failing:
+                log.info("store: loading works again")
+            failing = False
+        except (StoreError, OSError) as exc:
+            if not failing:
+                log.error("store: loading failed (retrying; the spool keeps the records): %s",
+                          exc)
+            failing = True
+            n = 0
+        if not n:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), LOAD_INTERVAL_S)

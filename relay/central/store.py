@@ -224,6 +224,9 @@ class Embedded:
         except ImportError:
             raise RelayError("the embedded store needs chdb (pip install chdb; "
                              "./run.sh setup installs it)") from None
+        # The engine writes its parts for as long as the process lives, with the
+        # process's umask: everything under the store private, as the spool is.
+        os.umask(0o077)
         self.path = ensure_dir(Path(path))
         self.scratch = self.path.parent / PASS_FILE
         # One session per process, and not safe for concurrent queries.
@@ -470,27 +473,29 @@ class Loader:
         ensure_dir(store_dir(self.root))
         self.journal = Journal.load(store_dir(self.root) / JOURNAL)
         self._marked: set[tuple[str, str]] = set()
+        self._marked_lock = threading.Lock()  # mark() runs on the collector's loop
         self._scan_all = True  # after a start: every day of every relay
         self._days = reader.DayReader()
         self.loaded_records = 0
         self.loaded_bytes = 0
 
     def mark(self, relay: str, day: str) -> None:
-        """The collector stored lines of ``relay``'s ``day`` (called from its thread)."""
-        self._marked.add((relay, day))
+        """The collector synced new lines of ``relay``'s ``day``."""
+        with self._marked_lock:
+            self._marked.add((relay, day))
 
     def _relays(self) -> list[Path]:
         return [d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("@")]
 
     def _candidates(self) -> Iterator[tuple[str, reader.Day]]:
+        with self._marked_lock:
+            marked, self._marked = self._marked, set()
         if self._scan_all:
             self._scan_all = False
-            self._marked.clear()
             for d in sorted(self._relays()):
                 for day in reader.days(d):
                     yield d.name, day
             return
-        marked, self._marked = self._marked, set()
         for relay, name in sorted(marked):
             day = reader.day_in(self.root / relay, name)
             if day.files:
@@ -535,7 +540,8 @@ class Loader:
             room -= len(data)
             if start + len(data) < sum(reader.uncompressed_size(p) for p in day.files):
                 left.add((relay, day.name))
-        self._marked |= left
+        with self._marked_lock:
+            self._marked |= left
         self.journal.forget_before(oldest)
         return segments, b"".join(chunks)
 
