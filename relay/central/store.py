@@ -524,22 +524,19 @@ class Loader:
         for relay, day in self._candidates():
             if day.name < oldest:
                 continue
-            if room <= 0:
-                left.add((relay, day.name))  # the next pass takes it
-                continue
             start = self.journal.positions.get((relay, day.name), 0)
             try:
-                data = self._read(day, start, room)
+                size = sum(reader.uncompressed_size(p) for p in day.files)
+                data = self._read(day, start, room) if start < size and room > 0 else b""
             except (OSError, ValueError) as exc:
                 log.error("store: cannot read %s/%s: %s", relay, day.name, exc)
                 continue
-            if not data:
-                continue
-            segments.append(Segment(relay, day.name, start, start + len(data)))
-            chunks.append(data)
-            room -= len(data)
-            if start + len(data) < sum(reader.uncompressed_size(p) for p in day.files):
-                left.add((relay, day.name))
+            if data:
+                segments.append(Segment(relay, day.name, start, start + len(data)))
+                chunks.append(data)
+                room -= len(data)
+            if start + len(data) < size and (data or room < size - start):
+                left.add((relay, day.name))  # the next pass goes on with it
         with self._marked_lock:
             self._marked |= left
         self.journal.forget_before(oldest)
