@@ -54,25 +54,16 @@ OnError = Callable[[str], None]
 _MS = "toUnixTimestamp64Milli({col})"
 
 
-def sql_of(q: Query) -> tuple[str, dict[str, Any]]:
-    """SELECT (server_id, session_id, connect, disconnect) of every session that
-    may match ``q``, with its parameters."""
+def candidates_sql(q: Query) -> tuple[str, dict[str, Any]] | None:
+    """SELECT (server_id, session_id) of the sessions a client address or a
+    destination names, from the tables ordered by them; None when ``q`` has
+    neither filter."""
     params: dict[str, Any] = {}
-    where = ["action IN ('connect', 'disconnect')", "session_id != ''"]
-    if q.server_id:
-        where.append("server_id = {server_id:String}")
-        params["server_id"] = q.server_id
-    if q.server_ip:
-        where.append("server_ip = {server_ip:String}")
-        params["server_ip"] = q.server_ip
-    if q.session:
-        where.append("startsWith(session_id, {session:String})")
-        params["session"] = q.session
-    lo, hi = q.session_window
+    parts = []
     if q.client_ip:
         params["client_ip"] = q.client_ip
-        where.append(f"(server_id, session_id) IN (SELECT server_id, session_id FROM "
-                     f"{DATABASE}.client_sessions WHERE client_ip = {{client_ip:String}})")
+        parts.append(f"SELECT server_id, session_id FROM {DATABASE}.client_sessions "
+                     "WHERE client_ip = {client_ip:String}")
     if q.host or q.dst_ip:
         cond = []
         if q.host:
@@ -84,12 +75,42 @@ def sql_of(q: Query) -> tuple[str, dict[str, Any]]:
         if q.dst_port is not None:
             cond.append("port = {dst_port:UInt16}")
             params["dst_port"] = q.dst_port
+        lo, _ = q.session_window
         if lo is not None:
             # Listed by the disconnect record: a session that ended before lo
             # cannot match.
             cond.append(f"{_MS.format(col='time')} >= {{lo_ms:Int64}}")
-        where.append(f"(server_id, session_id) IN (SELECT server_id, session_id FROM "
-                     f"{DATABASE}.destinations WHERE {' AND '.join(cond)})")
+            params["lo_ms"] = int(lo * 1000) - 1
+        parts.append(f"SELECT server_id, session_id FROM {DATABASE}.destinations "
+                     f"WHERE {' AND '.join(cond)}")
+    if not parts:
+        return None
+    # Both filters: the sessions in both lists.
+    return (" INTERSECT ".join(f"SELECT DISTINCT * FROM ({p})" for p in parts), params)
+
+
+def sql_of(q: Query, keys: list[tuple[str, str]] | None = None) -> tuple[str, dict[str, Any]]:
+    """SELECT (server_id, session_id, connect, disconnect) of every session that
+    may match ``q`` (among ``keys``, the candidates of :func:`candidates_sql`,
+    when given), with its parameters."""
+    params: dict[str, Any] = {}
+    where = ["action IN ('connect', 'disconnect')", "session_id != ''"]
+    if q.server_id:
+        where.append("server_id = {server_id:String}")
+        params["server_id"] = q.server_id
+    if q.server_ip:
+        where.append("server_ip = {server_ip:String}")
+        params["server_ip"] = q.server_ip
+    if q.session:
+        where.append("startsWith(session_id, {session:String})")
+        params["session"] = q.session
+    if keys is not None:
+        # The relay ids first: the sort key's prefix, so whole ranges are skipped.
+        where.append("server_id IN {servers:Array(String)}")
+        where.append("(server_id, session_id) IN {keys:Array(Tuple(String, String))}")
+        params["servers"] = sorted({k[0] for k in keys})
+        params["keys"] = sorted(keys)
+    lo, hi = q.session_window
     having = []
     if hi is not None:
         having.append("(start IS NULL OR start <= {hi_ms:Int64})")
@@ -112,7 +133,13 @@ def sql_of(q: Query) -> tuple[str, dict[str, Any]]:
 
 def fetch(backend: Backend, q: Query) -> Pairs:
     """(connect, disconnect) JSON of every session that may match ("" for none)."""
-    sql, params = sql_of(q)
+    keys = None
+    found = candidates_sql(q)
+    if found is not None:
+        keys = [(r["server_id"], r["session_id"]) for r in backend.rows(*found)]
+        if not keys:
+            return []
+    sql, params = sql_of(q, keys)
     return [(r["connect"], r["disconnect"]) for r in backend.rows(sql, params)]
 
 
