@@ -77,7 +77,7 @@ from relay.chain import Report, check_links
 from relay.config import parse_hostport
 from relay.connlog import reader
 from relay.connlog.daylog import DIR_MODE, SUFFIX, ensure_dir, open_for_append
-from relay.connlog.forwarder import CONFIRM_ALPN
+from relay.connlog.forwarder import ACK_ALPN, CONFIRM_ALPN
 from relay.connlog.retention import (
     DEFAULT_COMPRESS_AFTER_DAYS,
     RETENTION_INTERVAL_S,
@@ -489,12 +489,17 @@ class Connection(asyncio.Protocol):
         self.outcome = "closed"
         self.last_data = time.monotonic()
         self.identity: str | None = None
+        # Under ACK_ALPN: batch marks are answered with acks (syslog5424's
+        # "Batch confirmations").
+        self.acks = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         if transport.get_extra_info("sslcontext") is None:
             log.info("%s: connected (plain TCP)", self.peer)
         else:
+            tls = transport.get_extra_info("ssl_object")
+            self.acks = tls is not None and tls.selected_alpn_protocol() == ACK_ALPN
             cert = transport.get_extra_info("peercert")
             self.identity = peer_identity(cert)
             if cert:
@@ -526,6 +531,10 @@ class Connection(asyncio.Protocol):
         self.last_data = time.monotonic()
         try:
             for raw in self.parser.feed(data):
+                if self.acks and (seq := syslog5424.batch_seq(raw)) is not None:
+                    if not self._confirm(seq):
+                        return
+                    continue
                 self.collector.message(raw, self.peer, self.counts, self.identity)
             self.collector.store.flush()
         except syslog5424.FrameError as exc:
@@ -534,6 +543,17 @@ class Connection(asyncio.Protocol):
         except OSError as exc:
             log.error("%s: cannot store: %s", self.peer, exc)
             self._drop(f"dropped: storage error: {exc}")
+
+    def _confirm(self, seq: int) -> bool:
+        """Batch ``seq`` ended: on disk, then acknowledged; False when the
+        connection is dropped instead (the batch is not confirmed)."""
+        self.collector.store.sync()
+        if self.counts.over_quota:
+            # As at a close: the relay keeps the refused records and sends them again.
+            self._drop("not confirmed: over the daily quota")
+            return False
+        cast(asyncio.Transport, self.transport).write(syslog5424.format_ack(seq))
+        return True
 
     def eof_received(self) -> bool:
         if self.parser.pending:
@@ -603,9 +623,12 @@ def server_context(ca: str, cert: str, key: str, client_cert_optional: bool) -> 
     plain-syslog senders, see run_collector)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # Tells our forwarder that this receiver's close_notify confirms a synced
-    # batch; senders that offer no ALPN (rsyslog) are unaffected.
-    ctx.set_alpn_protocols([CONFIRM_ALPN])
+    # Tells our forwarder that this receiver acknowledges each synced batch
+    # on the connection (ACK_ALPN), or, for a forwarder that offers only the
+    # older id, that its close_notify confirms a synced batch; senders that
+    # offer no ALPN (rsyslog) are unaffected. The first of these the client
+    # offers is selected.
+    ctx.set_alpn_protocols([ACK_ALPN, CONFIRM_ALPN])
     if not ca:
         raise RelayError("collector: --ca is required: the CA of the relays' client "
                          "certificates, whose CN is the relay id")

@@ -213,10 +213,12 @@ def dumps_json(record: dict[str, Any]) -> str:
     return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-def structured_data(record: dict[str, Any]) -> str:
-    """The SD element, at most SD_MAX_BYTES: ``id`` first, then the flattened
-    fields in order while they fit."""
+def structured_data(record: dict[str, Any], fields: bool = True) -> str:
+    """The SD element, at most SD_MAX_BYTES: ``id`` first, then (unless not
+    ``fields``) the flattened fields in order while they fit."""
     out = f'[{SD_ID} id="{sd_escape(str(record.get("id", "")))}"'
+    if not fields:
+        return out + "]"
     size = len(out.encode()) + 1  # the closing ']'
     for k, v in flatten(record):
         if k == "id":
@@ -256,12 +258,15 @@ def format_record(
     procid: str = NILVALUE,
     facility: int = FACILITIES[DEFAULT_FACILITY],
     max_size: int = MAX_MESSAGE_SIZE,
+    sd_fields: bool = True,
 ) -> bytes:
     """One RFC 5424 message (without framing) for one connection-log record.
 
     Shrunk towards ``max_size`` (client strings cut, ``"truncated": true``) and
     never longer than COLLECTOR_MAX_MESSAGE_SIZE, whatever the record: the
     header and SD are bounded, and a JSON copy that would not fit becomes a stub.
+    Without ``sd_fields`` the SD carries the ``id`` only (for relay collector,
+    which reads the JSON: the flattened copy is for other receivers' templates).
     """
     action = str(record.get("action", ""))
     pri = facility * 8 + severity_of(action)
@@ -270,7 +275,7 @@ def format_record(
     header = (f"<{pri}>{VERSION} {timestamp} {_header_field(hostname, HOSTNAME_MAX)} "
               f"{APP_NAME} {_header_field(procid, PROCID_MAX)} "
               f"{_header_field(action, MSGID_MAX)} ")
-    head = (header + structured_data(record) + " ").encode() + BOM
+    head = (header + structured_data(record, sd_fields) + " ").encode() + BOM
     body = dumps_json(record).encode()
     if len(head) + len(body) > max_size:
         small = _shrunk(record)
@@ -284,6 +289,64 @@ def format_record(
 def frame(message: bytes) -> bytes:
     """RFC 5425 section 4.3 octet-counting: MSG-LEN SP SYSLOG-MSG."""
     return b"%d %b" % (len(message), message)
+
+
+# ---------------------------------------------------------------------------
+# Batch confirmations (ALPN x-relay-syslog-acks; relay/connlog/forwarder.py)
+#
+# RFC 5425 has no application acknowledgement. Under this private ALPN id the
+# sender ends each batch with a mark, an RFC 5424 message of its own SD-ID
+# carrying the batch's sequence number, and the receiver answers on the same
+# connection, once every message before the mark is on disk, with one line
+# "ack SEQ\n" (the receiver-to-sender direction is otherwise unused). Marks
+# and acks go in order; a receiver that will not confirm closes the connection.
+
+BATCH_SD_ID = f"relay-batch@{PEN}"
+BATCH_MSGID = "batch-end"
+_BATCH_MARK = re.compile(rb"<\d{1,3}>1 \S+ \S+ \S+ \S+ " + BATCH_MSGID.encode()
+                         + rb" \[" + BATCH_SD_ID.encode() + rb' seq="(\d{1,18})"\]$')
+# An ack is "ack " and at most 18 digits and LF: anything longer is not one.
+ACK_MAX = len("ack ") + 18 + 1
+_ACK = re.compile(rb"ack (\d{1,18})$")
+
+
+def batch_mark(seq: int, *, hostname: str, procid: str = NILVALUE,
+               facility: int = FACILITIES[DEFAULT_FACILITY]) -> bytes:
+    """The framed mark that ends batch ``seq``."""
+    pri = facility * 8 + SEVERITY_INFO
+    return frame(f"<{pri}>{VERSION} - {_header_field(hostname, HOSTNAME_MAX)} {APP_NAME} "
+                 f"{_header_field(procid, PROCID_MAX)} {BATCH_MSGID} "
+                 f'[{BATCH_SD_ID} seq="{seq}"]'.encode())
+
+
+def batch_seq(message: bytes) -> int | None:
+    """The sequence number of a batch mark, None for any other message."""
+    m = _BATCH_MARK.match(message) if BATCH_MSGID.encode() in message[:400] else None
+    return int(m.group(1)) if m else None
+
+
+def format_ack(seq: int) -> bytes:
+    return b"ack %d\n" % seq
+
+
+class AckParser:
+    """The receiver's bytes in, confirmed sequence numbers out; FrameError for
+    anything that is not an ack line."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[int]:
+        *lines, self._buf = (self._buf + data).split(b"\n")
+        if len(self._buf) >= ACK_MAX:
+            raise FrameError(f"not an acknowledgement: {self._buf[:32]!r}")
+        out = []
+        for line in lines:
+            m = _ACK.match(line)
+            if not m:
+                raise FrameError(f"not an acknowledgement: {line[:32]!r}")
+            out.append(int(m.group(1)))
+        return out
 
 
 # ---------------------------------------------------------------------------
