@@ -29,11 +29,15 @@ that, records are refused and the batch is not confirmed, so the relay keeps
 them and sends them again later. Plain syslog (messages that are not relay
 records) is refused unless ``--accept-syslog``.
 
-Delivery confirmation: a relay closes each batch with TLS close_notify; the
-collector answers with its own close_notify only after every line of that
-connection is written and fdatasync'ed, so an answered close means the batch
-is on disk. The collector selects the ALPN id relay.connlog.forwarder.CONFIRM_ALPN to
-tell the forwarder that it keeps this promise (see relay.connlog.forwarder).
+Delivery confirmation: with a forwarder that offers the ALPN id
+relay.connlog.forwarder.ACK_ALPN, the collector answers each batch mark on the
+connection with an acknowledgement, after every line before it is written and
+fdatasync'ed (relay.protocols.syslog5424, "Batch confirmations"), so several
+batches are in flight at once. With one that offers only CONFIRM_ALPN, a relay
+closes each batch with TLS close_notify, and the collector answers with its own
+close_notify only after every line of that connection is written and
+fdatasync'ed, so an answered close means the batch is on disk (see
+relay.connlog.forwarder).
 
 Duplicate removal keeps, per relay and day, the set of ids already stored,
 rebuilt from the day file when the day is first touched after a start.

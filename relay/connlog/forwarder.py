@@ -13,16 +13,28 @@ can only do after it has read everything before ours. So every connection
 carries one batch (at most :data:`BATCH_MAX_BYTES` of log, everything
 available if less), then the forwarder closes and waits for the collector's
 close_notify; only then is the position advanced (written atomically, synced).
+(``relay collector`` does better than RFC 5425 allows: see below.)
 A receiver that dies, resets or times out has not acknowledged: the batch
 goes again on the next connection. The cost is one TLS handshake per batch;
 the gain is that no record is counted as delivered on TCP's word alone.
 Duplicates (at most one batch per failure) carry the same record ``id`` and the
 collector drops them.
 
-Two kinds of receiver, told apart by ALPN (:data:`CONFIRM_ALPN`, offered by the
-forwarder, selected only by ``relay collector``):
+Three kinds of receiver, told apart by ALPN (the forwarder offers
+:data:`ACK_ALPN` and :data:`CONFIRM_ALPN`; only ``relay collector`` selects one):
 
-- ``relay collector`` answers close_notify only after the batch is written and
+- ``relay collector`` under :data:`ACK_ALPN` keeps the connection and takes
+  batches of :data:`PIPELINE_BATCH_BYTES` back to back, each ended by a batch
+  mark, and answers each mark with an acknowledgement on the same connection
+  once everything before it is written and fdatasync'ed
+  (relay.protocols.syslog5424, "Batch confirmations"). The forwarder keeps up
+  to :data:`MAX_IN_FLIGHT` batches unacknowledged and advances the position
+  batch by batch, in order, as the acks arrive; a connection that fails
+  confirms nothing more, and every batch not acknowledged goes again (still at
+  least once: the collector drops the duplicates). Its messages' SD carries
+  the record id only: the collector reads the JSON;
+- ``relay collector`` under :data:`CONFIRM_ALPN` (a collector that predates
+  the acks) answers close_notify only after the batch is written and
   fdatasync'ed; the forwarder then requires that close_notify, and treats a
   bare FIN as a failure (the collector may have died between reading and
   writing);
