@@ -515,6 +515,22 @@ class Batch:
     def size(self) -> int:
         return sum(len(line) + 1 for _, line in self.lines)
 
+    def rest(self, n: int) -> Batch | None:
+        """The lines after the first ``n`` as a batch of their own (None if none)."""
+        if n >= len(self.lines):
+            return None
+        off, _ = self.lines[n]
+        return Batch(Position(self.start.day, off), self.end, self.lines[n:])
+
+    def lines_within(self, max_bytes: int) -> int:
+        """How many of the first lines fit in ``max_bytes`` (at least one)."""
+        total = 0
+        for i, (_, line) in enumerate(self.lines):
+            total += len(line) + 1
+            if total > max_bytes:
+                return max(i, 1)
+        return len(self.lines)
+
 
 class Forwarder:
     def __init__(
@@ -732,12 +748,17 @@ class Forwarder:
         try:
             while True:
                 while upcoming is not None and len(flights) < MAX_IN_FLIGHT:
+                    n = upcoming.lines_within(PIPELINE_BATCH_BYTES)
+                    batch, later = upcoming.head(n), upcoming.rest(n)
                     set_aside: list[dict[str, Any]] = []
-                    sent = await self._send(link, upcoming, set_aside)
+                    sent = await self._send(link, batch, set_aside)
                     seq += 1
                     await link.send(self._mark(seq))
-                    flights.append((seq, upcoming, sent, set_aside))
-                    upcoming = None if stop_event.is_set() else await self._following(upcoming)
+                    flights.append((seq, batch, sent, set_aside))
+                    if later is not None:
+                        upcoming = later
+                    else:
+                        upcoming = None if stop_event.is_set() else await self._following(batch)
                 if not flights:
                     break
                 for _ in await self._acknowledged(link, acks, flights[0][0]):
