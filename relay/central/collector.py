@@ -129,6 +129,12 @@ FUTURE_SKEW_S = 86400.0
 # a quarter of journald's default ceiling for a whole host's journal
 # (SystemMaxUse, at most 4 GiB), so a stolen key cannot fill the disk.
 DEFAULT_QUOTA_BYTES_PER_DAY = 1 << 30
+# Hours whose start _day remembers: a day and a half of records arriving, late
+# ones included; past it the cache starts again.
+UTC_HOURS_CACHED = 36
+_HOUR = len("YYYY-MM-DDTHH")
+_UTC_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z\Z")
+_UTC_MS_TAIL = re.compile(r":[0-5]\d:[0-5]\d\.\d{3}Z\Z")
 
 
 def _today(clock: Callable[[], float]) -> str:
@@ -305,9 +311,16 @@ class Quota:
         self.limit = bytes_per_day
         self.clock = clock
         self.used: dict[str, tuple[str, int]] = {}
+        # The UTC day of the clock, kept while the clock stays in it.
+        self._day_start = -1.0
+        self._today = ""
 
     def take(self, sender: str, size: int) -> bool:
-        today = _today(self.clock)
+        now = self.clock()
+        if not self._day_start <= now < self._day_start + 86400:
+            self._day_start = now - now % 86400
+            self._today = _today(lambda: now)
+        today = self._today
         day, used = self.used.get(sender, (today, 0))
         if day != today:
             used = 0
@@ -331,12 +344,17 @@ class Collector:
         self.accept_syslog = accept_syslog
         self.quota = Quota(quota_bytes_per_day, clock)
         self.clock = clock
+        # "YYYY-MM-DDTHH" -> epoch seconds of that UTC hour, for _day.
+        self._utc_times: dict[str, float] = {}
 
     # -- messages (no I/O but the store's writes) ---------------------------
 
     def message(self, raw: bytes, peer: str, counts: Counts, identity: str | None) -> None:
         """Store or refuse one message from ``peer``, whose certificate proved
         ``identity`` (None: no certificate, or not a relay's)."""
+        if identity is not None and (lean := syslog5424.lean_relay_record(raw)) is not None:
+            self._record(*lean, identity, counts)
+            return
         try:
             msg = syslog5424.parse_message(raw)
         except syslog5424.SyslogError as exc:
@@ -355,6 +373,11 @@ class Collector:
         if identity is None:
             counts.no_identity += 1
             return
+        self._record(record, msg.msg, identity, counts)
+
+    def _record(self, record: dict[str, Any], text: str, identity: str,
+                counts: Counts) -> None:
+        """Store a relay record (``text``, its JSON as sent) of ``identity``."""
         server = record.get("server")
         if not isinstance(server, dict) or server.get("id") != identity:
             counts.wrong_id += 1
@@ -370,7 +393,7 @@ class Collector:
         else:
             # The relay's JSON is stored as sent unless it carries a raw control
             # or line-separator character (not from our forwarder): then re-encoded.
-            line = msg.msg if not _UNSAFE_IN_LINE.search(msg.msg) \
+            line = text if not _UNSAFE_IN_LINE.search(text) \
                 else syslog5424.dumps_json(record)
         data = line.encode()
         if not self.quota.take(identity, len(data) + 1):
@@ -383,18 +406,33 @@ class Collector:
     def _day(self, record: dict[str, Any]) -> tuple[str, dict[str, str] | None]:
         """The UTC day to file a record under, and why not its own when not."""
         now = self.clock()
-        received = {"received": rfc3339_ms(now)}
-        try:
-            when = parse_rfc3339(str(record.get("time")))
-        except ValueError:
-            return _today(self.clock), {**received, "reason": "time is not RFC 3339"}
-        if when.timestamp() > now + FUTURE_SKEW_S:
-            return _today(self.clock), {**received, "reason": "time more than "
-                                        f"{FUTURE_SKEW_S / 3600:.0f} h in the future"}
-        if when.timestamp() < now - self.keep_days * 86400:
-            return _today(self.clock), {**received, "reason": "time older than the "
-                                        f"retention of {self.keep_days} days"}
-        return when.astimezone(UTC).date().isoformat(), None
+        text = str(record.get("time"))
+        when = self._utc_times.get(text[:_HOUR])
+        if when is not None and _UTC_MS_TAIL.match(text, _HOUR):
+            # The relays' own form (YYYY-MM-DDTHH:MM:SS.mmmZ): its hour looked
+            # up, not parsed again for every record.
+            ts = when + int(text[14:16]) * 60 + int(text[17:19]) + int(text[20:23]) / 1000
+            day = text[:10]
+        else:
+            try:
+                dt = parse_rfc3339(text)
+            except ValueError:
+                return self._received(now, "time is not RFC 3339")
+            ts, day = dt.timestamp(), dt.astimezone(UTC).date().isoformat()
+            if _UTC_MS.match(text):
+                if len(self._utc_times) >= UTC_HOURS_CACHED:
+                    self._utc_times.clear()
+                self._utc_times[text[:_HOUR]] = ts - (ts % 3600)
+        if ts > now + FUTURE_SKEW_S:
+            return self._received(now, f"time more than {FUTURE_SKEW_S / 3600:.0f} h in the "
+                                       "future")
+        if ts < now - self.keep_days * 86400:
+            return self._received(now, f"time older than the retention of {self.keep_days} "
+                                       "days")
+        return day, None
+
+    def _received(self, now: float, reason: str) -> tuple[str, dict[str, str]]:
+        return utc_date(now).isoformat(), {"received": rfc3339_ms(now), "reason": reason}
 
     def _other(self, msg: syslog5424.Message | None, raw: bytes, peer: str,
                identity: str | None, error: str | None, counts: Counts) -> None:

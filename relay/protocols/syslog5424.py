@@ -507,6 +507,25 @@ def parse_message(data: bytes) -> Message:
         procid=_nil(m.group(6)), msgid=_nil(m.group(7)), sd=sd, msg=_text(body), bom=bom)
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_INNERMOST = re.compile(r"\{[^{}\[\]]*\}|\[[^{}\[\]]*\]")
+
+
+def _too_deep(text: str) -> bool:
+    """Whether valid JSON ``text`` nests deeper than RECORD_DEPTH_MAX: without
+    walking the parsed value (the collector's hot path): with few enough
+    brackets it cannot; else strings out, and innermost containers removed,
+    one level per regex pass."""
+    if text.count("{") + text.count("[") <= RECORD_DEPTH_MAX:
+        return False
+    rest = _JSON_STRING.sub("", text)
+    for _ in range(RECORD_DEPTH_MAX):
+        rest, n = _INNERMOST.subn("", rest)
+        if not n:
+            return False
+    return "{" in rest or "[" in rest
+
+
 def _depth(value: Any) -> int:
     """Nesting depth of parsed JSON, without recursion."""
     deepest, todo = 0, [(value, 1)]
@@ -529,9 +548,36 @@ def load_record(text: str | bytes) -> dict[str, Any]:
         raise SyslogError("not JSON") from None
     if not isinstance(record, dict):
         raise SyslogError("not a JSON object")
-    if _depth(record) > RECORD_DEPTH_MAX:
+    if _too_deep(text if isinstance(text, str) else text.decode("utf-8", "replace")):
         raise SyslogError(f"JSON nested deeper than {RECORD_DEPTH_MAX} levels")
     return record
+
+
+# A relay record as the forwarder sends it to relay collector (format_record
+# without sd_fields): the SD is its id alone, so the JSON starts right after it.
+_LEAN_RELAY = re.compile(rb"<(\d{1,3})>[1-9]\d{0,2} [\x21-\x7e]+ [\x21-\x7e]+ [\x21-\x7e]+ "
+                         rb"[\x21-\x7e]+ [\x21-\x7e]+ \[" + SD_ID.encode()
+                         + rb' id="([0-9A-Za-z_-]{1,64})"\] (?:\xef\xbb\xbf)?')
+
+
+def lean_relay_record(data: bytes) -> tuple[dict[str, Any], str] | None:
+    """(record, its JSON text) of a message in the lean form when it is a valid
+    relay record, else None: the caller then takes :func:`parse_message` and
+    :func:`relay_record`, which decide the same for it (a fast path, not a rule)."""
+    m = _LEAN_RELAY.match(data)
+    if m is None or int(m.group(1)) > 191:
+        return None
+    body = data[m.end():]
+    if body.endswith(b"\n"):
+        body = body[:-1]
+    try:
+        text = body.decode()
+        record = load_record(text)
+    except (UnicodeDecodeError, SyslogError):
+        return None
+    if record.get("id") != m.group(2).decode():
+        return None
+    return record, text
 
 
 def relay_record(message: Message) -> dict[str, Any] | None:
