@@ -647,7 +647,7 @@ class Forwarder:
             return None
         return syslog5424.frame(syslog5424.format_record(
             record, hostname=self.server_id, procid=self.procid, facility=self.facility,
-            sd_fields=sd_fields))
+            sd_fields=sd_fields, as_logged=raw))
 
     async def _set_aside(self, entries: list[dict[str, Any]]) -> None:
         """Record lines that will not be shipped, once their batch is confirmed

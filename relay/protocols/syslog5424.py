@@ -28,6 +28,7 @@ when a string carries undecodable bytes.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -129,7 +130,11 @@ _SD_ESCAPE = re.compile(r'(["\\\]])')
 # in a stored line could end it and forge the next.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # json.dumps already escapes C0; these remain raw in ensure_ascii=False output.
+# An id that needs no SD escaping (what the connection log issues).
+_PLAIN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
+# The same, and raw control characters, in UTF-8 bytes (a log line as written).
+_LOGGED_UNSAFE = re.compile(rb"[\x00-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
 _TIMESTAMP = re.compile(
     r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})$")
 
@@ -146,6 +151,7 @@ def severity_of(action: str) -> int:
     return SEVERITY_INFO if action in ROUTINE_ACTIONS else SEVERITY_NOTICE
 
 
+@functools.lru_cache(maxsize=1024)
 def _header_field(value: str, limit: int) -> str:
     """A PRINTUSASCII token (RFC 5424 section 6.2), or NILVALUE when empty."""
     value = _NOT_PRINTUSASCII.sub("_", value)[:limit]
@@ -216,7 +222,8 @@ def dumps_json(record: dict[str, Any]) -> str:
 def structured_data(record: dict[str, Any], fields: bool = True) -> str:
     """The SD element, at most SD_MAX_BYTES: ``id`` first, then (unless not
     ``fields``) the flattened fields in order while they fit."""
-    out = f'[{SD_ID} id="{sd_escape(str(record.get("id", "")))}"'
+    rid = str(record.get("id", ""))
+    out = f'[{SD_ID} id="{rid if _PLAIN_ID.fullmatch(rid) else sd_escape(rid)}"'
     if not fields:
         return out + "]"
     size = len(out.encode()) + 1  # the closing ']'
@@ -259,6 +266,7 @@ def format_record(
     facility: int = FACILITIES[DEFAULT_FACILITY],
     max_size: int = MAX_MESSAGE_SIZE,
     sd_fields: bool = True,
+    as_logged: bytes | None = None,
 ) -> bytes:
     """One RFC 5424 message (without framing) for one connection-log record.
 
@@ -267,6 +275,9 @@ def format_record(
     header and SD are bounded, and a JSON copy that would not fit becomes a stub.
     Without ``sd_fields`` the SD carries the ``id`` only (for relay collector,
     which reads the JSON: the flattened copy is for other receivers' templates).
+    ``as_logged`` is the record's JSON as the connection log holds it: sent as
+    it is when it has no character dumps_json would escape and fits (the
+    forwarder's hot path: the record is not serialised again).
     """
     action = str(record.get("action", ""))
     pri = facility * 8 + severity_of(action)
@@ -276,6 +287,9 @@ def format_record(
               f"{APP_NAME} {_header_field(procid, PROCID_MAX)} "
               f"{_header_field(action, MSGID_MAX)} ")
     head = (header + structured_data(record, sd_fields) + " ").encode() + BOM
+    if as_logged is not None and len(head) + len(as_logged) <= max_size \
+            and not _LOGGED_UNSAFE.search(as_logged):
+        return head + as_logged
     body = dumps_json(record).encode()
     if len(head) + len(body) > max_size:
         small = _shrunk(record)
