@@ -24,8 +24,9 @@ whole partitions after ``keep_days``:
   (server_id, time, id), so one relay's records over time are one range and a
   record loaded twice collapses to one at merge;
 - ``destinations``: the disconnect records' destinations, one row each
-  (a materialized view ARRAY JOINs them), ordered by host, with a projection
-  ordered by IP and port;
+  (a materialized view ARRAY JOINs them), ordered by host, with a bloom
+  filter over the IPs (a projection ordered by IP doubled the table: 80 bytes
+  a row against 43);
 - ``client_sessions``: (client_ip, time) -> (server_id, session_id) of every
   connect and disconnect record (a materialized view), for "every session of
   client X" without reading all records.
@@ -133,7 +134,7 @@ SETTINGS ttl_only_drop_parts = 1, index_granularity = {granularity}{dedup}""",
     host String,
     ip String,
     port Nullable(UInt16),
-    PROJECTION by_ip (SELECT * ORDER BY ip, port, time)
+    INDEX ip_bloom ip TYPE bloom_filter(0.01) GRANULARITY 1
 )
 ENGINE = {plain}
 PARTITION BY day
