@@ -442,3 +442,70 @@ b = store.open_backend(Path(sys.argv[1]), store.StoreSettings())
 [row] = b.rows("SELECT count() AS n, uniqExact(id) AS ids FROM relay.records")
 print(json.dumps({k: int(v) for k, v in row.items()}))
 """
+
+
+def test_parameters_reach_the_engine_as_given(embedded: tuple[Path, store.Backend]) -> None:
+    """Strings with quotes, backslashes and line breaks, and arrays of tuples of
+    them, are data to the engine, never SQL."""
+    _, backend = embedded
+    nasty = "it's \\ a\n\t'); DROP TABLE relay.records; --"
+    [row] = backend.rows("SELECT {s:String} AS s, {a:Array(Tuple(String, String))} AS a",
+                         {"s": nasty, "a": [(nasty, "x"), ("y", "\\'")]})
+    assert row["s"] == nasty
+    assert row["a"] == [[nasty, "x"], ["y", "\\'"]]
+    assert count(backend) == 0  # the table is still there
+
+
+def test_the_query_socket_answers_queries_and_refuses_anything_else(
+        embedded: tuple[Path, store.Backend]) -> None:
+    import asyncio
+    import socket as socketmod
+
+    root, backend = embedded
+    plant_spool(root)
+    store.Loader(root, backend).run_until_loaded()
+    path = fleet.socket_path(root)
+    q = Query(client_ip="198.51.100.10")
+
+    def raw_line(data: bytes) -> dict[str, Any]:
+        with socketmod.socket(socketmod.AF_UNIX) as s:
+            s.connect(str(path))
+            s.sendall(data)
+            return json.loads(s.makefile("rb").readline())
+
+    async def main() -> tuple[Any, ...]:
+        server = await fleet.serve_queries(path, backend)
+        try:
+            pairs = await asyncio.to_thread(fleet.ask_collector, path, q)
+            bad = await asyncio.to_thread(raw_line, b'{"drop": "table"}\n')
+            worse = await asyncio.to_thread(raw_line, b"\xff" * 10 + b"\n")
+            return pairs, bad, worse, path.stat().st_mode & 0o777
+        finally:
+            server.close()
+
+    pairs, bad, worse, mode = asyncio.run(main())
+    assert {r.session_id for r in fleet.sessions(pairs, q, pytest.fail)} == \
+        {SID["alpha"], SID["charl"], SID["delta"]}
+    assert "bad query" in bad["error"] and "bad query" in worse["error"]
+    assert mode == 0o600
+    # No collector there: None, so that the search opens the store itself.
+    assert fleet.ask_collector(root / "nothing.sock", q) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--store-cluster", "fleet"], "cluster needs [store] url"),
+    (["--store-url", "http://127.0.0.1:9/"], "[store] url http://127.0.0.1:9/"),
+    (["--at", "2026-11-01 01:30", "--tz", NEW_YORK], "ambiguous"),
+    (["--slack", "5"], "--slack widens --at"),
+])
+def test_collector_search_errors_are_one_line(tmp_path: Path, args: list[str],
+                                              message: str) -> None:
+    (tmp_path / store.STORE_DIR).mkdir()
+    out = collector_search(tmp_path, *args)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_collector_search_of_a_directory_without_a_store(tmp_path: Path) -> None:
+    out = collector_search(tmp_path / "nowhere")
+    assert out.returncode != 0 and "no store here" in out.stderr, out.stderr

@@ -287,6 +287,10 @@ class Server:
         except ImportError:
             raise RelayError("[store] url needs clickhouse-connect (pip install "
                              "clickhouse-connect; ./run.sh setup installs it)") from None
+        # Their retries and driver errors are logged as warnings, one failure in
+        # several lines: the failure is ours to report, once.
+        for name in ("urllib3", "clickhouse_connect"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         self.url = url
         self.cluster = cluster
         try:
@@ -330,10 +334,15 @@ class StoreError(RelayError):
     """The engine refused a statement or could not be reached."""
 
 
+def _escape_controls(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t") \
+        .replace("\r", "\\r")
+
+
 def _literal(value: Any) -> str:
-    """An array or tuple element as a ClickHouse literal."""
+    """An array or a tuple as a ClickHouse literal (strings quoted and escaped)."""
     if isinstance(value, str):
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return "'" + _escape_controls(value).replace("'", "\\'") + "'"
     if isinstance(value, list | tuple):
         inner = ", ".join(_literal(v) for v in value)
         return f"[{inner}]" if isinstance(value, list) else f"({inner})"
@@ -341,11 +350,11 @@ def _literal(value: Any) -> str:
 
 
 def _escaped(value: Any) -> str:
-    """A query parameter as ClickHouse reads it: text in its escaped TSV form
-    (an array or a tuple in literal syntax)."""
-    text = _literal(value) if isinstance(value, list | tuple) else str(value)
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t") \
-        .replace("\r", "\\r")
+    """A query parameter as ClickHouse reads it: a scalar as text in its escaped
+    (TSV) form, an array or a tuple as a literal."""
+    if isinstance(value, list | tuple):
+        return _literal(value)
+    return _escape_controls(str(value))
 
 
 def _first_line(exc: BaseException) -> str:
