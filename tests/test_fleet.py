@@ -190,6 +190,7 @@ def test_contract_the_same_queries_against_a_clickhouse_server(
     url = os.environ.get("RELAY_CLICKHOUSE_URL", "")
     if url:
         backend = server_backend(url)
+        assert backend.journal != store.JOURNAL  # its own positions
     n = plant_spool(root)
     assert store.Loader(root, backend).run_until_loaded() == n
     assert count(backend) == n
@@ -509,3 +510,29 @@ def test_collector_search_errors_are_one_line(tmp_path: Path, args: list[str],
 def test_collector_search_of_a_directory_without_a_store(tmp_path: Path) -> None:
     out = collector_search(tmp_path / "nowhere")
     assert out.returncode != 0 and "no store here" in out.stderr, out.stderr
+
+
+class RecordingStore:
+    """A store that keeps what it is handed (a unit-test stand-in for a server)."""
+
+    journal = "loaded-recording.jsonl"
+
+    def __init__(self) -> None:
+        self.inserted: list[tuple[bytes, str]] = []
+
+    def insert_lines(self, data: bytes, token: str) -> None:
+        self.inserted.append((data, token))
+
+
+def test_another_store_is_loaded_from_the_whole_spool(
+        embedded: tuple[Path, store.Backend]) -> None:
+    """The spool is the replay source: a store the collector has not loaded
+    before (say a server, after the embedded one) gets every record, by its own
+    journal."""
+    root, backend = embedded
+    n = plant_spool(root)
+    assert store.Loader(root, backend).run_until_loaded() == n
+    other = RecordingStore()
+    assert store.Loader(root, other).run_until_loaded() == n  # type: ignore[arg-type]
+    assert sum(data.count(b"\n") for data, _ in other.inserted) == n
+    assert store.Loader(root, backend).run_until_loaded() == 0

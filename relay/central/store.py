@@ -33,9 +33,11 @@ whole partitions after ``keep_days``:
 
 Loading is idempotent. Positions (bytes of each relay's day loaded, in the
 day's uncompressed content: retention compresses a day and merges late records
-after it without moving a byte) live in ``DATA_DIR/@store/loaded.jsonl``, a
-journal: each pass appends its plan (the segments it will load) before the
-insert and a ``done`` line after. The insert carries a deduplication token made
+after it without moving a byte) live in ``DATA_DIR/@store/loaded.jsonl`` (for a
+server, ``loaded-HASH.jsonl``, HASH of its url and cluster: a store the
+collector has not loaded before gets the whole spool), a journal: each pass
+appends its plan (the segments it will load) before the insert and a ``done``
+line after. The insert carries a deduplication token made
 from the plan, so a pass replayed after a crash between the two lines is
 dropped by ClickHouse's insert deduplication: stored once, not merely
 collapsed later. A segment read again by other means (a position lost) still
@@ -212,6 +214,10 @@ def ddl(keep_days: int = DEFAULT_KEEP_DAYS, cluster: str = "") -> list[str]:
 
 
 class Backend(Protocol):
+    # Names the store in its journal's file name: a new store is loaded from
+    # the whole spool, not from another store's positions.
+    journal: str
+
     def command(self, sql: str) -> None: ...
 
     def rows(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]: ...
@@ -236,6 +242,7 @@ class Embedded:
         os.umask(0o077)
         self.path = ensure_dir(Path(path))
         self.scratch = self.path.parent / PASS_FILE
+        self.journal = JOURNAL
         # One session per process, and not safe for concurrent queries.
         self._lock = threading.Lock()
         try:
@@ -293,6 +300,8 @@ class Server:
             logging.getLogger(name).setLevel(logging.ERROR)
         self.url = url
         self.cluster = cluster
+        name = hashlib.sha256(f"{_redacted(url)} {cluster}".encode()).hexdigest()[:16]
+        self.journal = f"loaded-{name}.jsonl"
         try:
             self._client = clickhouse_connect.get_client(dsn=url)
         except Exception as exc:
@@ -498,7 +507,7 @@ class Loader:
         self.keep_days = keep_days
         self.pass_max_bytes = pass_max_bytes
         ensure_dir(store_dir(self.root))
-        self.journal = Journal.load(store_dir(self.root) / JOURNAL)
+        self.journal = Journal.load(store_dir(self.root) / backend.journal)
         self._marked: set[tuple[str, str]] = set()
         self._marked_lock = threading.Lock()  # mark() runs on the collector's loop
         self._scan_all = True  # after a start: every day of every relay
