@@ -678,7 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "is refused). Stores per-relay daily files (a record dated more than a "
                     "day ahead or past the retention under the day it arrived, flagged), "
                     "removes duplicates by record id, chains what it stores (SHA-256, "
-                    "checked by 'relay collector verify'), keeps at least 90 days. Plain "
+                    "checked by 'relay collector verify'), keeps at least 90 days, and loads "
+                    "them into its ClickHouse store (embedded, or [store] url) for "
+                    "'relay collector search'. Plain "
                     "RFC 5424 from other senders (rsyslog, appliances) only with "
                     "--accept-syslog.")
     p.add_argument("--listen", default="0.0.0.0:6514", metavar="HOST:PORT",

@@ -536,3 +536,24 @@ def test_another_store_is_loaded_from_the_whole_spool(
     assert store.Loader(root, other).run_until_loaded() == n  # type: ignore[arg-type]
     assert sum(data.count(b"\n") for data, _ in other.inserted) == n
     assert store.Loader(root, backend).run_until_loaded() == 0
+
+
+def test_a_long_query_shows_its_elapsed_time_on_a_terminal_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from relay import querycli
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(querycli, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(querycli, "PROGRESS_EVERY_S", 0.01)
+    shown, piped = Terminal(), io.StringIO()
+    with querycli.Elapsed("querying the store", shown), \
+            querycli.Elapsed("querying the store", piped):
+        wait_until(lambda: "querying the store... " in shown.getvalue(), timeout=10,
+                   what="the progress line")
+    assert shown.getvalue().endswith("\r\033[K")  # cleared when done
+    assert piped.getvalue() == ""
