@@ -164,8 +164,12 @@ def count(backend: store.Backend, table: str = "records") -> int:
     return int(backend.rows(f"SELECT count() AS n FROM relay.{table}")[0]["n"])
 
 
+@pytest.mark.parametrize("keys_max", [fleet.KEYS_MAX, 1], ids=["keys", "subqueries"])
 def test_the_three_fleet_questions_name_exactly_the_planted_sessions(
-        embedded: tuple[Path, store.Backend]) -> None:
+        embedded: tuple[Path, store.Backend], keys_max: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates passed as a list, and (past KEYS_MAX) joined by the engine."""
+    monkeypatch.setattr(fleet, "KEYS_MAX", keys_max)
     root, backend = embedded
     n = plant_spool(root)
     loader = store.Loader(root, backend)

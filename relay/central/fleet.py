@@ -47,6 +47,11 @@ QUERY_SOCKET = "query.sock"
 QUERY_MAX_BYTES = 64 << 10
 # A search's connection to the collector that sends no query within this is dropped.
 QUERY_READ_TIMEOUT_S = 10.0
+# Sessions named in one query as a parameter (a list of keys, about 60 bytes
+# each): 1,000 keep it near 64 kB, under ClickHouse's 128 KiB cap on an HTTP
+# field (http_max_field_value_size) even URL-encoded. Past it the engine joins
+# the candidates' subquery itself, and the records are read 1,000 sessions a query.
+KEYS_MAX = 1_000
 
 Pairs = list[tuple[str, str]]
 OnError = Callable[[str], None]
@@ -89,10 +94,24 @@ def candidates_sql(q: Query) -> tuple[str, dict[str, Any]] | None:
     return (" INTERSECT ".join(f"SELECT DISTINCT * FROM ({p})" for p in parts), params)
 
 
-def sql_of(q: Query, keys: list[tuple[str, str]] | None = None) -> tuple[str, dict[str, Any]]:
-    """SELECT (server_id, session_id, connect, disconnect) of every session that
-    may match ``q`` (among ``keys``, the candidates of :func:`candidates_sql`,
-    when given), with its parameters."""
+def _key_filter(keys: list[tuple[str, str]] | str, params: dict[str, Any]) -> list[str]:
+    """WHERE terms for the sessions ``keys`` (a list, or a subquery's SQL)."""
+    if isinstance(keys, str):
+        return [f"(server_id, session_id) IN ({keys})"]
+    # The relay ids first: the sort key's prefix, so whole ranges are skipped.
+    params["servers"] = sorted({k[0] for k in keys})
+    params["keys"] = sorted(keys)
+    return ["server_id IN {servers:Array(String)}",
+            "(server_id, session_id) IN {keys:Array(Tuple(String, String))}"]
+
+
+def sql_of(q: Query, keys: list[tuple[str, str]] | str | None = None
+           ) -> tuple[str, dict[str, Any]]:
+    """SELECT (server_id, session_id, times) of every session that may match
+    ``q`` (among ``keys``, the candidates of :func:`candidates_sql` as a list or
+    as its SQL, when given), ``times`` those of its records; with its
+    parameters. Only narrow columns: the records themselves are read by
+    :func:`records_sql`, where the times find their granules."""
     params: dict[str, Any] = {}
     where = ["action IN ('connect', 'disconnect')", "session_id != ''"]
     if q.server_id:
@@ -105,11 +124,7 @@ def sql_of(q: Query, keys: list[tuple[str, str]] | None = None) -> tuple[str, di
         where.append("startsWith(session_id, {session:String})")
         params["session"] = q.session
     if keys is not None:
-        # The relay ids first: the sort key's prefix, so whole ranges are skipped.
-        where.append("server_id IN {servers:Array(String)}")
-        where.append("(server_id, session_id) IN {keys:Array(Tuple(String, String))}")
-        params["servers"] = sorted({k[0] for k in keys})
-        params["keys"] = sorted(keys)
+        where += _key_filter(keys, params)
     lo, hi = q.session_window
     having = []
     if hi is not None:
@@ -119,9 +134,7 @@ def sql_of(q: Query, keys: list[tuple[str, str]] | None = None) -> tuple[str, di
         having.append("(end IS NULL OR end >= {lo_ms:Int64})")
         params["lo_ms"] = int(lo * 1000) - 1
     sql = (
-        "SELECT server_id, session_id, "
-        "argMaxIf(record, time, action = 'connect') AS connect, "
-        "argMaxIf(record, time, action = 'disconnect') AS disconnect, "
+        "SELECT server_id, session_id, groupUniqArray(time) AS times, "
         f"coalesce(minIfOrNull({_MS.format(col='time')}, action = 'connect'), "
         f"minIfOrNull({_MS.format(col='connect_time')}, action = 'disconnect')) AS start, "
         f"maxIfOrNull({_MS.format(col='time')}, action = 'disconnect') AS end "
@@ -131,16 +144,44 @@ def sql_of(q: Query, keys: list[tuple[str, str]] | None = None) -> tuple[str, di
     return sql, params
 
 
+def records_sql(found: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """SELECT (server_id, session_id, connect, disconnect) of the sessions of
+    :func:`sql_of`'s rows: (relay id, time) is the sort key's prefix, so only
+    the granules that hold their records are read."""
+    params: dict[str, Any] = {"times": sorted({(r["server_id"], t) for r in found
+                                                for t in r["times"]})}
+    where = ["action IN ('connect', 'disconnect')",
+             *_key_filter([(r["server_id"], r["session_id"]) for r in found], params),
+             "(server_id, time) IN {times:Array(Tuple(String, DateTime64(3, 'UTC')))}"]
+    return ("SELECT server_id, session_id, "
+            "argMaxIf(record, time, action = 'connect') AS connect, "
+            "argMaxIf(record, time, action = 'disconnect') AS disconnect "
+            f"FROM {DATABASE}.records WHERE {' AND '.join(where)} "
+            "GROUP BY server_id, session_id"), params
+
+
 def fetch(backend: Backend, q: Query) -> Pairs:
     """(connect, disconnect) JSON of every session that may match ("" for none)."""
-    keys = None
-    found = candidates_sql(q)
-    if found is not None:
-        keys = [(r["server_id"], r["session_id"]) for r in backend.rows(*found)]
-        if not keys:
+    keys: list[tuple[str, str]] | str | None = None
+    candidates = candidates_sql(q)
+    if candidates is not None:
+        sql, params = candidates
+        rows = backend.rows(f"{sql} LIMIT {KEYS_MAX + 1}", params)
+        if not rows:
             return []
+        # Past KEYS_MAX the engine joins the candidates itself (no list of them
+        # travels in the query).
+        keys = [(r["server_id"], r["session_id"]) for r in rows] \
+            if len(rows) <= KEYS_MAX else sql
     sql, params = sql_of(q, keys)
-    return [(r["connect"], r["disconnect"]) for r in backend.rows(sql, params)]
+    if isinstance(keys, str):
+        params.update(candidates[1] if candidates else {})
+    out: Pairs = []
+    found = backend.rows(sql, params)
+    for i in range(0, len(found), KEYS_MAX):
+        out += [(r["connect"], r["disconnect"])
+                for r in backend.rows(*records_sql(found[i:i + KEYS_MAX]))]
+    return out
 
 
 def sessions(pairs: Pairs, q: Query, on_error: OnError) -> list[SessionRow]:
