@@ -357,6 +357,39 @@ def test_over_quota_records_are_refused_and_the_batch_not_confirmed(
     assert f"{20 - len(got)} refused: over the daily quota" in log
 
 
+def test_each_batch_mark_is_acknowledged_once_its_lines_are_on_disk(
+        tmp_path: Path, pki) -> None:
+    """Under ACK_ALPN the collector answers each batch mark on the connection,
+    in order, and only after the records before it are in the day file."""
+    from relay.connlog.forwarder import ACK_ALPN
+
+    port = free_port()
+    collector = start_collector(tmp_path, port, pki)
+    records = [{"id": f"{i:024x}", "time": f"{today()}T00:00:{i:02d}.000Z",
+                "action": "connect", "session_id": "s" * 26, "server": {"id": "relay-1"}}
+               for i in range(20)]
+    stored = tmp_path / "collector" / "relay-1"
+    ctx = client_ctx(pki, pki.client_cert, pki.client_key)
+    ctx.set_alpn_protocols([ACK_ALPN])
+    acked: list[tuple[bytes, list[str]]] = []
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.selected_alpn_protocol() == ACK_ALPN
+            parser = s5.AckParser()
+            for seq, part in ((1, records[:10]), (2, records[10:])):
+                tls.sendall(relay_frames(part) + s5.batch_mark(seq, hostname="relay-1"))
+                got: list[int] = []
+                while not got:
+                    got = parser.feed(tls.recv(100))
+                acked.append((bytes(got), [r["id"] for r in read_day_dir(stored)]))
+    finally:
+        collector.stop()
+    ids = [r["id"] for r in records]
+    assert acked == [(bytes([1]), ids[:10]), (bytes([2]), ids)]
+    assert "20 records stored" in collector.log()
+
+
 def test_plain_syslog_is_refused_unless_accepted(tmp_path: Path, pki) -> None:
     port = free_port()
     plain = b"<14>1 2026-11-25T10:00:00.5Z applianceA app 1 ID - hello\n"
