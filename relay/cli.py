@@ -399,16 +399,8 @@ def _store_settings(args: argparse.Namespace) -> StoreSettings:
 def cmd_collector_search(args: argparse.Namespace) -> int:
     from relay.central import fleet
     from relay.central.store import create_schema, open_backend
-    from relay.investigate.options import (
-        Elapsed,
-        Results,
-        RowWriter,
-        open_output,
-        output_format,
-        query_of,
-    )
-    from relay.netaddr import hostport
-    from relay.sessionquery import SessionRow, row_dict
+    from relay.investigate.cli import write_sessions
+    from relay.investigate.options import Elapsed, Results, query_of
 
     q, tz = query_of(args)
     settings = _store_settings(args)
@@ -428,16 +420,7 @@ def cmd_collector_search(args: argparse.Namespace) -> int:
 
     results = Results()
     rows = fleet.sessions(pairs, q, results.warn)
-    fields = list(row_dict(SessionRow(""), tz, packets=False))
-    with open_output(args) as out:
-        w = RowWriter(out, output_format(args), fields, columns=FLEET_COLUMNS)
-        for r in rows:
-            d = row_dict(r, tz, packets=False)
-            if w.fmt == "table":
-                d["client"] = hostport(d["client_ip"], d["client_port"]) \
-                    if d["client_ip"] else ""
-            w.write(d)
-        w.close()
+    write_sessions(args, rows, tz, FLEET_COLUMNS, packets=False)
     if not rows:
         print("relay: no matching session", file=sys.stderr)
     return results.status(bool(rows))
