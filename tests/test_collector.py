@@ -535,3 +535,30 @@ def test_nested_json_is_counted_not_raised(tmp_path: Path) -> None:
     c.message(raw, "p", counts, "relay-7")
     assert counts.rejected == 1 and counts.records == 0
     assert "1 unparsable" in counts.summary()
+
+
+@pytest.mark.parametrize("json_text", [
+    # The collector's parser keeps the last "server", ClickHouse's JSONExtract the
+    # first: relay-7 would file a record under relay-1's id in the fleet store.
+    '{"id":"a","server":{"id":"relay-1"},"server":{"id":"relay-7"},"time":"%s"}',
+    '{"id":"a","server":{"id":"relay-1","id":"relay-7"},"time":"%s"}',
+    '{"id":"a","serv\\u0065r":{"id":"relay-1"},"server":{"id":"relay-7"},"time":"%s"}',
+    '{"id":"a","server":{"id":"relay-7"},"time":"2001-01-01T00:00:00.000Z","time":"%s"}',
+    '{"id":"a","server":{"id":"relay-7"},"time":"%s","packets":{"in":NaN}}',
+])
+def test_json_that_parsers_read_differently_is_refused(tmp_path: Path, json_text: str) -> None:
+    c = Collector(tmp_path, keep_days=90, clock=lambda: NOW)
+    counts = Counts()
+    body = (json_text % rfc3339_ms(NOW)).encode()
+    for sd in (b'[relay@32473 id="a"] ', b'[relay@32473 id="a" action="connect"] '):
+        c.message(b"<134>1 - relay-7 relay 1 - " + sd + s5.BOM + body, "p", counts, "relay-7")
+    c.store.close()
+    assert counts.rejected == 2 and counts.records == 0
+    assert not (tmp_path / "relay-7").exists() and not (tmp_path / "relay-1").exists()
+    # The same record said once is stored.
+    c = Collector(tmp_path, keep_days=90, clock=lambda: NOW)
+    plain = json.dumps({"id": "a", "server": {"id": "relay-7"}, "time": rfc3339_ms(NOW)})
+    c.message(b'<134>1 - relay-7 relay 1 - [relay@32473 id="a"] ' + s5.BOM + plain.encode(),
+              "p", counts, "relay-7")
+    c.store.close()
+    assert counts.records == 1

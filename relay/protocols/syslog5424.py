@@ -553,11 +553,33 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+class _Ambiguous(ValueError):
+    """JSON that parsers read differently."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        raise _Ambiguous("a key given twice")
+    return record
+
+
+def _no_constant(name: str) -> Any:
+    raise _Ambiguous(f"{name} is not JSON")
+
+
 def load_record(text: str | bytes) -> dict[str, Any]:
     """A record's JSON: an object nested at most RECORD_DEPTH_MAX deep, or
-    :class:`SyslogError`."""
+    :class:`SyslogError`. Refused too: JSON that other parsers read otherwise. A
+    key given twice is the last one to Python and the first one to ClickHouse's
+    JSONExtract (and to simdjson, RapidJSON): a sender could show the collector
+    its own relay id and the store another's. NaN and Infinity are Python's,
+    not JSON's (RFC 8259 section 6)."""
     try:
-        record = json.loads(text)
+        record = json.loads(text, object_pairs_hook=_unique_keys,
+                            parse_constant=_no_constant)
+    except _Ambiguous as exc:
+        raise SyslogError(f"ambiguous JSON: {exc}") from None
     except (ValueError, RecursionError):
         raise SyslogError("not JSON") from None
     if not isinstance(record, dict):
