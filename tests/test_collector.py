@@ -562,3 +562,22 @@ def test_json_that_parsers_read_differently_is_refused(tmp_path: Path, json_text
               "p", counts, "relay-7")
     c.store.close()
     assert counts.records == 1
+
+
+@pytest.mark.parametrize("raw_text", ['{"id":"b","server":{"id":"relay-7"},\t"time":"%s"}',
+                                      '{"id":"b","server":{"id":"relay-7"},"x":"\x7f","time":"%s"}',
+                                      '{"id":"b","server":{"id":"relay-7"},"x":"\u2028\x85",'
+                                      '"time":"%s"}'])
+def test_raw_controls_and_line_separators_are_stored_escaped(tmp_path: Path,
+                                                              raw_text: str) -> None:
+    c = Collector(tmp_path, keep_days=90, clock=lambda: NOW)
+    counts = Counts()
+    text = raw_text % rfc3339_ms(NOW)
+    c.message(b'<134>1 - relay-7 relay 1 - [relay@32473 id="b"] ' + s5.BOM + text.encode(),
+              "p", counts, "relay-7")
+    c.store.close()
+    [stored] = (tmp_path / "relay-7").glob("*.jsonl")
+    line = stored.read_text()
+    assert counts.records == 1 and line.count("\n") == 1
+    assert not set(line[:-1]) & {"\t", "\x7f", "\u2028", "\x85"}
+    assert json.loads(line) == json.loads(text)

@@ -137,6 +137,16 @@ _UTC_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z\Z")
 _UTC_MS_TAIL = re.compile(r":[0-5]\d:[0-5]\d\.\d{3}Z\Z")
 
 
+def _storable_as_sent(text: str) -> bool:
+    """Whether a record's JSON (already parsed: syslog5424.load_record) holds no
+    raw control or line-separator character. Valid JSON can hold in ASCII only
+    the whitespace between tokens and DEL in a string (RFC 8259 forbids the
+    other controls there), so ASCII text is checked for those four alone."""
+    if text.isascii():
+        return not ("\n" in text or "\r" in text or "\t" in text or "\x7f" in text)
+    return _UNSAFE_IN_LINE.search(text) is None
+
+
 def _today(clock: Callable[[], float]) -> str:
     return utc_date(clock()).isoformat()
 
@@ -393,8 +403,7 @@ class Collector:
         else:
             # The relay's JSON is stored as sent unless it carries a raw control
             # or line-separator character (not from our forwarder): then re-encoded.
-            line = text if not _UNSAFE_IN_LINE.search(text) \
-                else syslog5424.dumps_json(record)
+            line = text if _storable_as_sent(text) else syslog5424.dumps_json(record)
         data = line.encode()
         if not self.quota.take(identity, len(data) + 1):
             counts.over_quota += 1
