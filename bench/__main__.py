@@ -2,7 +2,7 @@
 
     ./run.sh bench [--quick] [NAME ...]      (NAME: hotpath, drain, shipping, openvpn,
                                               forwarding, dtls, capture, abuse, hostile,
-                                              bans, search, directory, scale)
+                                              bans, search, directory, fleet, scale)
 
 Each benchmark writes bench/results/NAME.json (and a PNG where it helps); the
 table of every row lands in bench/results/summary.json. A benchmark that fails is
@@ -21,7 +21,7 @@ import traceback
 from bench.common import RESULTS, Row, machine
 
 BENCHMARKS = ("hotpath", "drain", "shipping", "forwarding", "dtls", "openvpn", "capture",
-              "abuse", "hostile", "bans", "search", "directory", "scale")
+              "abuse", "hostile", "bans", "search", "directory", "fleet", "scale")
 
 
 def table(rows: list[Row]) -> str:

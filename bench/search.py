@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from packetlog_synth import make_records, to_c  # noqa: E402
 
 from bench.common import Row  # noqa: E402
-from relay import sessionid  # noqa: E402
+from relay import sessionid, sessionquery  # noqa: E402
 from relay.cext import ffi  # noqa: E402
 from relay.investigate import search  # noqa: E402
 from relay.packetlog import segments  # noqa: E402
@@ -155,7 +155,7 @@ def _connlog_hour(conn_dir: Path, day: str, t0: float, sessions: set[str],
 
 
 def bench_relay(data: Path, info: dict) -> tuple[float, int, int]:
-    q = search.Query(lo=info["hour"], hi=info["hour"] + 3600, dst_ip=info["dst"],
+    q = sessionquery.Query(lo=info["hour"], hi=info["hour"] + 3600, dst_ip=info["dst"],
                           dst_port=info["port"])
     best = float("inf")
     packets = sessions = 0

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import relay
 from relay import config as configmod
@@ -28,6 +28,9 @@ from relay.errors import (
     RelayError,
 )
 from relay.safeout import escape_text, json_text
+
+if TYPE_CHECKING:
+    from relay.central.store import StoreSettings
 
 # Set to see the traceback of an internal error (a bug) instead of its one line.
 DEBUG_ENV = "RELAY_DEBUG"
@@ -361,6 +364,8 @@ def cmd_collector(args: argparse.Namespace) -> int:
 
     if args.collector_command == "verify":
         return cmd_collector_verify(args)
+    if args.collector_command == "search":
+        return cmd_collector_search(args)
     if not (args.cert and args.key and args.ca):
         raise RelayError("collector: --cert, --key and --ca are required (see relay "
                          "collector --help)")
@@ -377,10 +382,56 @@ def cmd_collector(args: argparse.Namespace) -> int:
                             accept_syslog=args.accept_syslog,
                             allow_no_client_cert=args.allow_no_client_cert,
                             quota_bytes_per_day=args.quota_mb_per_day << 20,
-                            stop_event=stop)
+                            store=_store_settings(args), stop_event=stop)
 
     uvloop.run(main())
     return 0
+
+
+# relay collector search's table: which relay, and no packets (they never leave a relay).
+FLEET_COLUMNS = tuple((c, "session" if c == "session_id" else c) for c in (
+    "session_id", "match", "server_id", "server_ip", "client", "client_hostname",
+    "client_software", "protocol", "connect", "connect_utc", "disconnect", "disconnect_utc"))
+
+
+def _store_settings(args: argparse.Namespace) -> StoreSettings:
+    """[store] of --config, with --store-url and --store-cluster over it."""
+    from relay.central.store import StoreSettings
+
+    store = configmod.load(args.config).store if args.config else configmod.StoreConfig()
+    return StoreSettings(url=args.store_url if args.store_url is not None else store.url,
+                         cluster=args.store_cluster if args.store_cluster is not None
+                         else store.cluster)
+
+
+def cmd_collector_search(args: argparse.Namespace) -> int:
+    from relay.central import fleet
+    from relay.central.store import create_schema, open_backend
+    from relay.investigate.cli import write_sessions
+    from relay.investigate.options import Elapsed, Results, query_of
+
+    q, tz = query_of(args)
+    settings = _store_settings(args)
+    data_dir = Path(args.search_data_dir)
+    with Elapsed("querying the store"):
+        pairs = None if settings.url else fleet.ask_collector(fleet.socket_path(data_dir), q)
+        if pairs is None:  # a server, or no collector running on the embedded store
+            if not settings.url and not (data_dir / "@store").is_dir():
+                raise RelayError(f"{data_dir}: no store here (not a collector's directory)")
+            backend = open_backend(data_dir, settings)
+            try:
+                if not settings.url:
+                    create_schema(backend)  # a store older than a table: created empty
+                pairs = fleet.fetch(backend, q)
+            finally:
+                backend.close()
+
+    results = Results()
+    rows = fleet.sessions(pairs, q, results.warn)
+    write_sessions(args, rows, tz, FLEET_COLUMNS, packets=False)
+    if not rows:
+        print("relay: no matching session", file=sys.stderr)
+    return results.status(bool(rows))
 
 
 def cmd_collector_verify(args: argparse.Namespace) -> int:
@@ -389,6 +440,17 @@ def cmd_collector_verify(args: argparse.Namespace) -> int:
     report = verify(Path(args.verify_data_dir))
     sys.stdout.write(json.dumps(report.to_dict()) + "\n" if args.json else report.text())
     return EXIT_OK if report.ok else EXIT_INCOMPLETE
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="a TOML file whose [store] section names the store (README)")
+    p.add_argument("--store-url", metavar="URL",
+                   help="a ClickHouse server (http[s]://USER:PASSWORD@HOST:8123/) instead "
+                        "of the embedded store; overrides [store] url")
+    p.add_argument("--store-cluster", metavar="NAME",
+                   help="with --store-url: the cluster of Replicated/Distributed tables; "
+                        "overrides [store] cluster")
 
 
 def _directory_config(args: argparse.Namespace) -> configmod.Config:
@@ -657,7 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "is refused). Stores per-relay daily files (a record dated more than a "
                     "day ahead or past the retention under the day it arrived, flagged), "
                     "removes duplicates by record id, chains what it stores (SHA-256, "
-                    "checked by 'relay collector verify'), keeps at least 90 days. Plain "
+                    "checked by 'relay collector verify'), keeps at least 90 days, and loads "
+                    "them into its ClickHouse store (embedded, or [store] url) for "
+                    "'relay collector search'. Plain "
                     "RFC 5424 from other senders (rsyslog, appliances) only with "
                     "--accept-syslog.")
     p.add_argument("--listen", default="0.0.0.0:6514", metavar="HOST:PORT",
@@ -684,8 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain-listen", metavar="HOST:PORT",
                    help="also accept plain TCP syslog here, for local senders (needs "
                         "--accept-syslog: no certificate, so no relay records)")
+    _store_options(p)
     p.set_defaults(func=cmd_collector, collector_command=None)
-    verify = p.add_subparsers(dest="collector_command", metavar="[verify]")
+    verify = p.add_subparsers(dest="collector_command", metavar="[verify|search]")
     q = verify.add_parser(
         "verify", help="check the stored day files against the collector's SHA-256 chain",
         description="Checks every relay's compressed days under DIR against its chain "
@@ -696,6 +761,27 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="DIR", help="the collector's directory (default "
                                        "/var/lib/relay-collector)")
     q.add_argument("--json", action="store_true", help="the report as one JSON object")
+
+    q = verify.add_parser(
+        "search", help="sessions across the fleet, from the collector's store",
+        description="The sessions of every relay that match the filters, from the "
+                    "collector's ClickHouse store (embedded, or [store] url): the same "
+                    "filters, zones, --at rule and output as 'relay logs search', with "
+                    "the relay's id and address in each row. Destinations are the "
+                    "disconnect records' lists (packets stay on the relays).")
+    q.add_argument("--data-dir", dest="search_data_dir", default="/var/lib/relay-collector",
+                   metavar="DIR", help="the collector's directory (default "
+                                       "/var/lib/relay-collector); a running collector "
+                                       "answers for its embedded store")
+    _store_options(q)
+    add_filters(q, ("at", "slack", "start", "end", "tz", "server_id", "server_ip", "dst",
+                    "host", "client_ip", "session"), help_for={
+        "at": "sessions connected at TIME (ISO 8601 or 'YYYY-MM-DD HH:MM[:SS]', read in "
+              "--tz): connect <= TIME <= disconnect, or still open",
+        "slack": "with --at: also the sessions connected within DURATION of TIME, shown "
+                 "as match 'near'",
+        "dst": "sessions whose disconnect record lists this destination, IP[:PORT]"})
+    add_output(q)
 
     p = sub.add_parser(
         "directory", help="the relay directory: registrations and the public server list",

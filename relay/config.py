@@ -285,6 +285,18 @@ class DirectoryConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """The collector's ClickHouse store (relay.central.store)."""
+
+    url: str = setting("", "relay collector only (--config FILE, or --store-url): "
+                           "http[s]://USER:PASSWORD@HOST:8123/ of a ClickHouse server; "
+                           "empty = the embedded engine (chDB) in --data-dir/@store")
+    cluster: str = setting("", "with url: the cluster (remote_servers name) the tables are "
+                               "created ON CLUSTER, Replicated + Distributed "
+                               "(--store-cluster); empty = one server, MergeTree")
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tap: TapConfig = field(default_factory=TapConfig)
@@ -296,6 +308,7 @@ class Config:
     abuse: AbuseConfig = field(default_factory=AbuseConfig)
     egress: EgressConfig = field(default_factory=EgressConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -341,6 +354,7 @@ _SECTION_TYPES = {
     "abuse": AbuseConfig,
     "egress": EgressConfig,
     "directory": DirectoryConfig,
+    "store": StoreConfig,
 }
 
 

@@ -69,13 +69,18 @@ def request(data_dir: Path, payload: dict[str, Any], timeout: float = 10.0) -> d
             s.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotRunning(f"no relay is running on {data_dir} ({path})") from None
-        s.sendall(json.dumps(payload).encode() + b"\n")
         buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
+        try:
+            s.sendall(json.dumps(payload).encode() + b"\n")
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except TimeoutError:
+            raise RelayError(f"the relay running on {data_dir} did not answer within "
+                             f"{timeout:.0f} s (is it overloaded or stuck? see its log)") \
+                from None
     response = json.loads(buf or b"{}")
     if not response.get("ok"):
         raise RelayError(response.get("error", "the relay gave no answer"))

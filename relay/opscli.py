@@ -118,7 +118,7 @@ def _disconnect(args: argparse.Namespace, cfg: configmod.Config) -> int:
     if args.id:
         request["session"] = _one(_live(cfg, times.parse_zone(None)), args.id)["session_id"]
     else:
-        from relay.investigate.search import normalize_ip
+        from relay.sessionquery import normalize_ip
 
         request["client_ip"] = normalize_ip(args.client_ip, "--client-ip")
     ended = control.request(require_relay_data(cfg.data_dir), request).get("disconnected", [])

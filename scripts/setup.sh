@@ -81,7 +81,7 @@ step "relay package and its C build"
 stamp="$VENV/.relay-build"
 digest=$(cd "$ROOT" && find pyproject.toml setup.py cext ebpf -type f -print0 | sort -z \
   | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && "$VENV/bin/python" -c 'import relay.cext' 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && "$VENV/bin/python" -c 'import relay.cext, chdb, clickhouse_connect' 2>/dev/null; then
   echo "up to date"
 else
   "$VENV/bin/pip" install -q --upgrade pip

@@ -39,6 +39,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # Topologies alive now: a failing test's report carries their logs.
 LIVE_TOPOLOGIES: list[Topology] = []
 LOG_TAIL_CHARS = 4000
+# A SIGKILLed process (its process group: ip netns exec and the client) is reaped
+# within this: seconds on an idle machine, but 5 s was not always enough at a load
+# average of 40 (a client stopped with SIGSTOP first, then killed).
+REAP_TIMEOUT_S = 30
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -226,15 +226,17 @@ def start_collector(tmp: Path, port: int, pki: Pki, *, cert: Path | None = None,
 
 def start_forwarder(tmp: Path, data_dir: Path, port: int, pki: Pki, *,
                     host: str = "localhost", client_cert: bool = True,
-                    server_id: str = "relay-1", backoff_max: float = 1.0) -> Proc:
-    """The forwarder of relay ``server_id`` (with its client certificate, CN=relay-1,
-    unless ``client_cert`` is False)."""
+                    server_id: str = "relay-1", backoff_max: float = 1.0,
+                    cert: Path | None = None, key: Path | None = None,
+                    log_name: str = "forwarder.log") -> Proc:
+    """The forwarder of relay ``server_id`` (with its client certificate, CN=relay-1
+    or ``cert``, unless ``client_cert`` is False)."""
     cfg = {"collector": f"{host}:{port}", "ca": str(pki.ca),
-           "cert": str(pki.client_cert) if client_cert else "",
-           "key": str(pki.client_key) if client_cert else ""}
+           "cert": str(cert or pki.client_cert) if client_cert else "",
+           "key": str(key or pki.client_key) if client_cert else ""}
     src = _FORWARDER.format(cfg=cfg, data_dir=str(data_dir), server_id=server_id,
                             backoff_max=backoff_max)
-    return Proc([sys.executable, "-c", src], tmp / "forwarder.log")
+    return Proc([sys.executable, "-c", src], tmp / log_name)
 
 
 def require_rsyslog() -> None:

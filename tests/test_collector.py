@@ -357,6 +357,39 @@ def test_over_quota_records_are_refused_and_the_batch_not_confirmed(
     assert f"{20 - len(got)} refused: over the daily quota" in log
 
 
+def test_each_batch_mark_is_acknowledged_once_its_lines_are_on_disk(
+        tmp_path: Path, pki) -> None:
+    """Under ACK_ALPN the collector answers each batch mark on the connection,
+    in order, and only after the records before it are in the day file."""
+    from relay.connlog.forwarder import ACK_ALPN
+
+    port = free_port()
+    collector = start_collector(tmp_path, port, pki)
+    records = [{"id": f"{i:024x}", "time": f"{today()}T00:00:{i:02d}.000Z",
+                "action": "connect", "session_id": "s" * 26, "server": {"id": "relay-1"}}
+               for i in range(20)]
+    stored = tmp_path / "collector" / "relay-1"
+    ctx = client_ctx(pki, pki.client_cert, pki.client_key)
+    ctx.set_alpn_protocols([ACK_ALPN])
+    acked: list[tuple[bytes, list[str]]] = []
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.selected_alpn_protocol() == ACK_ALPN
+            parser = s5.AckParser()
+            for seq, part in ((1, records[:10]), (2, records[10:])):
+                tls.sendall(relay_frames(part) + s5.batch_mark(seq, hostname="relay-1"))
+                got: list[int] = []
+                while not got:
+                    got = parser.feed(tls.recv(100))
+                acked.append((bytes(got), [r["id"] for r in read_day_dir(stored)]))
+    finally:
+        collector.stop()
+    ids = [r["id"] for r in records]
+    assert acked == [(bytes([1]), ids[:10]), (bytes([2]), ids)]
+    assert "20 records stored" in collector.log()
+
+
 def test_plain_syslog_is_refused_unless_accepted(tmp_path: Path, pki) -> None:
     port = free_port()
     plain = b"<14>1 2026-11-25T10:00:00.5Z applianceA app 1 ID - hello\n"
@@ -502,3 +535,49 @@ def test_nested_json_is_counted_not_raised(tmp_path: Path) -> None:
     c.message(raw, "p", counts, "relay-7")
     assert counts.rejected == 1 and counts.records == 0
     assert "1 unparsable" in counts.summary()
+
+
+@pytest.mark.parametrize("json_text", [
+    # The collector's parser keeps the last "server", ClickHouse's JSONExtract the
+    # first: relay-7 would file a record under relay-1's id in the fleet store.
+    '{"id":"a","server":{"id":"relay-1"},"server":{"id":"relay-7"},"time":"%s"}',
+    '{"id":"a","server":{"id":"relay-1","id":"relay-7"},"time":"%s"}',
+    '{"id":"a","serv\\u0065r":{"id":"relay-1"},"server":{"id":"relay-7"},"time":"%s"}',
+    '{"id":"a","server":{"id":"relay-7"},"time":"2001-01-01T00:00:00.000Z","time":"%s"}',
+    '{"id":"a","server":{"id":"relay-7"},"time":"%s","packets":{"in":NaN}}',
+])
+def test_json_that_parsers_read_differently_is_refused(tmp_path: Path, json_text: str) -> None:
+    c = Collector(tmp_path, keep_days=90, clock=lambda: NOW)
+    counts = Counts()
+    body = (json_text % rfc3339_ms(NOW)).encode()
+    for sd in (b'[relay@32473 id="a"] ', b'[relay@32473 id="a" action="connect"] '):
+        c.message(b"<134>1 - relay-7 relay 1 - " + sd + s5.BOM + body, "p", counts, "relay-7")
+    c.store.close()
+    assert counts.rejected == 2 and counts.records == 0
+    assert not (tmp_path / "relay-7").exists() and not (tmp_path / "relay-1").exists()
+    # The same record said once is stored.
+    c = Collector(tmp_path, keep_days=90, clock=lambda: NOW)
+    plain = json.dumps({"id": "a", "server": {"id": "relay-7"}, "time": rfc3339_ms(NOW)})
+    c.message(b'<134>1 - relay-7 relay 1 - [relay@32473 id="a"] ' + s5.BOM + plain.encode(),
+              "p", counts, "relay-7")
+    c.store.close()
+    assert counts.records == 1
+
+
+@pytest.mark.parametrize("raw_text", ['{"id":"b","server":{"id":"relay-7"},\t"time":"%s"}',
+                                      '{"id":"b","server":{"id":"relay-7"},"x":"\x7f","time":"%s"}',
+                                      '{"id":"b","server":{"id":"relay-7"},"x":"\u2028\x85",'
+                                      '"time":"%s"}'])
+def test_raw_controls_and_line_separators_are_stored_escaped(tmp_path: Path,
+                                                              raw_text: str) -> None:
+    c = Collector(tmp_path, keep_days=90, clock=lambda: NOW)
+    counts = Counts()
+    text = raw_text % rfc3339_ms(NOW)
+    c.message(b'<134>1 - relay-7 relay 1 - [relay@32473 id="b"] ' + s5.BOM + text.encode(),
+              "p", counts, "relay-7")
+    c.store.close()
+    [stored] = (tmp_path / "relay-7").glob("*.jsonl")
+    line = stored.read_text()
+    assert counts.records == 1 and line.count("\n") == 1
+    assert not set(line[:-1]) & {"\t", "\x7f", "\u2028", "\x85"}
+    assert json.loads(line) == json.loads(text)

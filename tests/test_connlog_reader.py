@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from relay import cli
+from relay import cli, sessionquery
 from relay.connlog import reader
 from relay.connlog.forwarder import LogReader, Position
 from relay.investigate import evidence, search
@@ -164,7 +164,7 @@ def test_hostile_lines_and_a_damaged_archive_are_reported_not_raised(
     assert "Traceback" not in err and err.count("relay: warning:") == 2, err
     assert f"{DAY1}.jsonl.zst:1: unreadable" in err and f"{DAY2}.jsonl:1: not JSON" in err
     errors: list[str] = []
-    rows, _ = search.find_sessions(tmp_path, search.Query(), errors.append)
+    rows, _ = search.find_sessions(tmp_path, sessionquery.Query(), errors.append)
     assert list(rows) == ["A" * 21 + "A"] and len(errors) == 2
 
 
@@ -211,12 +211,12 @@ def test_the_same_torn_day_gives_the_same_records_to_every_reader(
 
     # search, and disclose's bundle.
     errors: list[str] = []
-    rows, known = search.find_sessions(data, search.Query(), errors.append)
+    rows, known = search.find_sessions(data, sessionquery.Query(), errors.append)
     assert {rec["id"] for r in rows.values() for rec in (r.connect, r.disconnect) if rec} \
         == complete
     assert "B" * 21 + "A" not in known and any("incomplete last line" in e for e in errors)
     bundle = tmp_path / "case.tar"
-    evidence.disclose(data, search.Query(), UTC, bundle, on_error=lambda *_: None, argv=[])
+    evidence.disclose(data, sessionquery.Query(), UTC, bundle, on_error=lambda *_: None, argv=[])
     with tarfile.open(bundle) as tar:
         member = tar.extractfile("connlog.jsonl")
         assert member is not None

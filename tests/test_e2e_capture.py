@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import REAP_TIMEOUT_S
 
 from relay.connlog import reader
 from relay.netns import INTERNET_IP, Topology, client_ip, run, wait_for
@@ -297,9 +298,9 @@ def test_restart_within_the_period_then_crash_keeps_every_record(
     wait_for(lambda: fins(data) >= 4, 20, "the second run's records")
     both = Counter(key(r) for r in logged(data))
     os.killpg(relay.pid, signal.SIGKILL)
-    relay.wait(5)
+    relay.wait(REAP_TIMEOUT_S)
     os.killpg(client.pid, signal.SIGKILL)
-    client.wait(5)
+    client.wait(REAP_TIMEOUT_S)
 
     relay = topo.start_relay(data, name="relay-3", logs_keys=same_period)
     wait_for(lambda: any(r["action"] == "packetlog-recover" for r in reader.iter_records(data)),

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from conftest import records, wait_records
+from conftest import REAP_TIMEOUT_S, records, wait_records
 
 from relay.netns import RELAY_UPLINK_IP, Topology, client_ip, relay_ip, run, wait_for
 
@@ -127,7 +127,7 @@ def test_client_killed_with_sigkill_gets_its_disconnect_record(
     client = topo.connect_openconnect(1, data)
     topo.curl(1, "/")
     os.killpg(client.pid, signal.SIGKILL)
-    client.wait(5)
+    client.wait(REAP_TIMEOUT_S)
     [rec] = wait_records(data, "disconnect", 1, timeout=15)
     assert rec["reason"] in ("connection-closed", "connection-lost")
     assert rec["packets"]["in"] > 0
@@ -145,7 +145,7 @@ def test_relay_killed_and_restarted_closes_the_sessions_it_left_open(
     topo.curl(2, "/")
     connects = wait_records(data, "connect", 2)
     os.killpg(relay.pid, signal.SIGKILL)
-    relay.wait(5)
+    relay.wait(REAP_TIMEOUT_S)
     assert records(data, "disconnect") == []
 
     topo.start_relay(data, name="relay-2")
@@ -177,7 +177,7 @@ def test_silent_client_is_ended_as_a_dead_peer(make_topology: Callable[..., Topo
         [rec] = wait_records(data, "disconnect", 1, timeout=30)
     finally:
         os.killpg(client.pid, signal.SIGKILL)
-        client.wait(5)
+        client.wait(REAP_TIMEOUT_S)
     assert rec["reason"] == "dead-peer"
     silence = re.fullmatch(r"no data or DPD from the client for (\d+) s", rec["error"])
     assert silence is not None and 6 <= int(silence.group(1)) < 10

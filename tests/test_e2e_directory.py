@@ -56,11 +56,14 @@ def dir_records(data: Path, action: str) -> list[dict[str, Any]]:
     return [r for r in reader.iter_records(data) if r["action"] == action]
 
 
-def listed(topo: Topology, data: Path) -> list[str]:
+def listed(topo: Topology, data: Path, *, up: bool = False) -> list[str]:
+    """The relays listed; with ``up``, those that have reported an uptime of a
+    second or more (a relay's first heartbeat, sent at start, says 0 s)."""
     proc = run([*relay_command(), "directory", "list", "--data-dir", str(data), "--json"],
                check=False)
-    return [json.loads(line)["id"] for line in proc.stdout.splitlines()] \
+    rows = [json.loads(line) for line in proc.stdout.splitlines()] \
         if proc.returncode == 0 else []
+    return [r["id"] for r in rows if not up or r["uptime_s"] > 0]
 
 
 def fetch(topo: Topology, ca: Path, path: str, *args: str) -> str:
@@ -109,8 +112,8 @@ def test_directory_end_to_end(make_topology: Callable[..., Topology]) -> None:
                 f'operator = "Volunteer {n}, e2e"\nmessage = "relay number {n}"\n'
                 'country = "JP"\ncountry_name = "Japan"\n'))
 
-    wait_for(lambda: sorted(listed(topo, dir_data)) == ["relay-a", "relay-b", "relay-c"], 30,
-             "three relays listed")
+    wait_for(lambda: sorted(listed(topo, dir_data, up=True))
+             == ["relay-a", "relay-b", "relay-c"], 30, "three relays listed, up")
     wait_for(lambda: any(r.get("certificate_id") == "relay-x"
                          for r in dir_records(dir_data, "relay-refused")), 10,
              "relay-d refused")

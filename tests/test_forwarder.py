@@ -34,7 +34,10 @@ from shiputil import (
 from relay import config
 from relay.connlog import daylog, reader
 from relay.connlog.forwarder import (
+    ACK_ALPN,
     CONFIRM_ALPN,
+    MAX_IN_FLIGHT,
+    PIPELINE_BATCH_BYTES,
     Position,
     load_position,
     make_forwarder,
@@ -151,7 +154,7 @@ def test_wrong_ca_collector_is_refused_and_records_wait(tmp_path: Path, pki) -> 
     assert sorted(stored_ids(stored)) == sorted(r["id"] for r in records)
     status = ship_status(relay)
     assert status["backlog_records"] == 0 and status["last_success"]
-    assert status["confirmation"] == "close_notify"
+    assert status["confirmation"] == "ack"  # relay collector acknowledges each batch
 
 
 def test_collector_name_is_checked(tmp_path: Path, pki) -> None:
@@ -212,6 +215,128 @@ class FakeReceiver(threading.Thread):
             except (OSError, ssl.SSLError):
                 continue
         self.sock.close()
+
+
+class AckReceiver(threading.Thread):
+    """relay collector's side of ACK_ALPN, scripted: it acknowledges nothing
+    until ``hold`` batch marks have arrived on a connection (a forwarder that
+    waited for each ack would stall there), then each mark as it comes; its
+    first connection, with ``drop_after``, is closed right after that many
+    acks, with batches still unacknowledged."""
+
+    def __init__(self, pki, hold: int, drop_after: int | None = None) -> None:
+        super().__init__(daemon=True)
+        self.hold, self.drop_after = hold, drop_after
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(pki.server_cert, pki.server_key)
+        self.ctx.set_alpn_protocols([ACK_ALPN])
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.received: list[str] = []  # record ids, in arrival order, resends too
+        self.confirmed: list[str] = []  # the ids of acknowledged batches
+        self.marks_before_first_ack: list[int] = []  # per connection
+        self.connections = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    self.serve(tls)
+            except (OSError, ssl.SSLError):
+                continue
+        self.sock.close()
+
+    def serve(self, tls: ssl.SSLSocket) -> None:
+        parser = s5.FrameParser(s5.COLLECTOR_MAX_MESSAGE_SIZE)
+        batches: list[list[str]] = []
+        current: list[str] = []
+        acked = 0
+        first = self.connections == 1
+        while chunk := tls.recv(65536):
+            for message in parser.feed(chunk):
+                seq = s5.batch_seq(message)
+                if seq is None:
+                    rid = s5.relay_record(s5.parse_message(message))["id"]
+                    current.append(rid)
+                    self.received.append(rid)
+                    continue
+                assert seq == len(batches) + 1
+                batches.append(current)
+                current = []
+                if len(batches) < self.hold and acked == 0:
+                    continue
+                if acked == 0:
+                    self.marks_before_first_ack.append(len(batches))
+                while acked < len(batches):
+                    acked += 1
+                    self.confirmed += batches[acked - 1]
+                    tls.sendall(s5.format_ack(acked))
+                    if first and self.drop_after == acked:
+                        return  # closed with batches in flight
+        if current or acked < len(batches):
+            # The sender closed before acks it waits for: never happens.
+            self.marks_before_first_ack.append(-1)
+
+
+def ack_records(relay: Path, n: int) -> list[str]:
+    """``n`` records of ~1.4 kB: a few pipelined batches of PIPELINE_BATCH_BYTES."""
+    log = daylog.ConnectionLog(relay)
+    try:
+        return [log.append({**hostile_record(i), "padding": "p" * 1000})["id"]
+                for i in range(n)]
+    finally:
+        log.close()
+
+
+def test_several_batches_are_in_flight_before_the_first_ack(tmp_path: Path, pki) -> None:
+    receiver = AckReceiver(pki, hold=MAX_IN_FLIGHT)
+    receiver.start()
+    relay = tmp_path / "relay"
+    ids = ack_records(relay, 4000)
+    fwd = start_forwarder(tmp_path, relay, receiver.port, pki)
+    try:
+        wait_until(lambda: ship_status(relay)["backlog_records"] == 0, what="all acknowledged")
+    finally:
+        fwd.stop()
+        receiver.stop.set()
+        receiver.join()
+    status = ship_status(relay)
+    assert status["confirmation"] == "ack" and status["consecutive_failures"] == 0
+    # One connection, the whole window sent before the first ack came back.
+    assert receiver.connections == 1
+    assert receiver.marks_before_first_ack == [MAX_IN_FLIGHT]
+    assert receiver.received == receiver.confirmed == ids
+
+
+def test_batches_in_flight_when_the_connection_drops_are_sent_again(
+        tmp_path: Path, pki) -> None:
+    receiver = AckReceiver(pki, hold=3, drop_after=1)
+    receiver.start()
+    relay = tmp_path / "relay"
+    ids = ack_records(relay, 4000)
+    fwd = start_forwarder(tmp_path, relay, receiver.port, pki)
+    try:
+        wait_until(lambda: ship_status(relay)["backlog_records"] == 0, what="all acknowledged")
+    finally:
+        fwd.stop()
+        receiver.stop.set()
+        receiver.join()
+    assert receiver.connections >= 2
+    # Nothing lost, in order; resent: at most the window in flight when the
+    # connection dropped (its ack may be lost with it: at least once, not
+    # exactly once), each batch whole, the duplicates the collector drops.
+    assert sorted(set(receiver.received)) == sorted(ids)
+    assert list(dict.fromkeys(receiver.confirmed)) == ids
+    resent = len(receiver.received) - len(ids)
+    per_batch = len(ids) * PIPELINE_BATCH_BYTES // ship_status(relay)["position"]["offset"]
+    assert 0 < resent <= (MAX_IN_FLIGHT + 1) * per_batch
 
 
 @pytest.mark.parametrize("alpn", [True, False], ids=["relay-collector", "stock-receiver"])

@@ -392,3 +392,29 @@ def test_fuzz_mutated_messages_raise_only_syslog_errors(
     for at, cut, insert in edits:
         raw[at:at + cut] = insert
     _consume(bytes(raw) if framed_first else s5.frame(bytes(raw)), cuts)
+
+
+def test_batch_marks_and_acks() -> None:
+    framed = s5.batch_mark(42, hostname="relay-1", procid="7")
+    [mark] = s5.FrameParser().feed(framed)
+    assert s5.batch_seq(mark) == 42
+    assert s5.parse_message(mark).sd == {s5.BATCH_SD_ID: {"seq": "42"}}  # RFC 5424 still
+    # Only the mark itself: not a record, not a mark with a MSG or another SD-ID.
+    record = s5.format_record({"id": "a" * 24, "action": "batch-end"}, hostname="relay-1")
+    assert s5.batch_seq(record) is None
+    assert s5.batch_seq(mark + b" text") is None
+    assert s5.batch_seq(mark.replace(b"relay-batch@", b"relay-other@")) is None
+    parser = s5.AckParser()
+    assert parser.feed(s5.format_ack(1) + b"ack 2\nack") == [1, 2]
+    assert parser.feed(b" 3\n") == [3]
+    for bad in (b"nak 4\n", b"ack x\n", b"a" * s5.ACK_MAX):
+        with pytest.raises(s5.FrameError):
+            s5.AckParser().feed(bad)
+
+
+def test_a_lean_sd_carries_the_id_only() -> None:
+    rec = {"id": "b" * 24, "time": "2026-11-01T00:00:00.000Z", "action": "connect",
+           "server": {"id": "relay-1"}}
+    lean = s5.parse_message(s5.format_record(rec, hostname="relay-1", sd_fields=False))
+    assert lean.sd == {s5.SD_ID: {"id": "b" * 24}}
+    assert s5.relay_record(lean) == rec

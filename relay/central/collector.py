@@ -29,11 +29,15 @@ that, records are refused and the batch is not confirmed, so the relay keeps
 them and sends them again later. Plain syslog (messages that are not relay
 records) is refused unless ``--accept-syslog``.
 
-Delivery confirmation: a relay closes each batch with TLS close_notify; the
-collector answers with its own close_notify only after every line of that
-connection is written and fdatasync'ed, so an answered close means the batch
-is on disk. The collector selects the ALPN id relay.connlog.forwarder.CONFIRM_ALPN to
-tell the forwarder that it keeps this promise (see relay.connlog.forwarder).
+Delivery confirmation: with a forwarder that offers the ALPN id
+relay.connlog.forwarder.ACK_ALPN, the collector answers each batch mark on the
+connection with an acknowledgement, after every line before it is written and
+fdatasync'ed (relay.protocols.syslog5424, "Batch confirmations"), so several
+batches are in flight at once. With one that offers only CONFIRM_ALPN, a relay
+closes each batch with TLS close_notify, and the collector answers with its own
+close_notify only after every line of that connection is written and
+fdatasync'ed, so an answered close means the batch is on disk (see
+relay.connlog.forwarder).
 
 Duplicate removal keeps, per relay and day, the set of ids already stored,
 rebuilt from the day file when the day is first touched after a start.
@@ -64,11 +68,20 @@ from pathlib import Path
 from typing import Any, cast
 
 from relay import chain
+from relay.central import fleet
+from relay.central.store import (
+    LOAD_INTERVAL_S,
+    Loader,
+    StoreError,
+    StoreSettings,
+    create_schema,
+    open_backend,
+)
 from relay.chain import Report, check_links
 from relay.config import parse_hostport
 from relay.connlog import reader
 from relay.connlog.daylog import DIR_MODE, SUFFIX, ensure_dir, open_for_append
-from relay.connlog.forwarder import CONFIRM_ALPN
+from relay.connlog.forwarder import ACK_ALPN, CONFIRM_ALPN
 from relay.connlog.retention import (
     DEFAULT_COMPRESS_AFTER_DAYS,
     RETENTION_INTERVAL_S,
@@ -116,6 +129,22 @@ FUTURE_SKEW_S = 86400.0
 # a quarter of journald's default ceiling for a whole host's journal
 # (SystemMaxUse, at most 4 GiB), so a stolen key cannot fill the disk.
 DEFAULT_QUOTA_BYTES_PER_DAY = 1 << 30
+# Hours whose start _day remembers: a day and a half of records arriving, late
+# ones included; past it the cache starts again.
+UTC_HOURS_CACHED = 36
+_HOUR = len("YYYY-MM-DDTHH")
+_UTC_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z\Z")
+_UTC_MS_TAIL = re.compile(r":[0-5]\d:[0-5]\d\.\d{3}Z\Z")
+
+
+def _storable_as_sent(text: str) -> bool:
+    """Whether a record's JSON (already parsed: syslog5424.load_record) holds no
+    raw control or line-separator character. Valid JSON can hold in ASCII only
+    the whitespace between tokens and DEL in a string (RFC 8259 forbids the
+    other controls there), so ASCII text is checked for those four alone."""
+    if text.isascii():
+        return not ("\n" in text or "\r" in text or "\t" in text or "\x7f" in text)
+    return _UNSAFE_IN_LINE.search(text) is None
 
 
 def _today(clock: Callable[[], float]) -> str:
@@ -195,11 +224,14 @@ class DayFile:
 
 
 class Store:
-    """Day files under the collector directory, opened on demand (LRU)."""
+    """Day files under the collector directory, opened on demand (LRU).
+    ``on_synced(subdir, day)`` hears of each day file synced with new lines."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path,
+                 on_synced: Callable[[str, str], None] | None = None) -> None:
         self.root = ensure_dir(Path(root))
         self._open: OrderedDict[tuple[str, str], DayFile] = OrderedDict()
+        self.on_synced = on_synced
 
     def day_file(self, subdir: str, day: str, dedup: bool) -> DayFile:
         key = (subdir, day)
@@ -215,26 +247,33 @@ class Store:
         f = DayFile(directory / f"{day}{SUFFIX}", dedup)
         self._open[key] = f
         while len(self._open) > MAX_OPEN_DAYS:
-            _, old = self._open.popitem(last=False)
-            old.close()
+            self._close(*self._open.popitem(last=False))
         return f
+
+    def _close(self, key: tuple[str, str], f: DayFile) -> None:
+        f.close()
+        if self.on_synced is not None:
+            self.on_synced(*key)
 
     def flush(self) -> None:
         for f in self._open.values():
             f.flush()
 
     def sync(self) -> None:
-        for f in self._open.values():
+        for key, f in self._open.items():
             f.flush()
-            f.sync()
+            if f.dirty:
+                f.sync()
+                if self.on_synced is not None:
+                    self.on_synced(*key)
 
     def close_days_before(self, day: str) -> None:
         for key in [k for k in self._open if k[1] < day]:
-            self._open.pop(key).close()
+            self._close(key, self._open.pop(key))
 
     def close(self) -> None:
-        for f in self._open.values():
-            f.close()
+        for key, f in self._open.items():
+            self._close(key, f)
         self._open.clear()
 
     def relay_directories(self) -> list[Path]:
@@ -282,9 +321,16 @@ class Quota:
         self.limit = bytes_per_day
         self.clock = clock
         self.used: dict[str, tuple[str, int]] = {}
+        # The UTC day of the clock, kept while the clock stays in it.
+        self._day_start = -1.0
+        self._today = ""
 
     def take(self, sender: str, size: int) -> bool:
-        today = _today(self.clock)
+        now = self.clock()
+        if not self._day_start <= now < self._day_start + 86400:
+            self._day_start = now - now % 86400
+            self._today = _today(lambda: now)
+        today = self._today
         day, used = self.used.get(sender, (today, 0))
         if day != today:
             used = 0
@@ -301,18 +347,24 @@ class Quota:
 class Collector:
     def __init__(self, data_dir: Path, keep_days: int, *, accept_syslog: bool = False,
                  quota_bytes_per_day: int = DEFAULT_QUOTA_BYTES_PER_DAY,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.store = Store(Path(data_dir))
+                 clock: Callable[[], float] = time.time,
+                 on_synced: Callable[[str, str], None] | None = None) -> None:
+        self.store = Store(Path(data_dir), on_synced)
         self.keep_days = check_keep_days(keep_days)
         self.accept_syslog = accept_syslog
         self.quota = Quota(quota_bytes_per_day, clock)
         self.clock = clock
+        # "YYYY-MM-DDTHH" -> epoch seconds of that UTC hour, for _day.
+        self._utc_times: dict[str, float] = {}
 
     # -- messages (no I/O but the store's writes) ---------------------------
 
     def message(self, raw: bytes, peer: str, counts: Counts, identity: str | None) -> None:
         """Store or refuse one message from ``peer``, whose certificate proved
         ``identity`` (None: no certificate, or not a relay's)."""
+        if identity is not None and (lean := syslog5424.lean_relay_record(raw)) is not None:
+            self._record(*lean, identity, counts)
+            return
         try:
             msg = syslog5424.parse_message(raw)
         except syslog5424.SyslogError as exc:
@@ -331,6 +383,11 @@ class Collector:
         if identity is None:
             counts.no_identity += 1
             return
+        self._record(record, msg.msg, identity, counts)
+
+    def _record(self, record: dict[str, Any], text: str, identity: str,
+                counts: Counts) -> None:
+        """Store a relay record (``text``, its JSON as sent) of ``identity``."""
         server = record.get("server")
         if not isinstance(server, dict) or server.get("id") != identity:
             counts.wrong_id += 1
@@ -346,8 +403,7 @@ class Collector:
         else:
             # The relay's JSON is stored as sent unless it carries a raw control
             # or line-separator character (not from our forwarder): then re-encoded.
-            line = msg.msg if not _UNSAFE_IN_LINE.search(msg.msg) \
-                else syslog5424.dumps_json(record)
+            line = text if _storable_as_sent(text) else syslog5424.dumps_json(record)
         data = line.encode()
         if not self.quota.take(identity, len(data) + 1):
             counts.over_quota += 1
@@ -359,18 +415,33 @@ class Collector:
     def _day(self, record: dict[str, Any]) -> tuple[str, dict[str, str] | None]:
         """The UTC day to file a record under, and why not its own when not."""
         now = self.clock()
-        received = {"received": rfc3339_ms(now)}
-        try:
-            when = parse_rfc3339(str(record.get("time")))
-        except ValueError:
-            return _today(self.clock), {**received, "reason": "time is not RFC 3339"}
-        if when.timestamp() > now + FUTURE_SKEW_S:
-            return _today(self.clock), {**received, "reason": "time more than "
-                                        f"{FUTURE_SKEW_S / 3600:.0f} h in the future"}
-        if when.timestamp() < now - self.keep_days * 86400:
-            return _today(self.clock), {**received, "reason": "time older than the "
-                                        f"retention of {self.keep_days} days"}
-        return when.astimezone(UTC).date().isoformat(), None
+        text = str(record.get("time"))
+        when = self._utc_times.get(text[:_HOUR])
+        if when is not None and _UTC_MS_TAIL.match(text, _HOUR):
+            # The relays' own form (YYYY-MM-DDTHH:MM:SS.mmmZ): its hour looked
+            # up, not parsed again for every record.
+            ts = when + int(text[14:16]) * 60 + int(text[17:19]) + int(text[20:23]) / 1000
+            day = text[:10]
+        else:
+            try:
+                dt = parse_rfc3339(text)
+            except ValueError:
+                return self._received(now, "time is not RFC 3339")
+            ts, day = dt.timestamp(), dt.astimezone(UTC).date().isoformat()
+            if _UTC_MS.match(text):
+                if len(self._utc_times) >= UTC_HOURS_CACHED:
+                    self._utc_times.clear()
+                self._utc_times[text[:_HOUR]] = ts - (ts % 3600)
+        if ts > now + FUTURE_SKEW_S:
+            return self._received(now, f"time more than {FUTURE_SKEW_S / 3600:.0f} h in the "
+                                       "future")
+        if ts < now - self.keep_days * 86400:
+            return self._received(now, f"time older than the retention of {self.keep_days} "
+                                       "days")
+        return day, None
+
+    def _received(self, now: float, reason: str) -> tuple[str, dict[str, str]]:
+        return utc_date(now).isoformat(), {"received": rfc3339_ms(now), "reason": reason}
 
     def _other(self, msg: syslog5424.Message | None, raw: bytes, peer: str,
                identity: str | None, error: str | None, counts: Counts) -> None:
@@ -469,12 +540,17 @@ class Connection(asyncio.Protocol):
         self.outcome = "closed"
         self.last_data = time.monotonic()
         self.identity: str | None = None
+        # Under ACK_ALPN: batch marks are answered with acks (syslog5424's
+        # "Batch confirmations").
+        self.acks = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         if transport.get_extra_info("sslcontext") is None:
             log.info("%s: connected (plain TCP)", self.peer)
         else:
+            tls = transport.get_extra_info("ssl_object")
+            self.acks = tls is not None and tls.selected_alpn_protocol() == ACK_ALPN
             cert = transport.get_extra_info("peercert")
             self.identity = peer_identity(cert)
             if cert:
@@ -506,6 +582,10 @@ class Connection(asyncio.Protocol):
         self.last_data = time.monotonic()
         try:
             for raw in self.parser.feed(data):
+                if self.acks and (seq := syslog5424.batch_seq(raw)) is not None:
+                    if not self._confirm(seq):
+                        return
+                    continue
                 self.collector.message(raw, self.peer, self.counts, self.identity)
             self.collector.store.flush()
         except syslog5424.FrameError as exc:
@@ -514,6 +594,17 @@ class Connection(asyncio.Protocol):
         except OSError as exc:
             log.error("%s: cannot store: %s", self.peer, exc)
             self._drop(f"dropped: storage error: {exc}")
+
+    def _confirm(self, seq: int) -> bool:
+        """Batch ``seq`` ended: on disk, then acknowledged; False when the
+        connection is dropped instead (the batch is not confirmed)."""
+        self.collector.store.sync()
+        if self.counts.over_quota:
+            # As at a close: the relay keeps the refused records and sends them again.
+            self._drop("not confirmed: over the daily quota")
+            return False
+        cast(asyncio.Transport, self.transport).write(syslog5424.format_ack(seq))
+        return True
 
     def eof_received(self) -> bool:
         if self.parser.pending:
@@ -583,9 +674,12 @@ def server_context(ca: str, cert: str, key: str, client_cert_optional: bool) -> 
     plain-syslog senders, see run_collector)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # Tells our forwarder that this receiver's close_notify confirms a synced
-    # batch; senders that offer no ALPN (rsyslog) are unaffected.
-    ctx.set_alpn_protocols([CONFIRM_ALPN])
+    # Tells our forwarder that this receiver acknowledges each synced batch
+    # on the connection (ACK_ALPN), or, for a forwarder that offers only the
+    # older id, that its close_notify confirms a synced batch; senders that
+    # offer no ALPN (rsyslog) are unaffected. The first of these the client
+    # offers is selected.
+    ctx.set_alpn_protocols([ACK_ALPN, CONFIRM_ALPN])
     if not ca:
         raise RelayError("collector: --ca is required: the CA of the relays' client "
                          "certificates, whose CN is the relay id")
@@ -610,6 +704,7 @@ async def run_collector(
     accept_syslog: bool = False,
     allow_no_client_cert: bool = False,
     quota_bytes_per_day: int = DEFAULT_QUOTA_BYTES_PER_DAY,
+    store: StoreSettings | None = None,
     stop_event: asyncio.Event | None = None,
 ) -> None:
     """Serve until ``stop_event`` is set (or the task is cancelled).
@@ -631,9 +726,24 @@ async def run_collector(
     if quota_bytes_per_day <= 0:
         raise RelayError("collector: the quota must be positive")
     ctx = server_context(ca, cert, key, allow_no_client_cert)
-    collector = Collector(Path(data_dir), keep_days, accept_syslog=accept_syslog,
-                          quota_bytes_per_day=quota_bytes_per_day)
-    os.chmod(collector.store.root, DIR_MODE)
+    store = store or StoreSettings()
+    ensure_dir(Path(data_dir))
+    os.chmod(data_dir, DIR_MODE)
+    backend = await asyncio.to_thread(open_backend, Path(data_dir), store)
+    try:
+        await asyncio.to_thread(create_schema, backend, keep_days, store.cluster)
+    except StoreError as exc:
+        backend.close()
+        raise RelayError(f"collector: the store: {exc}") from None
+    loader = Loader(Path(data_dir), backend, keep_days)
+    collector = Collector(
+        Path(data_dir), keep_days, accept_syslog=accept_syslog,
+        quota_bytes_per_day=quota_bytes_per_day,
+        on_synced=lambda sub, day: None if sub.startswith("@") else loader.mark(sub, day))
+    queries = None if store.url else await fleet.serve_queries(
+        fleet.socket_path(Path(data_dir)), backend)
+    log.info("store: %s", f"ClickHouse at {store.url}" if store.url
+             else f"embedded (chDB) in {loader.journal.path.parent}")
     listeners = [listen_tcp(host, port, LISTEN_BACKLOG)]
     log.info("listening on %s (RFC 5425, TLS, client certificate %s), storing in %s; "
              "plain syslog %s; quota %d bytes per sender per day", listen,
@@ -642,9 +752,10 @@ async def run_collector(
     if plain:
         listeners.append(listen_tcp(*plain, LISTEN_BACKLOG))
         log.info("listening on %s (plain TCP syslog, for local senders)", plain_listen)
+    stop = stop_event or asyncio.Event()
     tasks = [asyncio.ensure_future(_accept_loop(sock, collector, ctx if i == 0 else None))
              for i, sock in enumerate(listeners)]
-    stop = stop_event or asyncio.Event()
+    tasks.append(asyncio.ensure_future(_load_loop(loader, stop)))
     try:
         while not stop.is_set():
             collector.retention_pass()
@@ -655,5 +766,31 @@ async def run_collector(
             task.cancel()
         for sock in listeners:
             sock.close()
+        if queries is not None:
+            queries.close()
         collector.store.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        loader.close()
+        backend.close()
         log.info("collector stopped")
+
+
+async def _load_loop(loader: Loader, stop: asyncio.Event) -> None:
+    """Load the spool into the store, a pass a second while records arrive; a
+    store that fails is retried (the spool keeps everything meanwhile)."""
+    failing = False
+    while not stop.is_set():
+        try:
+            n = await asyncio.to_thread(loader.run_pass)
+            if failing:
+                log.info("store: loading works again")
+            failing = False
+        except (StoreError, OSError) as exc:
+            if not failing:
+                log.error("store: loading failed (retrying; the spool keeps the records): %s",
+                          exc)
+            failing = True
+            n = 0
+        if not n:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), LOAD_INTERVAL_S)

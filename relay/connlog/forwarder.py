@@ -13,16 +13,28 @@ can only do after it has read everything before ours. So every connection
 carries one batch (at most :data:`BATCH_MAX_BYTES` of log, everything
 available if less), then the forwarder closes and waits for the collector's
 close_notify; only then is the position advanced (written atomically, synced).
+(``relay collector`` does better than RFC 5425 allows: see below.)
 A receiver that dies, resets or times out has not acknowledged: the batch
 goes again on the next connection. The cost is one TLS handshake per batch;
 the gain is that no record is counted as delivered on TCP's word alone.
 Duplicates (at most one batch per failure) carry the same record ``id`` and the
 collector drops them.
 
-Two kinds of receiver, told apart by ALPN (:data:`CONFIRM_ALPN`, offered by the
-forwarder, selected only by ``relay collector``):
+Three kinds of receiver, told apart by ALPN (the forwarder offers
+:data:`ACK_ALPN` and :data:`CONFIRM_ALPN`; only ``relay collector`` selects one):
 
-- ``relay collector`` answers close_notify only after the batch is written and
+- ``relay collector`` under :data:`ACK_ALPN` keeps the connection and takes
+  batches of :data:`PIPELINE_BATCH_BYTES` back to back, each ended by a batch
+  mark, and answers each mark with an acknowledgement on the same connection
+  once everything before it is written and fdatasync'ed
+  (relay.protocols.syslog5424, "Batch confirmations"). The forwarder keeps up
+  to :data:`MAX_IN_FLIGHT` batches unacknowledged and advances the position
+  batch by batch, in order, as the acks arrive; a connection that fails
+  confirms nothing more, and every batch not acknowledged goes again (still at
+  least once: the collector drops the duplicates). Its messages' SD carries
+  the record id only: the collector reads the JSON;
+- ``relay collector`` under :data:`CONFIRM_ALPN` (a collector that predates
+  the acks) answers close_notify only after the batch is written and
   fdatasync'ed; the forwarder then requires that close_notify, and treats a
   bare FIN as a failure (the collector may have died between reading and
   writing);
@@ -64,6 +76,7 @@ import os
 import random
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,6 +132,16 @@ READ_SIZE = 65536
 # ALPN protocol id by which relay collector says "my close_notify means your
 # batch is on disk" (a private id: ALPN has no registered one for syslog).
 CONFIRM_ALPN = "x-relay-syslog-confirm"
+# ALPN protocol id by which relay collector says "I acknowledge each batch on
+# this connection once it is on disk" (syslog5424's "Batch confirmations").
+ACK_ALPN = "x-relay-syslog-acks"
+# Batches sent ahead of their acknowledgement on one connection: enough to keep
+# the link busy while the collector syncs the oldest (a window, as TCP's own),
+# and what a failure resends at most.
+MAX_IN_FLIGHT = 4
+# Log bytes per batch under ACK_ALPN: an fdatasync each at the collector; with
+# MAX_IN_FLIGHT of them the window holds as much as one BATCH_MAX_BYTES batch.
+PIPELINE_BATCH_BYTES = 1 << 20
 # Refusals of the same batch (handshake done, batch not confirmed) before it is
 # split to find the record the collector refuses: as TCP waits for R1 = 3
 # retransmissions before suspecting the path (RFC 1122 section 4.2.3.5), two
@@ -312,7 +335,7 @@ def client_context(ca: str, cert: str = "", key: str = "") -> ssl.SSLContext:
     system store when empty) and its name against the configured host."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols([CONFIRM_ALPN])
+    ctx.set_alpn_protocols([ACK_ALPN, CONFIRM_ALPN])
     try:
         if ca:
             ctx.load_verify_locations(ca)
@@ -356,7 +379,28 @@ class TlsLink:
     @property
     def strict(self) -> bool:
         """True when the receiver is relay collector: only close_notify confirms."""
-        return self._tls.selected_alpn_protocol() == CONFIRM_ALPN
+        return self._tls.selected_alpn_protocol() in (CONFIRM_ALPN, ACK_ALPN)
+
+    @property
+    def acks(self) -> bool:
+        """True when the receiver acknowledges batches on the connection."""
+        return self._tls.selected_alpn_protocol() == ACK_ALPN
+
+    async def receive(self, timeout: float) -> bytes:
+        """Application data from the receiver (ConnectionError when it closes)."""
+        while True:
+            try:
+                data = self._tls.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                await self._flush()
+                raw = await asyncio.wait_for(self._reader.read(READ_SIZE), timeout)
+                if not raw:
+                    raise ConnectionError("the collector closed the connection") from None
+                self._in.write(raw)
+                continue
+            if not data:
+                raise ConnectionError("the collector closed the connection (close_notify)")
+            return data
 
     async def _flush(self) -> None:
         data = self._out.read()
@@ -436,7 +480,12 @@ Audit = Callable[[dict[str, Any]], None]
 
 
 class Refused(Exception):
-    """The collector took the connection but did not confirm the batch."""
+    """The collector took the connection but did not confirm the batch (the
+    oldest unconfirmed one, when several were in flight)."""
+
+    def __init__(self, text: str, batch: Batch | None = None) -> None:
+        super().__init__(text)
+        self.batch = batch
 
 
 @dataclass
@@ -465,6 +514,22 @@ class Batch:
     @property
     def size(self) -> int:
         return sum(len(line) + 1 for _, line in self.lines)
+
+    def rest(self, n: int) -> Batch | None:
+        """The lines after the first ``n`` as a batch of their own (None if none)."""
+        if n >= len(self.lines):
+            return None
+        off, _ = self.lines[n]
+        return Batch(Position(self.start.day, off), self.end, self.lines[n:])
+
+    def lines_within(self, max_bytes: int) -> int:
+        """How many of the first lines fit in ``max_bytes`` (at least one)."""
+        total = 0
+        for i, (_, line) in enumerate(self.lines):
+            total += len(line) + 1
+            if total > max_bytes:
+                return max(i, 1)
+        return len(self.lines)
 
 
 class Forwarder:
@@ -562,7 +627,7 @@ class Forwarder:
     # -- formatting and setting aside ---------------------------------------------
 
     def _message(self, day: str, offset: int, raw: bytes,
-                 set_aside: list[dict[str, Any]]) -> bytes | None:
+                 set_aside: list[dict[str, Any]], sd_fields: bool = True) -> bytes | None:
         """The framed message of one log line, or None with its set-aside entry."""
         where = {"day": day, "offset": offset}
         try:
@@ -581,7 +646,8 @@ class Forwarder:
                                         f"{self.server_id!r}"})
             return None
         return syslog5424.frame(syslog5424.format_record(
-            record, hostname=self.server_id, procid=self.procid, facility=self.facility))
+            record, hostname=self.server_id, procid=self.procid, facility=self.facility,
+            sd_fields=sd_fields, as_logged=raw))
 
     async def _set_aside(self, entries: list[dict[str, Any]]) -> None:
         """Record lines that will not be shipped, once their batch is confirmed
@@ -603,39 +669,127 @@ class Forwarder:
         self.audit({"action": "ship-set-aside", "count": len(entries), "records": named,
                     "file": str(path)})
 
-    # -- one connection per batch -------------------------------------------------
+    # -- batches on a connection ---------------------------------------------------
 
-    async def _ship(self, batch: Batch, set_aside: list[dict[str, Any]]) -> tuple[int, str]:
-        """Send ``batch`` on a connection of its own; the records sent and how the
-        receiver confirmed. Raises :class:`Refused` when the collector took the
-        connection but not the batch, and the connection error when it could
-        not be reached."""
+    async def _connect(self) -> TlsLink:
         await self._set_state("connecting")
         link = await TlsLink.open(self.host, self.port, self.ctx)
+        await self._set_state("sending")
+        return link
+
+    async def _send(self, link: TlsLink, batch: Batch, set_aside: list[dict[str, Any]]) -> int:
+        """Write ``batch``'s messages (those that are records of this relay); how many."""
+        sent = 0
+        lines = batch.lines
+        for i in range(0, len(lines), WRITE_CHUNK_RECORDS):
+            frames = [m for off, raw in lines[i:i + WRITE_CHUNK_RECORDS]
+                      if (m := self._message(batch.start.day, off, raw, set_aside,
+                                             sd_fields=not link.acks))]
+            if frames:
+                await link.send(b"".join(frames))
+                sent += len(frames)
+        return sent
+
+    async def _ship(self, batch: Batch, set_aside: list[dict[str, Any]],
+                    link: TlsLink | None = None) -> tuple[int, str]:
+        """Send ``batch`` alone on a connection (``link``, or a new one) and close
+        it; the records sent and how the receiver confirmed. Raises
+        :class:`Refused` when the collector took the connection but not the
+        batch, and the connection error when it could not be reached."""
+        link = link or await self._connect()
         try:
-            await self._set_state("sending")
-            sent = 0
-            lines = batch.lines
-            for i in range(0, len(lines), WRITE_CHUNK_RECORDS):
-                frames = [m for off, raw in lines[i:i + WRITE_CHUNK_RECORDS]
-                          if (m := self._message(batch.start.day, off, raw, set_aside))]
-                if frames:
-                    await link.send(b"".join(frames))
-                    sent += len(frames)
-            confirmation = await link.close()
+            sent = await self._send(link, batch, set_aside)
+            if link.acks:
+                await link.send(self._mark(1))
+                await self._acknowledged(link, syslog5424.AckParser(), 1)
+                with contextlib.suppress(OSError, ssl.SSLError, TimeoutError, ConnectionError):
+                    await link.close()
+                confirmation = "ack"
+            else:
+                confirmation = await link.close()
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             link.abort()
-            raise Refused(describe_error(exc)) from exc
+            raise Refused(describe_error(exc), batch) from exc
         except BaseException:
             link.abort()
             raise
         return sent, confirmation
 
-    async def _deliver(self, batch: Batch, passed_over: Batch | None = None) -> None:
+    def _mark(self, seq: int) -> bytes:
+        return syslog5424.batch_mark(seq, hostname=self.server_id, procid=self.procid,
+                                     facility=self.facility)
+
+    async def _acknowledged(self, link: TlsLink, acks: syslog5424.AckParser,
+                            seq: int) -> list[int]:
+        """The acknowledgements that arrive next (at least one), each checked
+        against the sequence, starting at ``seq``."""
+        while True:
+            data = await link.receive(CLOSE_CONFIRM_TIMEOUT_S)
+            try:
+                got = acks.feed(data)
+            except syslog5424.FrameError as exc:
+                raise ConnectionError(f"the collector answered {exc}") from None
+            if got:
+                if got != list(range(seq, seq + len(got))):
+                    raise ConnectionError(f"acknowledgements {got} out of order (expected "
+                                          f"{seq} next)")
+                return got
+
+    async def _stream(self, link: TlsLink, first: Batch, stop_event: asyncio.Event) -> None:
+        """Batches on one connection, up to MAX_IN_FLIGHT ahead of their
+        acknowledgements, each confirmed in order as its ack arrives; returns
+        when the log has nothing more (or a skip needs the main loop) and every
+        batch sent is confirmed. Raises :class:`Refused` naming the oldest
+        unconfirmed batch when the connection fails."""
+        acks = syslog5424.AckParser()
+        flights: deque[tuple[int, Batch, int, list[dict[str, Any]]]] = deque()
+        seq = 0
+        upcoming: Batch | None = first
+        try:
+            while True:
+                while upcoming is not None and len(flights) < MAX_IN_FLIGHT:
+                    n = upcoming.lines_within(PIPELINE_BATCH_BYTES)
+                    batch, later = upcoming.head(n), upcoming.rest(n)
+                    set_aside: list[dict[str, Any]] = []
+                    sent = await self._send(link, batch, set_aside)
+                    seq += 1
+                    await link.send(self._mark(seq))
+                    flights.append((seq, batch, sent, set_aside))
+                    if later is not None:
+                        upcoming = later
+                    else:
+                        upcoming = None if stop_event.is_set() else await self._following(batch)
+                if not flights:
+                    break
+                for _ in await self._acknowledged(link, acks, flights[0][0]):
+                    _, batch, sent, set_aside = flights.popleft()
+                    await self._confirmed(batch, sent, "ack", set_aside)
+            with contextlib.suppress(OSError, ssl.SSLError, TimeoutError, ConnectionError):
+                await link.close()
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            link.abort()
+            if flights:
+                raise Refused(describe_error(exc), flights[0][1]) from exc
+            raise
+        except BaseException:
+            link.abort()
+            raise
+
+    async def _following(self, batch: Batch) -> Batch | None:
+        """The batch after ``batch`` when the log has one now, within its day and
+        with nothing to skip before it (the main loop deals with those)."""
+        data, end, skips = await asyncio.to_thread(
+            self.reader.read, batch.end, PIPELINE_BATCH_BYTES, self.clock())
+        if skips or not data or end.day != batch.end.day:
+            return None
+        return Batch.of(data, Position(end.day, end.offset - len(data)), end)
+
+    async def _deliver(self, batch: Batch, passed_over: Batch | None = None,
+                       link: TlsLink | None = None) -> None:
         """Ship ``batch``; on confirmation advance the position past it (and past
         ``passed_over``, the refused record before it, set aside first)."""
         set_aside: list[dict[str, Any]] = []
-        sent, confirmation = await self._ship(batch, set_aside)
+        sent, confirmation = await self._ship(batch, set_aside, link)
         if passed_over is not None:
             off, raw = passed_over.lines[0]
             try:
@@ -648,6 +802,11 @@ class Forwarder:
                 "detail": f"{REFUSALS_BEFORE_SPLIT} refusals, and the collector confirmed "
                           "the record after it"})
             self._moved(passed_over.end, passed_over.size, len(passed_over.lines))
+        await self._confirmed(batch, sent, confirmation, set_aside)
+
+    async def _confirmed(self, batch: Batch, sent: int, confirmation: str,
+                         set_aside: list[dict[str, Any]]) -> None:
+        """``batch`` is on the collector's disk: the position moves past it."""
         await self._set_aside(set_aside)
         self._moved(batch.end, batch.size, len(batch.lines))
         await asyncio.to_thread(save_position, self.data_dir, batch.end)
@@ -660,6 +819,7 @@ class Forwarder:
                            consecutive_failures=0, confirmation=confirmation,
                            records_sent=self.status["records_sent"] + sent,
                            batches_sent=self.status["batches_sent"] + 1)
+        await self._write_status()
 
     def _failed(self, text: str) -> float:
         """Count a failure; the back-off before the next attempt."""
@@ -747,10 +907,14 @@ class Forwarder:
         if self.limit is not None:
             batch = batch.head(self.limit)
         try:
-            await self._deliver(batch)
+            link = await self._connect()
+            if link.acks and self.limit is None:
+                await self._stream(link, batch, stop_event)
+            else:  # one batch, alone: a stock receiver, or isolating a refused record
+                await self._deliver(batch, link=link)
         except Refused as exc:
             delay = self._failed(f"{self.collector}: batch not confirmed: {exc}")
-            await self._refused(batch)
+            await self._refused(exc.batch or batch)
             await self._set_state("backoff")
             await _wait(stop_event, delay if self.failures else BACKOFF_INITIAL_S)
             return

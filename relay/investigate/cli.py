@@ -25,8 +25,9 @@ from relay.investigate.options import (
 )
 from relay.netaddr import hostport
 from relay.safeout import escape_text, json_text
+from relay.sessionquery import SessionRow, row_dict
 
-# The table's columns (JSON and CSV carry every field of search.row_dict).
+# The table's columns (JSON and CSV carry every field of sessionquery.row_dict).
 TABLE_COLUMNS = tuple((c, "session" if c == "session_id" else c) for c in (
     "session_id", "match", "client", "client_hostname", "client_software", "protocol",
     "connect", "connect_utc", "disconnect", "disconnect_utc", "packets", "first_packet_utc",
@@ -50,22 +51,21 @@ def _filters(p: argparse.ArgumentParser) -> None:
                  "as match 'near'"})
 
 
-def search_fields(tz: tzinfo) -> list[str]:
+def search_fields(tz: tzinfo, *, packets: bool = True) -> list[str]:
     """The fields of a session as search prints it (JSON keys, CSV columns)."""
-    from relay.investigate import search
-
-    return list(search.row_dict(search.SessionRow(""), tz))
+    return list(row_dict(SessionRow(""), tz, packets=packets))
 
 
 def write_sessions(args: argparse.Namespace, rows: list[Any], tz: tzinfo,
-                   columns: tuple[tuple[str, str], ...] = TABLE_COLUMNS) -> None:
-    """Sessions as search prints them: table, JSON lines or CSV (-o too)."""
-    from relay.investigate import search
-
+                   columns: tuple[tuple[str, str], ...] = TABLE_COLUMNS, *,
+                   packets: bool = True) -> None:
+    """Sessions as search prints them: table, JSON lines or CSV (-o too);
+    without ``packets`` (the fleet's search) no packet-log fields."""
     with open_output(args) as out:
-        w = RowWriter(out, output_format(args), search_fields(tz), columns=columns)
+        w = RowWriter(out, output_format(args), search_fields(tz, packets=packets),
+                      columns=columns)
         for r in rows:
-            d = search.row_dict(r, tz)
+            d = row_dict(r, tz, packets=packets)
             d["client"] = hostport(d["client_ip"], d["client_port"]) if d["client_ip"] else ""
             if w.fmt != "table":
                 del d["client"]

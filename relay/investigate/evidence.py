@@ -41,6 +41,7 @@ from relay.errors import RelayError
 from relay.investigate import pcapng, search
 from relay.packetlog import segments
 from relay.safeout import json_text, private_file
+from relay.sessionquery import Query, row_dict
 from relay.times import rfc3339_ms
 
 BUNDLE_FORMAT = "relay-disclosure-1"
@@ -192,7 +193,7 @@ def _source_links(data_dir: Path, name: str, key: str,
     return out
 
 
-def disclose(data_dir: Path, q: search.Query, tz: tzinfo, out: Path, *,
+def disclose(data_dir: Path, q: Query, tz: tzinfo, out: Path, *,
              on_error: search.ErrorReport, argv: list[str]) -> dict[str, Any]:
     rows, kept = search.search(data_dir, q, on_error=on_error, keep_packets=True)
     packets = [{**rec, "segment": path.name} for path, rec in kept]
@@ -200,7 +201,7 @@ def disclose(data_dir: Path, q: search.Query, tz: tzinfo, out: Path, *,
     pcap = io.BytesIO()
     pcapng.write(pcap, packets, app="relay logs disclose")
     members = {
-        "sessions.json": json_text([search.row_dict(r, tz) for r in rows],
+        "sessions.json": json_text([row_dict(r, tz) for r in rows],
                                    indent=1).encode(),
         "connlog.jsonl": b"".join(json_text(r).encode() + b"\n" for r in records),
         "packets.jsonl": b"".join(json.dumps(p).encode() + b"\n" for p in packets),

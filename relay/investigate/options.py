@@ -1,9 +1,10 @@
 """The options every command that reads the logs shares, parsed in one place.
 
 ``relay logs connections|packets|search|export-pcap|disclose|ua-lookup|access``,
-``relay ban list`` and ``relay sessions`` take the same filters (``--at``,
-``--slack``, ``--from``, ``--to``, ``--tz``, ``--session``, ``--client-ip``, and
-where they apply ``--server-ip``, ``--dst``, ``--host``), the same output options
+``relay collector search``, ``relay ban list`` and ``relay sessions`` take the
+same filters (``--at``, ``--slack``, ``--from``, ``--to``, ``--tz``,
+``--session``, ``--client-ip``, and where they apply ``--server-id``,
+``--server-ip``, ``--dst``, ``--host``), the same output options
 (``--format table|json|csv``, ``--json``, ``-o FILE``), check ``--data-dir`` the
 same way and end with the same exit statuses (relay.errors): all from here.
 """
@@ -14,25 +15,29 @@ import argparse
 import csv
 import math
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import tzinfo
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from relay import chain, sessionid, times
 from relay.config import parse_duration_arg
 from relay.connlog import daylog
 from relay.errors import EXIT_INCOMPLETE, EXIT_NOTHING, EXIT_OK, RelayError
 from relay.safeout import csv_cell, escape_text, json_text, private_file
-
-if TYPE_CHECKING:  # search reads the packet log, whose C module the parser must not need
-    from relay.investigate.search import Query
+from relay.sessionquery import Query, normalize_host, normalize_ip, parse_dst
 
 FORMATS = ("table", "json", "csv")
 # --slack widens --at; a week either side of a reported moment already names
 # everyone who was connected that week, and keeps every window a datetime.
 MAX_SLACK_S = 7 * 86400
+# A query's "working..." line appears only when it outlives this (a quick answer
+# should not flash one), and is redrawn this often.
+PROGRESS_AFTER_S = 1.0
+PROGRESS_EVERY_S = 0.2
 
 _HELP = {
     "at": "sessions connected at TIME (ISO 8601 or 'YYYY-MM-DD HH:MM[:SS]'; a time without "
@@ -44,6 +49,7 @@ _HELP = {
           "(Asia/Tokyo) or an offset (+09:00); default UTC",
     "session": "a session ID or its start (a User-Agent tag)",
     "client_ip": "the client's physical address",
+    "server_id": "the relay (its [server] id)",
     "server_ip": "the relay address the client reached",
     "dst": "packets to or from this destination, IP[:PORT] or [IPv6]:PORT",
     "host": "sessions that visited this host name (HTTP Host / TLS SNI, from the "
@@ -60,7 +66,8 @@ def add_filters(p: argparse.ArgumentParser, names: Sequence[str], *,
         helps["slack"] += f" (default {slack_default})"
     flags = {"start": "--from", "end": "--to"}
     metavars = {"at": "TIME", "start": "TIME", "end": "TIME", "slack": "DURATION",
-                "tz": "ZONE", "session": "ID", "client_ip": "IP", "server_ip": "IP",
+                "tz": "ZONE", "session": "ID", "client_ip": "IP", "server_id": "ID",
+                "server_ip": "IP",
                 "dst": "IP[:PORT]", "host": "FQDN"}
     g = p.add_argument_group("filters (all optional, combined with AND)")
     for name in names:
@@ -92,8 +99,6 @@ def query_of(args: argparse.Namespace) -> tuple[Query, tzinfo]:
     """(the search Query, the --tz zone) from whichever filters the command has.
     Every time given without a zone is said on stderr with the UTC time it was
     read as, so the investigator sees which zone was used."""
-    from relay.investigate.search import Query, normalize_ip, parse_dst
-
     def opt(name: str) -> Any:
         return getattr(args, name, None)
 
@@ -122,11 +127,12 @@ def query_of(args: argparse.Namespace) -> tuple[Query, tzinfo]:
                          for flag, text, ts in naive)
         print(f"relay: note: times without a zone read in {times.zone_name(tz)}: "
               f"{escape_text(read)}", file=sys.stderr)
+    q.server_id = opt("server_id") or None
     q.server_ip = normalize_ip(opt("server_ip"), "--server-ip")
     q.client_ip = normalize_ip(opt("client_ip"), "--client-ip")
     if opt("dst"):
         q.dst_ip, q.dst_port = parse_dst(opt("dst"))
-    q.host = opt("host").lower().rstrip(".") if opt("host") else None
+    q.host = normalize_host(opt("host")) if opt("host") else None
     if opt("session"):
         q.session = sessionid.check(opt("session"), "--session", prefix=True)
     return q, tz
@@ -292,3 +298,35 @@ def _cell(value: Any) -> str:
     if isinstance(value, list | dict):
         return json_text(value)
     return str(value)
+
+
+class Elapsed:
+    """"WHAT... 3.2 s" on stderr while a query runs, only on a terminal and only
+    after PROGRESS_AFTER_S (for an engine that gives no row count to show)."""
+
+    def __init__(self, what: str, stream: IO[str] | None = None) -> None:
+        self.what = what
+        self.stream = stream or sys.stderr
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Elapsed:
+        if self.stream.isatty():
+            self._thread = threading.Thread(target=self._draw, daemon=True)
+            self._thread.start()
+        return self
+
+    def _draw(self) -> None:
+        started = time.monotonic()
+        if self._done.wait(PROGRESS_AFTER_S):
+            return
+        while not self._done.wait(PROGRESS_EVERY_S):
+            self.stream.write(f"\r{self.what}... {time.monotonic() - started:.1f} s")
+            self.stream.flush()
+        self.stream.write("\r\033[K")
+        self.stream.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -14,12 +14,9 @@ inside a segment, the block headers' time ranges skip blocks.
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import tzinfo
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,12 +24,16 @@ import zstandard
 
 from relay import chain, sessionid
 from relay.connlog import reader
-from relay.errors import RelayError
-from relay.netaddr import AddressError, canonical_ip
 from relay.packetlog import segments
 from relay.packetlog.blockcodec_py import BlockError
-from relay.sessionview import record_time, session_json
-from relay.times import NS, format_in, format_utc, parse_rfc3339_ns, utc_date
+from relay.sessionquery import (
+    Query,
+    SessionRow,
+    dst_in_destinations,
+    session_matches,
+    session_record_problem,
+)
+from relay.times import NS, parse_rfc3339_ns, utc_date
 
 # The progress bar appears only when a scan outlives this: a quick answer should
 # not flash a bar.
@@ -40,150 +41,11 @@ PROGRESS_AFTER_S = 1.0
 # Redraw at most this often: a terminal write per segment would cost more than the
 # segment on fast disks.
 PROGRESS_EVERY_S = 0.1
-# --at T names only the sessions connected at T (or, with --slack S, within S of
-# it); this window only decides which of THEIR packets are counted and exported:
-# [T - S - AT_PACKET_WINDOW_S, T + S + AT_PACKET_WINDOW_S). A report's time is when
-# the remote server logged a request, by its own clock, and the TCP connection that
-# carried it may have sent packets up to a minute before or after (nginx gives up on
-# a silent client after 60 s: the client_header/client_body/send_timeout defaults).
-AT_PACKET_WINDOW_S = 60.0
-# How a session stands to --at T: connected at T, or only within --slack of it.
-EXACT, NEAR = "exact", "near"
 
 ErrorReport = Callable[[str, str], None]
 
 
-@dataclass
-class Query:
-    """Filters; ``lo``/``hi`` (--from/--to) in epoch seconds (``hi`` exclusive),
-    None = open. ``at`` (--at, epoch seconds) replaces them: the sessions connected
-    at ``at``, or, with ``slack`` > 0, within ``slack`` seconds of it."""
-
-    lo: float | None = None
-    hi: float | None = None
-    at: float | None = None
-    slack: float = 0.0
-    server_ip: str | None = None
-    dst_ip: str | None = None
-    dst_port: int | None = None
-    host: str | None = None
-    client_ip: str | None = None
-    session: str | None = None
-
-    @property
-    def packet_filter(self) -> bool:
-        """True when sessions are selected by their packets (not only listed)."""
-        return self.dst_ip is not None or self.dst_port is not None
-
-    @property
-    def packet_window(self) -> tuple[float | None, float | None]:
-        """[lo, hi) of the packets counted: --from/--to, or around --at."""
-        if self.at is None:
-            return self.lo, self.hi
-        half = self.slack + AT_PACKET_WINDOW_S
-        return self.at - half, self.at + half
-
-    def coverage(self, start: float | None, end: float | None) -> str | None:
-        """EXACT when [start, end] (end None: still open) covers ``at``, NEAR when
-        it only comes within ``slack`` of it, else None. An unknown start proves
-        nothing, so it is None: --at must never name a session it cannot place."""
-        assert self.at is not None
-        if start is None:
-            return None
-        if start <= self.at and (end is None or self.at <= end):
-            return EXACT
-        if start <= self.at + self.slack and (end is None or end >= self.at - self.slack):
-            return NEAR
-        return None
-
-
-@dataclass
-class SessionRow:
-    session_id: str
-    connect: dict[str, Any] | None = None
-    disconnect: dict[str, Any] | None = None
-    packets: int = 0
-    first_ns: int | None = None
-    last_ns: int | None = None
-    sources: set[str] = field(default_factory=set)  # segment files its packets came from
-    match: str | None = None  # under --at: EXACT or NEAR
-
-    def value(self, key: str) -> Any:
-        """A field of the session's records, the disconnect record's first (it
-        carries the final client hostname)."""
-        for rec in (self.disconnect, self.connect):
-            if rec and rec.get(key) is not None:
-                return rec[key]
-        return None
-
-    def obj(self, key: str) -> dict[str, Any]:
-        """value(key) when it is an object, else {}: a field of another type (a
-        record of an older relay, a forged copy) must not crash a search."""
-        value = self.value(key)
-        return value if isinstance(value, dict) else {}
-
-    @property
-    def connect_ts(self) -> float | None:
-        text = (self.connect or {}).get("time") or (self.disconnect or {}).get("connect_time")
-        return record_time(text)
-
-    @property
-    def disconnect_ts(self) -> float | None:
-        return record_time(self.disconnect["time"]) if self.disconnect else None
-
-    def add_packet(self, t_ns: int, source: str) -> None:
-        self.packets += 1
-        self.first_ns = t_ns if self.first_ns is None else min(self.first_ns, t_ns)
-        self.last_ns = t_ns if self.last_ns is None else max(self.last_ns, t_ns)
-        self.sources.add(source)
-
-
-def parse_dst(text: str) -> tuple[str, int | None]:
-    """``IP``, ``IP:PORT`` or ``[IPv6]:PORT``."""
-    host, port = text, None
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else None
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    try:
-        ip = str(ipaddress.ip_address(host))
-        p = int(port) if port is not None else None
-    except ValueError:
-        raise RelayError(f"--dst {text}: expected IP or IP:PORT (e.g. 203.0.113.7:443)") \
-            from None
-    if p is not None and not 0 < p < 65536:
-        raise RelayError(f"--dst {text}: port out of range")
-    return ip, p
-
-
-def normalize_ip(text: str | None, what: str) -> str | None:
-    """The spelling the logs use (relay.netaddr): ``::ffff:a.b.c.d`` finds the
-    sessions of ``a.b.c.d``."""
-    if text is None:
-        return None
-    try:
-        return canonical_ip(text)
-    except AddressError:
-        raise RelayError(f"{what} {text}: not an IP address") from None
-
-
 # ------------------------------------------------------------ connection log
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _host_matches(rec: dict[str, Any], host: str) -> bool:
-    return any(isinstance(d, dict) and str(d.get("host", "")).lower().rstrip(".") == host
-               for d in _list(rec.get("destinations")))
-
-
-def _dst_in_destinations(rec: dict[str, Any], q: Query) -> bool:
-    return any(isinstance(d, dict) and d.get("ip") == q.dst_ip
-               and (q.dst_port is None or d.get("port") == q.dst_port)
-               for d in _list(rec.get("destinations")))
 
 
 def find_sessions(data_dir: Path, q: Query, on_error: Callable[[str], None] | None = None
@@ -211,11 +73,8 @@ def find_sessions(data_dir: Path, q: Query, on_error: Callable[[str], None] | No
                 if after:
                     continue  # connected after the window
                 row = rows[sid] = SessionRow(sid)
-            if rec["action"] == "connect":
-                row.connect = rec
-            else:
-                row.disconnect = rec
-    return {sid: row for sid, row in rows.items() if _session_matches(row, q)}, set(rows)
+            row.add(rec)
+    return {sid: row for sid, row in rows.items() if session_matches(row, q)}, set(rows)
 
 
 def _session_records(day: reader.Day,
@@ -225,31 +84,12 @@ def _session_records(day: reader.Day,
     for path, n, rec in reader.records(day, on_error, containing=b'connect"'):
         if rec.get("action") not in ("connect", "disconnect"):
             continue
-        if not isinstance(rec.get("session_id"), str) or record_time(rec.get("time")) is None \
-                or (rec.get("connect_time") is not None
-                    and record_time(rec["connect_time"]) is None):
+        problem = session_record_problem(rec)
+        if problem is not None:
             if on_error:
-                on_error(f"{path}:{n}: session record without a session_id or a valid time, "
-                         "skipped")
+                on_error(f"{path}:{n}: {problem}, skipped")
             continue
         yield rec
-
-
-def _session_matches(row: SessionRow, q: Query) -> bool:
-    start, end = row.connect_ts, row.disconnect_ts
-    if q.at is not None:
-        row.match = q.coverage(start, end)
-        if row.match is None:
-            return False
-    if q.hi is not None and start is not None and start >= q.hi:
-        return False
-    if q.lo is not None and end is not None and end < q.lo:
-        return False
-    if q.server_ip and row.obj("server").get("ip") != q.server_ip:
-        return False
-    if q.client_ip and row.obj("client").get("ip") != q.client_ip:
-        return False
-    return not (q.host and not (row.disconnect and _host_matches(row.disconnect, q.host)))
 
 
 # ------------------------------------------------------------ packet log
@@ -373,7 +213,7 @@ def _talks_to(rec: dict[str, Any], q: Query) -> bool:
 
 def session_level(q: Query) -> bool:
     """Filters that only the connection log can decide."""
-    return bool(q.server_ip or q.host)
+    return bool(q.server_id or q.server_ip or q.host)
 
 
 def search(data_dir: Path, q: Query, *, on_error: ErrorReport,
@@ -415,26 +255,9 @@ def search(data_dir: Path, q: Query, *, on_error: ErrorReport,
         rows = {sid: r for sid, r in rows.items() if r.match is not None}
     if q.packet_filter:
         out = [r for r in rows.values() if r.session_id in hit
-               or (r.disconnect is not None and _dst_in_destinations(r.disconnect, q))]
+               or (r.disconnect is not None and dst_in_destinations(r.disconnect, q))]
     else:
         out = list(rows.values())
     out.sort(key=lambda r: (r.connect_ts or 0.0, r.session_id))
     named = {r.session_id for r in out}
     return out, [(path, rec) for path, rec in kept if rec["session_id"] in named]
-
-
-def row_dict(row: SessionRow, tz: tzinfo) -> dict[str, Any]:
-    """One session as search prints it: relay.sessionview's schema, with ``match``
-    and the count and first/last time of its matching packet-log records."""
-    first = row.first_ns / NS if row.first_ns is not None else None
-    last = row.last_ns / NS if row.last_ns is not None else None
-    session = session_json(row.session_id, row.connect, row.disconnect, tz)
-    return {
-        "session_id": session.pop("session_id"),
-        "match": row.match,
-        **session,
-        "packets": row.packets,
-        "first_packet": format_in(first, tz) or None, "first_packet_utc": format_utc(first) or None,
-        "last_packet": format_in(last, tz) or None, "last_packet_utc": format_utc(last) or None,
-        "in_connection_log": row.connect is not None or row.disconnect is not None,
-    }

@@ -28,6 +28,7 @@ when a string carries undecodable bytes.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -129,7 +130,11 @@ _SD_ESCAPE = re.compile(r'(["\\\]])')
 # in a stored line could end it and forge the next.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # json.dumps already escapes C0; these remain raw in ensure_ascii=False output.
+# An id that needs no SD escaping (what the connection log issues).
+_PLAIN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
+# The same, and raw control characters, in UTF-8 bytes (a log line as written).
+_LOGGED_UNSAFE = re.compile(rb"[\x00-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
 _TIMESTAMP = re.compile(
     r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})$")
 
@@ -146,6 +151,7 @@ def severity_of(action: str) -> int:
     return SEVERITY_INFO if action in ROUTINE_ACTIONS else SEVERITY_NOTICE
 
 
+@functools.lru_cache(maxsize=1024)
 def _header_field(value: str, limit: int) -> str:
     """A PRINTUSASCII token (RFC 5424 section 6.2), or NILVALUE when empty."""
     value = _NOT_PRINTUSASCII.sub("_", value)[:limit]
@@ -213,10 +219,13 @@ def dumps_json(record: dict[str, Any]) -> str:
     return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-def structured_data(record: dict[str, Any]) -> str:
-    """The SD element, at most SD_MAX_BYTES: ``id`` first, then the flattened
-    fields in order while they fit."""
-    out = f'[{SD_ID} id="{sd_escape(str(record.get("id", "")))}"'
+def structured_data(record: dict[str, Any], fields: bool = True) -> str:
+    """The SD element, at most SD_MAX_BYTES: ``id`` first, then (unless not
+    ``fields``) the flattened fields in order while they fit."""
+    rid = str(record.get("id", ""))
+    out = f'[{SD_ID} id="{rid if _PLAIN_ID.fullmatch(rid) else sd_escape(rid)}"'
+    if not fields:
+        return out + "]"
     size = len(out.encode()) + 1  # the closing ']'
     for k, v in flatten(record):
         if k == "id":
@@ -256,12 +265,19 @@ def format_record(
     procid: str = NILVALUE,
     facility: int = FACILITIES[DEFAULT_FACILITY],
     max_size: int = MAX_MESSAGE_SIZE,
+    sd_fields: bool = True,
+    as_logged: bytes | None = None,
 ) -> bytes:
     """One RFC 5424 message (without framing) for one connection-log record.
 
     Shrunk towards ``max_size`` (client strings cut, ``"truncated": true``) and
     never longer than COLLECTOR_MAX_MESSAGE_SIZE, whatever the record: the
     header and SD are bounded, and a JSON copy that would not fit becomes a stub.
+    Without ``sd_fields`` the SD carries the ``id`` only (for relay collector,
+    which reads the JSON: the flattened copy is for other receivers' templates).
+    ``as_logged`` is the record's JSON as the connection log holds it: sent as
+    it is when it has no character dumps_json would escape and fits (the
+    forwarder's hot path: the record is not serialised again).
     """
     action = str(record.get("action", ""))
     pri = facility * 8 + severity_of(action)
@@ -270,7 +286,10 @@ def format_record(
     header = (f"<{pri}>{VERSION} {timestamp} {_header_field(hostname, HOSTNAME_MAX)} "
               f"{APP_NAME} {_header_field(procid, PROCID_MAX)} "
               f"{_header_field(action, MSGID_MAX)} ")
-    head = (header + structured_data(record) + " ").encode() + BOM
+    head = (header + structured_data(record, sd_fields) + " ").encode() + BOM
+    if as_logged is not None and len(head) + len(as_logged) <= max_size \
+            and not _LOGGED_UNSAFE.search(as_logged):
+        return head + as_logged
     body = dumps_json(record).encode()
     if len(head) + len(body) > max_size:
         small = _shrunk(record)
@@ -284,6 +303,64 @@ def format_record(
 def frame(message: bytes) -> bytes:
     """RFC 5425 section 4.3 octet-counting: MSG-LEN SP SYSLOG-MSG."""
     return b"%d %b" % (len(message), message)
+
+
+# ---------------------------------------------------------------------------
+# Batch confirmations (ALPN x-relay-syslog-acks; relay/connlog/forwarder.py)
+#
+# RFC 5425 has no application acknowledgement. Under this private ALPN id the
+# sender ends each batch with a mark, an RFC 5424 message of its own SD-ID
+# carrying the batch's sequence number, and the receiver answers on the same
+# connection, once every message before the mark is on disk, with one line
+# "ack SEQ\n" (the receiver-to-sender direction is otherwise unused). Marks
+# and acks go in order; a receiver that will not confirm closes the connection.
+
+BATCH_SD_ID = f"relay-batch@{PEN}"
+BATCH_MSGID = "batch-end"
+_BATCH_MARK = re.compile(rb"<\d{1,3}>1 \S+ \S+ \S+ \S+ " + BATCH_MSGID.encode()
+                         + rb" \[" + BATCH_SD_ID.encode() + rb' seq="(\d{1,18})"\]$')
+# An ack is "ack " and at most 18 digits and LF: anything longer is not one.
+ACK_MAX = len("ack ") + 18 + 1
+_ACK = re.compile(rb"ack (\d{1,18})$")
+
+
+def batch_mark(seq: int, *, hostname: str, procid: str = NILVALUE,
+               facility: int = FACILITIES[DEFAULT_FACILITY]) -> bytes:
+    """The framed mark that ends batch ``seq``."""
+    pri = facility * 8 + SEVERITY_INFO
+    return frame(f"<{pri}>{VERSION} - {_header_field(hostname, HOSTNAME_MAX)} {APP_NAME} "
+                 f"{_header_field(procid, PROCID_MAX)} {BATCH_MSGID} "
+                 f'[{BATCH_SD_ID} seq="{seq}"]'.encode())
+
+
+def batch_seq(message: bytes) -> int | None:
+    """The sequence number of a batch mark, None for any other message."""
+    m = _BATCH_MARK.match(message) if BATCH_MSGID.encode() in message[:400] else None
+    return int(m.group(1)) if m else None
+
+
+def format_ack(seq: int) -> bytes:
+    return b"ack %d\n" % seq
+
+
+class AckParser:
+    """The receiver's bytes in, confirmed sequence numbers out; FrameError for
+    anything that is not an ack line."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[int]:
+        *lines, self._buf = (self._buf + data).split(b"\n")
+        if len(self._buf) >= ACK_MAX:
+            raise FrameError(f"not an acknowledgement: {self._buf[:32]!r}")
+        out = []
+        for line in lines:
+            m = _ACK.match(line)
+            if not m:
+                raise FrameError(f"not an acknowledgement: {line[:32]!r}")
+            out.append(int(m.group(1)))
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -444,6 +521,25 @@ def parse_message(data: bytes) -> Message:
         procid=_nil(m.group(6)), msgid=_nil(m.group(7)), sd=sd, msg=_text(body), bom=bom)
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_INNERMOST = re.compile(r"\{[^{}\[\]]*\}|\[[^{}\[\]]*\]")
+
+
+def _too_deep(text: str) -> bool:
+    """Whether valid JSON ``text`` nests deeper than RECORD_DEPTH_MAX: without
+    walking the parsed value (the collector's hot path): with few enough
+    brackets it cannot; else strings out, and innermost containers removed,
+    one level per regex pass."""
+    if text.count("{") + text.count("[") <= RECORD_DEPTH_MAX:
+        return False
+    rest = _JSON_STRING.sub("", text)
+    for _ in range(RECORD_DEPTH_MAX):
+        rest, n = _INNERMOST.subn("", rest)
+        if not n:
+            return False
+    return "{" in rest or "[" in rest
+
+
 def _depth(value: Any) -> int:
     """Nesting depth of parsed JSON, without recursion."""
     deepest, todo = 0, [(value, 1)]
@@ -457,18 +553,67 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+class _Ambiguous(ValueError):
+    """JSON that parsers read differently."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        raise _Ambiguous("a key given twice")
+    return record
+
+
+def _no_constant(name: str) -> Any:
+    raise _Ambiguous(f"{name} is not JSON")
+
+
 def load_record(text: str | bytes) -> dict[str, Any]:
     """A record's JSON: an object nested at most RECORD_DEPTH_MAX deep, or
-    :class:`SyslogError`."""
+    :class:`SyslogError`. Refused too: JSON that other parsers read otherwise. A
+    key given twice is the last one to Python and the first one to ClickHouse's
+    JSONExtract (and to simdjson, RapidJSON): a sender could show the collector
+    its own relay id and the store another's. NaN and Infinity are Python's,
+    not JSON's (RFC 8259 section 6)."""
     try:
-        record = json.loads(text)
+        record = json.loads(text, object_pairs_hook=_unique_keys,
+                            parse_constant=_no_constant)
+    except _Ambiguous as exc:
+        raise SyslogError(f"ambiguous JSON: {exc}") from None
     except (ValueError, RecursionError):
         raise SyslogError("not JSON") from None
     if not isinstance(record, dict):
         raise SyslogError("not a JSON object")
-    if _depth(record) > RECORD_DEPTH_MAX:
+    if _too_deep(text if isinstance(text, str) else text.decode("utf-8", "replace")):
         raise SyslogError(f"JSON nested deeper than {RECORD_DEPTH_MAX} levels")
     return record
+
+
+# A relay record as the forwarder sends it to relay collector (format_record
+# without sd_fields): the SD is its id alone, so the JSON starts right after it.
+_LEAN_RELAY = re.compile(rb"<(\d{1,3})>[1-9]\d{0,2} [\x21-\x7e]+ [\x21-\x7e]+ [\x21-\x7e]+ "
+                         rb"[\x21-\x7e]+ [\x21-\x7e]+ \[" + SD_ID.encode()
+                         + rb' id="([0-9A-Za-z_-]{1,64})"\] (?:\xef\xbb\xbf)?')
+
+
+def lean_relay_record(data: bytes) -> tuple[dict[str, Any], str] | None:
+    """(record, its JSON text) of a message in the lean form when it is a valid
+    relay record, else None: the caller then takes :func:`parse_message` and
+    :func:`relay_record`, which decide the same for it (a fast path, not a rule)."""
+    m = _LEAN_RELAY.match(data)
+    if m is None or int(m.group(1)) > 191:
+        return None
+    body = data[m.end():]
+    if body.endswith(b"\n"):
+        body = body[:-1]
+    try:
+        text = body.decode()
+        record = load_record(text)
+    except (UnicodeDecodeError, SyslogError):
+        return None
+    if record.get("id") != m.group(2).decode():
+        return None
+    return record, text
 
 
 def relay_record(message: Message) -> dict[str, Any] | None:
