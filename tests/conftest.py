@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -139,3 +141,33 @@ def scrape(topo: Topology) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return out
+
+
+# setns(2)'s flag for a network namespace (linux/sched.h).
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def in_netns(ns: str, fn: Callable[[], T]) -> T:
+    """fn on a thread that joined namespace ``ns`` (setns changes only the calling
+    thread), so the sockets and TAP devices it makes live there."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            out["value"] = fn()
+        except BaseException as exc:
+            out["err"] = exc
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "err" in out:
+        raise out["err"]
+    return out["value"]  # type: ignore[no-any-return]

@@ -7,7 +7,6 @@ drops counted with a tiny ring. Needs root, bcc and tc: missing, it fails."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import fcntl
 import ipaddress
 import json
@@ -16,14 +15,14 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import in_netns
 
 from relay import sessionid
 from relay.errors import RelayError
@@ -37,7 +36,6 @@ pytestmark = pytest.mark.netns
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
-CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,32 +45,6 @@ MAC_UNKNOWN = bytes.fromhex("02cc00000003")
 ROUTER_MAC = bytes.fromhex("02ee000000ee")
 SID_A = sessionid.new()
 SID_B = sessionid.new()
-
-
-def _in_netns(ns: str, fn: Callable[[], Any]) -> Any:
-    """Run fn on a thread that has joined the namespace (setns changes only the
-    calling thread), so sockets and TAP devices it makes live there."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                out["err"] = OSError(ctypes.get_errno(), "setns")
-                return
-            out["value"] = fn()
-        except BaseException as exc:
-            out["err"] = exc
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "err" in out:
-        raise out["err"]
-    return out["value"]
 
 
 def sh(*cmd: str) -> str:
@@ -93,7 +65,7 @@ def tapns(tmp_path: Path) -> Iterator[dict[str, Any]]:
             fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", dev.encode(), IFF_TAP | IFF_NO_PI))
             return fd, socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
 
-        tap_fd, psock = _in_netns(ns, make)
+        tap_fd, psock = in_netns(ns, make)
         sh("ip", "-n", ns, "link", "set", dev, "address", "02:ee:00:00:00:ee", "up")
         psock.bind((dev, 0))
         yield {"ns": ns, "dev": dev, "tap": tap_fd, "psock": psock,

@@ -8,17 +8,16 @@ attach to the first one's TAP device."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import socket
 import subprocess
-import threading
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from conftest import in_netns
 
 from relay.errors import RelayError
 from relay.protocols import dtls
@@ -27,32 +26,6 @@ from relay.serve import steer, tap
 from relay.serve.steer import DTLS, OPENVPN, Steering
 
 pytestmark = pytest.mark.netns
-CLONE_NEWNET = 0x40000000
-T = TypeVar("T")
-
-
-def in_netns(ns: str, fn: Callable[[], T]) -> T:
-    """fn on a thread that joined the namespace (setns changes only its thread)."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-            out["value"] = fn()
-        except BaseException as exc:
-            out["err"] = exc
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "err" in out:
-        raise out["err"]
-    return out["value"]  # type: ignore[no-any-return]
 
 
 def sh(*cmd: str) -> None:
