@@ -24,14 +24,14 @@ def test_ovpn_carries_the_relays_certificate_and_the_transport(tmp_path: Path) -
     assert _block(udp, "ca") == (tmp_path / SELF_SIGNED_CERT).read_text().strip()
     lines = udp.splitlines()
     for line in ("client", "dev tun", "proto udp", "remote relay.example.org 1194",
-                 "data-ciphers AES-256-GCM:CHACHA20-POLY1305", "explicit-exit-notify 1"):
+                 "data-ciphers AES-256-GCM:CHACHA20-POLY1305", "explicit-exit-notify 2"):
         assert line in lines
     # An anonymous relay: the client must send a name, any name.
     assert _block(udp, "auth-user-pass") == "anonymous\nanonymous"
     assert "<tls-crypt>" not in udp and not (tmp_path / TLS_CRYPT_KEY).exists()
     tcp = openvpn_config(cfg, tmp_path, "tcp", "tap", remote="relay.example.org")
     assert {"proto tcp-client", "dev tap"} <= set(tcp.splitlines())
-    assert "explicit-exit-notify 1" not in tcp  # UDP only
+    assert "explicit-exit-notify 2" not in tcp  # UDP only
     with_users = replace(cfg, server=replace(cfg.server, users=str(tmp_path / "users")))
     assert "auth-user-pass" in openvpn_config(with_users, tmp_path, "udp", "tun").splitlines()
     for proto, dev in (("sctp", "tun"), ("udp", "tunnel")):
