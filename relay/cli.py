@@ -37,7 +37,38 @@ DEBUG_ENV = "RELAY_DEBUG"
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with its errors as one line (the usage is one --help away)."""
+    """argparse with its errors as one line (the usage is one --help away), and a
+    long option's value that starts with "-" taken as its value: a session ID is
+    URL-safe base64, so one in 64 begins with "-", and argparse alone reads
+    ``--session -g9ZQ...`` as an unknown option."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        return super().parse_known_args(
+            self._values_joined(list(sys.argv[1:] if args is None else args)), namespace)
+
+    def _values_joined(self, args: list[str]) -> list[str]:
+        """``--opt VALUE`` as ``--opt=VALUE`` where the option takes one value and
+        VALUE starts with "-" but is no option of this parser. Up to "--", and
+        for this parser's options only (a subcommand's parser does its own)."""
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                return out + args[i:]
+            action = self._option_string_actions.get(arg) if arg.startswith("--") else None
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if action is not None and action.nargs is None and action.option_strings \
+                    and nxt is not None and nxt.startswith("-") and nxt != "-" \
+                    and nxt not in self._option_string_actions:
+                out.append(f"{arg}={nxt}")
+                i += 2
+                continue
+            out.append(arg)
+            i += 1
+        return out
 
     def error(self, message: str) -> NoReturn:
         print(f"relay: error: {escape_text(self.prog)}: {escape_text(message)} "

@@ -444,3 +444,20 @@ def test_ipv6_clients_of_the_directory_access_log_print_with_brackets(
     log.close()
     code, out, _ = run(capsys, "logs", "access", "--data-dir", str(tmp_path))
     assert code == EXIT_OK and "[2001:db8::7]:443" in out
+
+
+def test_a_session_id_that_starts_with_a_dash_is_a_value() -> None:
+    """One session ID in 64 begins with "-" (URL-safe base64): argparse alone read
+    ``--session -g9ZQ...`` as an unknown option (seen in a suite run)."""
+    parser = cli.build_parser()
+    sid = "-g9ZQFj6-5q4TJlYVA856A"
+    args = parser.parse_args(["logs", "search", "--session", sid, "--json", "-o", "-"])
+    assert (args.session, args.json, args.output) == (sid, True, "-")
+    args = parser.parse_args(["logs", "packets", "--session", "--x", "--at", "--2"])
+    assert (args.session, args.at) == ("--x", "--2")
+    # An option of the command after a value-taking option is still that option.
+    with pytest.raises(SystemExit):
+        parser.parse_args(["logs", "search", "--session", "--json"])
+    # After "--", nothing is rewritten.
+    args = parser.parse_args(["ban", "add", "--reason", "-x", "--", "198.51.100.7"])
+    assert args.reason == "-x"
