@@ -130,8 +130,7 @@ def run(quick: bool) -> list[Row]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one short round")
+    ap = common.quick_parser(__doc__)
     ap.add_argument("--flood-child", nargs=3, metavar=("HOST", "PORT", "SECONDS"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()

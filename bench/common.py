@@ -10,6 +10,7 @@ traffic, with runs interleaved and repeated and the median kept. It writes its o
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -100,6 +101,18 @@ def interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[
         for name, fn in variants.items():
             samples[name].append(fn())
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def quick_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The command line of a benchmark run alone (python -m bench.NAME [--quick])."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one short round")
+    return ap
+
+
+def run_alone(run: Callable[[bool], Sequence[Row]], doc: str | None) -> None:
+    """python -m bench.NAME [--quick]: run it and print its rows."""
+    print_rows(run(quick_parser(doc).parse_args().quick))
 
 
 def print_rows(rows: Sequence[Row]) -> None:

@@ -22,7 +22,6 @@ run: the benchmark fails if either DTLS client fell back to TLS.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -164,9 +163,7 @@ def figures(m: dict[str, float], cpu: dict[str, float], runs: int) -> list[Row]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one short round")
-    common.print_rows(run(ap.parse_args().quick))
+    common.run_alone(run, __doc__)
 
 
 if __name__ == "__main__":

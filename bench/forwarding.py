@@ -20,7 +20,6 @@ round-robin, repeated, medians kept.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
@@ -291,9 +290,7 @@ def figures(m: dict[str, float], cpu: dict[str, float], runs: int) -> list[Row]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one short round")
-    common.print_rows(run(ap.parse_args().quick))
+    common.run_alone(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -248,8 +248,7 @@ def run(quick: bool, attacks: tuple[str, ...] = ATTACKS) -> list[Row]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one short round")
+    ap = common.quick_parser(__doc__)
     ap.add_argument("--only", nargs="+", choices=ATTACKS, default=ATTACKS, metavar="ATTACK",
                     help=f"run only these attacks ({', '.join(ATTACKS)}): which one costs what")
     ap.add_argument("--attack", nargs=3, metavar=("KIND", "HOST", "SECONDS"),

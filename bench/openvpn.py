@@ -23,7 +23,6 @@ sealing (encrypt) batches of 64 packets, for each cipher, of the UDP benchmark's
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -307,9 +306,7 @@ def key(server: str, udp: bool) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one short round")
-    common.print_rows(run(ap.parse_args().quick))
+    common.run_alone(run, __doc__)
 
 
 if __name__ == "__main__":
