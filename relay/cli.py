@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 # Set to see the traceback of an internal error (a bug) instead of its one line.
 DEBUG_ENV = "RELAY_DEBUG"
+PROG = "relay"
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,8 +71,21 @@ class Parser(argparse.ArgumentParser):
             i += 1
         return out
 
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """As argparse's, but an unknown argument that is a session ID beginning with
+        "-" (a positional one, as ``relay sessions show -g9ZQ...``) gets the way out."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            ids = [a for a in extras if a.startswith("-") and sessionid.is_valid(a)]
+            hint = f"; put '--' before a session ID that begins with '-' (-- {ids[0]})" \
+                if ids else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
+
     def error(self, message: str) -> NoReturn:
-        print(f"relay: error: {escape_text(self.prog)}: {escape_text(message)} "
+        where = "" if self.prog == PROG else f"{escape_text(self.prog)}: "
+        print(f"{PROG}: error: {where}{escape_text(message)} "
               f"(see {escape_text(self.prog)} --help)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
@@ -639,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     from relay.investigate.options import add_filters, add_output
 
     parser = Parser(
-        prog="relay",
+        prog=PROG,
         epilog="exit status: " + ", ".join(
             f"{status} {short}" for status, (short, _) in sorted(EXIT_MEANINGS.items()))
         + " (relay(8): EXIT STATUS)",

@@ -461,3 +461,21 @@ def test_a_session_id_that_starts_with_a_dash_is_a_value() -> None:
     # After "--", nothing is rewritten.
     args = parser.parse_args(["ban", "add", "--reason", "-x", "--", "198.51.100.7"])
     assert args.reason == "-x"
+
+
+def test_a_positional_session_id_that_starts_with_a_dash_is_told_the_way_out(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``relay sessions show -g9ZQ...`` cannot tell the ID from an option: the one
+    error line names '--', the way every parser takes it; an unknown option that is
+    no session ID gets no such hint."""
+    sid = "-g9ZQFj6-5q4TJlYVA856A"
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(["sessions", "show", sid])
+    err = capsys.readouterr().err
+    assert exit_.value.code == EXIT_USAGE and err.count("\n") == 1
+    assert err.startswith(f"relay: error: unrecognized arguments: {sid}; put '--' before")
+    assert f"(-- {sid})" in err
+    assert cli.build_parser().parse_args(["sessions", "show", "--", sid]).id == sid
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["sessions", "show", "--bogus"])
+    assert "'--'" not in capsys.readouterr().err
