@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from relay.connlog import daylog, reader
+from relay.connlog.forwarder import ship_status
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
 GTLS_MODULE = "/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so"
@@ -143,6 +144,14 @@ def wait_until(pred: Callable[[], Any], timeout: float = WAIT_S, what: str = "")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or pred}")
         time.sleep(0.05)
+
+
+def wait_shipped(relay: Path) -> dict[str, Any]:
+    """The shipping status once the backlog is empty and the status names how the
+    last batch was confirmed: the forwarder saves its position (the backlog reads 0)
+    before it writes that status, so waiting on the backlog alone races under load."""
+    return wait_until(lambda: (s := ship_status(relay))["backlog_records"] == 0
+                      and "confirmation" in s and s, what="the backlog shipped and confirmed")
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -27,6 +27,7 @@ from shiputil import (
     start_forwarder,
     start_rsyslog,
     stored_ids,
+    wait_shipped,
     wait_until,
     write_records,
 )
@@ -64,10 +65,9 @@ action(type="omfile" file="{out}" template="RSYSLOG_SyslogProtocol23Format")
     records = write_records(relay, 500)
     fwd = start_forwarder(tmp_path, relay, port, pki)
     try:
-        wait_until(lambda: ship_status(relay)["backlog_records"] == 0, what="backlog drained")
+        status = wait_shipped(relay)
         wait_until(lambda: out.exists() and len(out.read_bytes().splitlines()) >= 500,
                    what="rsyslog output")
-        status = ship_status(relay)
     finally:
         fwd.stop()
         rsyslog.stop()
@@ -146,14 +146,13 @@ def test_wrong_ca_collector_is_refused_and_records_wait(tmp_path: Path, pki) -> 
         collector = start_collector(tmp_path, port, pki)
         try:
             wait_until(lambda: len(stored_ids(stored)) >= 300, what="records after fix")
-            wait_until(lambda: ship_status(relay)["consecutive_failures"] == 0, what="status")
+            status = wait_shipped(relay)
         finally:
             collector.stop()
     finally:
         fwd.stop()
     assert sorted(stored_ids(stored)) == sorted(r["id"] for r in records)
-    status = ship_status(relay)
-    assert status["backlog_records"] == 0 and status["last_success"]
+    assert status["last_success"] and status["consecutive_failures"] == 0
     assert status["confirmation"] == "ack"  # relay collector acknowledges each batch
 
 
@@ -302,12 +301,11 @@ def test_several_batches_are_in_flight_before_the_first_ack(tmp_path: Path, pki)
     ids = ack_records(relay, 4000)
     fwd = start_forwarder(tmp_path, relay, receiver.port, pki)
     try:
-        wait_until(lambda: ship_status(relay)["backlog_records"] == 0, what="all acknowledged")
+        status = wait_shipped(relay)
     finally:
         fwd.stop()
         receiver.stop.set()
         receiver.join()
-    status = ship_status(relay)
     assert status["confirmation"] == "ack" and status["consecutive_failures"] == 0
     # One connection, the whole window sent before the first ack came back.
     assert receiver.connections == 1
@@ -356,10 +354,7 @@ def test_confirmation_rules(tmp_path: Path, pki, alpn: bool) -> None:
             assert status["backlog_records"] == 20 and status["last_success"] is None
             assert "without TLS close_notify" in status["last_error"]
         else:
-            # The position is saved before the status that says how it was confirmed.
-            wait_until(lambda: ship_status(relay)["backlog_records"] == 0
-                       and "confirmation" in ship_status(relay), what="confirmed")
-            assert ship_status(relay)["confirmation"] == "fin"
+            assert wait_shipped(relay)["confirmation"] == "fin"
             assert receiver.connections == 1
     finally:
         fwd.stop()
