@@ -466,10 +466,10 @@ def test_a_client_that_moved_is_audited_and_named_at_its_last_address(rig: Rig) 
     s = rig.open(link, "OpenVPN", {"name": "OpenVPN"})
     host.handshake_done(link)  # type: ignore[arg-type]
 
-    async def move(ip: str, port: int) -> None:  # a reverse lookup starts on the loop
+    async def move(ip: str, port: int) -> None:  # as the worker asks, awaiting the answer
         old = (link.peer_ip, link.peer_port)
         link.peer_ip, link.peer_port = ip, port
-        host.client_moved(link, old)  # type: ignore[arg-type]
+        await host.client_moved(link, old)  # type: ignore[arg-type]
 
     rig.run(move("::ffff:203.0.113.9", 50000))
     rig.sync()

@@ -137,12 +137,16 @@ class LinkHost(Protocol):
     def release_peer(self, peer: tuple[str, int]) -> None:
         """The DTLS channel :meth:`admit_handshake` admitted from ``peer`` is gone."""
 
-    def client_moved(self, link: Link, old: tuple[str, int]) -> asyncio.Future[Any] | None:
+    def look_up(self, link: Link) -> asyncio.Future[Any] | None:
+        """Start the reverse lookup of ``link``'s address (None when too many are
+        pending)."""
+
+    async def client_moved(self, link: Link, old: tuple[str, int]) -> None:
         """``link``'s client now sends from ``link.peer_ip``, ``link.peer_port``
         instead of ``old`` (an OpenVPN float): the session's address, the capture's
         attribution, the abuse accounting and the steering of its datagrams follow,
-        and an audit record says so. Returns the reverse lookup of the new address
-        (None when too many are pending)."""
+        and an audit record says so. Returns once the control plane has done so:
+        the capture names the new address for every packet written after that."""
 
     def close_session(self, link: Link, s: Session, reason: str, error: str | None) -> None: ...
 

@@ -27,6 +27,9 @@ A client whose address changes (a NAT rebinding) keeps its session once a data
 packet from the new address authenticates under the session's keys (found by the
 peer id in its header), as OpenVPN's float does: the session moves, with a
 ``client-float`` audit record; a packet that does not authenticate moves nothing.
+What the client sends meanwhile waits in the link until the control plane has moved
+the capture's attribution, so the packet log names the new address from the first
+packet that came from there.
 The peer id's top byte is the worker's index, so the data packets of a client
 that floated still reach this worker, and the rest of its datagrams follow once
 it moved (relay.serve.steer).
@@ -100,6 +103,13 @@ UDP_BATCHES_PER_WAKEUP = 4
 # A datagram's room in the receive buffer: one byte more than the largest packet
 # accepted, so that a longer one shows as too long instead of arriving cut.
 UDP_SLOT = MAX_PACKET_BYTES + 1
+# The packets a client that floated sends while the control plane moves its
+# session's capture attribution (one round trip over the control socket: under a
+# millisecond idle, tens on a loaded host) are held, so that the packet log names the
+# new address from the first packet that came from it. A millisecond of a 1 Gbit/s
+# client is about 90 full-size packets; the hold keeps ten times that, the rest is
+# dropped as a full queue would drop it (TCP sends it again).
+FLOAT_HOLD_PACKETS = 1024
 
 
 # Control datagrams from addresses without a session that the listener looks at
@@ -414,6 +424,11 @@ class OpenVPNLink(LinkBase[Event]):
         self.software: dict[str, Any] | None = None
         self.opening = False
         self.sockaddr = encode_address(peer)  # UDP: where data packets go, for sendmmsg
+        # The client's packets while its float is being recorded (see moved): None
+        # when no move is in progress.
+        self._held: list[Packets] | None = None
+        self._held_count = 0
+        self._moves_pending = 0
 
     def __repr__(self) -> str:
         return f"{'TCP' if self.tcp else 'UDP'} {self.peer_ip}:{self.peer_port}"
@@ -450,12 +465,44 @@ class OpenVPNLink(LinkBase[Event]):
         return True
 
     def moved(self, addr: Peer) -> None:
-        """The client sends from ``addr`` now (the listener's tables say so already)."""
+        """The client sends from ``addr`` now (the listener's tables say so already):
+        replies go there at once; what it sends waits until the move is recorded."""
         old = (self.peer_ip, self.peer_port)
         self.peer_ip, self.peer_port = addr
         self.sockaddr = encode_address(addr)
         self.listener.counts["floats"] += 1
-        self._lookup = self.host.client_moved(self, old)
+        self._lookup = self.host.look_up(self)
+        if self._held is None:
+            self._held = []
+        self._moves_pending += 1
+        self.host.spawn(self._record_move(old), self)
+
+    async def _record_move(self, old: Peer) -> None:
+        try:
+            await self.host.client_moved(self, old)
+        finally:
+            self._moves_pending -= 1
+            if not self._moves_pending:
+                held: list[Event] = list(self._held or ())
+                self._held, self._held_count = None, 0
+                if not self.closed:
+                    self._handle(held)
+
+    def _hold(self, packets: Packets) -> None:
+        """Keep a copy of ``packets`` (their buffer is the next receive's) until
+        the move in progress is recorded."""
+        assert self._held is not None
+        spans = packets.spans
+        count = len(spans) // 2
+        if self._held_count + count > FLOAT_HOLD_PACKETS:
+            self.traffic.dropped["float-hold-full"] += count
+            return
+        data, kept = bytearray(), array("I")
+        for i in range(0, len(spans), 2):
+            kept.extend((len(data), spans[i + 1]))
+            data += packets.data[spans[i]:spans[i] + spans[i + 1]]
+        self._held.append(Packets(data, kept))
+        self._held_count += count
 
     def _handle(self, events: list[Event]) -> None:
         host = self.host
@@ -463,7 +510,9 @@ class OpenVPNLink(LinkBase[Event]):
             if isinstance(ev, Packets):
                 s = self.session
                 if s is not None:
-                    if self.proto.dev_type == "tap":
+                    if self._held is not None:
+                        self._hold(ev)
+                    elif self.proto.dev_type == "tap":
                         self.datapath.to_kernel_frames(s, ev.data, ev.spans)
                     else:
                         self.datapath.to_kernel_batch(s, ev.data, ev.spans)

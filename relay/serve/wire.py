@@ -111,9 +111,11 @@ MESSAGES: dict[str, Message] = {
         "virtual_ip, client_ip, client_port} and lease {netmask, gateway, mtu, dns}."),
     "close": Message(WORKER, False, ("session_id", "reason", "error", "hostname", "counters"),
                      (), "A session ended: its disconnect record."),
-    "moved": Message(WORKER, False, ("session_id", "peer", "old"), (),
+    "moved": Message(WORKER, True, ("session_id", "peer", "old"), (),
                      "A session's client sends from peer now, not old (an OpenVPN UDP "
-                     "float): its datagrams must follow it to this worker."),
+                     "float): its datagrams must follow it to this worker. Answered once "
+                     "the capture names peer (the worker holds the client's packets "
+                     "until then)."),
     "checkpoint": Message(WORKER, False, ("sessions",), (),
                           "Counters of sessions that changed since the last checkpoint, "
                           "[[session_id, counters], ...], at most CHECKPOINT_BATCH."),

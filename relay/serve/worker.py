@@ -134,6 +134,9 @@ class WorkerHost:
 
     def link_began(self, link: Link) -> asyncio.Future[Any] | None:
         self.all_links.add(link)
+        return self.look_up(link)
+
+    def look_up(self, link: Link) -> asyncio.Future[Any] | None:
         return self.lookups.start(link.peer_ip, link.peer_port)
 
     def link_ended(self, link: Link, lifetime_s: float, had_session: bool) -> None:
@@ -209,12 +212,11 @@ class WorkerHost:
         self.peer.send("close", session_id=s.id, reason=reason, error=error,
                        hostname=link.client_hostname(), counters=s.traffic())
 
-    def client_moved(self, link: Link, old: tuple[str, int]) -> asyncio.Future[Any] | None:
+    async def client_moved(self, link: Link, old: tuple[str, int]) -> None:
         s = link.session
         assert s is not None
-        self.peer.send("moved", session_id=s.id, peer=[link.peer_ip, link.peer_port],
-                       old=list(old))
-        return self.lookups.start(link.peer_ip, link.peer_port)
+        await self.peer.request("moved", session_id=s.id, peer=[link.peer_ip, link.peer_port],
+                                old=list(old))
 
     def checkpoint(self) -> None:
         """The counters of the sessions whose traffic changed since the last
