@@ -102,7 +102,7 @@ MUTANTS = (
            'return [tun, Check("tc clsact", "warn", "a clsact qdisc was added to a TAP device")]',
            ("tests/test_doctor.py::test_doctor_passes_on_a_set_up_host",)),
     Mutant("a floated client's packets not held until the move is recorded",
-           "relay/serve/openvpn_link.py", "if self._held is not None:", "if False:",
+           "relay/serve/openvpn_link.py", "if self._moves_pending:", "if False:",
            ("tests/test_openvpn_float.py",
             "tests/test_e2e_openvpn.py::test_a_client_whose_nat_rebinds_keeps_its_session")),
 )

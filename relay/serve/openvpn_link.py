@@ -424,11 +424,10 @@ class OpenVPNLink(LinkBase[Event]):
         self.software: dict[str, Any] | None = None
         self.opening = False
         self.sockaddr = encode_address(peer)  # UDP: where data packets go, for sendmmsg
-        # The client's packets while its float is being recorded (see moved): None
-        # when no move is in progress.
-        self._held: list[Packets] | None = None
-        self._held_count = 0
+        # The client's packets while a float of it is being recorded (see moved).
         self._moves_pending = 0
+        self._held: list[Event] = []
+        self._held_count = 0
 
     def __repr__(self) -> str:
         return f"{'TCP' if self.tcp else 'UDP'} {self.peer_ip}:{self.peer_port}"
@@ -472,8 +471,6 @@ class OpenVPNLink(LinkBase[Event]):
         self.sockaddr = encode_address(addr)
         self.listener.counts["floats"] += 1
         self._lookup = self.host.look_up(self)
-        if self._held is None:
-            self._held = []
         self._moves_pending += 1
         self.host.spawn(self._record_move(old), self)
 
@@ -483,15 +480,13 @@ class OpenVPNLink(LinkBase[Event]):
         finally:
             self._moves_pending -= 1
             if not self._moves_pending:
-                held: list[Event] = list(self._held or ())
-                self._held, self._held_count = None, 0
+                held, self._held, self._held_count = self._held, [], 0
                 if not self.closed:
                     self._handle(held)
 
     def _hold(self, packets: Packets) -> None:
         """Keep a copy of ``packets`` (their buffer is the next receive's) until
         the move in progress is recorded."""
-        assert self._held is not None
         spans = packets.spans
         count = len(spans) // 2
         if self._held_count + count > FLOAT_HOLD_PACKETS:
@@ -510,7 +505,7 @@ class OpenVPNLink(LinkBase[Event]):
             if isinstance(ev, Packets):
                 s = self.session
                 if s is not None:
-                    if self._held is not None:
+                    if self._moves_pending:
                         self._hold(ev)
                     elif self.proto.dev_type == "tap":
                         self.datapath.to_kernel_frames(s, ev.data, ev.spans)
